@@ -1,0 +1,97 @@
+//! Cancel keys: the proxy hands each client its own key and forwards a CancelRequest to the
+//! backend that is running that client's query right now.
+
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use rand::Rng;
+use tokio::io::AsyncWriteExt;
+
+use crate::protocol;
+
+/// The backend a client's query runs on, as the server knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelTarget {
+    pub addr: String,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+/// The slot a session updates whenever it takes or gives back a backend.
+pub type CancelSlot = Arc<Mutex<Option<CancelTarget>>>;
+
+/// Client key -> that client's current backend.
+#[derive(Default)]
+pub struct CancelRegistry {
+    map: DashMap<(i32, i32), CancelSlot>,
+}
+
+/// Removes the client's key when its session ends.
+pub struct CancelKey<'a> {
+    registry: &'a CancelRegistry,
+    /// The (pid, secret) pair sent to the client in BackendKeyData.
+    pub key: (i32, i32),
+    pub slot: CancelSlot,
+}
+
+impl Drop for CancelKey<'_> {
+    fn drop(&mut self) {
+        self.registry.map.remove(&self.key);
+    }
+}
+
+impl CancelRegistry {
+    /// Issues a fresh, unused key for a new client.
+    pub fn register(&self) -> CancelKey<'_> {
+        let mut rng = rand::rng();
+        loop {
+            let key = (rng.random_range(1..i32::MAX), rng.random());
+            let slot: CancelSlot = Arc::new(Mutex::new(None));
+            if let dashmap::Entry::Vacant(v) = self.map.entry(key) {
+                v.insert(Arc::clone(&slot));
+                return CancelKey {
+                    registry: self,
+                    key,
+                    slot,
+                };
+            }
+        }
+    }
+
+    /// Forwards a cancel for the client holding `key`; unknown keys are ignored, as PostgreSQL does.
+    pub async fn cancel(&self, key: (i32, i32)) {
+        let target = self
+            .map
+            .get(&key)
+            .and_then(|slot| slot.lock().ok().and_then(|t| t.clone()));
+        let Some(t) = target else {
+            return;
+        };
+        match tokio::net::TcpStream::connect(&t.addr).await {
+            Ok(mut s) => {
+                let _ = s
+                    .write_all(&protocol::encode_cancel_request(t.pid, t.secret))
+                    .await;
+                let _ = s.shutdown().await;
+            }
+            Err(e) => tracing::warn!(addr = %t.addr, error = %e, "cannot forward cancel request"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_unique_and_removed_on_drop() {
+        let r = CancelRegistry::default();
+        let a = r.register();
+        let b = r.register();
+        assert_ne!(a.key, b.key);
+        let k = a.key;
+        drop(a);
+        assert!(!r.map.contains_key(&k));
+        assert!(r.map.contains_key(&b.key));
+    }
+}

@@ -1,0 +1,106 @@
+//! Fast path for the common single-statement SELECT / VALUES / INSERT / UPDATE / DELETE.
+//!
+//! `pg_query::parse` serialises the whole tree to protobuf and decodes it (≈5–7 µs for a simple
+//! statement); `pg_query::summary` walks the tree in C with PostgreSQL's own
+//! `raw_expression_tree_walker` and returns only statement types and called functions (≈1.7 µs),
+//! and `scan_tokens` lexes without protobuf (≈0.3 µs). Together they decide everything the full
+//! walker would for the shapes accepted here; anything else returns `None` and takes the full path:
+//! - `WITH` (possible data-modifying CTEs) and `RETURNING` (summary does not walk PG18 RETURNING);
+//! - `SELECT … INTO` (temp-table pin needs the tree) and more than one statement;
+//! - `set_config` (its pin depends on the third argument).
+//!
+//! Locking clauses are found lexically: `FOR` is a reserved word, so `FOR UPDATE`, `FOR SHARE`,
+//! `FOR NO KEY UPDATE` and `FOR KEY SHARE` can only be a locking clause in these statements.
+
+use pg_query::protobuf::Token as T;
+use pg_query::protobuf::summary_result::Context;
+
+use super::functions::{FunctionCatalog, Verdict};
+use super::statement::Outcome;
+
+/// Root statement shapes handled here.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Root {
+    Select,
+    Insert,
+    Update,
+    Delete,
+}
+
+/// Classifies `sql` without building the protobuf tree, or `None` if the full path is needed.
+/// Callers must only pass strings with at least one non-comment token (see `classify`).
+pub(crate) fn try_fast(sql: &str, catalog: &FunctionCatalog) -> Option<Outcome> {
+    let tokens = pg_query::scan_tokens(sql).ok()?;
+    let is = |t: i32, k: T| t == k as i32;
+    let mut code = tokens
+        .iter()
+        .map(|t| t.token)
+        .filter(|&t| !is(t, T::SqlComment) && !is(t, T::CComment));
+    let first = code.next()?;
+    let (root, reason, stmt_type) = if is(first, T::Select) || is(first, T::Values) {
+        (Root::Select, "select", "SelectStmt")
+    } else if is(first, T::Insert) {
+        (Root::Insert, "insert", "InsertStmt")
+    } else if is(first, T::Update) {
+        (Root::Update, "update", "UpdateStmt")
+    } else if is(first, T::DeleteP) {
+        (Root::Delete, "delete", "DeleteStmt")
+    } else {
+        return None;
+    };
+    let mut prev = first;
+    let mut ended = false;
+    let mut locking = false;
+    for t in code {
+        if ended
+            || is(t, T::With)
+            || is(t, T::WithLa)
+            || is(t, T::Returning)
+            || (root == Root::Select && is(t, T::Into))
+        {
+            return None;
+        }
+        if is(t, T::Ascii59) {
+            ended = true;
+        } else if is(prev, T::For)
+            && (is(t, T::Update) || is(t, T::Share) || is(t, T::No) || is(t, T::Key))
+        {
+            locking = true;
+        }
+        prev = t;
+    }
+
+    let summary = pg_query::summary(sql, 0, -1).ok()?;
+    // Statement types include nested ones (INSERT … VALUES lists a SelectStmt too): the root
+    // must come first and, without WITH, anything nested can only be a SELECT.
+    let types = &summary.statement_types;
+    if types.first().map(String::as_str) != Some(stmt_type)
+        || types.iter().any(|t| t != stmt_type && t != "SelectStmt")
+    {
+        return None;
+    }
+    let mut out = if root == Root::Select {
+        Outcome::read(reason)
+    } else {
+        Outcome::write(reason)
+    };
+    if locking {
+        out = Outcome::write("for_update");
+    }
+    // The protobuf list keeps the C walker's order, so "first pin / first reason" is stable.
+    for f in &summary.protobuf.functions {
+        if f.context != Context::Call as i32 {
+            continue;
+        }
+        if f.function_name.eq_ignore_ascii_case("set_config") {
+            return None;
+        }
+        if let Verdict::Write { reason, pin } = catalog.verdict(&f.function_name) {
+            out.mark_write(reason);
+            if out.pin.is_none() {
+                out.pin = pin;
+            }
+        }
+    }
+    Some(out)
+}

@@ -1,0 +1,276 @@
+//! Statement classification for read/write splitting: decides whether a SQL string may run on a
+//! streaming replica, plus the side facts the router needs (transaction effect, session pins,
+//! proxy-handled commands, comment hints). When unsure, the answer is `Write`.
+//!
+//! Layout: `hints` (leading-comment directives), `functions` (function catalog), `fast`
+//! (summary/token fast path), `statement` + `walker` (full parse-tree rules).
+
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod fast;
+mod functions;
+mod hints;
+mod statement;
+mod walker;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+pub use functions::FunctionCatalog;
+
+/// Whether a statement may run on a replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Safe on a streaming replica.
+    Read,
+    /// Must run on the primary.
+    Write,
+}
+
+/// Effect a statement has on the client's transaction state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxEffect {
+    /// No transaction-control effect.
+    None,
+    /// BEGIN / START TRANSACTION; `read_only` only with an explicit READ ONLY option.
+    Begin {
+        /// The transaction was opened READ ONLY.
+        read_only: bool,
+    },
+    /// SET TRANSACTION READ ONLY.
+    SetReadOnly,
+    /// COMMIT / END (and PREPARE TRANSACTION, which also ends the block).
+    Commit,
+    /// ROLLBACK / ABORT (not ROLLBACK TO SAVEPOINT).
+    Rollback,
+}
+
+/// Session state a statement leaves on its backend connection that cannot follow the client to another connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinReason {
+    /// SET / RESET / DISCARD / set_config(…, false) / setseed.
+    SessionSet,
+    /// A temporary table, view or sequence.
+    TempTable,
+    /// LISTEN.
+    Listen,
+    /// A session-level advisory lock.
+    AdvisoryLock,
+    /// An SQL-level PREPARE.
+    SqlPrepare,
+    /// DECLARE … WITH HOLD.
+    HoldCursor,
+    /// LOAD of a shared library.
+    Load,
+    /// SET SESSION CHARACTERISTICS AS TRANSACTION.
+    SessionCharacteristics,
+}
+
+/// Routing directive taken from a leading comment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteHint {
+    /// `/* causeway:primary */`.
+    Primary,
+    /// `/* causeway:replica */`.
+    Replica,
+}
+
+/// Session routing mode set through `SET causeway.route`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteMode {
+    /// Everything to the primary.
+    Primary,
+    /// Reads to replicas even when the proxy would otherwise hesitate.
+    Replica,
+    /// Let the classifier decide.
+    Auto,
+}
+
+/// Statements the proxy answers itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProxyCommand {
+    /// `SET [SESSION|LOCAL] causeway.route = 'primary'|'replica'|'auto'`; RESET / DEFAULT => Auto.
+    SetRoute(RouteMode),
+    /// Any other `SET/RESET causeway.<name>` (also `route` with an invalid value); `value` is
+    /// `None` for RESET / DEFAULT; `name` is lower-cased without the `causeway.` prefix.
+    SetVar {
+        /// Variable name without the prefix.
+        name: String,
+        /// New value, `None` to reset.
+        value: Option<String>,
+    },
+    /// `SHOW causeway.<name>`.
+    Show {
+        /// Variable name without the prefix.
+        name: String,
+    },
+}
+
+/// Directives from the comments before the first token (see `hints.rs` for the syntax).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hints {
+    /// `causeway:primary` / `causeway:replica`.
+    pub route: Option<RouteHint>,
+    /// `causeway:key=<value>`.
+    pub key: Option<String>,
+    /// `causeway:min_lsn=<X/Y>` (validated as a pg_lsn).
+    pub min_lsn: Option<String>,
+    /// `causeway:priority=<word>`.
+    pub priority: Option<String>,
+}
+
+/// Everything the router needs to know about one query string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Classification {
+    /// Write if any statement writes, or if a multi-statement string opens a read-write transaction.
+    pub access: Access,
+    /// First non-None transaction effect among the statements.
+    pub tx: TxEffect,
+    /// First session pin among the statements.
+    pub pin: Option<PinReason>,
+    /// Leading-comment directives.
+    pub hints: Hints,
+    /// Proxy-handled command, only when the whole string is that single statement.
+    pub proxy: Option<ProxyCommand>,
+    /// Number of statements (0 for empty or comment-only strings).
+    pub statements: usize,
+    /// The parser rejected the string (access is then Write).
+    pub parse_error: bool,
+    /// Short machine-friendly reason: the first write's reason, else the first statement's.
+    pub reason: &'static str,
+}
+
+/// Pure: classify one query string (may hold several statements separated by ';').
+pub fn classify(sql: &str, catalog: &FunctionCatalog) -> Classification {
+    let (hints, has_code) = hints::parse_hints(sql);
+    // Blank or comment-only strings skip the fast path: pg_query's `scan_tokens` builds a slice
+    // from a null pointer when the scanner yields no token at all (undefined behaviour).
+    if has_code && let Some(o) = fast::try_fast(sql, catalog) {
+        return finish(o, 1, hints);
+    }
+    classify_full(sql, catalog, hints)
+}
+
+/// Full-tree path; also used by the tests to cross-check the fast path.
+fn classify_full(sql: &str, catalog: &FunctionCatalog, hints: Hints) -> Classification {
+    let parsed = match pg_query::parse(sql, 0) {
+        Ok(p) => p,
+        Err(_) => {
+            return Classification {
+                access: Access::Write,
+                tx: TxEffect::None,
+                pin: None,
+                hints,
+                proxy: None,
+                statements: 0,
+                parse_error: true,
+                reason: "parse_error",
+            };
+        }
+    };
+    let stmts = &parsed.protobuf.stmts;
+    let outcomes: Vec<statement::Outcome> = stmts
+        .iter()
+        .map(
+            |raw| match raw.stmt.as_ref().and_then(|n| n.node.as_ref()) {
+                Some(node) => statement::classify_stmt(node, catalog),
+                None => statement::Outcome::write("utility"),
+            },
+        )
+        .collect();
+    finish(statement::combine(&outcomes), stmts.len(), hints)
+}
+
+fn finish(o: statement::Outcome, statements: usize, hints: Hints) -> Classification {
+    Classification {
+        access: o.access,
+        tx: o.tx,
+        pin: o.pin,
+        hints,
+        proxy: o.proxy,
+        statements,
+        parse_error: false,
+        reason: o.reason,
+    }
+}
+
+/// Statements longer than this are classified but not cached: huge literal-laden strings
+/// (bulk INSERTs) rarely repeat and would crowd the cache's memory.
+const MAX_CACHED_LEN: usize = 16 * 1024;
+
+/// Catalog and cache live together so that replacing the catalog and clearing the cache is one
+/// step: a classification computed with the old catalog can never be inserted afterwards.
+struct Inner {
+    catalog: FunctionCatalog,
+    cache: quick_cache::sync::Cache<String, Arc<Classification>>,
+}
+
+/// Thread-safe cached front over [`classify`], keyed by the exact statement text.
+pub struct Classifier {
+    inner: RwLock<Inner>,
+    capacity: usize,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl Classifier {
+    /// Creates a classifier whose cache holds at most `capacity` statements.
+    pub fn new(capacity: usize, catalog: FunctionCatalog) -> Self {
+        Self {
+            inner: RwLock::new(Inner {
+                catalog,
+                cache: quick_cache::sync::Cache::new(capacity.max(1)),
+            }),
+            capacity: capacity.max(1),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// Classifies `sql`, answering repeated texts from the cache without allocating.
+    pub fn classify(&self, sql: &str) -> Arc<Classification> {
+        // A poisoned lock only means another thread panicked mid-call; the data is still valid.
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(hit) = inner.cache.get(sql) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return hit;
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let result = Arc::new(classify(sql, &inner.catalog));
+        if sql.len() <= MAX_CACHED_LEN {
+            inner.cache.insert(sql.to_owned(), Arc::clone(&result));
+        }
+        result
+    }
+
+    /// Replaces the function catalog and drops every cached classification.
+    pub fn set_catalog(&self, catalog: FunctionCatalog) {
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        *inner = Inner {
+            catalog,
+            cache: quick_cache::sync::Cache::new(self.capacity),
+        };
+    }
+
+    /// Number of cache hits so far.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Number of cache misses so far.
+    pub fn misses(&self) -> u64 {
+        self.misses.load(Ordering::Relaxed)
+    }
+
+    /// Number of cached statements (for stats).
+    pub fn cached(&self) -> usize {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .cache
+            .len()
+    }
+}

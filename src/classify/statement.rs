@@ -1,0 +1,358 @@
+//! Per-statement rules on the full parse tree, and how several statements combine.
+
+use pg_query::NodeEnum as N;
+use pg_query::protobuf as pb;
+
+use super::functions::FunctionCatalog;
+use super::walker::Walker;
+use super::{Access, PinReason, ProxyCommand, RouteMode, TxEffect};
+
+/// `CURSOR_OPT_HOLD` from PostgreSQL's parsenodes.h.
+const CURSOR_OPT_HOLD: i32 = 0x20;
+
+/// What one statement means for routing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Outcome {
+    pub(crate) access: Access,
+    pub(crate) tx: TxEffect,
+    pub(crate) pin: Option<PinReason>,
+    pub(crate) proxy: Option<ProxyCommand>,
+    pub(crate) reason: &'static str,
+}
+
+impl Outcome {
+    /// A read with no side facts.
+    pub(crate) fn read(reason: &'static str) -> Self {
+        Self {
+            access: Access::Read,
+            tx: TxEffect::None,
+            pin: None,
+            proxy: None,
+            reason,
+        }
+    }
+
+    /// A write with no side facts.
+    pub(crate) fn write(reason: &'static str) -> Self {
+        Self {
+            access: Access::Write,
+            ..Self::read(reason)
+        }
+    }
+
+    /// Turns a read into a write; an existing write keeps its first reason.
+    pub(crate) fn mark_write(&mut self, reason: &'static str) {
+        if self.access == Access::Read {
+            self.access = Access::Write;
+            self.reason = reason;
+        }
+    }
+
+    fn with_pin(mut self, pin: PinReason) -> Self {
+        self.pin = Some(pin);
+        self
+    }
+
+    fn with_tx(mut self, tx: TxEffect) -> Self {
+        self.tx = tx;
+        self
+    }
+
+    /// Turns walker facts into an outcome: `default` is the reason when nothing forces a write.
+    fn from_walker(w: Walker<'_>, default: &'static str) -> Self {
+        let mut o = match w.write {
+            Some(reason) => Self::write(reason),
+            None => Self::read(default),
+        };
+        o.pin = w.pin;
+        o
+    }
+}
+
+/// Classifies one top-level statement of a parse tree.
+pub(crate) fn classify_stmt(stmt: &N, catalog: &FunctionCatalog) -> Outcome {
+    match stmt {
+        N::SelectStmt(s) => {
+            let mut w = Walker::new(catalog);
+            w.select(s);
+            Outcome::from_walker(w, "select")
+        }
+        N::InsertStmt(_) => dml(stmt, catalog, "insert"),
+        N::UpdateStmt(_) => dml(stmt, catalog, "update"),
+        N::DeleteStmt(_) => dml(stmt, catalog, "delete"),
+        N::MergeStmt(_) => dml(stmt, catalog, "merge"),
+        N::ExplainStmt(e) => explain(e, catalog),
+        N::CopyStmt(c) => copy(c, catalog),
+        N::DeclareCursorStmt(d) => {
+            if d.options & CURSOR_OPT_HOLD != 0 {
+                return Outcome::write("declare_hold").with_pin(PinReason::HoldCursor);
+            }
+            inner_query(&d.query, catalog, "declare_cursor")
+        }
+        // FETCH/MOVE/CLOSE follow the cursor's transaction (or its pinned session).
+        N::FetchStmt(_) | N::ClosePortalStmt(_) => Outcome::read("cursor"),
+        N::PrepareStmt(_) => Outcome::write("prepare").with_pin(PinReason::SqlPrepare),
+        // The prepared text is unknown here, so executing it may write.
+        N::ExecuteStmt(_) => Outcome::write("execute"),
+        N::DeallocateStmt(_) => Outcome::write("deallocate"),
+        N::TransactionStmt(t) => transaction(t),
+        N::VariableSetStmt(v) => variable_set(v),
+        N::VariableShowStmt(v) => match causeway_name(&v.name) {
+            Some(name) => Outcome {
+                proxy: Some(ProxyCommand::Show { name }),
+                ..Outcome::read("proxy_command")
+            },
+            None => Outcome::read("show"),
+        },
+        N::DiscardStmt(_) => Outcome::read("discard").with_pin(PinReason::SessionSet),
+        N::LoadStmt(_) => Outcome::write("load").with_pin(PinReason::Load),
+        N::ListenStmt(_) => Outcome::write("listen").with_pin(PinReason::Listen),
+        N::UnlistenStmt(_) => Outcome::write("unlisten"),
+        N::NotifyStmt(_) => Outcome::write("notify"),
+        N::LockStmt(_) => Outcome::write("lock"),
+        N::CallStmt(_) => Outcome::write("call"),
+        N::DoStmt(_) => Outcome::write("do"),
+        N::TruncateStmt(_) => Outcome::write("truncate"),
+        N::VacuumStmt(_)
+        | N::ClusterStmt(_)
+        | N::ReindexStmt(_)
+        | N::RefreshMatViewStmt(_)
+        | N::CheckPointStmt(_) => Outcome::write("maintenance"),
+        N::CreateStmt(c) => ddl_maybe_temp(c.relation.as_ref()),
+        N::ViewStmt(v) => ddl_maybe_temp(v.view.as_ref()),
+        N::CreateSeqStmt(s) => ddl_maybe_temp(s.sequence.as_ref()),
+        N::CreateTableAsStmt(c) => ddl_maybe_temp(c.into.as_ref().and_then(|i| i.rel.as_ref())),
+        // Everything else is DDL, DCL or administration: primary only.
+        _ => Outcome::write("ddl"),
+    }
+}
+
+/// INSERT/UPDATE/DELETE/MERGE: always writes; walked for pins (e.g. advisory locks).
+fn dml(stmt: &N, catalog: &FunctionCatalog, reason: &'static str) -> Outcome {
+    let mut w = Walker::new(catalog);
+    w.mark(reason);
+    w.visit(stmt);
+    Outcome::from_walker(w, reason)
+}
+
+/// Classifies a statement nested in EXPLAIN ANALYZE / COPY / DECLARE.
+fn inner_query(
+    q: &Option<Box<pb::Node>>,
+    catalog: &FunctionCatalog,
+    read: &'static str,
+) -> Outcome {
+    match q.as_ref().and_then(|n| n.node.as_ref()) {
+        Some(inner) => {
+            let o = classify_stmt(inner, catalog);
+            match o.access {
+                Access::Read => Outcome { reason: read, ..o },
+                Access::Write => o,
+            }
+        }
+        None => Outcome::write("utility"),
+    }
+}
+
+/// Plain EXPLAIN only plans, so it is a read whatever it explains; EXPLAIN ANALYZE executes.
+fn explain(e: &pb::ExplainStmt, catalog: &FunctionCatalog) -> Outcome {
+    let analyze = e.options.iter().any(|o| match &o.node {
+        Some(N::DefElem(d)) => d.defname.eq_ignore_ascii_case("analyze") && !def_is_false(d),
+        _ => false,
+    });
+    if !analyze {
+        return Outcome::read("explain");
+    }
+    let o = inner_query(&e.query, catalog, "explain_analyze");
+    Outcome {
+        tx: TxEffect::None,
+        proxy: None,
+        ..o
+    }
+}
+
+/// COPY FROM loads data; COPY TO a server file or program has host side effects; COPY TO STDOUT
+/// is as read-only as its query.
+fn copy(c: &pb::CopyStmt, catalog: &FunctionCatalog) -> Outcome {
+    if c.is_from {
+        return Outcome::write("copy_from");
+    }
+    if c.is_program || !c.filename.is_empty() {
+        return Outcome::write("copy_to_file");
+    }
+    if c.query.is_some() {
+        return inner_query(&c.query, catalog, "copy_to");
+    }
+    Outcome::read("copy_to")
+}
+
+fn transaction(t: &pb::TransactionStmt) -> Outcome {
+    use pb::TransactionStmtKind as K;
+    match K::try_from(t.kind) {
+        Ok(K::TransStmtBegin | K::TransStmtStart) => {
+            let read_only = transaction_read_only(&t.options).unwrap_or(false);
+            Outcome::read("begin").with_tx(TxEffect::Begin { read_only })
+        }
+        Ok(K::TransStmtCommit) => Outcome::read("commit").with_tx(TxEffect::Commit),
+        Ok(K::TransStmtRollback) => Outcome::read("rollback").with_tx(TxEffect::Rollback),
+        Ok(K::TransStmtSavepoint | K::TransStmtRelease | K::TransStmtRollbackTo) => {
+            Outcome::read("savepoint")
+        }
+        // PREPARE TRANSACTION ends the session's transaction block like COMMIT does.
+        Ok(K::TransStmtPrepare) => Outcome::write("prepared_xact").with_tx(TxEffect::Commit),
+        _ => Outcome::write("prepared_xact"),
+    }
+}
+
+/// Value of the last `transaction_read_only` option, if any.
+fn transaction_read_only(options: &[pb::Node]) -> Option<bool> {
+    options.iter().rev().find_map(|o| match &o.node {
+        Some(N::DefElem(d)) if d.defname == "transaction_read_only" => Some(!def_is_false(d)),
+        _ => None,
+    })
+}
+
+fn variable_set(v: &pb::VariableSetStmt) -> Outcome {
+    use pb::VariableSetKind as K;
+    let kind = K::try_from(v.kind).unwrap_or(K::Undefined);
+    if v.name.eq_ignore_ascii_case("transaction") {
+        return match transaction_read_only(&v.args) {
+            Some(true) => Outcome::read("set_transaction").with_tx(TxEffect::SetReadOnly),
+            _ => Outcome::read("set_transaction"),
+        };
+    }
+    if v.name.eq_ignore_ascii_case("session characteristics") {
+        return Outcome::read("set_session_characteristics")
+            .with_pin(PinReason::SessionCharacteristics);
+    }
+    if let Some(name) = causeway_name(&v.name) {
+        let value = match kind {
+            K::VarSetValue => Some(join_values(&v.args)),
+            _ => None,
+        };
+        let cmd = if name == "route" {
+            match value.as_deref().map(str::to_ascii_lowercase).as_deref() {
+                None => Some(ProxyCommand::SetRoute(RouteMode::Auto)),
+                Some("primary") => Some(ProxyCommand::SetRoute(RouteMode::Primary)),
+                Some("replica") => Some(ProxyCommand::SetRoute(RouteMode::Replica)),
+                Some("auto") => Some(ProxyCommand::SetRoute(RouteMode::Auto)),
+                // Invalid mode: hand it over as a plain variable so the proxy can reject it.
+                Some(_) => None,
+            }
+        } else {
+            None
+        };
+        let proxy = cmd.unwrap_or(ProxyCommand::SetVar { name, value });
+        return Outcome {
+            proxy: Some(proxy),
+            ..Outcome::read("proxy_command")
+        };
+    }
+    if v.is_local {
+        return Outcome::read("set_local");
+    }
+    Outcome::read("set").with_pin(PinReason::SessionSet)
+}
+
+/// `causeway.<name>` => lower-cased `<name>`.
+fn causeway_name(name: &str) -> Option<String> {
+    let head = name.get(..9)?;
+    head.eq_ignore_ascii_case("causeway.")
+        .then(|| name[9..].to_ascii_lowercase())
+}
+
+/// Renders SET values as text (`'a'` => a, 42 => 42); several values are comma-joined.
+fn join_values(args: &[pb::Node]) -> String {
+    let mut out = String::new();
+    for (i, a) in args.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        if let Some(N::AConst(c)) = &a.node {
+            match &c.val {
+                Some(pb::a_const::Val::Sval(s)) => out.push_str(&s.sval),
+                Some(pb::a_const::Val::Ival(n)) => out.push_str(&n.ival.to_string()),
+                Some(pb::a_const::Val::Fval(f)) => out.push_str(&f.fval),
+                Some(pb::a_const::Val::Boolval(b)) => {
+                    out.push_str(if b.boolval { "on" } else { "off" })
+                }
+                Some(pb::a_const::Val::Bsval(b)) => out.push_str(&b.bsval),
+                None => {}
+            }
+        }
+    }
+    out
+}
+
+/// True when a DefElem's argument spells false (`false`, `off`, `0`...); no argument means true.
+fn def_is_false(d: &pb::DefElem) -> bool {
+    match d.arg.as_ref().and_then(|a| a.node.as_ref()) {
+        None => false,
+        Some(N::AConst(c)) => match &c.val {
+            Some(pb::a_const::Val::Boolval(b)) => !b.boolval,
+            Some(pb::a_const::Val::Ival(i)) => i.ival == 0,
+            Some(pb::a_const::Val::Sval(s)) => {
+                matches!(
+                    s.sval.to_ascii_lowercase().as_str(),
+                    "false" | "off" | "no" | "f" | "n" | "0"
+                )
+            }
+            _ => false,
+        },
+        Some(N::Integer(i)) => i.ival == 0,
+        Some(N::Boolean(b)) => !b.boolval,
+        Some(N::String(s)) => {
+            matches!(
+                s.sval.to_ascii_lowercase().as_str(),
+                "false" | "off" | "no" | "f" | "n" | "0"
+            )
+        }
+        _ => false,
+    }
+}
+
+/// CREATE TABLE/VIEW/SEQUENCE/TABLE AS: DDL, pinned when the relation is temporary.
+fn ddl_maybe_temp(rel: Option<&pb::RangeVar>) -> Outcome {
+    let o = Outcome::write("ddl");
+    match rel {
+        Some(r) if is_temp(r) => o.with_pin(PinReason::TempTable),
+        _ => o,
+    }
+}
+
+/// TEMP/TEMPORARY relations, or relations created explicitly in the session's `pg_temp` schema.
+pub(crate) fn is_temp(r: &pb::RangeVar) -> bool {
+    r.relpersistence == "t" || r.schemaname.eq_ignore_ascii_case("pg_temp")
+}
+
+/// Folds per-statement outcomes of a multi-statement string (see [`super::Classification`]).
+pub(crate) fn combine(outcomes: &[Outcome]) -> Outcome {
+    let mut combined = Outcome::read(outcomes.first().map_or("empty", |o| o.reason));
+    let mut write_reason = None;
+    for o in outcomes {
+        if combined.tx == TxEffect::None {
+            combined.tx = o.tx;
+        }
+        if combined.pin.is_none() {
+            combined.pin = o.pin;
+        }
+        if o.access == Access::Write && write_reason.is_none() {
+            write_reason = Some(o.reason);
+        }
+    }
+    // A read-write transaction opened by the string itself belongs on the primary.
+    let opens_rw = outcomes.len() > 1
+        && outcomes
+            .iter()
+            .any(|o| o.tx == TxEffect::Begin { read_only: false });
+    if opens_rw && write_reason.is_none() {
+        write_reason = Some("begin_read_write");
+    }
+    if let Some(reason) = write_reason {
+        combined.access = Access::Write;
+        combined.reason = reason;
+    }
+    if let [single] = outcomes {
+        combined.proxy = single.proxy.clone();
+    }
+    combined
+}

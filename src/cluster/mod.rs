@@ -1,0 +1,162 @@
+//! Topology and per-node health: written by the monitor (and by the data path on a failed
+//! connect), read lock-free by the router.
+
+mod monitor;
+
+pub use monitor::spawn_monitors;
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use crate::config::Config;
+
+/// Whether a node takes writes or serves reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Replica,
+}
+
+/// One PostgreSQL server and its live status.
+#[derive(Debug)]
+pub struct Node {
+    /// Index in `Cluster::nodes`: 0 is the primary.
+    pub id: usize,
+    pub name: String,
+    pub role: Role,
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+    usable: AtomicBool,
+    ban_reason: Mutex<Option<String>>,
+    /// Backend connections currently leased to clients (for least-connections choice).
+    pub in_use: AtomicUsize,
+    /// Statements routed here.
+    pub queries: AtomicU64,
+    /// Requests that failed here because the server did.
+    pub errors: AtomicU64,
+}
+
+impl Node {
+    fn new(id: usize, name: &str, role: Role, host: &str, port: u16, weight: u32) -> Self {
+        Self {
+            id,
+            name: name.to_string(),
+            role,
+            host: host.to_string(),
+            port,
+            weight,
+            usable: AtomicBool::new(true),
+            ban_reason: Mutex::new(None),
+            in_use: AtomicUsize::new(0),
+            queries: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        }
+    }
+
+    /// `host:port`, for connecting and for messages.
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// Whether new work may be sent here.
+    pub fn is_usable(&self) -> bool {
+        self.usable.load(Ordering::Acquire)
+    }
+
+    /// Stops new work going here until the monitor sees the node healthy again.
+    pub fn ban(&self, reason: impl Into<String>) {
+        let reason = reason.into();
+        if self.usable.swap(false, Ordering::AcqRel) {
+            tracing::warn!(node = %self.name, %reason, "node banned");
+        }
+        if let Ok(mut slot) = self.ban_reason.lock() {
+            *slot = Some(reason);
+        }
+    }
+
+    /// Lifts a ban; only the monitor calls this, after a successful check.
+    pub fn unban(&self) {
+        if let Ok(mut slot) = self.ban_reason.lock() {
+            *slot = None;
+        }
+        if !self.usable.swap(true, Ordering::AcqRel) {
+            tracing::info!(node = %self.name, "node usable again");
+        }
+    }
+
+    /// Why the node is banned, if it is.
+    pub fn ban_reason(&self) -> Option<String> {
+        self.ban_reason.lock().ok().and_then(|s| s.clone())
+    }
+}
+
+/// The primary and its replicas.
+#[derive(Debug)]
+pub struct Cluster {
+    /// `nodes[0]` is the primary, then the replicas in configuration order.
+    pub nodes: Vec<Arc<Node>>,
+    /// Round-robin cursor.
+    pub rr: AtomicUsize,
+}
+
+impl Cluster {
+    /// Builds the topology from configuration; every node starts usable.
+    pub fn from_config(cfg: &Config) -> Self {
+        let mut nodes = vec![Arc::new(Node::new(
+            0,
+            "primary",
+            Role::Primary,
+            &cfg.primary.host,
+            cfg.primary.port,
+            1,
+        ))];
+        for (i, r) in cfg.replicas.iter().enumerate() {
+            nodes.push(Arc::new(Node::new(
+                i + 1,
+                &r.name,
+                Role::Replica,
+                &r.host,
+                r.port,
+                r.weight,
+            )));
+        }
+        Self {
+            nodes,
+            rr: AtomicUsize::new(0),
+        }
+    }
+
+    /// The primary.
+    pub fn primary(&self) -> &Arc<Node> {
+        &self.nodes[0]
+    }
+
+    /// The replicas, in configuration order.
+    pub fn replicas(&self) -> &[Arc<Node>] {
+        &self.nodes[1..]
+    }
+
+    /// A node by its id.
+    pub fn node(&self, id: usize) -> Option<&Arc<Node>> {
+        self.nodes.get(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ban_and_unban_track_reason() {
+        let n = Node::new(1, "r", Role::Replica, "127.0.0.1", 1, 1);
+        assert!(n.is_usable());
+        n.ban("down");
+        assert!(!n.is_usable());
+        assert_eq!(n.ban_reason().as_deref(), Some("down"));
+        n.unban();
+        assert!(n.is_usable());
+        assert_eq!(n.ban_reason(), None);
+    }
+}

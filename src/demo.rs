@@ -1,0 +1,71 @@
+//! `causeway demo`: a throwaway primary with two streaming replicas, started from the machine's
+//! PostgreSQL binaries, with the proxy in front; Ctrl-C stops and removes everything.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::launcher::{ClusterOptions, LocalCluster};
+
+/// The proxy configuration for a local cluster (the same one the tests use).
+pub fn config_for(cluster: &LocalCluster, listen: &str) -> String {
+    let mut text = format!(
+        r#"
+[server]
+listen = "{listen}"
+
+[auth]
+method = "scram-sha-256"
+
+[[users]]
+name = "app"
+password = "app-secret"
+
+[primary]
+host = "{}"
+port = {}
+"#,
+        cluster.primary.host, cluster.primary.port
+    );
+    for r in &cluster.replicas {
+        text.push_str(&format!(
+            "\n[[replicas]]\nname = \"{}\"\nhost = \"{}\"\nport = {}\nweight = 1\n",
+            r.name, r.host, r.port
+        ));
+    }
+    text
+}
+
+/// Runs the demo until Ctrl-C.
+pub async fn run(port: u16) -> Result<(), String> {
+    eprintln!("starting a PostgreSQL primary and two streaming replicas...");
+    let cluster = tokio::task::spawn_blocking(|| LocalCluster::start(ClusterOptions::default()))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot start the demo cluster: {e}"))?;
+    let cfg = Config::from_toml(&config_for(&cluster, &format!("127.0.0.1:{port}")))
+        .map_err(|e| e.to_string())?;
+    let running = crate::server::start(Arc::new(cfg))
+        .await
+        .map_err(|e| format!("cannot listen on 127.0.0.1:{port}: {e}"))?;
+    println!("primary   127.0.0.1:{}", cluster.primary.port);
+    for r in &cluster.replicas {
+        println!("{:<9} 127.0.0.1:{}", r.name, r.port);
+    }
+    println!("causeway  {}", running.addr);
+    println!();
+    println!(
+        "connect:  PGPASSWORD=app-secret psql -h 127.0.0.1 -p {} -U app app",
+        running.addr.port()
+    );
+    println!(
+        "try:      SELECT inet_server_port();  -- a replica's port; writes run on the primary"
+    );
+    println!("Ctrl-C stops the proxy and removes the cluster.");
+    let _ = tokio::signal::ctrl_c().await;
+    eprintln!("stopping...");
+    running.stop().await;
+    tokio::task::spawn_blocking(move || cluster.stop())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}

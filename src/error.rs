@@ -1,0 +1,162 @@
+//! Errors per layer, each knowing which side failed and which SQLSTATE the client sees.
+
+use crate::protocol::ProtocolError;
+use crate::transport::TransportError;
+
+/// SQLSTATE codes the proxy sends on its own behalf.
+pub mod sqlstate {
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub const CONNECTION_FAILURE: &str = "08006";
+    pub const CONNECTION_EXCEPTION: &str = "08000";
+    pub const INVALID_PASSWORD: &str = "28P01";
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const CANNOT_CONNECT_NOW: &str = "57P03";
+    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    pub const INVALID_PARAMETER_VALUE: &str = "22023";
+    pub const READ_ONLY_TRANSACTION: &str = "25006";
+    pub const QUERY_CANCELED: &str = "57014";
+    pub const INTERNAL_ERROR: &str = "XX000";
+}
+
+/// Failures talking to a PostgreSQL server.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot connect to {node}: {source}")]
+    Connect {
+        node: String,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to {node}")]
+    ConnectTimeout { node: String },
+    #[error("{node} rejected the login: {message} ({code})")]
+    Login {
+        node: String,
+        code: String,
+        message: String,
+    },
+    #[error("{node} asked for an unsupported authentication method ({method})")]
+    UnsupportedAuth { node: String, method: String },
+    #[error("connection to {node} lost: {source}")]
+    Lost {
+        node: String,
+        source: TransportError,
+    },
+    #[error("{node} sent an unexpected message ({tag:?}) during {during}")]
+    Unexpected {
+        node: String,
+        tag: char,
+        during: &'static str,
+    },
+}
+
+impl BackendError {
+    /// Whether the failure happened before any statement reached the server (safe to go elsewhere).
+    pub fn is_connect(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Connect { .. } | BackendError::ConnectTimeout { .. }
+        )
+    }
+}
+
+/// Failures to obtain a backend connection from a pool.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("timed out after {waited_ms} ms waiting for a connection from pool {pool}")]
+    Timeout { pool: String, waited_ms: u64 },
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("pool {pool} is closed")]
+    Closed { pool: String },
+}
+
+/// Everything that can end or interrupt a client session, mapped to a deliberate SQLSTATE.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("client protocol violation: {0}")]
+    ClientProtocol(#[from] ProtocolError),
+    #[error("client connection failed: {0}")]
+    ClientIo(std::io::Error),
+    #[error("password authentication failed for user \"{0}\"")]
+    AuthFailed(String),
+    #[error("{0}")]
+    AuthRejected(String),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("no replica is available for reads and routing.fallback is \"error\"")]
+    NoReplica,
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("the proxy is shutting down")]
+    Shutdown,
+}
+
+impl SessionError {
+    /// The SQLSTATE the client is told.
+    pub fn sqlstate(&self) -> &str {
+        use sqlstate::*;
+        match self {
+            SessionError::ClientProtocol(e) => e.sqlstate(),
+            SessionError::ClientIo(_) => CONNECTION_FAILURE,
+            SessionError::AuthFailed(_) => INVALID_PASSWORD,
+            SessionError::AuthRejected(_) => INVALID_AUTHORIZATION,
+            SessionError::Pool(PoolError::Timeout { .. }) => TOO_MANY_CONNECTIONS,
+            SessionError::Pool(PoolError::Closed { .. }) => CANNOT_CONNECT_NOW,
+            SessionError::Pool(PoolError::Backend(e)) | SessionError::Backend(e) => {
+                backend_sqlstate(e)
+            }
+            SessionError::NoReplica => CANNOT_CONNECT_NOW,
+            SessionError::Unsupported(_) => FEATURE_NOT_SUPPORTED,
+            SessionError::Shutdown => ADMIN_SHUTDOWN,
+        }
+    }
+
+    /// Whether the client connection is unusable afterwards (so no reply can be sent).
+    pub fn is_client_gone(&self) -> bool {
+        matches!(self, SessionError::ClientIo(_))
+    }
+}
+
+fn backend_sqlstate(e: &BackendError) -> &str {
+    match e {
+        // The server's own verdict (missing database, too many connections...) passes through.
+        BackendError::Login { code, .. } if code.len() == 5 => code,
+        BackendError::Login { .. } | BackendError::UnsupportedAuth { .. } => {
+            sqlstate::CONNECTION_EXCEPTION
+        }
+        _ => sqlstate::CONNECTION_FAILURE,
+    }
+}
+
+impl From<TransportError> for SessionError {
+    fn from(e: TransportError) -> Self {
+        match e {
+            TransportError::Protocol(p) => SessionError::ClientProtocol(p),
+            TransportError::Io(io) => SessionError::ClientIo(io),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_has_a_deliberate_sqlstate() {
+        let timeout = SessionError::Pool(PoolError::Timeout {
+            pool: "primary/app/app".into(),
+            waited_ms: 5,
+        });
+        assert_eq!(timeout.sqlstate(), "53300");
+        assert!(timeout.to_string().contains("primary/app/app"));
+        assert_eq!(SessionError::AuthFailed("x".into()).sqlstate(), "28P01");
+        assert_eq!(SessionError::Shutdown.sqlstate(), "57P01");
+        let lost = SessionError::Backend(BackendError::ConnectTimeout { node: "r".into() });
+        assert_eq!(lost.sqlstate(), "08006");
+        assert_eq!(SessionError::NoReplica.sqlstate(), "57P03");
+    }
+}

@@ -1,0 +1,97 @@
+//! The `causeway` command: run the proxy, check a configuration, or start the demo cluster.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use causeway::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "causeway",
+    version,
+    about = "Read-replica-aware PostgreSQL proxy"
+)]
+struct Cli {
+    /// Configuration file (TOML); `CAUSEWAY__SECTION__KEY` variables override it.
+    #[arg(long, short, global = true, default_value = "proxy.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration and print the effective settings.
+    Check,
+    /// Start a throwaway primary with two streaming replicas and the proxy in front of them.
+    Demo {
+        /// Client-facing port of the proxy.
+        #[arg(long, default_value_t = 6432)]
+        port: u16,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Some(Command::Check) => match Config::load(&cli.config) {
+            Ok(cfg) => {
+                print!("{}", cfg.effective_toml());
+                eprintln!("configuration OK: {}", cli.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_error(&cli.config, &e),
+        },
+        Some(Command::Demo { port }) => run_async(causeway::demo::run(port)),
+        None => {
+            let cfg = match Config::load(&cli.config) {
+                Ok(c) => Arc::new(c),
+                Err(e) => return config_error(&cli.config, &e),
+            };
+            run_async(async move {
+                causeway::server::run(cfg)
+                    .await
+                    .map_err(|e| format!("cannot start: {e}"))
+            })
+        }
+    }
+}
+
+fn config_error(path: &std::path::Path, e: &causeway::config::ConfigError) -> ExitCode {
+    eprintln!("causeway: invalid configuration {}: {e}", path.display());
+    ExitCode::from(2)
+}
+
+fn run_async(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .enable_all()
+        .build();
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("causeway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("causeway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAUSEWAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

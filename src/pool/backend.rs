@@ -1,0 +1,266 @@
+//! One logged-in connection to a PostgreSQL server.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use tokio::net::TcpStream;
+
+use super::statements::StatementCache;
+use crate::cluster::Node;
+use crate::error::BackendError;
+use crate::protocol::{self, AuthRequest, Frame, TxStatus, tag};
+use crate::transport::Transport;
+
+/// Statements kept prepared per backend connection before the least recently used is closed.
+pub const STATEMENT_CACHE_CAPACITY: usize = 512;
+
+/// Login details for one pool.
+#[derive(Clone, Debug)]
+pub struct Login {
+    pub user: String,
+    pub password: String,
+    pub database: String,
+}
+
+/// A backend connection after startup, ready for queries.
+pub struct BackendConn {
+    pub transport: Transport<TcpStream>,
+    pub node: Arc<Node>,
+    /// BackendKeyData, for forwarding cancel requests.
+    pub pid: i32,
+    pub secret: i32,
+    /// ParameterStatus values reported at login.
+    pub params: Vec<(String, String)>,
+    pub created: Instant,
+    pub last_used: Instant,
+    /// Transaction status from the last ReadyForQuery.
+    pub status: TxStatus,
+    /// Set when the connection can no longer be trusted (I/O error, protocol desync).
+    pub broken: bool,
+    /// Statements prepared on this connection by the proxy.
+    pub statements: StatementCache,
+}
+
+impl BackendConn {
+    /// Connects and logs in, answering whatever authentication the server asks for.
+    pub async fn connect(
+        node: &Arc<Node>,
+        login: &Login,
+        timeout: Duration,
+        max_message: usize,
+    ) -> Result<BackendConn, BackendError> {
+        let name = node.name.clone();
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(node.addr())).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(BackendError::Connect { node: name, source }),
+            Err(_) => return Err(BackendError::ConnectTimeout { node: name }),
+        };
+        let _ = stream.set_nodelay(true);
+        let transport = Transport::new(stream, max_message);
+        match tokio::time::timeout(timeout, login_on(transport, node, login)).await {
+            Ok(r) => r,
+            Err(_) => Err(BackendError::ConnectTimeout { node: name }),
+        }
+    }
+
+    /// Sends one simple query and waits for ReadyForQuery; an ErrorResponse becomes an error.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<(), BackendError> {
+        let node = self.node.name.clone();
+        let lost = |source| BackendError::Lost {
+            node: node.clone(),
+            source,
+        };
+        self.transport
+            .send(&protocol::encode_query(sql))
+            .await
+            .map_err(|e| lost(e.into()))?;
+        let mut failure = None;
+        loop {
+            let frame = self.read(&node).await?;
+            match frame.tag {
+                tag::BE_ERROR_RESPONSE => {
+                    let fields = protocol::parse_error_fields(frame.body()).ok();
+                    failure = Some(BackendError::Login {
+                        node: node.clone(),
+                        code: fields.as_ref().map(|f| f.code.clone()).unwrap_or_default(),
+                        message: fields.map(|f| f.message).unwrap_or_default(),
+                    });
+                }
+                tag::BE_READY_FOR_QUERY => {
+                    self.status = protocol::parse_ready_for_query(frame.body())
+                        .map_err(|e| lost(e.into()))?;
+                    return match failure {
+                        Some(e) => Err(e),
+                        None => Ok(()),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn read(&mut self, node: &str) -> Result<Frame, BackendError> {
+        match self.transport.read_frame().await {
+            Ok(Some(f)) => Ok(f),
+            Ok(None) => Err(BackendError::Lost {
+                node: node.to_string(),
+                source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into(),
+            }),
+            Err(source) => Err(BackendError::Lost {
+                node: node.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Whether the server closed the connection or sent something unprompted while idle.
+    pub fn is_stale(&self) -> bool {
+        let mut probe = [0u8; 1];
+        !matches!(
+            self.transport.get_ref().try_read(&mut probe),
+            Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock
+        )
+    }
+}
+
+async fn login_on(
+    mut transport: Transport<TcpStream>,
+    node: &Arc<Node>,
+    login: &Login,
+) -> Result<BackendConn, BackendError> {
+    let name = node.name.clone();
+    let lost = |source| BackendError::Lost {
+        node: name.clone(),
+        source,
+    };
+    let startup = protocol::encode_startup(&[
+        ("user", &login.user),
+        ("database", &login.database),
+        ("application_name", "causeway"),
+        ("client_encoding", "UTF8"),
+    ]);
+    transport.queue_bytes(&startup);
+    transport.flush().await.map_err(|e| lost(e.into()))?;
+    let mut scram: Option<ScramSha256> = None;
+    let mut params = Vec::new();
+    let mut key = (0, 0);
+    loop {
+        let frame = match transport.read_frame().await {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                return Err(lost(
+                    std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into(),
+                ));
+            }
+            Err(e) => return Err(lost(e)),
+        };
+        match frame.tag {
+            tag::BE_AUTHENTICATION => {
+                let req =
+                    protocol::parse_authentication(frame.body()).map_err(|e| lost(e.into()))?;
+                let reply = match req {
+                    AuthRequest::Ok => None,
+                    AuthRequest::CleartextPassword => {
+                        Some(protocol::encode_password(login.password.as_bytes()))
+                    }
+                    AuthRequest::Md5 { salt } => {
+                        let hash = md5_hash(login.user.as_bytes(), login.password.as_bytes(), salt);
+                        Some(protocol::encode_password(hash.as_bytes()))
+                    }
+                    AuthRequest::Sasl { mechanisms } => {
+                        if !mechanisms.contains(&SCRAM_SHA_256) {
+                            return Err(BackendError::UnsupportedAuth {
+                                node: name.clone(),
+                                method: mechanisms.join(","),
+                            });
+                        }
+                        let s = ScramSha256::new(
+                            login.password.as_bytes(),
+                            ChannelBinding::unsupported(),
+                        );
+                        let f = protocol::encode_sasl_initial(SCRAM_SHA_256, s.message());
+                        scram = Some(s);
+                        Some(f)
+                    }
+                    AuthRequest::SaslContinue(data) => {
+                        let s = scram.as_mut().ok_or(BackendError::Unexpected {
+                            node: name.clone(),
+                            tag: 'R',
+                            during: "SCRAM exchange",
+                        })?;
+                        s.update(data).map_err(|e| scram_failed(&name, e))?;
+                        Some(protocol::encode_sasl_response(s.message()))
+                    }
+                    AuthRequest::SaslFinal(data) => {
+                        let s = scram.as_mut().ok_or(BackendError::Unexpected {
+                            node: name.clone(),
+                            tag: 'R',
+                            during: "SCRAM exchange",
+                        })?;
+                        s.finish(data).map_err(|e| scram_failed(&name, e))?;
+                        None
+                    }
+                    AuthRequest::Unsupported(code) => {
+                        return Err(BackendError::UnsupportedAuth {
+                            node: name.clone(),
+                            method: format!("authentication request {code}"),
+                        });
+                    }
+                };
+                if let Some(f) = reply {
+                    transport.send(&f).await.map_err(|e| lost(e.into()))?;
+                }
+            }
+            tag::BE_PARAMETER_STATUS => {
+                if let Ok((k, v)) = protocol::parse_parameter_status(frame.body()) {
+                    params.push((k.to_string(), v.to_string()));
+                }
+            }
+            tag::BE_BACKEND_KEY_DATA => {
+                key = protocol::parse_backend_key_data(frame.body()).map_err(|e| lost(e.into()))?;
+            }
+            tag::BE_ERROR_RESPONSE => {
+                let fields =
+                    protocol::parse_error_fields(frame.body()).map_err(|e| lost(e.into()))?;
+                return Err(BackendError::Login {
+                    node: name.clone(),
+                    code: fields.code,
+                    message: fields.message,
+                });
+            }
+            tag::BE_NOTICE_RESPONSE => {}
+            tag::BE_READY_FOR_QUERY => {
+                let now = Instant::now();
+                return Ok(BackendConn {
+                    transport,
+                    node: Arc::clone(node),
+                    pid: key.0,
+                    secret: key.1,
+                    params,
+                    created: now,
+                    last_used: now,
+                    status: TxStatus::Idle,
+                    broken: false,
+                    statements: StatementCache::new(STATEMENT_CACHE_CAPACITY),
+                });
+            }
+            other => {
+                return Err(BackendError::Unexpected {
+                    node: name.clone(),
+                    tag: other as char,
+                    during: "login",
+                });
+            }
+        }
+    }
+}
+
+fn scram_failed(node: &str, e: std::io::Error) -> BackendError {
+    BackendError::Login {
+        node: node.to_string(),
+        code: "28P01".into(),
+        message: format!("SCRAM exchange failed: {e}"),
+    }
+}

@@ -1,0 +1,341 @@
+//! Per-backend, per-(user, database) connection pools with RAII leases.
+
+mod backend;
+pub mod statements;
+
+pub use backend::{BackendConn, Login, STATEMENT_CACHE_CAPACITY};
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::{Node, Role};
+use crate::config::Config;
+use crate::error::PoolError;
+use crate::protocol::TxStatus;
+
+/// Limits a pool applies, copied from configuration.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub max: usize,
+    pub min_idle: usize,
+    pub acquire_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_lifetime: Duration,
+    pub reset_timeout: Duration,
+    pub max_message: usize,
+}
+
+/// Connections to one node for one (user, database).
+pub struct Pool {
+    /// `node/user/database`, used in messages and stats.
+    pub name: String,
+    pub node: Arc<Node>,
+    login: Login,
+    settings: PoolSettings,
+    idle: Mutex<Vec<BackendConn>>,
+    permits: Arc<Semaphore>,
+    /// Connections open (idle and leased).
+    pub open: AtomicUsize,
+    /// Clients waiting for a connection right now.
+    pub waiting: AtomicUsize,
+    /// Acquisitions that timed out.
+    pub timeouts: AtomicU64,
+    server_params: Mutex<Option<Vec<(String, String)>>>,
+}
+
+impl Pool {
+    fn new(node: Arc<Node>, login: Login, settings: PoolSettings) -> Self {
+        Self {
+            name: format!("{}/{}/{}", node.name, login.user, login.database),
+            permits: Arc::new(Semaphore::new(settings.max)),
+            node,
+            login,
+            settings,
+            idle: Mutex::new(Vec::new()),
+            open: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            timeouts: AtomicU64::new(0),
+            server_params: Mutex::new(None),
+        }
+    }
+
+    /// Takes a connection, waiting at most `acquire_timeout` for one to be free.
+    pub async fn acquire(self: &Arc<Self>) -> Result<Lease, PoolError> {
+        let started = Instant::now();
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = tokio::time::timeout(
+            self.settings.acquire_timeout,
+            Arc::clone(&self.permits).acquire_owned(),
+        )
+        .await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        let permit = match permit {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => {
+                return Err(PoolError::Closed {
+                    pool: self.name.clone(),
+                });
+            }
+            Err(_) => {
+                self.timeouts.fetch_add(1, Ordering::Relaxed);
+                return Err(PoolError::Timeout {
+                    pool: self.name.clone(),
+                    waited_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+        };
+        let conn = match self.take_idle() {
+            Some(c) => c,
+            None => self.connect().await?,
+        };
+        self.node.in_use.fetch_add(1, Ordering::Relaxed);
+        Ok(Lease {
+            conn: Some(conn),
+            pool: Arc::clone(self),
+            permit: Some(permit),
+        })
+    }
+
+    async fn connect(&self) -> Result<BackendConn, PoolError> {
+        let conn = BackendConn::connect(
+            &self.node,
+            &self.login,
+            self.settings.connect_timeout,
+            self.settings.max_message,
+        )
+        .await?;
+        self.open.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut p) = self.server_params.lock()
+            && p.is_none()
+        {
+            *p = Some(conn.params.clone());
+        }
+        Ok(conn)
+    }
+
+    /// The newest usable idle connection; expired or dead ones are closed on the way.
+    fn take_idle(&self) -> Option<BackendConn> {
+        let now = Instant::now();
+        loop {
+            let conn = self.idle.lock().ok()?.pop()?;
+            if self.expired(&conn, now) || conn.is_stale() {
+                self.open.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+            return Some(conn);
+        }
+    }
+
+    fn expired(&self, conn: &BackendConn, now: Instant) -> bool {
+        now.duration_since(conn.created) >= self.settings.max_lifetime
+            || now.duration_since(conn.last_used) >= self.settings.idle_timeout
+    }
+
+    fn put_idle(&self, mut conn: BackendConn) {
+        conn.last_used = Instant::now();
+        if self.expired(&conn, conn.last_used) {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        match self.idle.lock() {
+            Ok(mut idle) => idle.push(conn),
+            Err(_) => {
+                self.open.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Idle connections right now.
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map(|i| i.len()).unwrap_or(0)
+    }
+
+    /// Configured maximum size.
+    pub fn max(&self) -> usize {
+        self.settings.max
+    }
+
+    /// ParameterStatus values of the server, learned from the first connection (opening one if
+    /// needed), to greet clients the way the server would.
+    pub async fn server_params(self: &Arc<Self>) -> Result<Vec<(String, String)>, PoolError> {
+        if let Some(p) = self.server_params.lock().ok().and_then(|p| p.clone()) {
+            return Ok(p);
+        }
+        let lease = self.acquire().await?;
+        Ok(lease.conn_ref().params.clone())
+    }
+
+    /// Closes idle connections past their idle timeout or lifetime; opens up to `min_idle`.
+    async fn maintain(self: &Arc<Self>) {
+        let now = Instant::now();
+        let expired: Vec<BackendConn> = match self.idle.lock() {
+            Ok(mut idle) => {
+                let (old, keep): (Vec<_>, Vec<_>) =
+                    idle.drain(..).partition(|c| self.expired(c, now));
+                *idle = keep;
+                old
+            }
+            Err(_) => Vec::new(),
+        };
+        self.open.fetch_sub(expired.len(), Ordering::Relaxed);
+        drop(expired);
+        while self.open.load(Ordering::Relaxed) < self.settings.min_idle && self.node.is_usable() {
+            let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+                break;
+            };
+            match self.connect().await {
+                Ok(conn) => self.put_idle(conn),
+                Err(_) => break,
+            }
+            drop(permit);
+        }
+    }
+}
+
+/// A checked-out connection. Dropping it returns the connection clean (rolling back an open
+/// transaction under a timeout) or discards it.
+pub struct Lease {
+    conn: Option<BackendConn>,
+    pool: Arc<Pool>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Lease {
+    /// The connection.
+    pub fn conn(&mut self) -> &mut BackendConn {
+        // Invariant: `conn` is only taken in `drop`.
+        self.conn
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("lease used after drop"))
+    }
+
+    fn conn_ref(&self) -> &BackendConn {
+        self.conn
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("lease used after drop"))
+    }
+
+    /// The node this connection belongs to.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.pool.node
+    }
+
+    /// The pool it came from.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.pool.node.in_use.fetch_sub(1, Ordering::Relaxed);
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let pool = Arc::clone(&self.pool);
+        if conn.broken {
+            pool.open.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        if conn.status == TxStatus::Idle {
+            pool.put_idle(conn);
+            return;
+        }
+        // Left inside a transaction (client vanished): roll back before anyone else sees it.
+        let permit = self.permit.take();
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            pool.open.fetch_sub(1, Ordering::Relaxed);
+            return;
+        };
+        handle.spawn(async move {
+            let mut conn = conn;
+            let reset =
+                tokio::time::timeout(pool.settings.reset_timeout, conn.simple_query("ROLLBACK"));
+            match reset.await {
+                Ok(Ok(())) if conn.status == TxStatus::Idle => pool.put_idle(conn),
+                _ => {
+                    pool.open.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// All pools, created on first use for each (node, user, database).
+pub struct Pools {
+    map: DashMap<(usize, String, String), Arc<Pool>>,
+    cfg: Arc<Config>,
+}
+
+impl Pools {
+    /// An empty registry.
+    pub fn new(cfg: Arc<Config>) -> Self {
+        Self {
+            map: DashMap::new(),
+            cfg,
+        }
+    }
+
+    /// The pool for `node` and this login, created if needed.
+    pub fn get(&self, node: &Arc<Node>, user: &str, database: &str) -> Option<Arc<Pool>> {
+        let key = (node.id, user.to_string(), database.to_string());
+        if let Some(p) = self.map.get(&key) {
+            return Some(Arc::clone(p.value()));
+        }
+        let password = self.cfg.user(user)?.password.clone();
+        let p = &self.cfg.pool;
+        let settings = PoolSettings {
+            max: match node.role {
+                Role::Primary => p.primary_max,
+                Role::Replica => p.replica_max,
+            },
+            min_idle: p.min_idle,
+            acquire_timeout: self.cfg.acquire_timeout(),
+            connect_timeout: self.cfg.connect_timeout(),
+            idle_timeout: Duration::from_millis(p.idle_timeout_ms),
+            max_lifetime: Duration::from_millis(p.max_lifetime_ms),
+            reset_timeout: Duration::from_millis(p.reset_timeout_ms),
+            max_message: self.cfg.server.max_message_bytes,
+        };
+        let login = Login {
+            user: user.to_string(),
+            password,
+            database: database.to_string(),
+        };
+        let pool = self
+            .map
+            .entry(key)
+            .or_insert_with(|| Arc::new(Pool::new(Arc::clone(node), login, settings)));
+        Some(Arc::clone(pool.value()))
+    }
+
+    /// Every pool, for stats.
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        self.map.iter().map(|e| Arc::clone(e.value())).collect()
+    }
+
+    /// Runs pool maintenance every second until `stop` is cancelled.
+    pub fn spawn_maintenance(self: &Arc<Self>, stop: CancellationToken) {
+        let pools = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {
+                        for pool in pools.all() {
+                            pool.maintain().await;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,125 @@
+//! Prepared statements that exist on one backend connection, under proxy-chosen names, so a
+//! client's named statements can follow it to whichever connection serves its next transaction.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+/// What identifies a statement across connections: the Parse body after the name
+/// (query text and parameter types).
+pub type StatementKey = Bytes;
+
+/// A bounded, least-recently-used map from statement key to the name it has on this backend.
+#[derive(Debug)]
+pub struct StatementCache {
+    map: HashMap<StatementKey, Entry>,
+    tick: u64,
+    next_id: u64,
+    capacity: usize,
+    /// The statement currently bound to the unnamed slot on this backend, if the proxy knows it.
+    pub unnamed: Option<StatementKey>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    name: String,
+    last_used: u64,
+}
+
+impl StatementCache {
+    /// An empty cache holding at most `capacity` statements.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            tick: 0,
+            next_id: 0,
+            capacity: capacity.max(1),
+            unnamed: None,
+        }
+    }
+
+    /// The backend name of a prepared statement, marking it recently used.
+    pub fn get(&mut self, key: &StatementKey) -> Option<&str> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.map.get_mut(key).map(|e| {
+            e.last_used = tick;
+            e.name.as_str()
+        })
+    }
+
+    /// Records a statement about to be prepared; returns its new name and, when the cache was
+    /// full, the name of the statement to close first.
+    pub fn insert(&mut self, key: StatementKey) -> (String, Option<String>) {
+        let evicted = if self.map.len() >= self.capacity {
+            self.evict_oldest()
+        } else {
+            None
+        };
+        self.next_id += 1;
+        self.tick += 1;
+        let name = format!("causeway_{}", self.next_id);
+        self.map.insert(
+            key,
+            Entry {
+                name: name.clone(),
+                last_used: self.tick,
+            },
+        );
+        (name, evicted)
+    }
+
+    /// Forgets a statement (its Parse failed, or it was closed).
+    pub fn remove(&mut self, key: &StatementKey) {
+        self.map.remove(key);
+    }
+
+    /// Number of statements prepared on this connection.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether no statement is prepared.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Forgets everything (after DISCARD ALL or DEALLOCATE ALL on the connection).
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.unnamed = None;
+    }
+
+    fn evict_oldest(&mut self) -> Option<String> {
+        let key = self
+            .map
+            .iter()
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(k, _)| k.clone())?;
+        self.map.remove(&key).map(|e| e.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_lookups_touch() {
+        let mut c = StatementCache::new(2);
+        let a = Bytes::from_static(b"select 1\0\0\0");
+        let b = Bytes::from_static(b"select 2\0\0\0");
+        let (na, ev) = c.insert(a.clone());
+        assert!(ev.is_none());
+        let (nb, _) = c.insert(b.clone());
+        assert_ne!(na, nb);
+        assert_eq!(c.get(&a), Some(na.as_str()));
+        // b is now the least recently used and is evicted by a third statement
+        let (_, ev) = c.insert(Bytes::from_static(b"select 3\0\0\0"));
+        assert_eq!(ev.as_deref(), Some(nb.as_str()));
+        assert!(c.get(&b).is_none());
+        assert_eq!(c.len(), 2);
+        c.remove(&a);
+        assert!(c.get(&a).is_none());
+    }
+}

@@ -1,0 +1,256 @@
+//! Accept loop, client start-up (TLS refusal, cancel, protocol negotiation, authentication,
+//! greeting) and graceful stop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::auth::AuthSecrets;
+use crate::cancel::CancelRegistry;
+use crate::catalog::Catalogs;
+use crate::cluster::{self, Cluster};
+use crate::config::Config;
+use crate::error::SessionError;
+use crate::pool::Pools;
+use crate::protocol::{self, StartupMessage, TxStatus};
+use crate::session::Session;
+use crate::stats::Stats;
+use crate::transport::Transport;
+
+/// State shared by every session: a few named `Arc`s, never globals.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub cluster: Arc<Cluster>,
+    pub pools: Arc<Pools>,
+    pub auth: AuthSecrets,
+    pub catalogs: Catalogs,
+    pub cancels: CancelRegistry,
+    pub stats: Stats,
+    pub shutdown: CancellationToken,
+}
+
+/// A running proxy: its address and the handle that stops it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, closes idle clients and waits for the accept loop to end.
+    pub async fn stop(self) {
+        self.shared.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Binds the listener, starts the monitors and the accept loop, and returns at once.
+pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
+    let listener = TcpListener::bind(&cfg.server.listen).await?;
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let cluster = Arc::new(Cluster::from_config(&cfg));
+    let pools = Arc::new(Pools::new(Arc::clone(&cfg)));
+    cluster::spawn_monitors(&cluster, &cfg, &shutdown);
+    pools.spawn_maintenance(shutdown.clone());
+    let shared = Arc::new(Shared {
+        auth: AuthSecrets::new(&cfg),
+        catalogs: Catalogs::new(Arc::clone(&cfg), shutdown.clone()),
+        cfg,
+        cluster,
+        pools,
+        cancels: CancelRegistry::default(),
+        stats: Stats::default(),
+        shutdown,
+    });
+    tracing::info!(%addr, "listening");
+    let task = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
+    Ok(Running { addr, shared, task })
+}
+
+/// Runs the proxy until SIGINT/SIGTERM.
+pub async fn run(cfg: Arc<Config>) -> std::io::Result<()> {
+    let running = start(cfg).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    running.stop().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut next_id: u64 = 0;
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (socket, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        next_id += 1;
+        let span = tracing::info_span!("session", client.addr = %peer, session.id = next_id, user = tracing::field::Empty, db = tracing::field::Empty);
+        let shared = Arc::clone(&shared);
+        tokio::spawn(
+            async move {
+                shared.stats.clients_total.fetch_add(1, Ordering::Relaxed);
+                shared.stats.clients_open.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = handle_client(socket, &shared).await {
+                    tracing::debug!(error = %e, "session ended with an error");
+                }
+                shared.stats.clients_open.fetch_sub(1, Ordering::Relaxed);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Client encodings the proxy accepts: it relays bytes and classifies them as UTF-8.
+fn is_utf8_encoding(name: &str) -> bool {
+    let n = name.to_ascii_lowercase().replace(['-', '_'], "");
+    n == "utf8" || n == "unicode"
+}
+
+async fn refuse(t: &mut Transport<TcpStream>, e: &SessionError) {
+    t.queue(&protocol::error_response(
+        "FATAL",
+        e.sqlstate(),
+        &e.to_string(),
+    ));
+    t.shutdown().await;
+}
+
+async fn handle_client(socket: TcpStream, shared: &Arc<Shared>) -> Result<(), SessionError> {
+    let _ = socket.set_nodelay(true);
+    let mut t = Transport::new(socket, shared.cfg.server.max_message_bytes);
+    let (minor, params) = loop {
+        match t.read_startup().await {
+            Ok(Some(StartupMessage::SslRequest | StartupMessage::GssEncRequest)) => {
+                t.queue_bytes(b"N");
+                t.flush().await.map_err(SessionError::ClientIo)?;
+            }
+            Ok(Some(StartupMessage::Cancel { pid, secret })) => {
+                shared.cancels.cancel((pid, secret)).await;
+                return Ok(());
+            }
+            Ok(Some(StartupMessage::Startup { minor, params, .. })) => break (minor, params),
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                let e = SessionError::from(e);
+                refuse(&mut t, &e).await;
+                return Err(e);
+            }
+        }
+    };
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let Some(user) = param("user") else {
+        let e = SessionError::AuthRejected(
+            "no PostgreSQL user name specified in startup packet".into(),
+        );
+        refuse(&mut t, &e).await;
+        return Err(e);
+    };
+    let database = param("database").unwrap_or_else(|| user.clone());
+    tracing::Span::current().record("user", user.as_str());
+    tracing::Span::current().record("db", database.as_str());
+    if minor > 0 {
+        let unknown: Vec<&str> = params
+            .iter()
+            .filter(|(k, _)| k.starts_with("_pq_."))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        t.queue(&protocol::negotiate_protocol_version(0, &unknown));
+    }
+    if let Some(enc) = param("client_encoding")
+        && !is_utf8_encoding(&enc)
+    {
+        let e = SessionError::Unsupported(format!(
+            "client_encoding \"{enc}\" is not supported by the proxy; use UTF8"
+        ));
+        refuse(&mut t, &e).await;
+        return Err(e);
+    }
+    if let Err(e) = shared.auth.authenticate(&mut t, &user).await {
+        if !e.is_client_gone() {
+            refuse(&mut t, &e).await;
+        }
+        return Err(e);
+    }
+    let server_params = match greeting_params(shared, &user, &database).await {
+        Ok(p) => p,
+        Err(e) => {
+            refuse(&mut t, &e).await;
+            return Err(e);
+        }
+    };
+    for (k, v) in &server_params {
+        let value = match k.as_str() {
+            "application_name" => param("application_name").unwrap_or_default(),
+            "client_encoding" => "UTF8".to_string(),
+            _ => v.clone(),
+        };
+        t.queue(&protocol::parameter_status(k, &value));
+    }
+    let key = shared.cancels.register();
+    t.queue(&protocol::backend_key_data(key.key.0, key.key.1));
+    let classifier = shared.catalogs.classifier(&database, &user).await;
+    t.queue(&protocol::ready_for_query(TxStatus::Idle));
+    t.flush().await.map_err(SessionError::ClientIo)?;
+    tracing::debug!("client ready");
+    let session = Session::new(
+        Arc::clone(shared),
+        t,
+        user,
+        database,
+        classifier,
+        Arc::clone(&key.slot),
+    );
+    session.run().await
+}
+
+/// Server parameters to greet a client with: from the primary's pool, else any replica's.
+async fn greeting_params(
+    shared: &Arc<Shared>,
+    user: &str,
+    database: &str,
+) -> Result<Vec<(String, String)>, SessionError> {
+    let mut last = None;
+    for node in &shared.cluster.nodes {
+        let Some(pool) = shared.pools.get(node, user, database) else {
+            return Err(SessionError::AuthRejected(format!(
+                "user \"{user}\" is not configured"
+            )));
+        };
+        match pool.server_params().await {
+            Ok(p) => return Ok(p),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => e.into(),
+        None => SessionError::Unsupported("no servers configured".into()),
+    })
+}

@@ -1,0 +1,592 @@
+//! Sending a request: classify it, route it, take a backend, and translate the client's
+//! statement names into the names this backend knows.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+
+use super::{Expect, InFlight, Request, Session};
+use crate::cancel::CancelTarget;
+use crate::classify::{Access, Classification, Hints, ProxyCommand, RouteMode, TxEffect};
+use crate::config::{PoolMode, ReplicaStrategy};
+use crate::error::{PoolError, SessionError};
+use crate::pool::BackendConn;
+use crate::pool::statements::StatementKey;
+use crate::protocol::{self, Frame, TxStatus, tag};
+use crate::route::{self, Decision, Policy, Reason, ReplicaView, SessionView, Target};
+
+/// SQLSTATE for an unknown `causeway.*` setting, as PostgreSQL reports unknown parameters.
+const UNDEFINED_OBJECT: &str = "42704";
+
+impl Session {
+    /// Sends one request on the current backend, taking one first if the client has none.
+    pub(super) async fn dispatch(&mut self, req: Request) -> Result<(), SessionError> {
+        if self.lease.is_none() && self.deferred_begin.is_none() && req.is_housekeeping() {
+            self.answer_housekeeping(&req);
+            return Ok(());
+        }
+        let class = self.classify(&req);
+        if let Some(cmd) = &class.proxy {
+            self.answer_locally(&req, cmd);
+            return Ok(());
+        }
+        if self.lease.is_none() && self.defer_begin(&req, &class) {
+            return Ok(());
+        }
+        if let Some(begin) = self.deferred_begin.take() {
+            return self.dispatch_after_begin(begin, req, class).await;
+        }
+        let fresh = self.lease.is_none();
+        if fresh && let Err(e) = self.acquire_for(&class, req.force_primary).await {
+            if e.is_client_gone() {
+                return Err(e);
+            }
+            self.fail_request(&req, &e);
+            return Ok(());
+        }
+        if class.pin.is_some() && !self.pinned && self.shared.cfg.pool.mode == PoolMode::Transaction
+        {
+            self.pinned = true;
+            self.shared.stats.pins.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(reason = ?class.pin, "session pinned to its backend");
+        }
+        let retryable = fresh
+            && req.attempt == 0
+            && !req.force_primary
+            && class.access == Access::Read
+            && class.tx == TxEffect::None
+            && class.pin.is_none()
+            && !req.is_function_call();
+        self.in_flight = retryable.then(|| InFlight {
+            request: req.clone(),
+            client_mark: self.client.pending_write(),
+            retryable: true,
+        });
+        self.send(&req).await
+    }
+
+    /// A lone `BEGIN` is answered at once and sent later with the first statement of the
+    /// transaction, so `BEGIN; SET TRANSACTION READ ONLY` can still go to a replica and an empty
+    /// transaction costs no backend.
+    fn defer_begin(&mut self, req: &Request, class: &Classification) -> bool {
+        let lone_begin = req.is_simple_query()
+            && class.statements == 1
+            && class.tx == (TxEffect::Begin { read_only: false })
+            && class.pin.is_none()
+            && class.hints == Hints::default();
+        if !lone_begin || self.deferred_begin.is_some() {
+            return false;
+        }
+        self.deferred_begin = Some(req.clone());
+        self.status = TxStatus::InTransaction;
+        self.client.queue(&protocol::command_complete("BEGIN"));
+        self.client.queue(&protocol::ready_for_query(self.status));
+        true
+    }
+
+    /// The first request after a deferred BEGIN: route the whole transaction by it.
+    async fn dispatch_after_begin(
+        &mut self,
+        begin: Request,
+        req: Request,
+        class: Classification,
+    ) -> Result<(), SessionError> {
+        let ends = match class.tx {
+            TxEffect::Commit => Some("COMMIT"),
+            TxEffect::Rollback => Some("ROLLBACK"),
+            _ => None,
+        };
+        if let Some(done) = ends
+            && req.is_simple_query()
+            && class.statements == 1
+        {
+            self.status = TxStatus::Idle;
+            self.client.queue(&protocol::command_complete(done));
+            self.client.queue(&protocol::ready_for_query(self.status));
+            return Ok(());
+        }
+        let mut routing = class;
+        let read_only = routing.tx == TxEffect::SetReadOnly;
+        routing.tx = TxEffect::Begin { read_only };
+        routing.proxy = None;
+        if let Err(e) = self.acquire_for(&routing, false).await {
+            if e.is_client_gone() {
+                return Err(e);
+            }
+            self.status = TxStatus::Failed;
+            self.fail_request(&req, &e);
+            return Ok(());
+        }
+        if let Some(lease) = self.lease.as_mut() {
+            let conn = lease.conn();
+            for f in &begin.frames {
+                conn.transport.queue(f);
+            }
+            conn.statements.unnamed = None;
+            self.replies.push_back(Expect::Query { forward: false });
+        }
+        self.in_flight = None;
+        self.send(&req).await
+    }
+
+    /// The combined classification of every statement the request runs.
+    fn classify(&self, req: &Request) -> Classification {
+        if req.is_function_call() {
+            return Classification {
+                access: Access::Write,
+                tx: TxEffect::None,
+                pin: None,
+                hints: Hints::default(),
+                proxy: None,
+                statements: 1,
+                parse_error: false,
+                reason: "function_call",
+            };
+        }
+        let mut parts: Vec<Arc<Classification>> = req
+            .sql_texts()
+            .map(|sql| self.classifier.classify(sql))
+            .collect();
+        for f in &req.frames {
+            let named = match f.tag {
+                tag::FE_BIND => protocol::parse_bind(f.body()).ok().map(|b| b.statement),
+                tag::FE_DESCRIBE => protocol::parse_describe(f.body())
+                    .ok()
+                    .filter(|d| d.kind == b'S')
+                    .map(|d| d.name),
+                _ => None,
+            };
+            let key = match named {
+                Some("") if !req.frames.iter().any(|f| f.tag == tag::FE_PARSE) => {
+                    self.unnamed.as_ref()
+                }
+                Some(name) if !name.is_empty() => self.statements.get(name),
+                _ => None,
+            };
+            if let Some((sql, _)) = key.and_then(split_key) {
+                parts.push(self.classifier.classify(sql));
+            }
+        }
+        combine(&parts)
+    }
+
+    /// Routes and takes a backend; a replica that cannot be reached is banned and another tried.
+    async fn acquire_for(
+        &mut self,
+        class: &Classification,
+        force_primary: bool,
+    ) -> Result<(), SessionError> {
+        let shared = Arc::clone(&self.shared);
+        let cluster = &shared.cluster;
+        let policy = Policy {
+            strategy: shared.cfg.routing.replica_strategy,
+            fallback: shared.cfg.routing.fallback,
+        };
+        for _ in 0..=cluster.replicas().len() {
+            let decision = if force_primary {
+                Decision {
+                    target: Target::Primary,
+                    reason: Reason::ReadOnlyRetry,
+                }
+            } else {
+                let views: Vec<ReplicaView> = cluster
+                    .replicas()
+                    .iter()
+                    .map(|n| ReplicaView {
+                        usable: n.is_usable(),
+                        in_use: n.in_use.load(Ordering::Relaxed),
+                        weight: n.weight,
+                    })
+                    .collect();
+                // Only reads advance the rotation, so interleaved writes do not skew it.
+                let pick = match policy.strategy {
+                    _ if class.access == Access::Write => 0,
+                    ReplicaStrategy::RoundRobin => {
+                        cluster.rr.fetch_add(1, Ordering::Relaxed) as u64
+                    }
+                    // Random tie-breaks: a fixed rotation can line up with a client's own
+                    // pattern (prepare + execute) and pin it to one replica.
+                    _ => rand::random::<u64>(),
+                };
+                let session = SessionView {
+                    route_mode: self.route_mode,
+                };
+                route::route(class, session, &views, policy, pick)
+                    .map_err(|_| SessionError::NoReplica)?
+            };
+            let node = match decision.target {
+                Target::Primary => cluster.primary(),
+                Target::Replica(i) => match cluster.replicas().get(i) {
+                    Some(n) => n,
+                    None => cluster.primary(),
+                },
+            };
+            let Some(pool) = shared.pools.get(node, &self.user, &self.database) else {
+                return Err(SessionError::AuthRejected(format!(
+                    "user \"{}\" is not configured",
+                    self.user
+                )));
+            };
+            match pool.acquire().await {
+                Ok(mut lease) => {
+                    shared.stats.count_route(decision.reason);
+                    node.queries.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
+                        target_node = %node.name,
+                        reason = decision.reason.as_str(),
+                        class = class.reason,
+                        "routed"
+                    );
+                    let conn = lease.conn();
+                    if let Ok(mut slot) = self.cancel.lock() {
+                        *slot = Some(CancelTarget {
+                            addr: node.addr(),
+                            pid: conn.pid,
+                            secret: conn.secret,
+                        });
+                    }
+                    self.lease = Some(lease);
+                    return Ok(());
+                }
+                Err(PoolError::Backend(e)) if decision.target != Target::Primary => {
+                    node.errors.fetch_add(1, Ordering::Relaxed);
+                    node.ban(e.to_string());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(SessionError::NoReplica)
+    }
+
+    /// Writes the request to the backend, renaming statements and recording expected replies.
+    async fn send(&mut self, req: &Request) -> Result<(), SessionError> {
+        let Some(lease) = self.lease.as_mut() else {
+            return Ok(());
+        };
+        let conn = lease.conn();
+        let mut names = Names {
+            statements: &mut self.statements,
+            unnamed: &mut self.unnamed,
+        };
+        for frame in &req.frames {
+            translate(frame, conn, &mut self.replies, &mut names)?;
+        }
+        if let Err(e) = conn.transport.flush().await {
+            return self.backend_failed(Some(e)).await;
+        }
+        self.emit_synthetic();
+        Ok(())
+    }
+
+    /// Closes and Syncs outside a transaction: statement names are the proxy's to forget, and
+    /// portals do not outlive a transaction.
+    fn answer_housekeeping(&mut self, req: &Request) {
+        for f in &req.frames {
+            match f.tag {
+                tag::FE_CLOSE => {
+                    if let Ok(c) = protocol::parse_close(f.body())
+                        && c.kind == b'S'
+                    {
+                        if c.name.is_empty() {
+                            self.unnamed = None;
+                        } else {
+                            self.statements.remove(c.name);
+                        }
+                    }
+                    self.client.queue(&protocol::close_complete());
+                }
+                tag::FE_SYNC => self.client.queue(&protocol::ready_for_query(self.status)),
+                _ => {}
+            }
+        }
+    }
+
+    /// Answers a `causeway.*` command without a backend (in order with anything in flight).
+    fn answer_locally(&mut self, req: &Request, cmd: &ProxyCommand) {
+        let outcome: Result<LocalAnswer, String> = match cmd {
+            ProxyCommand::SetRoute(mode) => {
+                self.route_mode = *mode;
+                Ok(("SET", None))
+            }
+            ProxyCommand::Show { name } if name == "route" => {
+                let v = match self.route_mode {
+                    RouteMode::Primary => "primary",
+                    RouteMode::Replica => "replica",
+                    RouteMode::Auto => "auto",
+                };
+                Ok(("SHOW", Some((format!("causeway.{name}"), v.to_string()))))
+            }
+            ProxyCommand::SetVar { name, .. } | ProxyCommand::Show { name } => Err(format!(
+                "unrecognized configuration parameter \"causeway.{name}\""
+            )),
+        };
+        let mut failed = false;
+        for f in &req.frames {
+            let reply: Vec<Frame> = match (f.tag, &outcome) {
+                (_, Err(_)) if failed => {
+                    if f.tag == tag::FE_SYNC {
+                        failed = false;
+                        vec![protocol::ready_for_query(self.status)]
+                    } else {
+                        vec![]
+                    }
+                }
+                (tag::FE_QUERY, Err(msg)) | (tag::FE_EXECUTE, Err(msg)) => {
+                    failed = f.tag == tag::FE_EXECUTE;
+                    let mut v = vec![protocol::error_response("ERROR", UNDEFINED_OBJECT, msg)];
+                    if f.tag == tag::FE_QUERY {
+                        v.push(protocol::ready_for_query(self.status));
+                    }
+                    v
+                }
+                (tag::FE_QUERY, Ok((cmd_tag, row))) => {
+                    let mut v = row_frames(row.as_ref());
+                    v.push(protocol::command_complete(cmd_tag));
+                    v.push(protocol::ready_for_query(self.status));
+                    v
+                }
+                (tag::FE_PARSE, _) => vec![protocol::parse_complete()],
+                (tag::FE_BIND, _) => vec![protocol::bind_complete()],
+                (tag::FE_CLOSE, _) => vec![protocol::close_complete()],
+                (tag::FE_DESCRIBE, Ok((_, Some((col, _))))) => {
+                    vec![protocol::row_description_text(&[col.as_str()])]
+                }
+                (tag::FE_DESCRIBE, _) => vec![protocol::no_data()],
+                (tag::FE_EXECUTE, Ok((cmd_tag, row))) => {
+                    let mut v: Vec<Frame> = row_frames(row.as_ref()).into_iter().skip(1).collect();
+                    v.push(protocol::command_complete(cmd_tag));
+                    v
+                }
+                (tag::FE_SYNC, _) => vec![protocol::ready_for_query(self.status)],
+                _ => vec![],
+            };
+            for r in reply {
+                self.replies.push_back(Expect::Synthetic(r));
+            }
+        }
+        self.emit_synthetic();
+    }
+}
+
+/// A command tag and, for SHOW, the column name and value.
+type LocalAnswer = (&'static str, Option<(String, String)>);
+
+fn row_frames(row: Option<&(String, String)>) -> Vec<Frame> {
+    match row {
+        Some((col, val)) => vec![
+            protocol::row_description_text(&[col.as_str()]),
+            protocol::data_row_text(&[Some(val.as_str())]),
+        ],
+        None => vec![],
+    }
+}
+
+/// The client's statement names, borrowed for translation.
+struct Names<'a> {
+    statements: &'a mut HashMap<String, StatementKey>,
+    unnamed: &'a mut Option<StatementKey>,
+}
+
+/// Query text and raw parameter types inside a statement key.
+fn split_key(key: &StatementKey) -> Option<(&str, &[u8])> {
+    let nul = key.iter().position(|b| *b == 0)?;
+    let sql = std::str::from_utf8(key.get(..nul)?).ok()?;
+    Some((sql, key.get(nul + 1..)?))
+}
+
+/// Makes sure the statement is prepared on this backend; returns its backend name.
+fn ensure_prepared(
+    conn: &mut BackendConn,
+    replies: &mut VecDeque<Expect>,
+    key: &StatementKey,
+) -> Option<String> {
+    if let Some(name) = conn.statements.get(key) {
+        return Some(name.to_string());
+    }
+    let (sql, types) = split_key(key)?;
+    let (name, evicted) = conn.statements.insert(key.clone());
+    if let Some(old) = evicted {
+        conn.transport.queue(&protocol::encode_close(b'S', &old));
+        replies.push_back(Expect::Close { forward: false });
+    }
+    conn.transport
+        .queue(&protocol::encode_parse(&name, sql, types));
+    replies.push_back(Expect::Parse {
+        forward: false,
+        key: Some(key.clone()),
+    });
+    Some(name)
+}
+
+/// Re-parses the client's unnamed statement if this backend's unnamed slot holds another one.
+fn ensure_unnamed(conn: &mut BackendConn, replies: &mut VecDeque<Expect>, names: &Names<'_>) {
+    let Some(key) = names.unnamed.as_ref() else {
+        return;
+    };
+    if conn.statements.unnamed.as_ref() == Some(key) {
+        return;
+    }
+    if let Some((sql, types)) = split_key(key) {
+        conn.transport
+            .queue(&protocol::encode_parse("", sql, types));
+        replies.push_back(Expect::Parse {
+            forward: false,
+            key: None,
+        });
+        conn.statements.unnamed = Some(key.clone());
+    }
+}
+
+fn translate(
+    frame: &Frame,
+    conn: &mut BackendConn,
+    replies: &mut VecDeque<Expect>,
+    names: &mut Names<'_>,
+) -> Result<(), SessionError> {
+    match frame.tag {
+        tag::FE_QUERY | tag::FE_FUNCTION_CALL => {
+            conn.transport.queue(frame);
+            conn.statements.unnamed = None;
+            replies.push_back(Expect::Query { forward: true });
+        }
+        tag::FE_PARSE => {
+            let p = protocol::parse_parse(frame.body())?;
+            let key: Bytes = frame.bytes.slice(5 + p.name.len() + 1..);
+            if p.name.is_empty() {
+                conn.transport.queue(frame);
+                conn.statements.unnamed = Some(key.clone());
+                *names.unnamed = Some(key);
+                replies.push_back(Expect::Parse {
+                    forward: true,
+                    key: None,
+                });
+            } else {
+                names.statements.insert(p.name.to_string(), key.clone());
+                if conn.statements.get(&key).is_some() {
+                    replies.push_back(Expect::Synthetic(protocol::parse_complete()));
+                } else {
+                    let (name, evicted) = conn.statements.insert(key.clone());
+                    if let Some(old) = evicted {
+                        conn.transport.queue(&protocol::encode_close(b'S', &old));
+                        replies.push_back(Expect::Close { forward: false });
+                    }
+                    conn.transport
+                        .queue(&protocol::encode_parse(&name, p.sql, p.param_types));
+                    replies.push_back(Expect::Parse {
+                        forward: true,
+                        key: Some(key),
+                    });
+                }
+            }
+        }
+        tag::FE_BIND => {
+            let b = protocol::parse_bind(frame.body())?;
+            if b.statement.is_empty() {
+                ensure_unnamed(conn, replies, names);
+                conn.transport.queue(frame);
+            } else {
+                match names
+                    .statements
+                    .get(b.statement)
+                    .and_then(|key| ensure_prepared(conn, replies, key))
+                {
+                    Some(name) => conn
+                        .transport
+                        .queue(&protocol::encode_bind_renamed(&b, &name)),
+                    // Unknown to the proxy: let the server report it.
+                    None => conn.transport.queue(frame),
+                }
+            }
+            replies.push_back(Expect::Bind);
+        }
+        tag::FE_DESCRIBE => {
+            let d = protocol::parse_describe(frame.body())?;
+            if d.kind == b'S' && d.name.is_empty() {
+                ensure_unnamed(conn, replies, names);
+                conn.transport.queue(frame);
+            } else if d.kind == b'S' {
+                match names
+                    .statements
+                    .get(d.name)
+                    .and_then(|key| ensure_prepared(conn, replies, key))
+                {
+                    Some(name) => conn
+                        .transport
+                        .queue(&protocol::encode_describe(b'S', &name)),
+                    None => conn.transport.queue(frame),
+                }
+            } else {
+                conn.transport.queue(frame);
+            }
+            replies.push_back(Expect::Describe);
+        }
+        tag::FE_EXECUTE => {
+            conn.transport.queue(frame);
+            replies.push_back(Expect::Execute);
+        }
+        tag::FE_CLOSE => {
+            let c = protocol::parse_close(frame.body())?;
+            if c.kind == b'S' && !c.name.is_empty() {
+                // The backend copy may serve other clients; only the client's name goes away.
+                names.statements.remove(c.name);
+                replies.push_back(Expect::Synthetic(protocol::close_complete()));
+            } else {
+                if c.kind == b'S' {
+                    conn.statements.unnamed = None;
+                    *names.unnamed = None;
+                }
+                conn.transport.queue(frame);
+                replies.push_back(Expect::Close { forward: true });
+            }
+        }
+        tag::FE_SYNC => {
+            conn.transport.queue(frame);
+            replies.push_back(Expect::Sync);
+        }
+        _ => conn.transport.queue(frame),
+    }
+    Ok(())
+}
+
+/// Folds the classifications of a request's statements into one.
+pub(super) fn combine(parts: &[Arc<Classification>]) -> Classification {
+    let mut out = Classification {
+        access: Access::Read,
+        tx: TxEffect::None,
+        pin: None,
+        hints: Hints::default(),
+        proxy: None,
+        statements: 0,
+        parse_error: false,
+        reason: "empty",
+    };
+    for (i, c) in parts.iter().enumerate() {
+        if i == 0 {
+            out.reason = c.reason;
+            out.hints = c.hints.clone();
+            out.proxy = c.proxy.clone();
+        } else {
+            out.proxy = None;
+        }
+        if c.access == Access::Write && out.access == Access::Read {
+            out.access = Access::Write;
+            out.reason = c.reason;
+        }
+        if out.tx == TxEffect::None {
+            out.tx = c.tx;
+        }
+        out.pin = out.pin.or(c.pin);
+        out.statements += c.statements;
+        out.parse_error |= c.parse_error;
+    }
+    if parts.len() > 1
+        && parts
+            .iter()
+            .any(|c| c.tx == TxEffect::Begin { read_only: false })
+    {
+        out.access = Access::Write;
+    }
+    out
+}

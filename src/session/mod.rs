@@ -1,0 +1,352 @@
+//! One task per client: buffers requests, routes each transaction or autocommit statement, and
+//! relays replies. It alone owns the client's state: transaction status, pins, named statements.
+
+mod dispatch;
+mod relay;
+mod request;
+
+pub use request::Request;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use crate::cancel::CancelSlot;
+use crate::classify::{Classifier, RouteMode};
+use crate::config::PoolMode;
+use crate::error::{SessionError, sqlstate};
+use crate::pool::Lease;
+use crate::pool::statements::StatementKey;
+use crate::protocol::{self, Frame, TxStatus, tag};
+use crate::server::Shared;
+use crate::transport::Transport;
+
+/// Client bytes buffered (queued requests) before the session stops reading from the client.
+const MAX_QUEUED_BYTES: usize = 1024 * 1024;
+
+/// A reply the current backend still owes, in order; see `relay`.
+#[derive(Debug)]
+enum Expect {
+    /// ParseComplete; `forward: false` for a Parse the proxy injected. On error the statement
+    /// is forgotten on this backend.
+    Parse {
+        forward: bool,
+        key: Option<StatementKey>,
+    },
+    Bind,
+    Describe,
+    Execute,
+    /// CloseComplete; `forward: false` for an eviction the proxy injected.
+    Close {
+        forward: bool,
+    },
+    /// ReadyForQuery closing an extended-protocol batch.
+    Sync,
+    /// Everything up to ReadyForQuery for a simple Query or FunctionCall.
+    Query {
+        forward: bool,
+    },
+    /// A reply the proxy produces itself at this point in the stream.
+    Synthetic(Frame),
+}
+
+/// The request being served, kept so it can be re-run elsewhere if its backend fails before
+/// anything reached the client.
+struct InFlight {
+    request: Request,
+    client_mark: usize,
+    retryable: bool,
+}
+
+/// Per-client state.
+pub struct Session {
+    shared: Arc<Shared>,
+    client: Transport<TcpStream>,
+    user: String,
+    database: String,
+    classifier: Arc<Classifier>,
+    cancel: CancelSlot,
+    lease: Option<Lease>,
+    replies: VecDeque<Expect>,
+    /// Client view of the transaction status.
+    status: TxStatus,
+    /// Session state that cannot move lives on the current backend.
+    pinned: bool,
+    route_mode: RouteMode,
+    /// The client's named statements: name -> statement key.
+    statements: HashMap<String, StatementKey>,
+    /// The statement the client last parsed into the unnamed slot.
+    unnamed: Option<StatementKey>,
+    /// Extended-protocol messages received since the last Sync or Flush.
+    batch: Vec<Frame>,
+    queue: VecDeque<Request>,
+    queued_bytes: usize,
+    copy_in: bool,
+    /// The proxy failed an extended batch that had no Sync yet: drop messages until Sync.
+    skip_until_sync: bool,
+    /// Swallow backend output up to ReadyForQuery, then re-run this request on the primary.
+    retry_on_primary: Option<Request>,
+    in_flight: Option<InFlight>,
+    /// An extended-protocol COPY swallowed its batch's Sync; the client's next Sync replaces it.
+    copy_sync_owed: bool,
+    /// A lone BEGIN already acknowledged to the client, not yet sent to any backend.
+    deferred_begin: Option<Request>,
+}
+
+impl Session {
+    /// A logged-in client, ready for its first query.
+    pub fn new(
+        shared: Arc<Shared>,
+        client: Transport<TcpStream>,
+        user: String,
+        database: String,
+        classifier: Arc<Classifier>,
+        cancel: CancelSlot,
+    ) -> Self {
+        Self {
+            shared,
+            client,
+            user,
+            database,
+            classifier,
+            cancel,
+            lease: None,
+            replies: VecDeque::new(),
+            status: TxStatus::Idle,
+            pinned: false,
+            route_mode: RouteMode::Auto,
+            statements: HashMap::new(),
+            unnamed: None,
+            batch: Vec::new(),
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            copy_in: false,
+            skip_until_sync: false,
+            retry_on_primary: None,
+            in_flight: None,
+            deferred_begin: None,
+            copy_sync_owed: false,
+        }
+    }
+
+    /// Serves the client until it leaves, the proxy stops, or the session cannot go on.
+    pub async fn run(mut self) -> Result<(), SessionError> {
+        let result = self.serve().await;
+        if let Err(e) = &result
+            && !e.is_client_gone()
+        {
+            let severity = "FATAL";
+            self.client.queue(&protocol::error_response(
+                severity,
+                e.sqlstate(),
+                &e.to_string(),
+            ));
+            self.client.shutdown().await;
+        }
+        self.release_lease(true);
+        result
+    }
+
+    async fn serve(&mut self) -> Result<(), SessionError> {
+        let shutdown = self.shared.shutdown.clone();
+        loop {
+            while self.can_dispatch() {
+                let Some(req) = self.queue.pop_front() else {
+                    break;
+                };
+                self.queued_bytes = self.queued_bytes.saturating_sub(req.size());
+                self.dispatch(req).await?;
+            }
+            self.flush_client().await?;
+            let read_client = self.queued_bytes < MAX_QUEUED_BYTES;
+            let lease = self.lease.as_mut();
+            let watch_backend = lease.is_some();
+            tokio::select! {
+                biased;
+                r = async {
+                    match lease {
+                        Some(l) => l.conn().transport.fill().await,
+                        None => std::future::pending().await,
+                    }
+                }, if watch_backend => {
+                    match r {
+                        Ok(0) => self.backend_failed(None).await?,
+                        Ok(n) => {
+                            tracing::trace!(n, "backend bytes");
+                            self.on_backend_input().await?
+                        }
+                        Err(e) => self.backend_failed(Some(e)).await?,
+                    }
+                }
+                r = self.client.fill(), if read_client => {
+                    match r {
+                        Ok(0) => return Ok(()),
+                        Ok(_) => {
+                            if !self.on_client_input().await? {
+                                return Ok(());
+                            }
+                        }
+                        Err(e) => return Err(SessionError::ClientIo(e)),
+                    }
+                }
+                _ = shutdown.cancelled(), if !watch_backend => {
+                    return Err(SessionError::Shutdown);
+                }
+            }
+        }
+    }
+
+    /// Frames everything the client sent; returns false when the client said Terminate.
+    async fn on_client_input(&mut self) -> Result<bool, SessionError> {
+        while let Some(frame) = self.client.try_frame()? {
+            tracing::trace!(tag = %(frame.tag as char), copy_in = self.copy_in, "client frame");
+            if self.copy_in
+                && matches!(
+                    frame.tag,
+                    tag::FE_COPY_DATA | tag::FE_COPY_DONE | tag::FE_COPY_FAIL
+                )
+            {
+                if frame.tag != tag::FE_COPY_DATA {
+                    self.copy_in = false;
+                }
+                if let Some(lease) = self.lease.as_mut() {
+                    lease.conn().transport.queue(&frame);
+                }
+                continue;
+            }
+            match frame.tag {
+                tag::FE_QUERY | tag::FE_FUNCTION_CALL => self.enqueue(Request::single(frame)),
+                tag::FE_PARSE
+                | tag::FE_BIND
+                | tag::FE_DESCRIBE
+                | tag::FE_EXECUTE
+                | tag::FE_CLOSE => {
+                    if !self.skip_until_sync {
+                        self.batch.push(frame);
+                    }
+                }
+                tag::FE_SYNC if self.copy_sync_owed && self.batch.is_empty() => {
+                    // The server ignored the batch's Sync during COPY and holds its reply
+                    // until this one: it must not wait behind the queue.
+                    self.copy_sync_owed = false;
+                    if let Some(lease) = self.lease.as_mut() {
+                        lease.conn().transport.queue(&frame);
+                        self.replies.push_back(Expect::Sync);
+                    }
+                }
+                tag::FE_FLUSH | tag::FE_SYNC => {
+                    let sync = frame.tag == tag::FE_SYNC;
+                    if self.skip_until_sync {
+                        if sync {
+                            self.skip_until_sync = false;
+                            self.client.queue(&protocol::ready_for_query(self.status));
+                        }
+                        continue;
+                    }
+                    let mut frames = std::mem::take(&mut self.batch);
+                    frames.push(frame);
+                    self.enqueue(Request::extended(frames));
+                }
+                tag::FE_TERMINATE => return Ok(false),
+                // COPY messages after the backend left copy mode are dropped, as PostgreSQL does.
+                tag::FE_COPY_DATA | tag::FE_COPY_DONE | tag::FE_COPY_FAIL => {}
+                other => {
+                    return Err(SessionError::ClientProtocol(
+                        protocol::ProtocolError::UnexpectedMessage(other),
+                    ));
+                }
+            }
+        }
+        if let Some(lease) = self.lease.as_mut()
+            && lease.conn().transport.pending_write() > 0
+        {
+            tracing::trace!(n = lease.conn().transport.pending_write(), "to backend");
+            let flushed = lease.conn().transport.flush().await;
+            if let Err(e) = flushed {
+                self.backend_failed(Some(e)).await?;
+            }
+        }
+        Ok(true)
+    }
+
+    fn enqueue(&mut self, req: Request) {
+        self.queued_bytes += req.size();
+        self.queue.push_back(req);
+    }
+
+    /// Whether the next queued request may go out now. Outside a transaction a request waits
+    /// for the previous one to finish, so it can be routed on its own.
+    fn can_dispatch(&self) -> bool {
+        if self.queue.is_empty() || self.copy_in || self.retry_on_primary.is_some() {
+            return false;
+        }
+        match &self.lease {
+            None => true,
+            Some(_) => self.replies.is_empty() || self.holds_backend(),
+        }
+    }
+
+    /// Whether the client must keep its backend even between statements.
+    fn holds_backend(&self) -> bool {
+        self.status != TxStatus::Idle
+            || self.pinned
+            || self.shared.cfg.pool.mode == PoolMode::Session
+    }
+
+    async fn flush_client(&mut self) -> Result<(), SessionError> {
+        if self.client.pending_write() == 0 {
+            return Ok(());
+        }
+        if let Some(f) = self.in_flight.as_mut()
+            && self.client.pending_write() > f.client_mark
+        {
+            f.retryable = false;
+        }
+        self.client.flush().await.map_err(SessionError::ClientIo)?;
+        if let Some(f) = self.in_flight.as_mut() {
+            f.client_mark = 0;
+        }
+        Ok(())
+    }
+
+    /// Gives the backend back when the client no longer needs it. `ending` means the client is
+    /// gone: the lease then rolls back or discards as needed.
+    fn release_lease(&mut self, ending: bool) {
+        let Some(mut lease) = self.lease.take() else {
+            return;
+        };
+        if !self.replies.is_empty() || self.copy_in || self.retry_on_primary.is_some() {
+            // Replies still in flight: the connection's state is unknown, never reuse it.
+            lease.conn().broken = true;
+        }
+        if ending && lease.conn().status != TxStatus::Idle {
+            tracing::debug!(node = %lease.node().name, "client left inside a transaction; rolling back");
+        }
+        self.replies.clear();
+        self.in_flight = None;
+        self.copy_sync_owed = false;
+        if let Ok(mut slot) = self.cancel.lock() {
+            *slot = None;
+        }
+    }
+
+    /// Sends the client an error for a request the proxy could not run, keeping the protocol
+    /// in step (ReadyForQuery for Query/Sync, skip-until-Sync for a batch without one).
+    fn fail_request(&mut self, req: &Request, e: &SessionError) {
+        self.client.queue(&protocol::error_response(
+            "ERROR",
+            e.sqlstate(),
+            &e.to_string(),
+        ));
+        if req.ends_with_ready() {
+            self.client.queue(&protocol::ready_for_query(self.status));
+        } else {
+            self.skip_until_sync = true;
+        }
+    }
+
+    fn error_state(code: &str) -> bool {
+        code == sqlstate::READ_ONLY_TRANSACTION
+    }
+}

@@ -1,0 +1,288 @@
+//! Backend -> client: frames are relayed as raw bytes; only the few the session must inspect
+//! are decoded (ReadyForQuery, ErrorResponse, the Copy responses).
+
+use std::sync::atomic::Ordering;
+
+use super::{Expect, Session};
+use crate::config::PoolMode;
+use crate::error::{BackendError, SessionError, sqlstate};
+use crate::protocol::{self, TxStatus, tag};
+
+impl Session {
+    /// Handles every complete frame the backend has sent.
+    pub(super) async fn on_backend_input(&mut self) -> Result<(), SessionError> {
+        loop {
+            self.emit_synthetic();
+            let Some(lease) = self.lease.as_mut() else {
+                return Ok(());
+            };
+            let frame = match lease.conn().transport.try_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    let err = std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
+                    return self.backend_failed(Some(err)).await;
+                }
+            };
+            if self.retry_on_primary.is_some() {
+                // Swallow the replica's answer up to ReadyForQuery, then re-run on the primary.
+                if frame.tag == tag::BE_READY_FOR_QUERY {
+                    self.replies.clear();
+                    if let Some(l) = self.lease.as_mut()
+                        && let Ok(s) = protocol::parse_ready_for_query(frame.body())
+                    {
+                        l.conn().status = s;
+                    }
+                    let req = self.retry_on_primary.take();
+                    self.release_lease(false);
+                    if let Some(mut req) = req {
+                        req.force_primary = true;
+                        self.queue.push_front(req);
+                    }
+                    return Ok(());
+                }
+                continue;
+            }
+            tracing::trace!(tag = %(frame.tag as char), replies = ?self.replies.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>(), "backend frame");
+            let forward = match frame.tag {
+                tag::BE_READY_FOR_QUERY => {
+                    let status = protocol::parse_ready_for_query(frame.body())
+                        .map_err(|e| self.desync(e.to_string()))?;
+                    let forward = !matches!(
+                        self.replies.pop_front(),
+                        Some(Expect::Query { forward: false })
+                    );
+                    if let Some(l) = self.lease.as_mut() {
+                        l.conn().status = status;
+                    }
+                    self.copy_in = false;
+                    if forward {
+                        self.status = status;
+                        self.client.queue(&frame);
+                    }
+                    self.emit_synthetic();
+                    self.maybe_release();
+                    continue;
+                }
+                tag::BE_ERROR_RESPONSE => {
+                    self.copy_in = false;
+                    if self.should_retry_on_primary(frame.body()) {
+                        if let Some(f) = self.in_flight.take() {
+                            self.client.truncate_write(f.client_mark);
+                            self.retry_on_primary = Some(f.request);
+                        }
+                        continue;
+                    }
+                    self.on_error_reply()
+                }
+                tag::BE_PARSE_COMPLETE => match self.replies.pop_front() {
+                    Some(Expect::Parse { forward, .. }) => forward,
+                    _ => return Err(self.desync("unexpected ParseComplete".into())),
+                },
+                tag::BE_BIND_COMPLETE => {
+                    self.pop_expected(|e| matches!(e, Expect::Bind));
+                    true
+                }
+                tag::BE_CLOSE_COMPLETE => match self.replies.pop_front() {
+                    Some(Expect::Close { forward }) => forward,
+                    _ => return Err(self.desync("unexpected CloseComplete".into())),
+                },
+                tag::BE_ROW_DESCRIPTION | tag::BE_NO_DATA => {
+                    self.pop_expected(|e| matches!(e, Expect::Describe));
+                    self.forwarding_query()
+                }
+                tag::BE_COMMAND_COMPLETE
+                | tag::BE_EMPTY_QUERY_RESPONSE
+                | tag::BE_PORTAL_SUSPENDED => {
+                    self.pop_expected(|e| matches!(e, Expect::Execute));
+                    self.forwarding_query()
+                }
+                tag::BE_COPY_IN_RESPONSE => {
+                    self.copy_in = true;
+                    // In an extended batch the Sync already sent is ignored during COPY; the
+                    // client sends another after CopyDone.
+                    if matches!(self.replies.front(), Some(Expect::Execute))
+                        && let Some(pos) =
+                            self.replies.iter().position(|e| matches!(e, Expect::Sync))
+                    {
+                        self.replies.remove(pos);
+                        self.copy_sync_owed = true;
+                    }
+                    true
+                }
+                _ => self.forwarding_query(),
+            };
+            if forward {
+                self.client.queue(&frame);
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves replies the proxy produces itself to the client once they reach the front.
+    pub(super) fn emit_synthetic(&mut self) {
+        while let Some(Expect::Synthetic(_)) = self.replies.front() {
+            if let Some(Expect::Synthetic(f)) = self.replies.pop_front() {
+                self.client.queue(&f);
+            }
+        }
+    }
+
+    /// Pops the front entry if it matches (Describe/Execute replies inside a simple Query do not
+    /// have their own entry).
+    fn pop_expected(&mut self, is: impl Fn(&Expect) -> bool) {
+        if self.replies.front().is_some_and(is) {
+            self.replies.pop_front();
+        }
+    }
+
+    /// Whether output belongs to the client (not to a query the proxy injected).
+    fn forwarding_query(&self) -> bool {
+        !matches!(self.replies.front(), Some(Expect::Query { forward: false }))
+    }
+
+    /// After an ErrorResponse the server skips to the next Sync: drop what it will not answer.
+    fn on_error_reply(&mut self) -> bool {
+        match self.replies.front() {
+            // Errors of statements the proxy injected are shown too: hiding them could hide
+            // that the client's transaction never began.
+            Some(Expect::Query { .. }) => return true,
+            Some(Expect::Sync) | None => return true,
+            _ => {}
+        }
+        while let Some(front) = self.replies.front() {
+            match front {
+                Expect::Sync | Expect::Query { .. } => break,
+                Expect::Parse { key, .. } => {
+                    if let Some(l) = self.lease.as_mut() {
+                        let conn = l.conn();
+                        match key {
+                            Some(k) => conn.statements.remove(k),
+                            None => conn.statements.unnamed = None,
+                        }
+                    }
+                }
+                _ => {}
+            }
+            self.replies.pop_front();
+        }
+        true
+    }
+
+    /// A replica refused a write it should never have received: re-run it on the primary if
+    /// nothing reached the client yet.
+    fn should_retry_on_primary(&self, body: &[u8]) -> bool {
+        let from_replica = self
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.node().role == crate::cluster::Role::Replica);
+        from_replica
+            && self.in_flight.as_ref().is_some_and(|f| f.retryable)
+            && protocol::parse_error_fields(body).is_ok_and(|f| Self::error_state(&f.code))
+    }
+
+    /// Returns the backend to its pool once the client is between transactions.
+    fn maybe_release(&mut self) {
+        if self.replies.is_empty()
+            && !self.copy_in
+            && self.status == TxStatus::Idle
+            && !self.pinned
+            && self.shared.cfg.pool.mode == PoolMode::Transaction
+        {
+            self.release_lease(false);
+        }
+    }
+
+    fn desync(&mut self, what: String) -> SessionError {
+        if let Some(l) = self.lease.as_mut() {
+            l.conn().broken = true;
+        }
+        let node = self
+            .lease
+            .as_ref()
+            .map(|l| l.node().name.clone())
+            .unwrap_or_default();
+        SessionError::Backend(BackendError::Unexpected {
+            node,
+            tag: '?',
+            during: if what.is_empty() {
+                "relay"
+            } else {
+                "relay (desync)"
+            },
+        })
+    }
+
+    /// The backend connection failed. A read that had not reached the client is re-run
+    /// elsewhere; otherwise the client is told, and a transaction in progress ends the session.
+    pub(super) async fn backend_failed(
+        &mut self,
+        err: Option<std::io::Error>,
+    ) -> Result<(), SessionError> {
+        let Some(mut lease) = self.lease.take() else {
+            return Ok(());
+        };
+        lease.conn().broken = true;
+        let node = std::sync::Arc::clone(lease.node());
+        node.errors.fetch_add(1, Ordering::Relaxed);
+        let reason = err.map_or_else(
+            || "server closed the connection".to_string(),
+            |e| e.to_string(),
+        );
+        drop(lease);
+        if node.role == crate::cluster::Role::Replica {
+            node.ban(format!("connection lost: {reason}"));
+        }
+        if let Ok(mut slot) = self.cancel.lock() {
+            *slot = None;
+        }
+        let in_flight = self.in_flight.take();
+        if let Some(f) = in_flight
+            && f.retryable
+            && self.status == TxStatus::Idle
+        {
+            self.client.truncate_write(f.client_mark);
+            self.replies.clear();
+            self.copy_in = false;
+            self.retry_on_primary = None;
+            self.shared
+                .stats
+                .retried_reads
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(node = %node.name, %reason, "read re-run after backend failure");
+            let mut req = f.request;
+            req.attempt += 1;
+            self.queue.push_front(req);
+            return Ok(());
+        }
+        let msg = format!("connection to server {} lost: {reason}", node.name);
+        let in_transaction = self.status != TxStatus::Idle || self.pinned;
+        let pending_ready = self
+            .replies
+            .iter()
+            .filter(|e| matches!(e, Expect::Sync | Expect::Query { forward: true }))
+            .count();
+        self.replies.clear();
+        self.copy_in = false;
+        self.retry_on_primary = None;
+        if in_transaction {
+            // The transaction is gone; carrying on would let a later COMMIT look successful.
+            return Err(SessionError::Backend(BackendError::Lost {
+                node: node.name.clone(),
+                source: std::io::Error::other(reason).into(),
+            }));
+        }
+        if pending_ready > 0 {
+            self.client.queue(&protocol::error_response(
+                "ERROR",
+                sqlstate::CONNECTION_FAILURE,
+                &msg,
+            ));
+            for _ in 0..pending_ready {
+                self.client
+                    .queue(&protocol::ready_for_query(TxStatus::Idle));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,72 @@
+//! A unit of client work: one simple Query (or FunctionCall), or an extended-protocol batch
+//! up to and including its Sync or Flush.
+
+use crate::protocol::{self, Frame, tag};
+
+/// One client request, kept as the client's original frames.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub frames: Vec<Frame>,
+    /// Times this request was already re-run after a backend failure.
+    pub attempt: u8,
+    /// Run on the primary whatever the classification says (a replica refused it).
+    pub force_primary: bool,
+}
+
+impl Request {
+    /// A simple Query or FunctionCall.
+    pub fn single(frame: Frame) -> Self {
+        Self::extended(vec![frame])
+    }
+
+    /// An extended-protocol batch.
+    pub fn extended(frames: Vec<Frame>) -> Self {
+        Self {
+            frames,
+            attempt: 0,
+            force_primary: false,
+        }
+    }
+
+    /// Bytes held, for the client input bound.
+    pub fn size(&self) -> usize {
+        self.frames.iter().map(|f| f.bytes.len()).sum()
+    }
+
+    /// Whether the request ends with a message the server answers with ReadyForQuery.
+    pub fn ends_with_ready(&self) -> bool {
+        self.frames
+            .last()
+            .is_some_and(|f| matches!(f.tag, tag::FE_QUERY | tag::FE_SYNC | tag::FE_FUNCTION_CALL))
+    }
+
+    /// Whether the request runs nothing: only Close, Flush and Sync messages, which the proxy
+    /// can answer without a backend outside a transaction.
+    pub fn is_housekeeping(&self) -> bool {
+        self.frames
+            .iter()
+            .all(|f| matches!(f.tag, tag::FE_CLOSE | tag::FE_SYNC | tag::FE_FLUSH))
+    }
+
+    /// Whether this is one simple Query message.
+    pub fn is_simple_query(&self) -> bool {
+        self.frames.len() == 1 && self.frames.first().is_some_and(|f| f.tag == tag::FE_QUERY)
+    }
+
+    /// Whether this is a FunctionCall (fast-path), which the proxy cannot classify.
+    pub fn is_function_call(&self) -> bool {
+        self.frames
+            .first()
+            .is_some_and(|f| f.tag == tag::FE_FUNCTION_CALL)
+    }
+
+    /// The SQL texts this request runs: Query text, and Parse texts. Statements bound by name
+    /// are resolved by the caller.
+    pub fn sql_texts(&self) -> impl Iterator<Item = &str> {
+        self.frames.iter().filter_map(|f| match f.tag {
+            tag::FE_QUERY => protocol::parse_query(f.body()).ok().map(|q| q.sql),
+            tag::FE_PARSE => protocol::parse_parse(f.body()).ok().map(|p| p.sql),
+            _ => None,
+        })
+    }
+}

@@ -1,0 +1,271 @@
+//! Wire-protocol behaviour through the proxy: COPY, pipelining, errors and recovery, named
+//! statements on any backend, authentication, pool limits.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::connect;
+use futures_util::{SinkExt, TryStreamExt};
+use tokio_postgres::SimpleQueryMessage;
+
+async fn with_table() -> common::Env {
+    let env = common::start().await;
+    let owner = connect(&format!(
+        "host=127.0.0.1 port={} user=app password={} dbname=app",
+        env.cluster.primary.port,
+        common::PASSWORD
+    ))
+    .await;
+    owner
+        .batch_execute("CREATE TABLE items (id int PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    env.caught_up().await;
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_out_and_fail() {
+    let env = with_table().await;
+    let c = env.client().await;
+    // COPY FROM STDIN (extended protocol in tokio-postgres) lands on the primary.
+    let sink = c.copy_in("COPY items FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    let mut data = String::new();
+    for i in 0..1000 {
+        data.push_str(&format!("{i}\tname{i}\n"));
+    }
+    sink.send(Bytes::from(data)).await.unwrap();
+    let n = sink.finish().await.unwrap();
+    assert_eq!(n, 1000);
+    env.caught_up().await;
+    // COPY TO STDOUT streams back every row.
+    let stream = c.copy_out("COPY items TO STDOUT").await.unwrap();
+    let chunks: Vec<Bytes> = stream.try_collect().await.unwrap();
+    let text: Vec<u8> = chunks.concat();
+    assert_eq!(text.iter().filter(|b| **b == b'\n').count(), 1000);
+    let stream = c
+        .copy_out("COPY (SELECT inet_server_port()) TO STDOUT")
+        .await
+        .unwrap();
+    let chunks: Vec<Bytes> = stream.try_collect().await.unwrap();
+    let port: u16 = String::from_utf8(chunks.concat())
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_ne!(port, env.node_port(0), "COPY (SELECT) TO STDOUT is a read");
+    // Bad COPY data: the error reaches the client, and the session carries on.
+    let sink = c.copy_in("COPY items FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(Bytes::from_static(b"not-a-number\tx\n"))
+        .await
+        .unwrap();
+    let err = sink.finish().await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22P02"));
+    // CopyFail: dropping the sink without finishing aborts the COPY.
+    {
+        let sink = c
+            .copy_in::<_, Bytes>("COPY items FROM STDIN")
+            .await
+            .unwrap();
+        drop(sink);
+    }
+    let rows = c.query("SELECT count(*) FROM items", &[]).await.unwrap();
+    assert_eq!(rows[0].get::<_, i64>(0), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelining_errors_and_recovery() {
+    let env = with_table().await;
+    let c = env.client().await;
+    // Many queries in flight at once on one connection.
+    let futs: Vec<_> = (0..50i32)
+        .map(|i| {
+            let c = &c;
+            async move {
+                let r = c.query_one("SELECT $1::int + 1", &[&i]).await.unwrap();
+                r.get::<_, i32>(0)
+            }
+        })
+        .collect();
+    let got = futures_util::future::join_all(futs).await;
+    assert_eq!(got, (1..51).collect::<Vec<i32>>());
+    // An error in the extended protocol, then the connection keeps working.
+    let err = c.query("SELECT 1/0", &[]).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22012"));
+    assert_eq!(
+        c.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0),
+        2
+    );
+    // An error inside a transaction: aborted until ROLLBACK, then fine.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("INSERT INTO items VALUES (1, 'a')", &[])
+        .await
+        .unwrap();
+    assert!(
+        c.execute("INSERT INTO items VALUES (1, 'dup')", &[])
+            .await
+            .is_err()
+    );
+    let err = c.query("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("25P02"));
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        c.query_one("SELECT count(*) FROM items", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        0
+    );
+    // Multi-statement simple query, empty query, notices.
+    let msgs = c.simple_query("SELECT 1; SELECT 2").await.unwrap();
+    let rows = msgs
+        .iter()
+        .filter(|m| matches!(m, SimpleQueryMessage::Row(_)))
+        .count();
+    assert_eq!(rows, 2);
+    c.simple_query("").await.unwrap();
+    c.batch_execute("DO $$BEGIN RAISE NOTICE 'hello'; END$$")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_statements_follow_the_client_to_any_backend() {
+    let env = with_table().await;
+    let c = env.client().await;
+    let read = c
+        .prepare("SELECT inet_server_port(), $1::int * 2")
+        .await
+        .unwrap();
+    let write = c
+        .prepare("INSERT INTO items VALUES ($1, 'p') RETURNING inet_server_port()")
+        .await
+        .unwrap();
+    let mut ports = std::collections::BTreeSet::new();
+    for i in 0..20i32 {
+        let row = c.query_one(&read, &[&i]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(1), i * 2);
+        ports.insert(row.get::<_, i32>(0) as u16);
+        let w = c.query_one(&write, &[&i]).await.unwrap();
+        assert_eq!(w.get::<_, i32>(0) as u16, env.node_port(0));
+    }
+    // Prepared once, executed on both replicas.
+    assert_eq!(ports.len(), 2, "{ports:?}");
+    // A second client with the same statement text shares backend copies safely.
+    let c2 = env.client().await;
+    let read2 = c2
+        .prepare("SELECT inet_server_port(), $1::int * 2")
+        .await
+        .unwrap();
+    assert_eq!(
+        c2.query_one(&read2, &[&5i32])
+            .await
+            .unwrap()
+            .get::<_, i32>(1),
+        10
+    );
+    drop(read);
+    assert_eq!(
+        c.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0),
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_methods_and_wrong_passwords() {
+    let env = common::start().await;
+    let bad = format!(
+        "host=127.0.0.1 port={} user=app password=wrong dbname=app",
+        env.port()
+    );
+    let err = common::connect_err(&bad).await;
+    assert_eq!(err.code().map(|c| c.code()), Some("28P01"), "{err}");
+    let unknown = format!(
+        "host=127.0.0.1 port={} user=nobody password=x dbname=app",
+        env.port()
+    );
+    let err = common::connect_err(&unknown).await;
+    assert_eq!(err.code().map(|c| c.code()), Some("28P01"), "{err}");
+    assert!(
+        env.proxy.shared.pools.all().is_empty(),
+        "a failed login must not touch a backend"
+    );
+
+    for method in ["md5", "trust"] {
+        let cfg = env.config.replace(
+            "method = \"scram-sha-256\"",
+            &format!("method = \"{method}\""),
+        );
+        let proxy = common::proxy_for(&cfg).await;
+        let port = proxy.addr.port();
+        let ok = connect(&format!(
+            "host=127.0.0.1 port={port} user=app password={} dbname=app",
+            common::PASSWORD
+        ))
+        .await;
+        assert_eq!(
+            ok.query_one("SELECT 1", &[])
+                .await
+                .unwrap()
+                .get::<_, i32>(0),
+            1
+        );
+        if method == "md5" {
+            let bad = format!("host=127.0.0.1 port={port} user=app password=wrong dbname=app");
+            let err = common::connect_err(&bad).await;
+            assert_eq!(err.code().map(|c| c.code()), Some("28P01"));
+        }
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_exhaustion_times_out_with_53300_naming_the_pool() {
+    let env = with_table().await;
+    let cfg = env.config.replace(
+        "[primary]",
+        "[pool]\nprimary_max = 1\nacquire_timeout_ms = 300\n\n[primary]",
+    );
+    let proxy = common::proxy_for(&cfg).await;
+    let info = format!(
+        "host=127.0.0.1 port={} user=app password={} dbname=app",
+        proxy.addr.port(),
+        common::PASSWORD
+    );
+    let holder = connect(&info).await;
+    holder
+        .batch_execute("BEGIN; INSERT INTO items VALUES (1, 'x')")
+        .await
+        .unwrap();
+    let waiter = connect(&info).await;
+    let started = std::time::Instant::now();
+    let err = waiter
+        .execute("INSERT INTO items VALUES (2, 'y')", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("53300"));
+    let msg = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert!(msg.contains("primary/app/app"), "{msg}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // Reads still flow from the replicas, and the waiter works once the holder commits.
+    assert_eq!(
+        waiter
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+    waiter
+        .execute("INSERT INTO items VALUES (2, 'y')", &[])
+        .await
+        .unwrap();
+}

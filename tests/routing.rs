@@ -1,0 +1,320 @@
+//! Where each statement runs: the classification list, in the simple and extended protocols,
+//! asserted by which node's routing counter moved and by `inet_server_port()`.
+
+mod common;
+
+use common::{Env, connect};
+
+const SETUP: &str = "
+CREATE TABLE t (id int PRIMARY KEY, v text);
+CREATE TABLE t3 (a int);
+INSERT INTO t SELECT g, 'row' || g FROM generate_series(1, 10) g;
+CREATE SEQUENCE s;
+CREATE MATERIALIZED VIEW mv AS SELECT count(*) FROM t;
+CREATE FUNCTION vf() RETURNS int LANGUAGE sql VOLATILE AS 'SELECT 1';
+CREATE FUNCTION sf() RETURNS int LANGUAGE sql STABLE AS 'SELECT 1';
+CREATE PROCEDURE p() LANGUAGE sql AS 'SELECT 1';
+";
+
+/// (statement, expected: true = primary, false = a replica)
+const CASES: &[(&str, bool)] = &[
+    ("SELECT 1", false),
+    ("SELECT * FROM t WHERE id = 1", false),
+    ("VALUES (1)", false),
+    ("TABLE t", false),
+    ("WITH x AS (SELECT 1) SELECT * FROM x", false),
+    ("SHOW search_path", false),
+    ("EXPLAIN SELECT * FROM t", false),
+    ("EXPLAIN DELETE FROM t", false),
+    ("SELECT sf()", false),
+    ("SELECT now(), count(*) FROM t", false),
+    ("SELECT inet_server_port()", false),
+    ("/* causeway:primary */ SELECT 1", true),
+    ("INSERT INTO t VALUES (100, 'a')", true),
+    ("UPDATE t SET v = 'b' WHERE id = 100", true),
+    ("DELETE FROM t WHERE id = 100", true),
+    (
+        "MERGE INTO t USING (SELECT 200 AS id) s ON t.id = s.id WHEN NOT MATCHED THEN INSERT VALUES (s.id, 'm')",
+        true,
+    ),
+    ("CREATE TABLE t2 (a int)", true),
+    ("ALTER TABLE t2 ADD COLUMN b int", true),
+    ("DROP TABLE t2", true),
+    ("TRUNCATE t3", true),
+    ("VACUUM t3", true),
+    ("ANALYZE t3", true),
+    ("CLUSTER t USING t_pkey", true),
+    ("REINDEX TABLE t3", true),
+    ("REFRESH MATERIALIZED VIEW mv", true),
+    ("SELECT * FROM t WHERE id = 1 FOR UPDATE", true),
+    ("SELECT * FROM t WHERE id = 1 FOR NO KEY UPDATE", true),
+    ("SELECT * FROM t WHERE id = 1 FOR SHARE", true),
+    ("SELECT * FROM t WHERE id = 1 FOR KEY SHARE", true),
+    ("SELECT * INTO t4 FROM t", true),
+    (
+        "WITH d AS (DELETE FROM t WHERE id = -1 RETURNING *) SELECT * FROM d",
+        true,
+    ),
+    ("EXPLAIN ANALYZE DELETE FROM t WHERE id = -1", true),
+    ("CALL p()", true),
+    ("DO $$BEGIN END$$", true),
+    ("NOTIFY ch", true),
+    ("SELECT nextval('s')", true),
+    ("SELECT setval('s', 5)", true),
+    ("SELECT pg_advisory_xact_lock(1)", true),
+    ("SELECT pg_notify('ch', 'x')", true),
+    ("SELECT lo_create(0)", true),
+    ("SELECT vf()", true),
+    ("SELECT 1; INSERT INTO t VALUES (300, 'x')", true),
+    ("this is not sql", true),
+];
+
+/// Statements that pin the session: each runs on a fresh connection.
+const PINNING: &[&str] = &[
+    "LISTEN ch",
+    "SET search_path = public",
+    "CREATE TEMP TABLE tmp (a int)",
+    "SELECT pg_advisory_lock(7)",
+    "PREPARE w AS SELECT 1",
+    "SELECT set_config('application_name', 'x', false)",
+];
+
+async fn setup() -> Env {
+    let env = common::start().await;
+    let owner = connect(&format!(
+        "host=127.0.0.1 port={} user=app password={} dbname=app",
+        env.cluster.primary.port,
+        common::PASSWORD
+    ))
+    .await;
+    owner.batch_execute(SETUP).await.expect("setup");
+    env.caught_up().await;
+    env
+}
+
+/// Nodes whose routing counter moved between two snapshots (at least one must have).
+fn moved(before: &[u64], after: &[u64], what: &str) -> Vec<usize> {
+    let moved: Vec<usize> = (0..before.len())
+        .filter(|i| after[*i] != before[*i])
+        .collect();
+    assert!(
+        !moved.is_empty(),
+        "{what}: no routing decision ({before:?} -> {after:?})"
+    );
+    moved
+}
+
+/// Whether every node that ran the statement was the primary (true) or a replica (false);
+/// a mix fails the test.
+fn on_primary(nodes: &[usize], what: &str) -> bool {
+    let primary = nodes.contains(&0);
+    assert!(
+        !primary || nodes.len() == 1,
+        "{what}: ran on the primary and a replica: {nodes:?}"
+    );
+    primary
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classification_list_routes_in_simple_and_extended_protocol() {
+    let env = setup().await;
+    let client = env.client().await;
+    for (sql, primary) in CASES {
+        let before = env.routed();
+        let _ = client.simple_query(sql).await;
+        let nodes = moved(&before, &env.routed(), sql);
+        assert_eq!(
+            on_primary(&nodes, sql),
+            *primary,
+            "simple protocol: {sql} went to {nodes:?}"
+        );
+    }
+    // Extended protocol (Parse/Bind/Execute/Sync): single statements only.
+    for (sql, primary) in CASES.iter().filter(|(s, _)| !s.contains(';')) {
+        let before = env.routed();
+        let _ = client.query(*sql, &[]).await;
+        let nodes = moved(&before, &env.routed(), sql);
+        assert_eq!(
+            on_primary(&nodes, sql),
+            *primary,
+            "extended protocol: {sql} went to {nodes:?}"
+        );
+    }
+    for sql in PINNING {
+        let c = env.client().await;
+        let before = env.routed();
+        c.simple_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let nodes = moved(&before, &env.routed(), sql);
+        assert_eq!(nodes, vec![0], "{sql} must run on the primary");
+        // Pinned: later reads stay on that primary backend.
+        let port: i32 = c
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(port as u16, env.node_port(0), "after {sql}");
+    }
+    // Nothing was ever refused by a replica: no write reached one.
+    let retries = env
+        .proxy
+        .shared
+        .stats
+        .routed(causeway::route::Reason::ReadOnlyRetry);
+    assert_eq!(retries, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_spread_over_replicas_and_report_their_port() {
+    let env = setup().await;
+    let client = env.client().await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let port: i32 = client
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        seen.insert(port as u16);
+    }
+    let replicas: std::collections::BTreeSet<u16> = [env.node_port(1), env.node_port(2)].into();
+    assert_eq!(seen, replicas, "reads should use both replicas");
+    let row = client
+        .query_one(
+            "INSERT INTO t VALUES (500, 'w') RETURNING inet_server_port()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0) as u16, env.node_port(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_stay_on_one_backend() {
+    let env = setup().await;
+    let c = env.client().await;
+    let port = |rows: Vec<tokio_postgres::SimpleQueryMessage>| -> u16 {
+        rows.iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+                _ => None,
+            })
+            .expect("a row")
+    };
+    let primary = env.node_port(0);
+    let replicas = [env.node_port(1), env.node_port(2)];
+
+    // A read-write transaction runs on the primary, reads included.
+    c.simple_query("BEGIN").await.unwrap();
+    assert_eq!(
+        port(c.simple_query("SELECT inet_server_port()").await.unwrap()),
+        primary
+    );
+    c.simple_query("INSERT INTO t VALUES (600, 'tx')")
+        .await
+        .unwrap();
+    assert_eq!(
+        port(c.simple_query("SELECT inet_server_port()").await.unwrap()),
+        primary
+    );
+    c.simple_query("COMMIT").await.unwrap();
+
+    for begin in [
+        "BEGIN READ ONLY",
+        "START TRANSACTION READ ONLY",
+        "BEGIN; SET TRANSACTION READ ONLY",
+    ] {
+        for stmt in begin.split("; ") {
+            c.simple_query(stmt).await.unwrap();
+        }
+        let first = port(c.simple_query("SELECT inet_server_port()").await.unwrap());
+        assert!(replicas.contains(&first), "{begin}: ran on {first}");
+        for _ in 0..3 {
+            assert_eq!(
+                port(c.simple_query("SELECT inet_server_port()").await.unwrap()),
+                first
+            );
+        }
+        let err = c
+            .simple_query("INSERT INTO t VALUES (601, 'ro')")
+            .await
+            .unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("25006"), "{begin}");
+        c.simple_query("ROLLBACK").await.unwrap();
+    }
+
+    // The transaction API of tokio-postgres (extended protocol).
+    let mut c2 = env.client().await;
+    let tx = c2.transaction().await.unwrap();
+    let p: i32 = tx
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(p as u16, primary);
+    tx.execute("INSERT INTO t VALUES (602, 'ext')", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    // An empty transaction and a rolled-back one behave as on a server.
+    c.simple_query("BEGIN").await.unwrap();
+    c.simple_query("COMMIT").await.unwrap();
+    c.simple_query("BEGIN").await.unwrap();
+    c.simple_query("INSERT INTO t VALUES (603, 'gone')")
+        .await
+        .unwrap();
+    c.simple_query("ROLLBACK").await.unwrap();
+    let admin = env.primary_admin().await;
+    let n: i64 = admin
+        .query_one("SELECT count(*) FROM t WHERE id IN (600, 602, 603)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hints_and_session_route_setting() {
+    let env = setup().await;
+    let c = env.client().await;
+    let primary = env.node_port(0) as i32;
+    let p: i32 = c
+        .query_one("/* causeway:primary */ SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(p, primary);
+    c.simple_query("SET causeway.route = 'primary'")
+        .await
+        .unwrap();
+    let p: i32 = c
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(p, primary);
+    let shown = c.simple_query("SHOW causeway.route").await.unwrap();
+    assert!(
+        matches!(&shown[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("primary"))
+    );
+    c.simple_query("SET causeway.route = 'auto'").await.unwrap();
+    let p: i32 = c
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(p, primary);
+    // A replica hint never sends a write to a replica.
+    let row = c
+        .query_one(
+            "/* causeway:replica */ INSERT INTO t VALUES (700, 'h') RETURNING inet_server_port()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), primary);
+    let err = c.simple_query("SET causeway.bogus = 1").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("42704"));
+}
