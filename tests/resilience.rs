@@ -1,0 +1,210 @@
+//! Failures around the proxy: a replica stops, a client vanishes mid-transaction, a query is
+//! cancelled, a backend dies mid-query.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use causeway::launcher::StopMode;
+use common::connect;
+
+async fn port_of(c: &tokio_postgres::Client) -> Result<u16, tokio_postgres::Error> {
+    let row = c.query_one("SELECT inet_server_port()", &[]).await?;
+    Ok(row.get::<_, i32>(0) as u16)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_replica_costs_no_client_errors() {
+    let env = common::start().await;
+    let errors = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let c = env.client().await;
+        let (errors, done, stop) = (errors.clone(), done.clone(), stop.clone());
+        readers.push(tokio::spawn(async move {
+            let end = Instant::now() + Duration::from_secs(4);
+            while Instant::now() < end {
+                tokio::select! {
+                    _ = stop.notified() => break,
+                    r = port_of(&c) => match r {
+                        Ok(_) => {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            eprintln!("read failed: {e}");
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    },
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let replica1 = env.cluster.replicas[0].clone();
+    tokio::task::block_in_place(|| env.cluster.stop_node(&replica1, StopMode::Immediate)).unwrap();
+    for r in readers {
+        r.await.unwrap();
+    }
+    assert!(done.load(Ordering::Relaxed) > 100);
+    assert_eq!(
+        errors.load(Ordering::Relaxed),
+        0,
+        "reads failed while a replica stopped"
+    );
+    // New reads all go to the surviving replica.
+    let c = env.client().await;
+    for _ in 0..10 {
+        assert_eq!(port_of(&c).await.unwrap(), env.node_port(2));
+    }
+    let node = &env.proxy.shared.cluster.nodes[1];
+    assert!(!node.is_usable());
+    assert!(node.ban_reason().is_some());
+    // Back again: the monitor lifts the ban and reads reach it.
+    tokio::task::block_in_place(|| env.cluster.start_node(&replica1)).unwrap();
+    assert!(
+        common::eventually(10, || node.is_usable()).await,
+        "replica1 never unbanned"
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        seen.insert(port_of(&c).await.unwrap());
+    }
+    assert!(seen.contains(&env.node_port(1)), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_killed_mid_transaction_leaves_a_clean_backend() {
+    let env = common::start_with(Default::default(), |cfg| {
+        *cfg = cfg.replace("[primary]", "[pool]\nprimary_max = 1\n\n[primary]");
+    })
+    .await;
+    let admin = env.primary_admin().await;
+    admin
+        .batch_execute("CREATE TABLE k (id int); GRANT ALL ON k TO app")
+        .await
+        .unwrap();
+    let (client, conn) = tokio_postgres::connect(&env.conninfo(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    client
+        .batch_execute("BEGIN; INSERT INTO k VALUES (1)")
+        .await
+        .unwrap();
+    // Vanish without a word: the socket closes mid-transaction.
+    driver.abort();
+    drop(client);
+    let idle_in_tx = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND state LIKE 'idle in transaction%'";
+    let mut clean = false;
+    for _ in 0..100 {
+        let n: i64 = admin.query_one(idle_in_tx, &[]).await.unwrap().get(0);
+        if n == 0 {
+            clean = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(clean, "a backend stayed idle in transaction");
+    // The single primary connection was returned, not leaked: another client can write.
+    let c = env.client().await;
+    c.execute("INSERT INTO k VALUES (2)", &[]).await.unwrap();
+    let rows: Vec<i32> = admin
+        .query("SELECT id FROM k ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, vec![2], "the abandoned insert must be rolled back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_request_reaches_the_running_backend() {
+    let env = common::start().await;
+    let c = env.client().await;
+    for sql in [
+        "SELECT pg_sleep(30)",
+        "/* causeway:primary */ SELECT pg_sleep(30)",
+    ] {
+        let token = c.cancel_token();
+        let canceller = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            token.cancel_query(tokio_postgres::NoTls).await
+        });
+        let started = Instant::now();
+        let err = c.simple_query(sql).await.unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{sql}: {err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        canceller.await.unwrap().unwrap();
+        assert_eq!(port_of(&c).await.map(|_| ()).ok(), Some(()));
+    }
+    // Inside a transaction the session continues after the cancel, in the failed state.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("SELECT 1", &[]).await.unwrap();
+    let token = c.cancel_token();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = token.cancel_query(tokio_postgres::NoTls).await;
+    });
+    assert!(c.simple_query("SELECT pg_sleep(30)").await.is_err());
+    c.batch_execute("ROLLBACK").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_dying_mid_query_is_an_error_not_a_hang() {
+    let env = common::start().await;
+    let c = env.client().await;
+    // Autocommit: the client gets an error and its session carries on.
+    let killer = tokio::spawn(terminate_sleeper(
+        env.cluster.superuser_conninfo(&env.cluster.primary),
+    ));
+    let started = Instant::now();
+    let err = c
+        .simple_query("/* causeway:primary */ SELECT pg_sleep(20)")
+        .await
+        .unwrap_err();
+    killer.await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let code = err.code().map(|c| c.code().to_string()).unwrap_or_default();
+    assert!(["57P01", "08006"].contains(&code.as_str()), "{err}");
+    assert!(
+        port_of(&c).await.is_ok(),
+        "session should survive an autocommit failure"
+    );
+    // Inside a transaction the session ends: a later COMMIT must not look successful.
+    let c2 = env.client().await;
+    c2.batch_execute("BEGIN").await.unwrap();
+    let killer = tokio::spawn(terminate_sleeper(
+        env.cluster.superuser_conninfo(&env.cluster.primary),
+    ));
+    assert!(c2.simple_query("SELECT pg_sleep(20)").await.is_err());
+    killer.await.unwrap();
+    assert!(
+        c2.batch_execute("COMMIT").await.is_err(),
+        "COMMIT after a lost transaction must fail"
+    );
+}
+
+async fn terminate_sleeper(conninfo: String) {
+    let admin = connect(&conninfo).await;
+    for _ in 0..200 {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE query LIKE '%pg_sleep(20)%' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never saw the sleeping backend");
+}
