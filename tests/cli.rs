@@ -86,3 +86,11 @@ fn bad_configurations_exit_2_naming_the_key() {
         }
     }
 }
+
+#[test]
+fn shipped_proxy_toml_is_valid() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml")).unwrap();
+    let (code, out, err) = run(&text, &["check"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("replica2"), "{out}");
+}

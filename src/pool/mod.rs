@@ -18,6 +18,9 @@ use crate::config::Config;
 use crate::error::PoolError;
 use crate::protocol::TxStatus;
 
+/// Largest message accepted from a server.
+const BACKEND_MAX_MESSAGE: usize = (1 << 30) + 64;
+
 /// Limits a pool applies, copied from configuration.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
@@ -302,7 +305,8 @@ impl Pools {
             idle_timeout: Duration::from_millis(p.idle_timeout_ms),
             max_lifetime: Duration::from_millis(p.max_lifetime_ms),
             reset_timeout: Duration::from_millis(p.reset_timeout_ms),
-            max_message: self.cfg.server.max_message_bytes,
+            // Servers may legitimately send rows up to PostgreSQL's 1 GiB field limit.
+            max_message: self.cfg.server.max_message_bytes.max(BACKEND_MAX_MESSAGE),
         };
         let login = Login {
             user: user.to_string(),

@@ -37,12 +37,13 @@ impl ProtocolError {
     /// SQLSTATE to report to the peer for this error.
     pub fn sqlstate(&self) -> &'static str {
         match self {
-            // program_limit_exceeded: the request is valid in form, just bigger than we accept.
-            ProtocolError::MessageTooLarge { .. } => "54000",
             // feature_not_supported, as PostgreSQL reports for unknown protocol versions.
             ProtocolError::UnsupportedProtocol { .. } => "0A000",
             // protocol_violation for everything that means the byte stream cannot be trusted.
-            ProtocolError::InvalidLength(_)
+            // An oversized length is treated the same way: PostgreSQL reports "invalid message
+            // length" as a protocol violation, and the rest of the stream cannot be framed.
+            ProtocolError::MessageTooLarge { .. }
+            | ProtocolError::InvalidLength(_)
             | ProtocolError::Malformed(_)
             | ProtocolError::TooManyParameters(_)
             | ProtocolError::UnexpectedMessage(_) => "08P01",
@@ -58,7 +59,7 @@ mod tests {
     fn sqlstates() {
         assert_eq!(
             ProtocolError::MessageTooLarge { len: 10, max: 5 }.sqlstate(),
-            "54000"
+            "08P01"
         );
         assert_eq!(
             ProtocolError::UnsupportedProtocol { major: 2, minor: 0 }.sqlstate(),

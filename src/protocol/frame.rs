@@ -238,7 +238,7 @@ mod tests {
                 max: DEFAULT_MAX_MESSAGE_BYTES
             }
         );
-        assert_eq!(err.sqlstate(), "54000");
+        assert_eq!(err.sqlstate(), "08P01");
         let mut buf = BytesMut::from(&[b'Q', 0x40, 0, 0, 0][..]);
         assert!(decode_frames(&mut buf, DEFAULT_MAX_MESSAGE_BYTES).is_err());
     }

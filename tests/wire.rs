@@ -1,0 +1,171 @@
+//! Raw wire-level behaviour: SSL negotiation, the greeting a driver sees, and hostile input
+//! (garbage, huge length headers, too many startup parameters) answered with an error while
+//! the proxy keeps serving others.
+
+mod common;
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn startup(params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = 196608u32.to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    out.extend(body);
+    out
+}
+
+/// Reads messages until ReadyForQuery or an ErrorResponse; returns (tag, body) pairs.
+async fn read_until_ready(s: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    loop {
+        let mut head = [0u8; 5];
+        if tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head))
+            .await
+            .expect("no reply within 5 s")
+            .is_err()
+        {
+            return out;
+        }
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        let tag = head[0];
+        out.push((tag, body));
+        if tag == b'Z' || tag == b'E' {
+            return out;
+        }
+    }
+}
+
+fn error_code(body: &[u8]) -> String {
+    let mut i = 0;
+    while i < body.len() && body[i] != 0 {
+        let field = body[i];
+        let end = i + 1 + body[i + 1..].iter().position(|b| *b == 0).unwrap();
+        if field == b'C' {
+            return String::from_utf8_lossy(&body[i + 1..end]).into_owned();
+        }
+        i = end + 1;
+    }
+    String::new()
+}
+
+async fn trust_env() -> (common::Env, causeway::server::Running) {
+    let env = common::start().await;
+    let cfg = env
+        .config
+        .replace("method = \"scram-sha-256\"", "method = \"trust\"");
+    let proxy = common::proxy_for(&cfg).await;
+    (env, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssl_refused_then_greeting_like_a_server() {
+    let (_env, proxy) = trust_env().await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    // SSLRequest is answered 'N'; the client goes on in plain text.
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"N");
+    s.write_all(&startup(&[
+        ("user", "app"),
+        ("database", "app"),
+        ("application_name", "wire"),
+    ]))
+    .await
+    .unwrap();
+    let msgs = read_until_ready(&mut s).await;
+    let params: Vec<(String, String)> = msgs
+        .iter()
+        .filter(|(t, _)| *t == b'S')
+        .map(|(_, b)| {
+            let mut parts = b
+                .split(|c| *c == 0)
+                .map(|p| String::from_utf8_lossy(p).into_owned());
+            (parts.next().unwrap(), parts.next().unwrap())
+        })
+        .collect();
+    for name in [
+        "server_version",
+        "server_encoding",
+        "client_encoding",
+        "DateStyle",
+        "TimeZone",
+        "integer_datetimes",
+        "standard_conforming_strings",
+    ] {
+        assert!(
+            params.iter().any(|(k, _)| k == name),
+            "missing {name}: {params:?}"
+        );
+    }
+    assert!(params.contains(&("application_name".into(), "wire".into())));
+    assert!(params.contains(&("client_encoding".into(), "UTF8".into())));
+    assert!(msgs.iter().any(|(t, b)| *t == b'K' && b.len() == 8));
+    assert_eq!(msgs.last().map(|(t, _)| *t), Some(b'Z'));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_gets_an_error_and_the_proxy_stays_up() {
+    let (env, proxy) = trust_env().await;
+    let addr = proxy.addr;
+    // Garbage instead of a startup packet.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let msgs = read_until_ready(&mut s).await;
+    assert!(matches!(msgs.last(), Some((b'E', _))), "{msgs:?}");
+    // A startup length header of 1 GiB is refused at once.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&[0x40, 0, 0, 0, 0, 3, 0, 0]).await.unwrap();
+    let msgs = read_until_ready(&mut s).await;
+    assert!(matches!(msgs.last(), Some((b'E', _))), "{msgs:?}");
+    // A startup packet with 10,000 parameters.
+    let many: Vec<(String, String)> = (0..10_000)
+        .map(|i| (format!("p{i}"), "v".to_string()))
+        .collect();
+    let refs: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(&startup(&refs)).await;
+    let msgs = read_until_ready(&mut s).await;
+    assert!(matches!(msgs.last(), Some((b'E', _))), "{msgs:?}");
+    // After login: a message claiming 1 GiB, and an unknown message type.
+    for bad in [vec![b'Q', 0x40, 0, 0, 0], vec![b'~', 0, 0, 0, 4]] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&startup(&[("user", "app"), ("database", "app")]))
+            .await
+            .unwrap();
+        read_until_ready(&mut s).await;
+        s.write_all(&bad).await.unwrap();
+        let msgs = read_until_ready(&mut s).await;
+        let (tag, body) = msgs.last().expect("an error reply");
+        assert_eq!(*tag, b'E');
+        assert_eq!(error_code(body), "08P01");
+    }
+    // A client encoding the proxy cannot classify is refused clearly.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&startup(&[("user", "app"), ("client_encoding", "LATIN1")]))
+        .await
+        .unwrap();
+    let msgs = read_until_ready(&mut s).await;
+    assert_eq!(error_code(&msgs.last().unwrap().1), "0A000");
+    // Everyone else is still served.
+    let c = env.client().await;
+    assert_eq!(
+        c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+        1
+    );
+}
