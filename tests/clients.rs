@@ -294,7 +294,9 @@ async fn pgbench(env: &Env, args: &[&str]) -> (u64, Vec<u64>) {
     let txns = pgbench_stat(&report, "number of transactions actually processed:")
         .unwrap_or_else(|| panic!("{what}: no transaction count:\n{report}"));
     assert!(txns > 0, "{what}: no transaction completed:\n{report}");
-    (txns, delta(env, &before))
+    let routed = delta(env, &before);
+    println!("{what}: statements routed to [primary, replica1, replica2]: {routed:?}");
+    (txns, routed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,7 +35,7 @@ async fn stopped_replica_costs_no_client_errors() {
                             done.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => {
-                            eprintln!("read failed: {e}");
+                            eprintln!("read failed: {e:?}");
                             errors.fetch_add(1, Ordering::Relaxed);
                         }
                     },

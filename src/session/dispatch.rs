@@ -52,7 +52,14 @@ impl Session {
             self.shared.stats.pins.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(reason = ?class.pin, "session pinned to its backend");
         }
+        // Only replicas' failures are worth a second try: the primary is where a retry would
+        // land anyway, and a query an operator terminated there should stay terminated.
+        let on_replica = self
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.node().role == crate::cluster::Role::Replica);
         let retryable = fresh
+            && on_replica
             && req.attempt == 0
             && !req.force_primary
             && class.access == Access::Read
@@ -63,6 +70,7 @@ impl Session {
             request: req.clone(),
             client_mark: self.client.pending_write(),
             retryable: true,
+            server_replied: false,
         });
         self.send(&req).await
     }

@@ -57,6 +57,8 @@ struct InFlight {
     request: Request,
     client_mark: usize,
     retryable: bool,
+    /// A reply from the server (not one the proxy made) is queued for the client.
+    server_replied: bool,
 }
 
 /// Per-client state.
@@ -88,6 +90,10 @@ pub struct Session {
     /// Swallow backend output up to ReadyForQuery, then re-run this request on the primary.
     retry_on_primary: Option<Request>,
     in_flight: Option<InFlight>,
+    /// Notices held back while the current read may still be re-run elsewhere.
+    held: Vec<Frame>,
+    /// The current backend's own FATAL error already reached the client.
+    backend_fatal_forwarded: bool,
     /// An extended-protocol COPY swallowed its batch's Sync; the client's next Sync replaces it.
     copy_sync_owed: bool,
     /// A lone BEGIN already acknowledged to the client, not yet sent to any backend.
@@ -127,6 +133,8 @@ impl Session {
             in_flight: None,
             deferred_begin: None,
             copy_sync_owed: false,
+            backend_fatal_forwarded: false,
+            held: Vec::new(),
         }
     }
 
@@ -299,8 +307,18 @@ impl Session {
             return Ok(());
         }
         if let Some(f) = self.in_flight.as_mut()
+            && f.retryable
             && self.client.pending_write() > f.client_mark
         {
+            // Only replies the proxy made itself so far, and the server still owes some: hold
+            // them back so the request stays re-runnable until the server has answered.
+            let server_owes = self
+                .replies
+                .iter()
+                .any(|e| !matches!(e, Expect::Synthetic(_)));
+            if !f.server_replied && server_owes {
+                return Ok(());
+            }
             f.retryable = false;
         }
         self.client.flush().await.map_err(SessionError::ClientIo)?;

@@ -56,8 +56,14 @@ impl Session {
                         l.conn().status = status;
                     }
                     self.copy_in = false;
+                    if let Some(f) = self.in_flight.as_mut() {
+                        f.server_replied = true;
+                    }
                     if forward {
                         self.status = status;
+                        for held in self.held.drain(..) {
+                            self.client.queue(&held);
+                        }
                         self.client.queue(&frame);
                     }
                     self.emit_synthetic();
@@ -66,6 +72,17 @@ impl Session {
                 }
                 tag::BE_ERROR_RESPONSE => {
                     self.copy_in = false;
+                    let fatal = protocol::parse_error_fields(frame.body())
+                        .is_ok_and(|f| f.severity == "FATAL" || f.severity == "PANIC");
+                    if fatal {
+                        // The server is closing this connection (shutdown, crash, terminate):
+                        // a read that has not answered yet is re-run elsewhere instead.
+                        if self.in_flight.as_ref().is_some_and(|f| f.retryable) {
+                            let err = std::io::Error::other("server sent FATAL");
+                            return self.backend_failed(Some(err)).await;
+                        }
+                        self.backend_fatal_forwarded = true;
+                    }
                     if self.should_retry_on_primary(frame.body()) {
                         if let Some(f) = self.in_flight.take() {
                             self.client.truncate_write(f.client_mark);
@@ -110,10 +127,24 @@ impl Session {
                     }
                     true
                 }
+                tag::BE_NOTICE_RESPONSE | tag::BE_PARAMETER_STATUS
+                    if self.in_flight.as_ref().is_some_and(|f| f.retryable) =>
+                {
+                    // A dying server says goodbye with a WARNING; holding such messages back
+                    // keeps a read re-runnable until its first real reply.
+                    self.held.push(frame);
+                    continue;
+                }
                 _ => self.forwarding_query(),
             };
             if forward {
+                for held in self.held.drain(..) {
+                    self.client.queue(&held);
+                }
                 self.client.queue(&frame);
+                if let Some(f) = self.in_flight.as_mut() {
+                    f.server_replied = true;
+                }
             }
         }
         Ok(())
@@ -223,6 +254,7 @@ impl Session {
             return Ok(());
         };
         lease.conn().broken = true;
+        let fatal_forwarded = std::mem::take(&mut self.backend_fatal_forwarded);
         let node = std::sync::Arc::clone(lease.node());
         node.errors.fetch_add(1, Ordering::Relaxed);
         let reason = err.map_or_else(
@@ -237,11 +269,20 @@ impl Session {
             *slot = None;
         }
         let in_flight = self.in_flight.take();
+        tracing::debug!(
+            node = %node.name,
+            in_flight = in_flight.is_some(),
+            retryable = in_flight.as_ref().is_some_and(|f| f.retryable),
+            attempt = in_flight.as_ref().map(|f| f.request.attempt),
+            status = ?self.status,
+            "backend failed"
+        );
         if let Some(f) = in_flight
             && f.retryable
             && self.status == TxStatus::Idle
         {
             self.client.truncate_write(f.client_mark);
+            self.held.clear();
             self.replies.clear();
             self.copy_in = false;
             self.retry_on_primary = None;
@@ -273,11 +314,14 @@ impl Session {
             }));
         }
         if pending_ready > 0 {
-            self.client.queue(&protocol::error_response(
-                "ERROR",
-                sqlstate::CONNECTION_FAILURE,
-                &msg,
-            ));
+            // The server's own FATAL already told the client why; do not add a second error.
+            if !fatal_forwarded {
+                self.client.queue(&protocol::error_response(
+                    "ERROR",
+                    sqlstate::CONNECTION_FAILURE,
+                    &msg,
+                ));
+            }
             for _ in 0..pending_ready {
                 self.client
                     .queue(&protocol::ready_for_query(TxStatus::Idle));
