@@ -174,6 +174,7 @@ mod tests {
             pin: None,
             hints: Hints::default(),
             proxy: None,
+            session: None,
             statements: 1,
             parse_error: false,
             reason: "test",

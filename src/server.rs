@@ -130,7 +130,12 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 /// Client encodings the proxy accepts: it relays bytes and classifies them as UTF-8.
 fn is_utf8_encoding(name: &str) -> bool {
-    let n = name.to_ascii_lowercase().replace(['-', '_'], "");
+    // asyncpg sends the value quoted ('utf-8'), which PostgreSQL accepts too.
+    let n = name
+        .trim()
+        .trim_matches('\'')
+        .to_ascii_lowercase()
+        .replace(['-', '_'], "");
     n == "utf8" || n == "unicode"
 }
 
@@ -227,6 +232,7 @@ async fn handle_client(socket: TcpStream, shared: &Arc<Shared>) -> Result<(), Se
         database,
         classifier,
         Arc::clone(&key.slot),
+        &params,
     );
     session.run().await
 }

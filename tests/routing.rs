@@ -72,7 +72,6 @@ const CASES: &[(&str, bool)] = &[
 /// Statements that pin the session: each runs on a fresh connection.
 const PINNING: &[&str] = &[
     "LISTEN ch",
-    "SET search_path = public",
     "CREATE TEMP TABLE tmp (a int)",
     "SELECT pg_advisory_lock(7)",
     "PREPARE w AS SELECT 1",

@@ -109,6 +109,31 @@ pub enum ProxyCommand {
     },
 }
 
+/// Session-state statements the proxy tracks itself so they can follow the client to any
+/// backend (only when the whole string is that one statement).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionCommand {
+    /// `SET [SESSION] name …` (not LOCAL): replayed on whichever backend serves the client.
+    Set {
+        /// Lower-cased parameter name.
+        name: String,
+    },
+    /// `RESET name` / `SET name TO DEFAULT`.
+    Reset {
+        /// Lower-cased parameter name.
+        name: String,
+    },
+    /// `RESET ALL`.
+    ResetAll,
+    /// `DEALLOCATE [PREPARE] name | ALL`; `None` for ALL.
+    Deallocate {
+        /// Statement name, `None` for ALL.
+        name: Option<String>,
+    },
+    /// `DISCARD ALL`.
+    DiscardAll,
+}
+
 /// Directives from the comments before the first token (see `hints.rs` for the syntax).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Hints {
@@ -135,6 +160,8 @@ pub struct Classification {
     pub hints: Hints,
     /// Proxy-handled command, only when the whole string is that single statement.
     pub proxy: Option<ProxyCommand>,
+    /// Session-state command the proxy tracks, only when the whole string is that statement.
+    pub session: Option<SessionCommand>,
     /// Number of statements (0 for empty or comment-only strings).
     pub statements: usize,
     /// The parser rejected the string (access is then Write).
@@ -165,6 +192,7 @@ fn classify_full(sql: &str, catalog: &FunctionCatalog, hints: Hints) -> Classifi
                 pin: None,
                 hints,
                 proxy: None,
+                session: None,
                 statements: 0,
                 parse_error: true,
                 reason: "parse_error",
@@ -191,6 +219,7 @@ fn finish(o: statement::Outcome, statements: usize, hints: Hints) -> Classificat
         pin: o.pin,
         hints,
         proxy: o.proxy,
+        session: o.session,
         statements,
         parse_error: false,
         reason: o.reason,

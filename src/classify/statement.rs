@@ -5,7 +5,7 @@ use pg_query::protobuf as pb;
 
 use super::functions::FunctionCatalog;
 use super::walker::Walker;
-use super::{Access, PinReason, ProxyCommand, RouteMode, TxEffect};
+use super::{Access, PinReason, ProxyCommand, RouteMode, SessionCommand, TxEffect};
 
 /// `CURSOR_OPT_HOLD` from PostgreSQL's parsenodes.h.
 const CURSOR_OPT_HOLD: i32 = 0x20;
@@ -17,6 +17,7 @@ pub(crate) struct Outcome {
     pub(crate) tx: TxEffect,
     pub(crate) pin: Option<PinReason>,
     pub(crate) proxy: Option<ProxyCommand>,
+    pub(crate) session: Option<SessionCommand>,
     pub(crate) reason: &'static str,
 }
 
@@ -28,6 +29,7 @@ impl Outcome {
             tx: TxEffect::None,
             pin: None,
             proxy: None,
+            session: None,
             reason,
         }
     }
@@ -46,6 +48,11 @@ impl Outcome {
             self.access = Access::Write;
             self.reason = reason;
         }
+    }
+
+    fn with_session(mut self, cmd: SessionCommand) -> Self {
+        self.session = Some(cmd);
+        self
     }
 
     fn with_pin(mut self, pin: PinReason) -> Self {
@@ -94,7 +101,10 @@ pub(crate) fn classify_stmt(stmt: &N, catalog: &FunctionCatalog) -> Outcome {
         N::PrepareStmt(_) => Outcome::write("prepare").with_pin(PinReason::SqlPrepare),
         // The prepared text is unknown here, so executing it may write.
         N::ExecuteStmt(_) => Outcome::write("execute"),
-        N::DeallocateStmt(_) => Outcome::write("deallocate"),
+        N::DeallocateStmt(d) => {
+            let name = (!d.isall && !d.name.is_empty()).then(|| d.name.clone());
+            Outcome::write("deallocate").with_session(SessionCommand::Deallocate { name })
+        }
         N::TransactionStmt(t) => transaction(t),
         N::VariableSetStmt(v) => variable_set(v),
         N::VariableShowStmt(v) => match causeway_name(&v.name) {
@@ -104,7 +114,14 @@ pub(crate) fn classify_stmt(stmt: &N, catalog: &FunctionCatalog) -> Outcome {
             },
             None => Outcome::read("show"),
         },
-        N::DiscardStmt(_) => Outcome::read("discard").with_pin(PinReason::SessionSet),
+        N::DiscardStmt(d) => {
+            let o = Outcome::read("discard").with_pin(PinReason::SessionSet);
+            if d.target == pb::DiscardMode::DiscardAll as i32 {
+                o.with_session(SessionCommand::DiscardAll)
+            } else {
+                o
+            }
+        }
         N::LoadStmt(_) => Outcome::write("load").with_pin(PinReason::Load),
         N::ListenStmt(_) => Outcome::write("listen").with_pin(PinReason::Listen),
         N::UnlistenStmt(_) => Outcome::write("unlisten"),
@@ -250,7 +267,19 @@ fn variable_set(v: &pb::VariableSetStmt) -> Outcome {
     if v.is_local {
         return Outcome::read("set_local");
     }
-    Outcome::read("set").with_pin(PinReason::SessionSet)
+    let pinned = Outcome::read("set").with_pin(PinReason::SessionSet);
+    let name = v.name.to_ascii_lowercase();
+    // Only a superuser may switch session authorization; keep such sessions on one backend.
+    if name == "session_authorization" {
+        return pinned;
+    }
+    let cmd = match kind {
+        K::VarSetValue | K::VarSetCurrent => SessionCommand::Set { name },
+        K::VarSetDefault | K::VarReset => SessionCommand::Reset { name },
+        K::VarResetAll => SessionCommand::ResetAll,
+        _ => return pinned,
+    };
+    pinned.with_session(cmd)
 }
 
 /// `causeway.<name>` => lower-cased `<name>`.
@@ -353,6 +382,7 @@ pub(crate) fn combine(outcomes: &[Outcome]) -> Outcome {
     }
     if let [single] = outcomes {
         combined.proxy = single.proxy.clone();
+        combined.session = single.session.clone();
     }
     combined
 }

@@ -728,3 +728,53 @@ fn timing() {
     }
     println!("cache hit {:?}", t.elapsed() / n);
 }
+
+#[test]
+fn session_commands_are_recognised_only_alone() {
+    use SessionCommand as S;
+    let set = |n: &str| Some(S::Set { name: n.into() });
+    let reset = |n: &str| Some(S::Reset { name: n.into() });
+    let cases: Vec<(&str, Option<S>)> = vec![
+        ("SET search_path = public", set("search_path")),
+        (
+            "set SESSION Statement_Timeout to 5000",
+            set("statement_timeout"),
+        ),
+        ("SET TIME ZONE 'UTC'", set("timezone")),
+        ("SET ROLE bob", set("role")),
+        ("SET search_path FROM CURRENT", set("search_path")),
+        ("SET application_name TO DEFAULT", reset("application_name")),
+        ("RESET search_path", reset("search_path")),
+        ("RESET ALL", Some(S::ResetAll)),
+        (
+            "DEALLOCATE foo",
+            Some(S::Deallocate {
+                name: Some("foo".into()),
+            }),
+        ),
+        (
+            "DEALLOCATE PREPARE foo",
+            Some(S::Deallocate {
+                name: Some("foo".into()),
+            }),
+        ),
+        ("DEALLOCATE ALL", Some(S::Deallocate { name: None })),
+        ("DISCARD ALL", Some(S::DiscardAll)),
+        ("DISCARD PLANS", None),
+        ("SET LOCAL search_path = x", None),
+        ("SET SESSION AUTHORIZATION bob", None),
+        ("SET TRANSACTION READ ONLY", None),
+        ("SET causeway.route = 'primary'", None),
+        ("SET search_path = x; SELECT 1", None),
+        ("SELECT set_config('search_path', 'x', false)", None),
+    ];
+    let cat = catalog();
+    for (sql, want) in cases {
+        assert_eq!(classify(sql, &cat).session, want, "{sql}");
+    }
+    // A SET the proxy cannot replay still pins.
+    assert_eq!(
+        classify("SET SESSION AUTHORIZATION bob", &cat).pin,
+        Some(P::SessionSet)
+    );
+}

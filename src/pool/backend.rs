@@ -41,6 +41,17 @@ pub struct BackendConn {
     pub broken: bool,
     /// Statements prepared on this connection by the proxy.
     pub statements: StatementCache,
+    /// Client settings last replayed on this connection.
+    pub applied: Applied,
+}
+
+/// What session settings a backend connection carries, as far as the proxy knows.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// Fingerprint of the settings last replayed there; 0 = connection defaults.
+    pub fingerprint: u64,
+    /// A role was set (RESET ALL does not undo SET ROLE).
+    pub role: bool,
 }
 
 impl BackendConn {
@@ -244,6 +255,7 @@ async fn login_on(
                     status: TxStatus::Idle,
                     broken: false,
                     statements: StatementCache::new(STATEMENT_CACHE_CAPACITY),
+                    applied: Applied::default(),
                 });
             }
             other => {

@@ -3,7 +3,7 @@
 mod backend;
 pub mod statements;
 
-pub use backend::{BackendConn, Login, STATEMENT_CACHE_CAPACITY};
+pub use backend::{Applied, BackendConn, Login, STATEMENT_CACHE_CAPACITY};
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

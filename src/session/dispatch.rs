@@ -7,18 +7,16 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 
-use super::{Expect, InFlight, Request, Session};
+use super::local::SessionAction;
+use super::{Effect, Expect, InFlight, Request, Session};
 use crate::cancel::CancelTarget;
-use crate::classify::{Access, Classification, Hints, ProxyCommand, RouteMode, TxEffect};
+use crate::classify::{Access, Classification, Hints, TxEffect};
 use crate::config::{PoolMode, ReplicaStrategy};
 use crate::error::{PoolError, SessionError};
 use crate::pool::BackendConn;
 use crate::pool::statements::StatementKey;
 use crate::protocol::{self, Frame, TxStatus, tag};
 use crate::route::{self, Decision, Policy, Reason, ReplicaView, SessionView, Target};
-
-/// SQLSTATE for an unknown `causeway.*` setting, as PostgreSQL reports unknown parameters.
-const UNDEFINED_OBJECT: &str = "42704";
 
 impl Session {
     /// Sends one request on the current backend, taking one first if the client has none.
@@ -27,16 +25,50 @@ impl Session {
             self.answer_housekeeping(&req);
             return Ok(());
         }
-        let class = self.classify(&req);
+        let mut class = self.classify(&req);
         if let Some(cmd) = &class.proxy {
-            self.answer_locally(&req, cmd);
+            let outcome = self.proxy_command(cmd);
+            self.answer_locally(&req, outcome);
             return Ok(());
+        }
+        let mut effect = None;
+        if let Some(cmd) = class.session.clone() {
+            match self.session_command(&req, &cmd) {
+                (SessionAction::Answered, outcome) => {
+                    if let Some(outcome) = outcome {
+                        self.answer_locally(&req, outcome);
+                    }
+                    return Ok(());
+                }
+                (SessionAction::Forward(e), _) => {
+                    effect = e;
+                    // The proxy carries this state itself: no need to pin the session.
+                    class.pin = None;
+                }
+            }
         }
         if self.lease.is_none() && self.defer_begin(&req, &class) {
             return Ok(());
         }
         if let Some(begin) = self.deferred_begin.take() {
-            return self.dispatch_after_begin(begin, req, class).await;
+            return self.dispatch_after_begin(begin, req, class, effect).await;
+        }
+        if self.must_leave_lingering_replica(&class, &req) {
+            // An extended batch ended with Flush holds a replica: close its implicit
+            // transaction with a Sync of our own, then route this request afresh.
+            if let Some(lease) = self.lease.as_mut() {
+                lease.conn().transport.queue(&protocol::encode_sync());
+                self.replies.push_back(Expect::Query {
+                    forward: false,
+                    effect: None,
+                });
+                if let Err(e) = lease.conn().transport.flush().await {
+                    self.requeue_front(req);
+                    return self.backend_failed(Some(e)).await;
+                }
+            }
+            self.requeue_front(req);
+            return Ok(());
         }
         let fresh = self.lease.is_none();
         if fresh && let Err(e) = self.acquire_for(&class, req.force_primary).await {
@@ -58,21 +90,42 @@ impl Session {
             .lease
             .as_ref()
             .is_some_and(|l| l.node().role == crate::cluster::Role::Replica);
-        let retryable = fresh
-            && on_replica
+        let rerunnable = fresh
             && req.attempt == 0
+            && class.tx == TxEffect::None
+            && self.status == TxStatus::Idle;
+        let retryable = rerunnable
+            && on_replica
             && !req.force_primary
             && class.access == Access::Read
-            && class.tx == TxEffect::None
             && class.pin.is_none()
             && !req.is_function_call();
-        self.in_flight = retryable.then(|| InFlight {
+        self.in_flight = rerunnable.then(|| InFlight {
             request: req.clone(),
             client_mark: self.client.pending_write(),
-            retryable: true,
+            retryable,
+            rerunnable,
             server_replied: false,
         });
-        self.send(&req).await
+        self.send(&req, effect).await
+    }
+
+    /// Whether the backend is held only by an unsynced extended batch on a replica while this
+    /// request must run on the primary.
+    fn must_leave_lingering_replica(&self, class: &Classification, req: &Request) -> bool {
+        let Some(lease) = self.lease.as_ref() else {
+            return false;
+        };
+        let needs_primary = class.access == Access::Write
+            || class.tx == (TxEffect::Begin { read_only: false })
+            || class.pin.is_some()
+            || class.hints.route == Some(crate::classify::RouteHint::Primary)
+            || self.route_mode == crate::classify::RouteMode::Primary
+            || req.force_primary;
+        self.replies.is_empty()
+            && !self.holds_backend()
+            && lease.node().role == crate::cluster::Role::Replica
+            && needs_primary
     }
 
     /// A lone `BEGIN` is answered at once and sent later with the first statement of the
@@ -100,6 +153,7 @@ impl Session {
         begin: Request,
         req: Request,
         class: Classification,
+        effect: Option<Effect>,
     ) -> Result<(), SessionError> {
         let ends = match class.tx {
             TxEffect::Commit => Some("COMMIT"),
@@ -133,10 +187,13 @@ impl Session {
                 conn.transport.queue(f);
             }
             conn.statements.unnamed = None;
-            self.replies.push_back(Expect::Query { forward: false });
+            self.replies.push_back(Expect::Query {
+                forward: false,
+                effect: None,
+            });
         }
         self.in_flight = None;
-        self.send(&req).await
+        self.send(&req, effect).await
     }
 
     /// The combined classification of every statement the request runs.
@@ -148,6 +205,7 @@ impl Session {
                 pin: None,
                 hints: Hints::default(),
                 proxy: None,
+                session: None,
                 statements: 1,
                 parse_error: false,
                 reason: "function_call",
@@ -197,6 +255,12 @@ impl Session {
                 Decision {
                     target: Target::Primary,
                     reason: Reason::ReadOnlyRetry,
+                }
+            } else if shared.cfg.pool.mode == PoolMode::Session {
+                // One backend for the whole session, as a server would be: the primary.
+                Decision {
+                    target: Target::Primary,
+                    reason: Reason::SessionPin,
                 }
             } else {
                 let views: Vec<ReplicaView> = cluster
@@ -256,6 +320,7 @@ impl Session {
                         });
                     }
                     self.lease = Some(lease);
+                    self.replay_settings();
                     return Ok(());
                 }
                 Err(PoolError::Backend(e)) if decision.target != Target::Primary => {
@@ -268,8 +333,26 @@ impl Session {
         Err(SessionError::NoReplica)
     }
 
+    /// Brings a freshly taken backend to the client's settings (resetting another client's),
+    /// pipelined ahead of the request; its output is not shown to the client.
+    fn replay_settings(&mut self) {
+        let Some(lease) = self.lease.as_mut() else {
+            return;
+        };
+        let conn = lease.conn();
+        if let Some(sql) = self.settings.replay_sql(conn.applied) {
+            conn.transport.queue(&protocol::encode_query(&sql));
+            conn.statements.unnamed = None;
+            conn.applied = self.settings.applied();
+            self.replies.push_back(Expect::Query {
+                forward: false,
+                effect: None,
+            });
+        }
+    }
+
     /// Writes the request to the backend, renaming statements and recording expected replies.
-    async fn send(&mut self, req: &Request) -> Result<(), SessionError> {
+    async fn send(&mut self, req: &Request, effect: Option<Effect>) -> Result<(), SessionError> {
         let Some(lease) = self.lease.as_mut() else {
             return Ok(());
         };
@@ -281,113 +364,20 @@ impl Session {
         for frame in &req.frames {
             translate(frame, conn, &mut self.replies, &mut names)?;
         }
+        for frame in &req.trailing {
+            conn.transport.queue(frame);
+        }
+        if let Some(e) = effect
+            && let Some(Expect::Sync { effect } | Expect::Query { effect, .. }) =
+                self.replies.back_mut()
+        {
+            *effect = Some(Box::new(e));
+        }
         if let Err(e) = conn.transport.flush().await {
             return self.backend_failed(Some(e)).await;
         }
         self.emit_synthetic();
         Ok(())
-    }
-
-    /// Closes and Syncs outside a transaction: statement names are the proxy's to forget, and
-    /// portals do not outlive a transaction.
-    fn answer_housekeeping(&mut self, req: &Request) {
-        for f in &req.frames {
-            match f.tag {
-                tag::FE_CLOSE => {
-                    if let Ok(c) = protocol::parse_close(f.body())
-                        && c.kind == b'S'
-                    {
-                        if c.name.is_empty() {
-                            self.unnamed = None;
-                        } else {
-                            self.statements.remove(c.name);
-                        }
-                    }
-                    self.client.queue(&protocol::close_complete());
-                }
-                tag::FE_SYNC => self.client.queue(&protocol::ready_for_query(self.status)),
-                _ => {}
-            }
-        }
-    }
-
-    /// Answers a `causeway.*` command without a backend (in order with anything in flight).
-    fn answer_locally(&mut self, req: &Request, cmd: &ProxyCommand) {
-        let outcome: Result<LocalAnswer, String> = match cmd {
-            ProxyCommand::SetRoute(mode) => {
-                self.route_mode = *mode;
-                Ok(("SET", None))
-            }
-            ProxyCommand::Show { name } if name == "route" => {
-                let v = match self.route_mode {
-                    RouteMode::Primary => "primary",
-                    RouteMode::Replica => "replica",
-                    RouteMode::Auto => "auto",
-                };
-                Ok(("SHOW", Some((format!("causeway.{name}"), v.to_string()))))
-            }
-            ProxyCommand::SetVar { name, .. } | ProxyCommand::Show { name } => Err(format!(
-                "unrecognized configuration parameter \"causeway.{name}\""
-            )),
-        };
-        let mut failed = false;
-        for f in &req.frames {
-            let reply: Vec<Frame> = match (f.tag, &outcome) {
-                (_, Err(_)) if failed => {
-                    if f.tag == tag::FE_SYNC {
-                        failed = false;
-                        vec![protocol::ready_for_query(self.status)]
-                    } else {
-                        vec![]
-                    }
-                }
-                (tag::FE_QUERY, Err(msg)) | (tag::FE_EXECUTE, Err(msg)) => {
-                    failed = f.tag == tag::FE_EXECUTE;
-                    let mut v = vec![protocol::error_response("ERROR", UNDEFINED_OBJECT, msg)];
-                    if f.tag == tag::FE_QUERY {
-                        v.push(protocol::ready_for_query(self.status));
-                    }
-                    v
-                }
-                (tag::FE_QUERY, Ok((cmd_tag, row))) => {
-                    let mut v = row_frames(row.as_ref());
-                    v.push(protocol::command_complete(cmd_tag));
-                    v.push(protocol::ready_for_query(self.status));
-                    v
-                }
-                (tag::FE_PARSE, _) => vec![protocol::parse_complete()],
-                (tag::FE_BIND, _) => vec![protocol::bind_complete()],
-                (tag::FE_CLOSE, _) => vec![protocol::close_complete()],
-                (tag::FE_DESCRIBE, Ok((_, Some((col, _))))) => {
-                    vec![protocol::row_description_text(&[col.as_str()])]
-                }
-                (tag::FE_DESCRIBE, _) => vec![protocol::no_data()],
-                (tag::FE_EXECUTE, Ok((cmd_tag, row))) => {
-                    let mut v: Vec<Frame> = row_frames(row.as_ref()).into_iter().skip(1).collect();
-                    v.push(protocol::command_complete(cmd_tag));
-                    v
-                }
-                (tag::FE_SYNC, _) => vec![protocol::ready_for_query(self.status)],
-                _ => vec![],
-            };
-            for r in reply {
-                self.replies.push_back(Expect::Synthetic(r));
-            }
-        }
-        self.emit_synthetic();
-    }
-}
-
-/// A command tag and, for SHOW, the column name and value.
-type LocalAnswer = (&'static str, Option<(String, String)>);
-
-fn row_frames(row: Option<&(String, String)>) -> Vec<Frame> {
-    match row {
-        Some((col, val)) => vec![
-            protocol::row_description_text(&[col.as_str()]),
-            protocol::data_row_text(&[Some(val.as_str())]),
-        ],
-        None => vec![],
     }
 }
 
@@ -457,7 +447,10 @@ fn translate(
         tag::FE_QUERY | tag::FE_FUNCTION_CALL => {
             conn.transport.queue(frame);
             conn.statements.unnamed = None;
-            replies.push_back(Expect::Query { forward: true });
+            replies.push_back(Expect::Query {
+                forward: true,
+                effect: None,
+            });
         }
         tag::FE_PARSE => {
             let p = protocol::parse_parse(frame.body())?;
@@ -551,7 +544,7 @@ fn translate(
         }
         tag::FE_SYNC => {
             conn.transport.queue(frame);
-            replies.push_back(Expect::Sync);
+            replies.push_back(Expect::Sync { effect: None });
         }
         _ => conn.transport.queue(frame),
     }
@@ -566,6 +559,7 @@ pub(super) fn combine(parts: &[Arc<Classification>]) -> Classification {
         pin: None,
         hints: Hints::default(),
         proxy: None,
+        session: None,
         statements: 0,
         parse_error: false,
         reason: "empty",
@@ -575,8 +569,10 @@ pub(super) fn combine(parts: &[Arc<Classification>]) -> Classification {
             out.reason = c.reason;
             out.hints = c.hints.clone();
             out.proxy = c.proxy.clone();
+            out.session = c.session.clone();
         } else {
             out.proxy = None;
+            out.session = None;
         }
         if c.access == Access::Write && out.access == Access::Read {
             out.access = Access::Write;

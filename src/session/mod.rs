@@ -2,8 +2,10 @@
 //! relays replies. It alone owns the client's state: transaction status, pins, named statements.
 
 mod dispatch;
+mod local;
 mod relay;
 mod request;
+mod settings;
 
 pub use request::Request;
 
@@ -13,9 +15,9 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use crate::cancel::CancelSlot;
-use crate::classify::{Classifier, RouteMode};
+use crate::classify::{Classifier, RouteMode, SessionCommand};
 use crate::config::PoolMode;
-use crate::error::{SessionError, sqlstate};
+use crate::error::SessionError;
 use crate::pool::Lease;
 use crate::pool::statements::StatementKey;
 use crate::protocol::{self, Frame, TxStatus, tag};
@@ -41,14 +43,25 @@ enum Expect {
     Close {
         forward: bool,
     },
-    /// ReadyForQuery closing an extended-protocol batch.
-    Sync,
+    /// ReadyForQuery closing an extended-protocol batch; `effect` is recorded if the batch
+    /// succeeded.
+    Sync {
+        effect: Option<Box<Effect>>,
+    },
     /// Everything up to ReadyForQuery for a simple Query or FunctionCall.
     Query {
         forward: bool,
+        effect: Option<Box<Effect>>,
     },
     /// A reply the proxy produces itself at this point in the stream.
     Synthetic(Frame),
+}
+
+/// Session state a statement changes once it succeeds (and, inside a transaction, commits).
+#[derive(Debug, Clone)]
+pub(crate) struct Effect {
+    cmd: SessionCommand,
+    sql: String,
 }
 
 /// The request being served, kept so it can be re-run elsewhere if its backend fails before
@@ -56,7 +69,11 @@ enum Expect {
 struct InFlight {
     request: Request,
     client_mark: usize,
+    /// A replica read that may move to another node if its server fails.
     retryable: bool,
+    /// Nothing of its answer reached the client and it runs outside a transaction, so it may
+    /// run again after a recoverable error.
+    rerunnable: bool,
     /// A reply from the server (not one the proxy made) is queued for the client.
     server_replied: bool,
 }
@@ -87,9 +104,17 @@ pub struct Session {
     copy_in: bool,
     /// The proxy failed an extended batch that had no Sync yet: drop messages until Sync.
     skip_until_sync: bool,
-    /// Swallow backend output up to ReadyForQuery, then re-run this request on the primary.
-    retry_on_primary: Option<Request>,
+    /// Swallow backend output up to ReadyForQuery, then run this request again.
+    rerun: Option<Request>,
     in_flight: Option<InFlight>,
+    /// Parameters the client set, replayed on each backend it is given.
+    settings: settings::Settings,
+    /// Session changes made inside the open transaction, kept if it commits.
+    tx_effects: Vec<Effect>,
+    /// A COMMIT completed since those changes were made.
+    tx_committed: bool,
+    /// An ErrorResponse arrived since the last ReadyForQuery.
+    error_since_ready: bool,
     /// Notices held back while the current read may still be re-run elsewhere.
     held: Vec<Frame>,
     /// The current backend's own FATAL error already reached the client.
@@ -109,7 +134,9 @@ impl Session {
         database: String,
         classifier: Arc<Classifier>,
         cancel: CancelSlot,
+        startup: &[(String, String)],
     ) -> Self {
+        let settings = settings::Settings::from_startup(startup);
         Self {
             shared,
             client,
@@ -129,12 +156,16 @@ impl Session {
             queued_bytes: 0,
             copy_in: false,
             skip_until_sync: false,
-            retry_on_primary: None,
+            rerun: None,
             in_flight: None,
             deferred_begin: None,
             copy_sync_owed: false,
             backend_fatal_forwarded: false,
             held: Vec::new(),
+            settings,
+            tx_effects: Vec::new(),
+            tx_committed: false,
+            error_since_ready: false,
         }
     }
 
@@ -240,7 +271,7 @@ impl Session {
                     self.copy_sync_owed = false;
                     if let Some(lease) = self.lease.as_mut() {
                         lease.conn().transport.queue(&frame);
-                        self.replies.push_back(Expect::Sync);
+                        self.replies.push_back(Expect::Sync { effect: None });
                     }
                 }
                 tag::FE_FLUSH | tag::FE_SYNC => {
@@ -257,8 +288,18 @@ impl Session {
                     self.enqueue(Request::extended(frames));
                 }
                 tag::FE_TERMINATE => return Ok(false),
-                // COPY messages after the backend left copy mode are dropped, as PostgreSQL does.
-                tag::FE_COPY_DATA | tag::FE_COPY_DONE | tag::FE_COPY_FAIL => {}
+                tag::FE_COPY_DATA | tag::FE_COPY_DONE | tag::FE_COPY_FAIL => {
+                    // Sent ahead of CopyInResponse: it follows its COPY in order. Otherwise
+                    // copy mode already ended and, as PostgreSQL does, it is dropped.
+                    if let Some(last) = self.queue.back_mut() {
+                        self.queued_bytes += frame.bytes.len();
+                        last.trailing.push(frame);
+                    } else if !self.replies.is_empty()
+                        && let Some(lease) = self.lease.as_mut()
+                    {
+                        lease.conn().transport.queue(&frame);
+                    }
+                }
                 other => {
                     return Err(SessionError::ClientProtocol(
                         protocol::ProtocolError::UnexpectedMessage(other),
@@ -283,10 +324,16 @@ impl Session {
         self.queue.push_back(req);
     }
 
+    /// Puts a request back at the head of the queue, to run again or later.
+    fn requeue_front(&mut self, req: Request) {
+        self.queued_bytes += req.size();
+        self.queue.push_front(req);
+    }
+
     /// Whether the next queued request may go out now. Outside a transaction a request waits
     /// for the previous one to finish, so it can be routed on its own.
     fn can_dispatch(&self) -> bool {
-        if self.queue.is_empty() || self.copy_in || self.retry_on_primary.is_some() {
+        if self.queue.is_empty() || self.copy_in || self.rerun.is_some() {
             return false;
         }
         match &self.lease {
@@ -307,7 +354,7 @@ impl Session {
             return Ok(());
         }
         if let Some(f) = self.in_flight.as_mut()
-            && f.retryable
+            && (f.retryable || f.rerunnable)
             && self.client.pending_write() > f.client_mark
         {
             // Only replies the proxy made itself so far, and the server still owes some: hold
@@ -320,6 +367,7 @@ impl Session {
                 return Ok(());
             }
             f.retryable = false;
+            f.rerunnable = false;
         }
         self.client.flush().await.map_err(SessionError::ClientIo)?;
         if let Some(f) = self.in_flight.as_mut() {
@@ -334,7 +382,7 @@ impl Session {
         let Some(mut lease) = self.lease.take() else {
             return;
         };
-        if !self.replies.is_empty() || self.copy_in || self.retry_on_primary.is_some() {
+        if !self.replies.is_empty() || self.copy_in || self.rerun.is_some() {
             // Replies still in flight: the connection's state is unknown, never reuse it.
             lease.conn().broken = true;
         }
@@ -362,9 +410,5 @@ impl Session {
         } else {
             self.skip_until_sync = true;
         }
-    }
-
-    fn error_state(code: &str) -> bool {
-        code == sqlstate::READ_ONLY_TRANSACTION
     }
 }

@@ -3,7 +3,8 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{Expect, Session};
+use super::{Effect, Expect, Request, Session};
+use crate::classify::SessionCommand;
 use crate::config::PoolMode;
 use crate::error::{BackendError, SessionError, sqlstate};
 use crate::protocol::{self, TxStatus, tag};
@@ -24,8 +25,8 @@ impl Session {
                     return self.backend_failed(Some(err)).await;
                 }
             };
-            if self.retry_on_primary.is_some() {
-                // Swallow the replica's answer up to ReadyForQuery, then re-run on the primary.
+            if self.rerun.is_some() {
+                // Swallow the failed attempt's output up to ReadyForQuery, then run it again.
                 if frame.tag == tag::BE_READY_FOR_QUERY {
                     self.replies.clear();
                     if let Some(l) = self.lease.as_mut()
@@ -33,11 +34,10 @@ impl Session {
                     {
                         l.conn().status = s;
                     }
-                    let req = self.retry_on_primary.take();
+                    let req = self.rerun.take();
                     self.release_lease(false);
-                    if let Some(mut req) = req {
-                        req.force_primary = true;
-                        self.queue.push_front(req);
+                    if let Some(req) = req {
+                        self.requeue_front(req);
                     }
                     return Ok(());
                 }
@@ -48,13 +48,15 @@ impl Session {
                 tag::BE_READY_FOR_QUERY => {
                     let status = protocol::parse_ready_for_query(frame.body())
                         .map_err(|e| self.desync(e.to_string()))?;
-                    let forward = !matches!(
-                        self.replies.pop_front(),
-                        Some(Expect::Query { forward: false })
-                    );
+                    let (forward, effect) = match self.replies.pop_front() {
+                        Some(Expect::Query { forward, effect }) => (forward, effect),
+                        Some(Expect::Sync { effect }) => (true, effect),
+                        _ => (true, None),
+                    };
                     if let Some(l) = self.lease.as_mut() {
                         l.conn().status = status;
                     }
+                    self.settle_effects(status, effect);
                     self.copy_in = false;
                     if let Some(f) = self.in_flight.as_mut() {
                         f.server_replied = true;
@@ -72,6 +74,7 @@ impl Session {
                 }
                 tag::BE_ERROR_RESPONSE => {
                     self.copy_in = false;
+                    self.error_since_ready = true;
                     let fatal = protocol::parse_error_fields(frame.body())
                         .is_ok_and(|f| f.severity == "FATAL" || f.severity == "PANIC");
                     if fatal {
@@ -83,11 +86,8 @@ impl Session {
                         }
                         self.backend_fatal_forwarded = true;
                     }
-                    if self.should_retry_on_primary(frame.body()) {
-                        if let Some(f) = self.in_flight.take() {
-                            self.client.truncate_write(f.client_mark);
-                            self.retry_on_primary = Some(f.request);
-                        }
+                    if let Some(req) = self.rerun_after_error(frame.body()) {
+                        self.rerun = Some(req);
                         continue;
                     }
                     self.on_error_reply()
@@ -111,6 +111,13 @@ impl Session {
                 tag::BE_COMMAND_COMPLETE
                 | tag::BE_EMPTY_QUERY_RESPONSE
                 | tag::BE_PORTAL_SUSPENDED => {
+                    if !self.tx_effects.is_empty()
+                        && frame.tag == tag::BE_COMMAND_COMPLETE
+                        && protocol::parse_command_complete(frame.body())
+                            .is_ok_and(|t| t == "COMMIT")
+                    {
+                        self.tx_committed = true;
+                    }
                     self.pop_expected(|e| matches!(e, Expect::Execute));
                     self.forwarding_query()
                 }
@@ -119,8 +126,10 @@ impl Session {
                     // In an extended batch the Sync already sent is ignored during COPY; the
                     // client sends another after CopyDone.
                     if matches!(self.replies.front(), Some(Expect::Execute))
-                        && let Some(pos) =
-                            self.replies.iter().position(|e| matches!(e, Expect::Sync))
+                        && let Some(pos) = self
+                            .replies
+                            .iter()
+                            .position(|e| matches!(e, Expect::Sync { .. }))
                     {
                         self.replies.remove(pos);
                         self.copy_sync_owed = true;
@@ -150,6 +159,51 @@ impl Session {
         Ok(())
     }
 
+    /// Records session changes once the server confirmed them: at once outside a transaction,
+    /// at COMMIT inside one; a failed statement or a rolled-back transaction changes nothing.
+    fn settle_effects(&mut self, status: TxStatus, effect: Option<Box<Effect>>) {
+        let failed = std::mem::take(&mut self.error_since_ready);
+        if status == TxStatus::Idle && !self.tx_effects.is_empty() {
+            let effects = std::mem::take(&mut self.tx_effects);
+            if std::mem::take(&mut self.tx_committed) {
+                for e in effects {
+                    self.record_effect(e);
+                }
+            }
+        }
+        let Some(e) = effect else {
+            return;
+        };
+        if failed {
+            return;
+        }
+        match status {
+            TxStatus::Idle => self.record_effect(*e),
+            TxStatus::InTransaction => self.tx_effects.push(*e),
+            TxStatus::Failed => {}
+        }
+    }
+
+    /// Applies a confirmed session change to the client's state and to what its backend holds.
+    fn record_effect(&mut self, e: Effect) {
+        self.settings.apply(&e.cmd, &e.sql);
+        let applied = self.settings.applied();
+        let discard = matches!(e.cmd, SessionCommand::DiscardAll);
+        if discard {
+            // DISCARD ALL ran on the pinned backend: nothing session-bound is left on it.
+            self.statements.clear();
+            self.unnamed = None;
+            self.pinned = false;
+        }
+        if let Some(l) = self.lease.as_mut() {
+            let conn = l.conn();
+            conn.applied = applied;
+            if discard || matches!(e.cmd, SessionCommand::Deallocate { .. }) {
+                conn.statements.clear();
+            }
+        }
+    }
+
     /// Moves replies the proxy produces itself to the client once they reach the front.
     pub(super) fn emit_synthetic(&mut self) {
         while let Some(Expect::Synthetic(_)) = self.replies.front() {
@@ -169,7 +223,10 @@ impl Session {
 
     /// Whether output belongs to the client (not to a query the proxy injected).
     fn forwarding_query(&self) -> bool {
-        !matches!(self.replies.front(), Some(Expect::Query { forward: false }))
+        !matches!(
+            self.replies.front(),
+            Some(Expect::Query { forward: false, .. })
+        )
     }
 
     /// After an ErrorResponse the server skips to the next Sync: drop what it will not answer.
@@ -178,12 +235,12 @@ impl Session {
             // Errors of statements the proxy injected are shown too: hiding them could hide
             // that the client's transaction never began.
             Some(Expect::Query { .. }) => return true,
-            Some(Expect::Sync) | None => return true,
+            Some(Expect::Sync { .. }) | None => return true,
             _ => {}
         }
         while let Some(front) = self.replies.front() {
             match front {
-                Expect::Sync | Expect::Query { .. } => break,
+                Expect::Sync { .. } | Expect::Query { .. } => break,
                 Expect::Parse { key, .. } => {
                     if let Some(l) = self.lease.as_mut() {
                         let conn = l.conn();
@@ -200,16 +257,40 @@ impl Session {
         true
     }
 
-    /// A replica refused a write it should never have received: re-run it on the primary if
-    /// nothing reached the client yet.
-    fn should_retry_on_primary(&self, body: &[u8]) -> bool {
+    /// Errors a request recovers from by running again, before the client saw anything: a
+    /// replica refusing a write (25006) goes to the primary; a shared prepared statement whose
+    /// plan went stale after DDL is prepared afresh on a new connection.
+    fn rerun_after_error(&mut self, body: &[u8]) -> Option<Request> {
+        let f = self.in_flight.as_ref()?;
+        let fields = protocol::parse_error_fields(body).ok()?;
         let from_replica = self
             .lease
             .as_ref()
             .is_some_and(|l| l.node().role == crate::cluster::Role::Replica);
-        from_replica
-            && self.in_flight.as_ref().is_some_and(|f| f.retryable)
-            && protocol::parse_error_fields(body).is_ok_and(|f| Self::error_state(&f.code))
+        let mut req =
+            if fields.code == sqlstate::READ_ONLY_TRANSACTION && from_replica && f.retryable {
+                let mut req = f.request.clone();
+                req.force_primary = true;
+                req
+            } else if fields.code == sqlstate::FEATURE_NOT_SUPPORTED
+                && fields
+                    .message
+                    .contains("cached plan must not change result type")
+                && f.rerunnable
+            {
+                let req = f.request.clone();
+                if let Some(l) = self.lease.as_mut() {
+                    l.conn().broken = true;
+                }
+                req
+            } else {
+                return None;
+            };
+        req.attempt += 1;
+        let f = self.in_flight.take()?;
+        self.client.truncate_write(f.client_mark);
+        self.held.clear();
+        Some(req)
     }
 
     /// Returns the backend to its pool once the client is between transactions.
@@ -285,7 +366,7 @@ impl Session {
             self.held.clear();
             self.replies.clear();
             self.copy_in = false;
-            self.retry_on_primary = None;
+            self.rerun = None;
             self.shared
                 .stats
                 .retried_reads
@@ -293,7 +374,7 @@ impl Session {
             tracing::info!(node = %node.name, %reason, "read re-run after backend failure");
             let mut req = f.request;
             req.attempt += 1;
-            self.queue.push_front(req);
+            self.requeue_front(req);
             return Ok(());
         }
         let msg = format!("connection to server {} lost: {reason}", node.name);
@@ -301,11 +382,11 @@ impl Session {
         let pending_ready = self
             .replies
             .iter()
-            .filter(|e| matches!(e, Expect::Sync | Expect::Query { forward: true }))
+            .filter(|e| matches!(e, Expect::Sync { .. } | Expect::Query { forward: true, .. }))
             .count();
         self.replies.clear();
         self.copy_in = false;
-        self.retry_on_primary = None;
+        self.rerun = None;
         if in_transaction {
             // The transaction is gone; carrying on would let a later COMMIT look successful.
             return Err(SessionError::Backend(BackendError::Lost {

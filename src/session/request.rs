@@ -7,6 +7,8 @@ use crate::protocol::{self, Frame, tag};
 #[derive(Debug, Clone)]
 pub struct Request {
     pub frames: Vec<Frame>,
+    /// COPY data the client pipelined after the request, before the server asked for it.
+    pub trailing: Vec<Frame>,
     /// Times this request was already re-run after a backend failure.
     pub attempt: u8,
     /// Run on the primary whatever the classification says (a replica refused it).
@@ -23,6 +25,7 @@ impl Request {
     pub fn extended(frames: Vec<Frame>) -> Self {
         Self {
             frames,
+            trailing: Vec::new(),
             attempt: 0,
             force_primary: false,
         }
@@ -30,7 +33,11 @@ impl Request {
 
     /// Bytes held, for the client input bound.
     pub fn size(&self) -> usize {
-        self.frames.iter().map(|f| f.bytes.len()).sum()
+        self.frames
+            .iter()
+            .chain(&self.trailing)
+            .map(|f| f.bytes.len())
+            .sum()
     }
 
     /// Whether the request ends with a message the server answers with ReadyForQuery.

@@ -1,0 +1,187 @@
+//! Requests the proxy answers itself: `causeway.*` commands, statement housekeeping outside a
+//! transaction, and session commands whose state the proxy keeps (DEALLOCATE, DISCARD ALL).
+//! Answers are queued as synthetic replies, so they stay in order with anything in flight.
+
+use super::{Effect, Expect, Request, Session};
+use crate::classify::{ProxyCommand, RouteMode, SessionCommand};
+use crate::protocol::{self, Frame, TxStatus, tag};
+
+/// SQLSTATE for an unknown `causeway.*` setting, as PostgreSQL reports unknown parameters.
+const UNDEFINED_OBJECT: &str = "42704";
+/// SQLSTATE for DEALLOCATE of a statement that does not exist.
+const INVALID_STATEMENT_NAME: &str = "26000";
+
+/// A command tag and, for SHOW, the column name and value.
+pub(super) type LocalAnswer = (&'static str, Option<(String, String)>);
+
+/// A local answer or an error (SQLSTATE, message).
+pub(super) type LocalOutcome = Result<LocalAnswer, (&'static str, String)>;
+
+/// How a session command is served.
+pub(super) enum SessionAction {
+    /// Answered by the proxy.
+    Answered,
+    /// Sent to the backend; the effect is recorded once it succeeds.
+    Forward(Option<Effect>),
+}
+
+impl Session {
+    /// Closes and Syncs outside a transaction: statement names are the proxy's to forget, and
+    /// portals do not outlive a transaction.
+    pub(super) fn answer_housekeeping(&mut self, req: &Request) {
+        for f in &req.frames {
+            match f.tag {
+                tag::FE_CLOSE => {
+                    if let Ok(c) = protocol::parse_close(f.body())
+                        && c.kind == b'S'
+                    {
+                        if c.name.is_empty() {
+                            self.unnamed = None;
+                        } else {
+                            self.statements.remove(c.name);
+                        }
+                    }
+                    self.client.queue(&protocol::close_complete());
+                }
+                tag::FE_SYNC => self.client.queue(&protocol::ready_for_query(self.status)),
+                _ => {}
+            }
+        }
+    }
+
+    /// The answer to a `causeway.*` command.
+    pub(super) fn proxy_command(&mut self, cmd: &ProxyCommand) -> LocalOutcome {
+        match cmd {
+            ProxyCommand::SetRoute(mode) => {
+                self.route_mode = *mode;
+                Ok(("SET", None))
+            }
+            ProxyCommand::Show { name } if name == "route" => {
+                let v = match self.route_mode {
+                    RouteMode::Primary => "primary",
+                    RouteMode::Replica => "replica",
+                    RouteMode::Auto => "auto",
+                };
+                Ok(("SHOW", Some((format!("causeway.{name}"), v.to_string()))))
+            }
+            ProxyCommand::SetVar { name, .. } | ProxyCommand::Show { name } => Err((
+                UNDEFINED_OBJECT,
+                format!("unrecognized configuration parameter \"causeway.{name}\""),
+            )),
+        }
+    }
+
+    /// Decides whether a session command is answered here or sent on.
+    pub(super) fn session_command(
+        &mut self,
+        req: &Request,
+        cmd: &SessionCommand,
+    ) -> (SessionAction, Option<LocalOutcome>) {
+        let sql = req.sql_texts().next().unwrap_or_default().to_string();
+        let forward = |cmd: &SessionCommand| {
+            (
+                SessionAction::Forward(Some(Effect {
+                    cmd: cmd.clone(),
+                    sql: sql.clone(),
+                })),
+                None,
+            )
+        };
+        let outside_tx =
+            self.lease.is_none() && self.deferred_begin.is_none() && self.status == TxStatus::Idle;
+        match cmd {
+            SessionCommand::Set { .. }
+            | SessionCommand::Reset { .. }
+            | SessionCommand::ResetAll => forward(cmd),
+            SessionCommand::DiscardAll if outside_tx && !self.pinned => {
+                self.settings.apply(cmd, &sql);
+                self.statements.clear();
+                self.unnamed = None;
+                self.route_mode = RouteMode::Auto;
+                (SessionAction::Answered, Some(Ok(("DISCARD ALL", None))))
+            }
+            SessionCommand::DiscardAll => forward(cmd),
+            SessionCommand::Deallocate { name: Some(name) } => {
+                if self.statements.remove(name).is_some() {
+                    (SessionAction::Answered, Some(Ok(("DEALLOCATE", None))))
+                } else if self.pinned {
+                    // Possibly an SQL-level PREPARE, which lives on the pinned backend.
+                    (SessionAction::Forward(None), None)
+                } else {
+                    let msg = format!("prepared statement \"{name}\" does not exist");
+                    (
+                        SessionAction::Answered,
+                        Some(Err((INVALID_STATEMENT_NAME, msg))),
+                    )
+                }
+            }
+            SessionCommand::Deallocate { name: None } => {
+                self.statements.clear();
+                if self.pinned {
+                    forward(cmd)
+                } else {
+                    (SessionAction::Answered, Some(Ok(("DEALLOCATE ALL", None))))
+                }
+            }
+        }
+    }
+
+    /// Queues the replies a server would send for this request, given the outcome.
+    pub(super) fn answer_locally(&mut self, req: &Request, outcome: LocalOutcome) {
+        let mut failed = false;
+        for f in &req.frames {
+            let reply: Vec<Frame> = match (f.tag, &outcome) {
+                (_, Err(_)) if failed => {
+                    if f.tag == tag::FE_SYNC {
+                        failed = false;
+                        vec![protocol::ready_for_query(self.status)]
+                    } else {
+                        vec![]
+                    }
+                }
+                (tag::FE_QUERY | tag::FE_EXECUTE, Err((code, msg))) => {
+                    failed = f.tag == tag::FE_EXECUTE;
+                    let mut v = vec![protocol::error_response("ERROR", code, msg)];
+                    if f.tag == tag::FE_QUERY {
+                        v.push(protocol::ready_for_query(self.status));
+                    }
+                    v
+                }
+                (tag::FE_QUERY, Ok((cmd_tag, row))) => {
+                    let mut v = row_frames(row.as_ref());
+                    v.push(protocol::command_complete(cmd_tag));
+                    v.push(protocol::ready_for_query(self.status));
+                    v
+                }
+                (tag::FE_PARSE, _) => vec![protocol::parse_complete()],
+                (tag::FE_BIND, _) => vec![protocol::bind_complete()],
+                (tag::FE_CLOSE, _) => vec![protocol::close_complete()],
+                (tag::FE_DESCRIBE, Ok((_, Some((col, _))))) => {
+                    vec![protocol::row_description_text(&[col.as_str()])]
+                }
+                (tag::FE_DESCRIBE, _) => vec![protocol::no_data()],
+                (tag::FE_EXECUTE, Ok((cmd_tag, row))) => {
+                    let mut v: Vec<Frame> = row_frames(row.as_ref()).into_iter().skip(1).collect();
+                    v.push(protocol::command_complete(cmd_tag));
+                    v
+                }
+                (tag::FE_SYNC, _) => vec![protocol::ready_for_query(self.status)],
+                _ => vec![],
+            };
+            for r in reply {
+                self.replies.push_back(Expect::Synthetic(r));
+            }
+        }
+        self.emit_synthetic();
+    }
+}
+
+fn row_frames(row: Option<&(String, String)>) -> Vec<Frame> {
+    match row {
+        Some((col, val)) => vec![
+            protocol::row_description_text(&[col.as_str()]),
+            protocol::data_row_text(&[Some(val.as_str())]),
+        ],
+        None => vec![],
+    }
+}

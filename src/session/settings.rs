@@ -1,0 +1,241 @@
+//! Session parameters a client set (by SET, or in its startup packet). Under transaction
+//! pooling they are replayed on whichever backend serves the client's next transaction, and a
+//! backend carrying another client's settings is reset first, so nothing leaks between clients.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+
+use crate::classify::SessionCommand;
+use crate::pool::Applied;
+
+/// Startup parameters that are not session settings.
+const NOT_SETTINGS: &[&str] = &[
+    "user",
+    "database",
+    "replication",
+    "options",
+    "client_encoding",
+];
+
+/// The client's settings, in the order they were first set.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Settings {
+    entries: Vec<(String, String)>,
+    fingerprint: u64,
+}
+
+impl Settings {
+    /// Settings from a startup packet: ordinary parameters and `options=-c name=value`.
+    pub fn from_startup(params: &[(String, String)]) -> Self {
+        let mut s = Settings::default();
+        for (name, value) in params {
+            let lower = name.to_ascii_lowercase();
+            if lower == "options" {
+                for (n, v) in parse_options(value) {
+                    s.set_value(&n, &v);
+                }
+            } else if !NOT_SETTINGS.contains(&lower.as_str()) && !lower.starts_with("_pq_.") {
+                s.set_value(name, value);
+            }
+        }
+        s
+    }
+
+    fn set_value(&mut self, name: &str, value: &str) {
+        if !is_identifier(name) {
+            return;
+        }
+        let sql = format!("SET {name} = '{}'", value.replace('\'', "''"));
+        self.put(name.to_ascii_lowercase(), sql);
+    }
+
+    fn put(&mut self, name: String, sql: String) {
+        match self.entries.iter_mut().find(|(n, _)| *n == name) {
+            Some(entry) => entry.1 = sql,
+            None => self.entries.push((name, sql)),
+        }
+        self.refresh();
+    }
+
+    /// Records a statement that succeeded outside a transaction (or in one that committed).
+    pub fn apply(&mut self, cmd: &SessionCommand, sql: &str) {
+        match cmd {
+            SessionCommand::Set { name } => self.put(name.clone(), sql.trim().to_string()),
+            SessionCommand::Reset { name } => {
+                self.entries.retain(|(n, _)| n != name);
+                self.refresh();
+            }
+            SessionCommand::ResetAll => {
+                // RESET ALL leaves the role alone, as PostgreSQL does.
+                self.entries.retain(|(n, _)| n == "role");
+                self.refresh();
+            }
+            SessionCommand::DiscardAll => {
+                self.entries.clear();
+                self.refresh();
+            }
+            SessionCommand::Deallocate { .. } => {}
+        }
+    }
+
+    fn refresh(&mut self) {
+        self.fingerprint = if self.entries.is_empty() {
+            0
+        } else {
+            let mut h = DefaultHasher::new();
+            self.entries.hash(&mut h);
+            h.finish().max(1)
+        };
+    }
+
+    /// What a backend carries once these settings are replayed on it.
+    pub fn applied(&self) -> Applied {
+        Applied {
+            fingerprint: self.fingerprint,
+            role: self.entries.iter().any(|(n, _)| n == "role"),
+        }
+    }
+
+    /// The statements that bring a backend from `current` to these settings; `None` when it
+    /// already has them.
+    pub fn replay_sql(&self, current: Applied) -> Option<String> {
+        if current.fingerprint == self.fingerprint {
+            return None;
+        }
+        let mut sql = String::new();
+        if current.fingerprint != 0 {
+            sql.push_str("RESET ALL;");
+            if current.role {
+                sql.push_str("RESET ROLE;");
+            }
+        }
+        for (_, stmt) in &self.entries {
+            sql.push_str(stmt);
+            sql.push(';');
+        }
+        Some(sql)
+    }
+}
+
+fn is_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+}
+
+/// Parses libpq's `options`: `-c name=value`, `-cname=value`, `--name=value`, with backslash
+/// escaping spaces.
+fn parse_options(options: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            c if c.is_whitespace() => {
+                if !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        words.push(cur);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let assignment = if w == "-c" {
+            it.next()
+        } else if let Some(rest) = w.strip_prefix("-c") {
+            Some(rest.to_string())
+        } else {
+            w.strip_prefix("--").map(str::to_string)
+        };
+        if let Some((n, v)) = assignment.as_deref().and_then(|a| a.split_once('=')) {
+            out.push((n.replace('-', "_"), v.to_string()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(p: &[(&str, &str)]) -> Vec<(String, String)> {
+        p.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn startup_parameters_become_settings() {
+        let s = Settings::from_startup(&params(&[
+            ("user", "app"),
+            ("database", "app"),
+            ("client_encoding", "UTF8"),
+            ("application_name", "it's me"),
+            (
+                "options",
+                "-c search_path=a,b -cstatement_timeout=5s --work-mem=64MB",
+            ),
+            ("_pq_.x", "y"),
+        ]));
+        let sql = s.replay_sql(Applied::default()).unwrap();
+        assert_eq!(
+            sql,
+            "SET application_name = 'it''s me';SET search_path = 'a,b';\
+             SET statement_timeout = '5s';SET work_mem = '64MB';"
+        );
+    }
+
+    #[test]
+    fn set_reset_and_replay() {
+        let mut s = Settings::default();
+        assert!(s.replay_sql(Applied::default()).is_none());
+        let set = |n: &str| SessionCommand::Set { name: n.into() };
+        s.apply(&set("search_path"), "SET search_path = x");
+        s.apply(&set("role"), "SET ROLE bob");
+        s.apply(&set("search_path"), " SET search_path = y ");
+        let a = s.applied();
+        assert!(a.role && a.fingerprint != 0);
+        assert_eq!(
+            s.replay_sql(Applied::default()).unwrap(),
+            "SET search_path = y;SET ROLE bob;"
+        );
+        assert!(
+            s.replay_sql(a).is_none(),
+            "a backend that has them needs nothing"
+        );
+        // Another client's backend is reset first, role included.
+        let other = Applied {
+            fingerprint: 42,
+            role: true,
+        };
+        assert!(
+            s.replay_sql(other)
+                .unwrap()
+                .starts_with("RESET ALL;RESET ROLE;")
+        );
+        s.apply(&SessionCommand::ResetAll, "RESET ALL");
+        assert_eq!(s.replay_sql(Applied::default()).unwrap(), "SET ROLE bob;");
+        s.apply(
+            &SessionCommand::Reset {
+                name: "role".into(),
+            },
+            "RESET ROLE",
+        );
+        assert!(s.replay_sql(Applied::default()).is_none());
+        // Back to defaults: a dirty backend only needs the reset.
+        assert_eq!(s.replay_sql(other).unwrap(), "RESET ALL;RESET ROLE;");
+        assert!(s.replay_sql(Applied::default()).is_none());
+    }
+}
