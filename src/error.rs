@@ -93,6 +93,9 @@ pub enum SessionError {
     Unsupported(String),
     #[error("the proxy is shutting down")]
     Shutdown,
+    /// A statement prepared again on another backend now returns different columns.
+    #[error("cached plan must not change result type")]
+    PlanChanged,
 }
 
 impl SessionError {
@@ -112,6 +115,7 @@ impl SessionError {
             SessionError::NoReplica => CANNOT_CONNECT_NOW,
             SessionError::Unsupported(_) => FEATURE_NOT_SUPPORTED,
             SessionError::Shutdown => ADMIN_SHUTDOWN,
+            SessionError::PlanChanged => FEATURE_NOT_SUPPORTED,
         }
     }
 

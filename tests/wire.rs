@@ -4,67 +4,13 @@
 
 mod common;
 
-use std::time::Duration;
-
+use common::raw::{error_code, read_until_ready, startup};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn startup(params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = 196608u32.to_be_bytes().to_vec();
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    out.extend(body);
-    out
-}
-
-/// Reads messages until ReadyForQuery or an ErrorResponse; returns (tag, body) pairs.
-async fn read_until_ready(s: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
-    let mut out = Vec::new();
-    loop {
-        let mut head = [0u8; 5];
-        if tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head))
-            .await
-            .expect("no reply within 5 s")
-            .is_err()
-        {
-            return out;
-        }
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        s.read_exact(&mut body).await.unwrap();
-        let tag = head[0];
-        out.push((tag, body));
-        if tag == b'Z' || tag == b'E' {
-            return out;
-        }
-    }
-}
-
-fn error_code(body: &[u8]) -> String {
-    let mut i = 0;
-    while i < body.len() && body[i] != 0 {
-        let field = body[i];
-        let end = i + 1 + body[i + 1..].iter().position(|b| *b == 0).unwrap();
-        if field == b'C' {
-            return String::from_utf8_lossy(&body[i + 1..end]).into_owned();
-        }
-        i = end + 1;
-    }
-    String::new()
-}
-
 async fn trust_env() -> (common::Env, causeway::server::Running) {
     let env = common::start().await;
-    let cfg = env
-        .config
-        .replace("method = \"scram-sha-256\"", "method = \"trust\"");
-    let proxy = common::proxy_for(&cfg).await;
+    let proxy = common::trust_proxy(&env).await;
     (env, proxy)
 }
 

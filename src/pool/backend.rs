@@ -46,12 +46,22 @@ pub struct BackendConn {
 }
 
 /// What session settings a backend connection carries, as far as the proxy knows.
+/// `Applied::UNKNOWN` marks a connection whose settings changed in ways the proxy has not
+/// confirmed yet; it matches no client, so it is reset before anyone else uses it.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Applied {
     /// Fingerprint of the settings last replayed there; 0 = connection defaults.
     pub fingerprint: u64,
     /// A role was set (RESET ALL does not undo SET ROLE).
     pub role: bool,
+}
+
+impl Applied {
+    /// Settings in flux: reset before reuse, role included.
+    pub const UNKNOWN: Applied = Applied {
+        fingerprint: u64::MAX,
+        role: true,
+    };
 }
 
 impl BackendConn {
@@ -124,6 +134,12 @@ impl BackendConn {
                 source,
             }),
         }
+    }
+
+    /// Records what session settings the connection now carries.
+    pub fn set_applied(&mut self, applied: Applied) {
+        self.applied = applied;
+        self.statements.set_scope(applied.fingerprint);
     }
 
     /// Whether the server closed the connection or sent something unprompted while idle.

@@ -10,9 +10,12 @@ use bytes::Bytes;
 pub type StatementKey = Bytes;
 
 /// A bounded, least-recently-used map from statement key to the name it has on this backend.
+/// Entries are scoped by the session settings in force when they were prepared: a statement
+/// parsed under one client's search_path must not serve a client with another.
 #[derive(Debug)]
 pub struct StatementCache {
-    map: HashMap<StatementKey, Entry>,
+    map: HashMap<(u64, StatementKey), Entry>,
+    scope: u64,
     tick: u64,
     next_id: u64,
     capacity: usize,
@@ -24,6 +27,8 @@ pub struct StatementCache {
 struct Entry {
     name: String,
     last_used: u64,
+    /// Result columns the server described for it here, once known.
+    shape: Option<Vec<u8>>,
 }
 
 impl StatementCache {
@@ -31,6 +36,7 @@ impl StatementCache {
     pub fn new(capacity: usize) -> Self {
         Self {
             map: HashMap::new(),
+            scope: 0,
             tick: 0,
             next_id: 0,
             capacity: capacity.max(1),
@@ -38,11 +44,16 @@ impl StatementCache {
         }
     }
 
+    /// Sets the settings fingerprint that later lookups and inserts are scoped by.
+    pub fn set_scope(&mut self, scope: u64) {
+        self.scope = scope;
+    }
+
     /// The backend name of a prepared statement, marking it recently used.
     pub fn get(&mut self, key: &StatementKey) -> Option<&str> {
         self.tick += 1;
         let tick = self.tick;
-        self.map.get_mut(key).map(|e| {
+        self.map.get_mut(&(self.scope, key.clone())).map(|e| {
             e.last_used = tick;
             e.name.as_str()
         })
@@ -60,18 +71,33 @@ impl StatementCache {
         self.tick += 1;
         let name = format!("causeway_{}", self.next_id);
         self.map.insert(
-            key,
+            (self.scope, key),
             Entry {
                 name: name.clone(),
                 last_used: self.tick,
+                shape: None,
             },
         );
         (name, evicted)
     }
 
+    /// The result shape recorded for a prepared statement, if any.
+    pub fn shape(&self, key: &StatementKey) -> Option<&[u8]> {
+        self.map
+            .get(&(self.scope, key.clone()))
+            .and_then(|e| e.shape.as_deref())
+    }
+
+    /// Records the result shape the server described for a prepared statement.
+    pub fn set_shape(&mut self, key: &StatementKey, shape: Vec<u8>) {
+        if let Some(e) = self.map.get_mut(&(self.scope, key.clone())) {
+            e.shape = Some(shape);
+        }
+    }
+
     /// Forgets a statement (its Parse failed, or it was closed).
     pub fn remove(&mut self, key: &StatementKey) {
-        self.map.remove(key);
+        self.map.remove(&(self.scope, key.clone()));
     }
 
     /// Number of statements prepared on this connection.
@@ -121,5 +147,11 @@ mod tests {
         assert_eq!(c.len(), 2);
         c.remove(&a);
         assert!(c.get(&a).is_none());
+        // Another settings scope does not see statements of the first.
+        let (_, _) = c.insert(a.clone());
+        c.set_scope(7);
+        assert!(c.get(&a).is_none());
+        c.set_scope(0);
+        assert!(c.get(&a).is_some());
     }
 }

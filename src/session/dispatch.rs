@@ -1,21 +1,17 @@
 //! Sending a request: classify it, route it, take a backend, and translate the client's
 //! statement names into the names this backend knows.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
-
 use super::local::SessionAction;
-use super::{Effect, Expect, InFlight, Request, Session};
+use super::{Effect, Expect, InFlight, Request, Session, translate};
 use crate::cancel::CancelTarget;
-use crate::classify::{Access, Classification, Hints, TxEffect};
+use crate::classify::{Access, Classification, Hints, SessionCommand, TxEffect};
 use crate::config::{PoolMode, ReplicaStrategy};
 use crate::error::{PoolError, SessionError};
-use crate::pool::BackendConn;
-use crate::pool::statements::StatementKey;
-use crate::protocol::{self, Frame, TxStatus, tag};
+use crate::pool::Applied;
+use crate::protocol::{self, TxStatus, tag};
 use crate::route::{self, Decision, Policy, Reason, ReplicaView, SessionView, Target};
 
 impl Session {
@@ -100,6 +96,9 @@ impl Session {
             && class.access == Access::Read
             && class.pin.is_none()
             && !req.is_function_call();
+        if !self.verify_shapes(&req).await? {
+            return Ok(());
+        }
         self.in_flight = rerunnable.then(|| InFlight {
             request: req.clone(),
             client_mark: self.client.pending_write(),
@@ -228,10 +227,10 @@ impl Session {
                 Some("") if !req.frames.iter().any(|f| f.tag == tag::FE_PARSE) => {
                     self.unnamed.as_ref()
                 }
-                Some(name) if !name.is_empty() => self.statements.get(name),
+                Some(name) if !name.is_empty() => self.statements.get(name).map(|s| &s.key),
                 _ => None,
             };
-            if let Some((sql, _)) = key.and_then(split_key) {
+            if let Some((sql, _)) = key.and_then(translate::split_key) {
                 parts.push(self.classifier.classify(sql));
             }
         }
@@ -343,7 +342,7 @@ impl Session {
         if let Some(sql) = self.settings.replay_sql(conn.applied) {
             conn.transport.queue(&protocol::encode_query(&sql));
             conn.statements.unnamed = None;
-            conn.applied = self.settings.applied();
+            conn.set_applied(self.settings.applied());
             self.replies.push_back(Expect::Query {
                 forward: false,
                 effect: None,
@@ -357,21 +356,27 @@ impl Session {
             return Ok(());
         };
         let conn = lease.conn();
-        let mut names = Names {
+        let mut names = translate::Names {
             statements: &mut self.statements,
             unnamed: &mut self.unnamed,
         };
         for frame in &req.frames {
-            translate(frame, conn, &mut self.replies, &mut names)?;
+            translate::translate(frame, conn, &mut self.replies, &mut names)?;
         }
         for frame in &req.trailing {
             conn.transport.queue(frame);
         }
-        if let Some(e) = effect
-            && let Some(Expect::Sync { effect } | Expect::Query { effect, .. }) =
+        if let Some(e) = effect {
+            if !matches!(e.cmd, SessionCommand::Deallocate { .. }) {
+                // From here until the proxy confirms the change, the backend's settings are
+                // its own: statements prepared meanwhile are not shared.
+                conn.set_applied(Applied::UNKNOWN);
+            }
+            if let Some(Expect::Sync { effect } | Expect::Query { effect, .. }) =
                 self.replies.back_mut()
-        {
-            *effect = Some(Box::new(e));
+            {
+                *effect = Some(Box::new(e));
+            }
         }
         if let Err(e) = conn.transport.flush().await {
             return self.backend_failed(Some(e)).await;
@@ -379,176 +384,6 @@ impl Session {
         self.emit_synthetic();
         Ok(())
     }
-}
-
-/// The client's statement names, borrowed for translation.
-struct Names<'a> {
-    statements: &'a mut HashMap<String, StatementKey>,
-    unnamed: &'a mut Option<StatementKey>,
-}
-
-/// Query text and raw parameter types inside a statement key.
-fn split_key(key: &StatementKey) -> Option<(&str, &[u8])> {
-    let nul = key.iter().position(|b| *b == 0)?;
-    let sql = std::str::from_utf8(key.get(..nul)?).ok()?;
-    Some((sql, key.get(nul + 1..)?))
-}
-
-/// Makes sure the statement is prepared on this backend; returns its backend name.
-fn ensure_prepared(
-    conn: &mut BackendConn,
-    replies: &mut VecDeque<Expect>,
-    key: &StatementKey,
-) -> Option<String> {
-    if let Some(name) = conn.statements.get(key) {
-        return Some(name.to_string());
-    }
-    let (sql, types) = split_key(key)?;
-    let (name, evicted) = conn.statements.insert(key.clone());
-    if let Some(old) = evicted {
-        conn.transport.queue(&protocol::encode_close(b'S', &old));
-        replies.push_back(Expect::Close { forward: false });
-    }
-    conn.transport
-        .queue(&protocol::encode_parse(&name, sql, types));
-    replies.push_back(Expect::Parse {
-        forward: false,
-        key: Some(key.clone()),
-    });
-    Some(name)
-}
-
-/// Re-parses the client's unnamed statement if this backend's unnamed slot holds another one.
-fn ensure_unnamed(conn: &mut BackendConn, replies: &mut VecDeque<Expect>, names: &Names<'_>) {
-    let Some(key) = names.unnamed.as_ref() else {
-        return;
-    };
-    if conn.statements.unnamed.as_ref() == Some(key) {
-        return;
-    }
-    if let Some((sql, types)) = split_key(key) {
-        conn.transport
-            .queue(&protocol::encode_parse("", sql, types));
-        replies.push_back(Expect::Parse {
-            forward: false,
-            key: None,
-        });
-        conn.statements.unnamed = Some(key.clone());
-    }
-}
-
-fn translate(
-    frame: &Frame,
-    conn: &mut BackendConn,
-    replies: &mut VecDeque<Expect>,
-    names: &mut Names<'_>,
-) -> Result<(), SessionError> {
-    match frame.tag {
-        tag::FE_QUERY | tag::FE_FUNCTION_CALL => {
-            conn.transport.queue(frame);
-            conn.statements.unnamed = None;
-            replies.push_back(Expect::Query {
-                forward: true,
-                effect: None,
-            });
-        }
-        tag::FE_PARSE => {
-            let p = protocol::parse_parse(frame.body())?;
-            let key: Bytes = frame.bytes.slice(5 + p.name.len() + 1..);
-            if p.name.is_empty() {
-                conn.transport.queue(frame);
-                conn.statements.unnamed = Some(key.clone());
-                *names.unnamed = Some(key);
-                replies.push_back(Expect::Parse {
-                    forward: true,
-                    key: None,
-                });
-            } else {
-                names.statements.insert(p.name.to_string(), key.clone());
-                if conn.statements.get(&key).is_some() {
-                    replies.push_back(Expect::Synthetic(protocol::parse_complete()));
-                } else {
-                    let (name, evicted) = conn.statements.insert(key.clone());
-                    if let Some(old) = evicted {
-                        conn.transport.queue(&protocol::encode_close(b'S', &old));
-                        replies.push_back(Expect::Close { forward: false });
-                    }
-                    conn.transport
-                        .queue(&protocol::encode_parse(&name, p.sql, p.param_types));
-                    replies.push_back(Expect::Parse {
-                        forward: true,
-                        key: Some(key),
-                    });
-                }
-            }
-        }
-        tag::FE_BIND => {
-            let b = protocol::parse_bind(frame.body())?;
-            if b.statement.is_empty() {
-                ensure_unnamed(conn, replies, names);
-                conn.transport.queue(frame);
-            } else {
-                match names
-                    .statements
-                    .get(b.statement)
-                    .and_then(|key| ensure_prepared(conn, replies, key))
-                {
-                    Some(name) => conn
-                        .transport
-                        .queue(&protocol::encode_bind_renamed(&b, &name)),
-                    // Unknown to the proxy: let the server report it.
-                    None => conn.transport.queue(frame),
-                }
-            }
-            replies.push_back(Expect::Bind);
-        }
-        tag::FE_DESCRIBE => {
-            let d = protocol::parse_describe(frame.body())?;
-            if d.kind == b'S' && d.name.is_empty() {
-                ensure_unnamed(conn, replies, names);
-                conn.transport.queue(frame);
-            } else if d.kind == b'S' {
-                match names
-                    .statements
-                    .get(d.name)
-                    .and_then(|key| ensure_prepared(conn, replies, key))
-                {
-                    Some(name) => conn
-                        .transport
-                        .queue(&protocol::encode_describe(b'S', &name)),
-                    None => conn.transport.queue(frame),
-                }
-            } else {
-                conn.transport.queue(frame);
-            }
-            replies.push_back(Expect::Describe);
-        }
-        tag::FE_EXECUTE => {
-            conn.transport.queue(frame);
-            replies.push_back(Expect::Execute);
-        }
-        tag::FE_CLOSE => {
-            let c = protocol::parse_close(frame.body())?;
-            if c.kind == b'S' && !c.name.is_empty() {
-                // The backend copy may serve other clients; only the client's name goes away.
-                names.statements.remove(c.name);
-                replies.push_back(Expect::Synthetic(protocol::close_complete()));
-            } else {
-                if c.kind == b'S' {
-                    conn.statements.unnamed = None;
-                    *names.unnamed = None;
-                }
-                conn.transport.queue(frame);
-                replies.push_back(Expect::Close { forward: true });
-            }
-        }
-        tag::FE_SYNC => {
-            conn.transport.queue(frame);
-            replies.push_back(Expect::Sync { effect: None });
-        }
-        _ => conn.transport.queue(frame),
-    }
-    Ok(())
 }
 
 /// Folds the classifications of a request's statements into one.

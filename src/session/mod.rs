@@ -6,6 +6,8 @@ mod local;
 mod relay;
 mod request;
 mod settings;
+mod shape;
+mod translate;
 
 pub use request::Request;
 
@@ -37,7 +39,11 @@ enum Expect {
         key: Option<StatementKey>,
     },
     Bind,
-    Describe,
+    /// A Describe; for a named statement, the client's name and the statement, to remember
+    /// the result shape the client was told and the backend's copy has.
+    Describe {
+        statement: Option<(String, StatementKey)>,
+    },
     Execute,
     /// CloseComplete; `forward: false` for an eviction the proxy injected.
     Close {
@@ -55,6 +61,14 @@ enum Expect {
     },
     /// A reply the proxy produces itself at this point in the stream.
     Synthetic(Frame),
+}
+
+/// A statement the client prepared under a name.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientStatement {
+    key: StatementKey,
+    /// Result columns (name, type, typmod) the client was told at its Describe, if it asked.
+    shape: Option<Vec<u8>>,
 }
 
 /// Session state a statement changes once it succeeds (and, inside a transaction, commits).
@@ -93,8 +107,8 @@ pub struct Session {
     /// Session state that cannot move lives on the current backend.
     pinned: bool,
     route_mode: RouteMode,
-    /// The client's named statements: name -> statement key.
-    statements: HashMap<String, StatementKey>,
+    /// The client's named statements.
+    statements: HashMap<String, ClientStatement>,
     /// The statement the client last parsed into the unnamed slot.
     unnamed: Option<StatementKey>,
     /// Extended-protocol messages received since the last Sync or Flush.
@@ -384,6 +398,11 @@ impl Session {
         };
         if !self.replies.is_empty() || self.copy_in || self.rerun.is_some() {
             // Replies still in flight: the connection's state is unknown, never reuse it.
+            lease.conn().broken = true;
+        }
+        if ending && self.pinned {
+            // Whatever pinned the session (temp tables, LISTEN, session locks, untracked
+            // settings) lives on this connection: it goes with the client.
             lease.conn().broken = true;
         }
         if ending && lease.conn().status != TxStatus::Idle {

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{Effect, Expect, Request, Session};
+use super::{Effect, Expect, Request, Session, shape};
 use crate::classify::SessionCommand;
 use crate::config::PoolMode;
 use crate::error::{BackendError, SessionError, sqlstate};
@@ -105,7 +105,19 @@ impl Session {
                     _ => return Err(self.desync("unexpected CloseComplete".into())),
                 },
                 tag::BE_ROW_DESCRIPTION | tag::BE_NO_DATA => {
-                    self.pop_expected(|e| matches!(e, Expect::Describe));
+                    if matches!(self.replies.front(), Some(Expect::Describe { .. }))
+                        && let Some(Expect::Describe {
+                            statement: Some((name, key)),
+                        }) = self.replies.pop_front()
+                    {
+                        let described = shape::of(&frame);
+                        if let Some(l) = self.lease.as_mut() {
+                            l.conn().statements.set_shape(&key, described.clone());
+                        }
+                        if let Some(s) = self.statements.get_mut(&name) {
+                            s.shape = Some(described);
+                        }
+                    }
                     self.forwarding_query()
                 }
                 tag::BE_COMMAND_COMPLETE
@@ -197,7 +209,7 @@ impl Session {
         }
         if let Some(l) = self.lease.as_mut() {
             let conn = l.conn();
-            conn.applied = applied;
+            conn.set_applied(applied);
             if discard || matches!(e.cmd, SessionCommand::Deallocate { .. }) {
                 conn.statements.clear();
             }
@@ -291,6 +303,11 @@ impl Session {
         self.client.truncate_write(f.client_mark);
         self.held.clear();
         Some(req)
+    }
+
+    /// Returns the backend if the client is between transactions and nothing is in flight.
+    pub(super) fn release_if_idle(&mut self) {
+        self.maybe_release();
     }
 
     /// Returns the backend to its pool once the client is between transactions.

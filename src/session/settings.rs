@@ -45,7 +45,12 @@ impl Settings {
         if !is_identifier(name) {
             return;
         }
-        let sql = format!("SET {name} = '{}'", value.replace('\'', "''"));
+        // set_config parses the value as the server parses startup options (list-valued
+        // settings such as search_path included), which a quoted SET would not.
+        let sql = format!(
+            "SELECT pg_catalog.set_config('{name}', '{}', false)",
+            value.replace('\'', "''")
+        );
         self.put(name.to_ascii_lowercase(), sql);
     }
 
@@ -192,8 +197,10 @@ mod tests {
         let sql = s.replay_sql(Applied::default()).unwrap();
         assert_eq!(
             sql,
-            "SET application_name = 'it''s me';SET search_path = 'a,b';\
-             SET statement_timeout = '5s';SET work_mem = '64MB';"
+            "SELECT pg_catalog.set_config('application_name', 'it''s me', false);\
+             SELECT pg_catalog.set_config('search_path', 'a,b', false);\
+             SELECT pg_catalog.set_config('statement_timeout', '5s', false);\
+             SELECT pg_catalog.set_config('work_mem', '64MB', false);"
         );
     }
 

@@ -2,6 +2,8 @@
 //! in-process on port 0 in front of them.
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -150,6 +152,15 @@ pub async fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     cond()
+}
+
+/// Starts another proxy in front of the same cluster that trusts its clients (for raw tests).
+pub async fn trust_proxy(env: &Env) -> Running {
+    proxy_for(
+        &env.config
+            .replace("method = \"scram-sha-256\"", "method = \"trust\""),
+    )
+    .await
 }
 
 /// Connects and expects a failure; returns the error.

@@ -1,0 +1,191 @@
+//! Client statement names -> the names a backend knows: the proxy prepares each client
+//! statement on whichever backend serves it, once per connection, under a name of its own.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+
+use super::{ClientStatement, Expect};
+use crate::error::SessionError;
+use crate::pool::BackendConn;
+use crate::pool::statements::StatementKey;
+use crate::protocol::{self, Frame, tag};
+
+/// The client's statement names, borrowed for translation.
+pub(super) struct Names<'a> {
+    pub(super) statements: &'a mut HashMap<String, ClientStatement>,
+    pub(super) unnamed: &'a mut Option<StatementKey>,
+}
+
+/// Query text and raw parameter types inside a statement key.
+pub(super) fn split_key(key: &StatementKey) -> Option<(&str, &[u8])> {
+    let nul = key.iter().position(|b| *b == 0)?;
+    let sql = std::str::from_utf8(key.get(..nul)?).ok()?;
+    Some((sql, key.get(nul + 1..)?))
+}
+
+/// Makes sure the statement is prepared on this backend; returns its backend name.
+pub(super) fn ensure_prepared(
+    conn: &mut BackendConn,
+    replies: &mut VecDeque<Expect>,
+    key: &StatementKey,
+) -> Option<String> {
+    if let Some(name) = conn.statements.get(key) {
+        return Some(name.to_string());
+    }
+    let (sql, types) = split_key(key)?;
+    let (name, evicted) = conn.statements.insert(key.clone());
+    if let Some(old) = evicted {
+        conn.transport.queue(&protocol::encode_close(b'S', &old));
+        replies.push_back(Expect::Close { forward: false });
+    }
+    conn.transport
+        .queue(&protocol::encode_parse(&name, sql, types));
+    replies.push_back(Expect::Parse {
+        forward: false,
+        key: Some(key.clone()),
+    });
+    Some(name)
+}
+
+/// Re-parses the client's unnamed statement if this backend's unnamed slot holds another one.
+fn ensure_unnamed(conn: &mut BackendConn, replies: &mut VecDeque<Expect>, names: &Names<'_>) {
+    let Some(key) = names.unnamed.as_ref() else {
+        return;
+    };
+    if conn.statements.unnamed.as_ref() == Some(key) {
+        return;
+    }
+    if let Some((sql, types)) = split_key(key) {
+        conn.transport
+            .queue(&protocol::encode_parse("", sql, types));
+        replies.push_back(Expect::Parse {
+            forward: false,
+            key: None,
+        });
+        conn.statements.unnamed = Some(key.clone());
+    }
+}
+
+pub(super) fn translate(
+    frame: &Frame,
+    conn: &mut BackendConn,
+    replies: &mut VecDeque<Expect>,
+    names: &mut Names<'_>,
+) -> Result<(), SessionError> {
+    match frame.tag {
+        tag::FE_QUERY | tag::FE_FUNCTION_CALL => {
+            conn.transport.queue(frame);
+            conn.statements.unnamed = None;
+            replies.push_back(Expect::Query {
+                forward: true,
+                effect: None,
+            });
+        }
+        tag::FE_PARSE => {
+            let p = protocol::parse_parse(frame.body())?;
+            let key: Bytes = frame.bytes.slice(5 + p.name.len() + 1..);
+            if p.name.is_empty() {
+                conn.transport.queue(frame);
+                conn.statements.unnamed = Some(key.clone());
+                *names.unnamed = Some(key);
+                replies.push_back(Expect::Parse {
+                    forward: true,
+                    key: None,
+                });
+            } else {
+                names.statements.insert(
+                    p.name.to_string(),
+                    ClientStatement {
+                        key: key.clone(),
+                        shape: None,
+                    },
+                );
+                if conn.statements.get(&key).is_some() {
+                    replies.push_back(Expect::Synthetic(protocol::parse_complete()));
+                } else {
+                    let (name, evicted) = conn.statements.insert(key.clone());
+                    if let Some(old) = evicted {
+                        conn.transport.queue(&protocol::encode_close(b'S', &old));
+                        replies.push_back(Expect::Close { forward: false });
+                    }
+                    conn.transport
+                        .queue(&protocol::encode_parse(&name, p.sql, p.param_types));
+                    replies.push_back(Expect::Parse {
+                        forward: true,
+                        key: Some(key),
+                    });
+                }
+            }
+        }
+        tag::FE_BIND => {
+            let b = protocol::parse_bind(frame.body())?;
+            if b.statement.is_empty() {
+                ensure_unnamed(conn, replies, names);
+                conn.transport.queue(frame);
+            } else {
+                match names
+                    .statements
+                    .get(b.statement)
+                    .and_then(|s| ensure_prepared(conn, replies, &s.key))
+                {
+                    Some(name) => conn
+                        .transport
+                        .queue(&protocol::encode_bind_renamed(&b, &name)),
+                    // Unknown to the proxy: let the server report it.
+                    None => conn.transport.queue(frame),
+                }
+            }
+            replies.push_back(Expect::Bind);
+        }
+        tag::FE_DESCRIBE => {
+            let d = protocol::parse_describe(frame.body())?;
+            if d.kind == b'S' && d.name.is_empty() {
+                ensure_unnamed(conn, replies, names);
+                conn.transport.queue(frame);
+            } else if d.kind == b'S' {
+                match names
+                    .statements
+                    .get(d.name)
+                    .and_then(|s| ensure_prepared(conn, replies, &s.key))
+                {
+                    Some(name) => conn
+                        .transport
+                        .queue(&protocol::encode_describe(b'S', &name)),
+                    None => conn.transport.queue(frame),
+                }
+            } else {
+                conn.transport.queue(frame);
+            }
+            let statement = (d.kind == b'S' && !d.name.is_empty())
+                .then(|| d.name.to_string())
+                .and_then(|n| names.statements.get(&n).map(|s| (n, s.key.clone())));
+            replies.push_back(Expect::Describe { statement });
+        }
+        tag::FE_EXECUTE => {
+            conn.transport.queue(frame);
+            replies.push_back(Expect::Execute);
+        }
+        tag::FE_CLOSE => {
+            let c = protocol::parse_close(frame.body())?;
+            if c.kind == b'S' && !c.name.is_empty() {
+                // The backend copy may serve other clients; only the client's name goes away.
+                names.statements.remove(c.name);
+                replies.push_back(Expect::Synthetic(protocol::close_complete()));
+            } else {
+                if c.kind == b'S' {
+                    conn.statements.unnamed = None;
+                    *names.unnamed = None;
+                }
+                conn.transport.queue(frame);
+                replies.push_back(Expect::Close { forward: true });
+            }
+        }
+        tag::FE_SYNC => {
+            conn.transport.queue(frame);
+            replies.push_back(Expect::Sync { effect: None });
+        }
+        _ => conn.transport.queue(frame),
+    }
+    Ok(())
+}

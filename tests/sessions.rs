@@ -1,0 +1,296 @@
+//! Session semantics under transaction pooling: settings follow their client to any backend
+//! and never leak to another client; SET LOCAL and rolled-back SETs leave nothing; DEALLOCATE
+//! and DISCARD ALL behave as on a server; session pooling keeps one backend.
+
+mod common;
+
+use common::{connect, raw};
+use tokio_postgres::SimpleQueryMessage;
+
+const SETUP: &str = "
+CREATE SCHEMA s1;
+CREATE TABLE public.marker (v text);
+CREATE TABLE s1.marker (v text);
+INSERT INTO public.marker VALUES ('public');
+INSERT INTO s1.marker VALUES ('s1');
+CREATE ROLE reader;
+GRANT reader TO app;
+GRANT USAGE ON SCHEMA s1 TO app, reader;
+GRANT ALL ON ALL TABLES IN SCHEMA public, s1 TO app, reader;
+";
+
+/// One connection per pool, so every client shares the same backends.
+async fn small_pools() -> common::Env {
+    let env = common::start_with(Default::default(), |cfg| {
+        *cfg = cfg.replace(
+            "[primary]",
+            "[pool]\nprimary_max = 1\nreplica_max = 1\n\n[primary]",
+        );
+    })
+    .await;
+    env.primary_admin()
+        .await
+        .batch_execute(SETUP)
+        .await
+        .unwrap();
+    env.caught_up().await;
+    env
+}
+
+async fn first_value(c: &tokio_postgres::Client, sql: &str) -> String {
+    let msgs = c
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    msgs.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql}: no row"))
+}
+
+/// (marker seen, port) of a read.
+async fn marker(c: &tokio_postgres::Client, sql: &str) -> (String, u16) {
+    let row = c
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    (row.get(0), row.get::<_, i32>(1) as u16)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_follow_their_client_and_never_leak() {
+    let env = small_pools().await;
+    let a = env.client().await;
+    let b = env.client().await;
+    a.batch_execute("SET search_path = s1, public")
+        .await
+        .unwrap();
+    let read = "SELECT v, inet_server_port() FROM marker";
+    let write = "/* causeway:primary */ SELECT v, inet_server_port() FROM marker";
+    let mut ports = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        // A's own reads (on replicas) and its transactions (on the primary) see s1 ...
+        let (v, port) = marker(&a, read).await;
+        assert_eq!(v, "s1");
+        ports.insert(port);
+        let (v, port) = marker(&a, write).await;
+        assert_eq!((v.as_str(), port), ("s1", env.node_port(0)));
+        // ... and B, on the very same backends, never does.
+        let (v, port) = marker(&b, read).await;
+        assert_eq!(v, "public", "A's search_path leaked into B on port {port}");
+        let (v, _) = marker(&b, write).await;
+        assert_eq!(v, "public");
+    }
+    assert_eq!(
+        ports.len(),
+        2,
+        "reads should still spread over replicas: {ports:?}"
+    );
+    let tx = "BEGIN; INSERT INTO marker VALUES ('x'); SELECT v FROM marker ORDER BY v LIMIT 1";
+    assert_eq!(first_value(&a, tx).await, "s1");
+    a.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        first_value(&b, "SHOW search_path").await,
+        "\"$user\", public"
+    );
+    assert_eq!(first_value(&a, "SHOW search_path").await, "s1, public");
+    // SET ROLE follows A and is undone for B.
+    a.batch_execute("SET ROLE reader").await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(first_value(&a, "SELECT current_user").await, "reader");
+        assert_eq!(first_value(&b, "SELECT current_user").await, "app");
+    }
+    a.batch_execute("RESET ROLE").await.unwrap();
+    assert_eq!(first_value(&a, "SELECT current_user").await, "app");
+    // RESET returns to the default.
+    a.batch_execute("RESET search_path").await.unwrap();
+    assert_eq!(marker(&a, read).await.0, "public");
+    // Pinning was never needed.
+    let pins = env
+        .proxy
+        .shared
+        .stats
+        .pins
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(pins, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_local_failed_and_rolled_back_sets_leave_nothing() {
+    let env = small_pools().await;
+    let a = env.client().await;
+    let read = "SELECT v FROM marker";
+    a.batch_execute("BEGIN; SET LOCAL search_path = s1")
+        .await
+        .unwrap();
+    assert_eq!(first_value(&a, read).await, "s1");
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(first_value(&a, read).await, "public");
+
+    for stmt in ["BEGIN", "SET search_path = s1"] {
+        a.batch_execute(stmt).await.unwrap();
+    }
+    assert_eq!(first_value(&a, read).await, "s1");
+    a.batch_execute("ROLLBACK").await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(first_value(&a, read).await, "public");
+    }
+
+    for stmt in ["BEGIN", "SET search_path = s1", "COMMIT"] {
+        a.batch_execute(stmt).await.unwrap();
+    }
+    for _ in 0..3 {
+        assert_eq!(first_value(&a, read).await, "s1");
+    }
+
+    let err = a
+        .batch_execute("SET statement_timeout = 'soon'")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22023"));
+    assert_eq!(first_value(&a, "SHOW statement_timeout").await, "0");
+
+    // An error later in the transaction rolls the SET back too.
+    for stmt in ["BEGIN", "SET work_mem = '7MB'"] {
+        a.batch_execute(stmt).await.unwrap();
+    }
+    assert!(a.batch_execute("SELECT 1/0").await.is_err());
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(first_value(&a, "SHOW work_mem").await, "4MB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_parameters_are_session_settings() {
+    let env = small_pools().await;
+    let a = connect(&format!(
+        "{} application_name=reporting options='-c search_path=s1,public -c statement_timeout=1234'",
+        env.conninfo()
+    ))
+    .await;
+    let b = env.client().await;
+    for _ in 0..3 {
+        assert_eq!(first_value(&a, "SHOW application_name").await, "reporting");
+        assert_eq!(first_value(&a, "SHOW statement_timeout").await, "1234ms");
+        assert_eq!(first_value(&a, "SELECT v FROM marker").await, "s1");
+        assert_eq!(first_value(&b, "SHOW application_name").await, "causeway");
+        assert_eq!(first_value(&b, "SELECT v FROM marker").await, "public");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocate_and_discard_all() {
+    let env = small_pools().await;
+    // Protocol-level statements by name, as a driver would prepare them.
+    let mut raw = common::raw::login(common::trust_proxy(&env).await.addr).await;
+    let mut prep = raw::parse("mine", "SELECT v FROM marker");
+    prep.extend(raw::sync());
+    raw::roundtrip(&mut raw, &prep).await;
+    let mut run = raw::bind("mine");
+    run.extend(raw::execute());
+    run.extend(raw::sync());
+    let ok = raw::roundtrip(&mut raw, &run).await;
+    assert!(ok.iter().any(|(t, _)| *t == b'D'), "{ok:?}");
+    raw::roundtrip(&mut raw, &raw::query("DEALLOCATE mine")).await;
+    let gone = raw::roundtrip(&mut raw, &run).await;
+    let err = gone.iter().find(|(t, _)| *t == b'E').expect("an error");
+    assert_eq!(raw::error_code(&err.1), "26000");
+    let unknown = raw::roundtrip(&mut raw, &raw::query("DEALLOCATE nonesuch")).await;
+    let err = unknown.iter().find(|(t, _)| *t == b'E').expect("an error");
+    assert_eq!(raw::error_code(&err.1), "26000");
+    raw::roundtrip(&mut raw, &prep).await;
+    raw::roundtrip(&mut raw, &raw::query("DEALLOCATE ALL")).await;
+    let gone = raw::roundtrip(&mut raw, &run).await;
+    assert!(
+        gone.iter().any(|(t, _)| *t == b'E'),
+        "DEALLOCATE ALL left it: {gone:?}"
+    );
+
+    let a = env.client().await;
+    let again = a.prepare("SELECT v FROM marker").await.unwrap();
+    a.batch_execute("SET search_path = s1, public")
+        .await
+        .unwrap();
+    a.batch_execute("DISCARD ALL").await.unwrap();
+    assert!(
+        a.query_one(&again, &[]).await.is_err(),
+        "DISCARD ALL drops statements"
+    );
+    assert_eq!(first_value(&a, "SELECT v FROM marker").await, "public");
+    // A pinned session is released by DISCARD ALL (it drops what pinned it).
+    a.batch_execute("LISTEN ch").await.unwrap();
+    let primary = env.node_port(0).to_string();
+    assert_eq!(first_value(&a, "SELECT inet_server_port()").await, primary);
+    a.batch_execute("DISCARD ALL").await.unwrap();
+    let mut ports = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        ports.insert(first_value(&a, "SELECT inet_server_port()").await);
+    }
+    assert!(
+        !ports.contains(&primary),
+        "still pinned after DISCARD ALL: {ports:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_shared_plan_is_reprepared() {
+    let env = small_pools().await;
+    let a = env.client().await;
+    let b = env.client().await;
+    // A prepares the text first; B's identical statement shares A's backend copy.
+    let sa = a
+        .prepare("/* causeway:primary */ SELECT * FROM marker")
+        .await
+        .unwrap();
+    a.query(&sa, &[]).await.unwrap();
+    env.primary_admin()
+        .await
+        .batch_execute("ALTER TABLE public.marker ADD COLUMN n int DEFAULT 7")
+        .await
+        .unwrap();
+    // B prepares after the change: with a server of its own it would just work.
+    let sb = b
+        .prepare("/* causeway:primary */ SELECT * FROM marker")
+        .await
+        .unwrap();
+    assert_eq!(sb.columns().len(), 2);
+    let rows = b.query(&sb, &[]).await.unwrap();
+    assert_eq!(rows[0].get::<_, i32>(1), 7);
+    // A was told one column when it prepared: like a server, the proxy refuses rather than
+    // send it rows of the new shape.
+    let err = a.query(&sa, &[]).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("0A000"), "{err}");
+    let msg = err.as_db_error().map(|e| e.message().to_string());
+    assert_eq!(
+        msg.as_deref(),
+        Some("cached plan must not change result type")
+    );
+    // Re-preparing is the cure, as with a server.
+    let sa = a
+        .prepare("/* causeway:primary */ SELECT * FROM marker")
+        .await
+        .unwrap();
+    assert_eq!(a.query(&sa, &[]).await.unwrap()[0].get::<_, i32>(1), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_pooling_keeps_one_backend() {
+    let env = common::start_with(Default::default(), |cfg| {
+        *cfg = cfg.replace("[primary]", "[pool]\nmode = \"session\"\n\n[primary]");
+    })
+    .await;
+    let a = env.client().await;
+    let pid = first_value(&a, "SELECT pg_backend_pid()").await;
+    a.batch_execute("SET search_path = pg_catalog; CREATE TEMP TABLE t (a int)")
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        assert_eq!(first_value(&a, "SELECT pg_backend_pid()").await, pid);
+        assert_eq!(
+            first_value(&a, "SELECT inet_server_port()").await,
+            env.node_port(0).to_string()
+        );
+    }
+    assert_eq!(first_value(&a, "SHOW search_path").await, "pg_catalog");
+}
