@@ -43,6 +43,8 @@ pub struct Config {
     pub pool: PoolConfig,
     #[serde(default)]
     pub routing: RoutingConfig,
+    #[serde(default)]
+    pub consistency: ConsistencyConfig,
 }
 
 /// `[server]`: listening sockets and server-wide limits.
@@ -206,6 +208,10 @@ pub struct RoutingConfig {
     pub write_functions: Vec<String>,
     pub classify_cache_size: usize,
     pub function_refresh_ms: u64,
+    /// Replicas further behind than this are not used for reads; 0 = no limit.
+    pub max_replica_lag_ms: u64,
+    /// Replicas with more WAL than this still to replay are not used for reads; 0 = no limit.
+    pub max_replica_lag_bytes: u64,
 }
 
 impl Default for RoutingConfig {
@@ -217,6 +223,65 @@ impl Default for RoutingConfig {
             write_functions: Vec::new(),
             classify_cache_size: 10_000,
             function_refresh_ms: 60_000,
+            max_replica_lag_ms: 30_000,
+            max_replica_lag_bytes: 0,
+        }
+    }
+}
+
+/// How reads after writes are kept fresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum ConsistencyMode {
+    /// Reads use a replica only once it has replayed the session's last write (LSN tokens).
+    #[serde(rename = "lsn")]
+    Lsn,
+    /// After a write, reads go to the primary for `sticky_window_ms`.
+    #[serde(rename = "sticky")]
+    Sticky,
+    /// LSN tokens, and the sticky window whenever LSN information is missing or stale.
+    #[serde(rename = "lsn+sticky")]
+    LsnSticky,
+    /// No read-your-writes guarantee.
+    #[serde(rename = "none")]
+    None,
+}
+
+/// Whose writes a read must see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsistencyScope {
+    /// The session's own writes (plus any consistency key or token it names).
+    Session,
+    /// Every write through this proxy.
+    Global,
+}
+
+/// `[consistency]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsistencyConfig {
+    pub mode: ConsistencyMode,
+    pub scope: ConsistencyScope,
+    /// How often replicas' replay positions and the primary's WAL position are read.
+    pub lsn_poll_ms: u64,
+    /// Longest wait for a replica to catch up with a token before reading from the primary.
+    pub causal_wait_ms: u64,
+    pub sticky_window_ms: u64,
+    /// Keyed tokens (`causeway.consistency_key`) expire after this long without writes.
+    pub key_ttl_ms: u64,
+    pub max_keys: usize,
+}
+
+impl Default for ConsistencyConfig {
+    fn default() -> Self {
+        Self {
+            mode: ConsistencyMode::Lsn,
+            scope: ConsistencyScope::Session,
+            lsn_poll_ms: 10,
+            causal_wait_ms: 20,
+            sticky_window_ms: 2_000,
+            key_ttl_ms: 60_000,
+            max_keys: 100_000,
         }
     }
 }
@@ -341,10 +406,15 @@ impl Config {
                 "routing.function_refresh_ms",
                 self.routing.function_refresh_ms,
             ),
+            ("consistency.lsn_poll_ms", self.consistency.lsn_poll_ms),
+            ("consistency.key_ttl_ms", self.consistency.key_ttl_ms),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be greater than 0"));
             }
+        }
+        if self.consistency.max_keys == 0 {
+            return Err(invalid("consistency.max_keys", "must be at least 1"));
         }
         if self.routing.classify_cache_size == 0 {
             return Err(invalid("routing.classify_cache_size", "must be at least 1"));

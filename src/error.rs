@@ -93,6 +93,9 @@ pub enum SessionError {
     Unsupported(String),
     #[error("the proxy is shutting down")]
     Shutdown,
+    /// A value the client gave the proxy is malformed (an LSN, say).
+    #[error("{0}")]
+    InvalidParameter(String),
     /// A statement prepared again on another backend now returns different columns.
     #[error("cached plan must not change result type")]
     PlanChanged,
@@ -116,6 +119,7 @@ impl SessionError {
             SessionError::Unsupported(_) => FEATURE_NOT_SUPPORTED,
             SessionError::Shutdown => ADMIN_SHUTDOWN,
             SessionError::PlanChanged => FEATURE_NOT_SUPPORTED,
+            SessionError::InvalidParameter(_) => INVALID_PARAMETER_VALUE,
         }
     }
 

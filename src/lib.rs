@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod classify;
 pub mod cluster;
 pub mod config;
+pub mod consistency;
 pub mod demo;
 pub mod error;
 pub mod launcher;

@@ -22,6 +22,10 @@ pub enum Reason {
     SessionPin,
     NoReplica,
     ReadOnlyRetry,
+    /// No usable replica had replayed the session's token yet.
+    ReadYourWrites,
+    /// A recent write keeps the session's reads on the primary.
+    StickyWindow,
 }
 
 impl Reason {
@@ -36,6 +40,8 @@ impl Reason {
             Reason::SessionPin => "session_pin",
             Reason::NoReplica => "no_replica",
             Reason::ReadOnlyRetry => "read_only_retry",
+            Reason::ReadYourWrites => "read_your_writes",
+            Reason::StickyWindow => "sticky_window",
         }
     }
 }
@@ -53,6 +59,10 @@ pub struct ReplicaView {
     pub usable: bool,
     pub in_use: usize,
     pub weight: u32,
+    /// Replay position (0 = unknown).
+    pub replayed: u64,
+    /// Past the configured lag limit.
+    pub lagging: bool,
 }
 
 /// Session-level routing inputs.
@@ -60,6 +70,10 @@ pub struct ReplicaView {
 pub struct SessionView {
     /// `SET causeway.route`.
     pub route_mode: RouteMode,
+    /// Replicas must have replayed at least this far (read-your-writes token).
+    pub min_lsn: u64,
+    /// Reads go to the primary (sticky window after a write).
+    pub sticky: bool,
 }
 
 /// Operator policy.
@@ -107,7 +121,30 @@ pub fn route(
     }
     let hinted =
         c.hints.route == Some(RouteHint::Replica) || session.route_mode == RouteMode::Replica;
-    match choose_replica(replicas, policy.strategy, pick) {
+    if session.sticky {
+        return primary(Reason::StickyWindow);
+    }
+    let healthy: Vec<ReplicaView> = replicas
+        .iter()
+        .map(|r| ReplicaView {
+            usable: r.usable && !r.lagging,
+            ..*r
+        })
+        .collect();
+    let caught_up: Vec<ReplicaView> = healthy
+        .iter()
+        .map(|r| ReplicaView {
+            usable: r.usable && r.replayed >= session.min_lsn,
+            ..*r
+        })
+        .collect();
+    if session.min_lsn > 0
+        && healthy.iter().any(|r| r.usable)
+        && !caught_up.iter().any(|r| r.usable)
+    {
+        return primary(Reason::ReadYourWrites);
+    }
+    match choose_replica(&caught_up, policy.strategy, pick) {
         Some(i) => Ok(Decision {
             target: Target::Replica(i),
             reason: if hinted { Reason::Hint } else { read_reason },
@@ -186,7 +223,9 @@ mod tests {
             ReplicaView {
                 usable: true,
                 in_use: 0,
-                weight: 1
+                weight: 1,
+                replayed: 100,
+                lagging: false,
             };
             n
         ]
@@ -194,6 +233,8 @@ mod tests {
 
     const AUTO: SessionView = SessionView {
         route_mode: RouteMode::Auto,
+        min_lsn: 0,
+        sticky: false,
     };
     const POLICY: Policy = Policy {
         strategy: ReplicaStrategy::RoundRobin,
@@ -214,6 +255,7 @@ mod tests {
         write_hint_replica.hints.route = Some(RouteHint::Replica);
         let primary_mode = SessionView {
             route_mode: RouteMode::Primary,
+            ..AUTO
         };
         let cases: Vec<(&Classification, SessionView, Target, Reason)> = vec![
             (&read, AUTO, Target::Replica(0), Reason::ClassifiedRead),
@@ -239,6 +281,47 @@ mod tests {
             let d = route(c, s, &up(2), POLICY, 0).unwrap();
             assert_eq!((d.target, d.reason), (target, reason), "{c:?} {s:?}");
         }
+    }
+
+    #[test]
+    fn tokens_lag_and_sticky_windows() {
+        let read = class(Access::Read, TxEffect::None);
+        let mut rs = up(2);
+        rs[0].replayed = 50;
+        rs[1].replayed = 150;
+        let wants = |min_lsn| SessionView { min_lsn, ..AUTO };
+        // Only a replica that replayed the token serves the read.
+        for pick in 0..10 {
+            let d = route(&read, wants(120), &rs, POLICY, pick).unwrap();
+            assert_eq!(d.target, Target::Replica(1));
+        }
+        // None has: the primary, for that reason (the session may wait first).
+        let d = route(&read, wants(200), &rs, POLICY, 0).unwrap();
+        assert_eq!(
+            (d.target, d.reason),
+            (Target::Primary, Reason::ReadYourWrites)
+        );
+        // A lagging replica is not used even without a token.
+        rs[1].lagging = true;
+        for pick in 0..10 {
+            assert_eq!(
+                route(&read, AUTO, &rs, POLICY, pick).unwrap().target,
+                Target::Replica(0)
+            );
+        }
+        let sticky = SessionView {
+            sticky: true,
+            ..AUTO
+        };
+        let d = route(&read, sticky, &rs, POLICY, 0).unwrap();
+        assert_eq!(
+            (d.target, d.reason),
+            (Target::Primary, Reason::StickyWindow)
+        );
+        // A BEGIN READ ONLY waits for the token like any read.
+        let ro = class(Access::Read, TxEffect::Begin { read_only: true });
+        let d = route(&ro, wants(200), &up(2), POLICY, 0).unwrap();
+        assert_eq!(d.reason, Reason::ReadYourWrites);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::cancel::CancelRegistry;
 use crate::catalog::Catalogs;
 use crate::cluster::{self, Cluster};
 use crate::config::Config;
+use crate::consistency::Keys;
 use crate::error::SessionError;
 use crate::pool::Pools;
 use crate::protocol::{self, StartupMessage, TxStatus};
@@ -30,6 +31,8 @@ pub struct Shared {
     pub catalogs: Catalogs,
     pub cancels: CancelRegistry,
     pub stats: Stats,
+    /// Keyed read-your-writes tokens (`causeway.consistency_key`).
+    pub keys: Keys,
     pub shutdown: CancellationToken,
 }
 
@@ -57,6 +60,7 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
     let pools = Arc::new(Pools::new(Arc::clone(&cfg)));
     cluster::spawn_monitors(&cluster, &cfg, &shutdown);
     pools.spawn_maintenance(shutdown.clone());
+    let cfg_keys = cfg.consistency.clone();
     let shared = Arc::new(Shared {
         auth: AuthSecrets::new(&cfg),
         catalogs: Catalogs::new(Arc::clone(&cfg), shutdown.clone()),
@@ -65,6 +69,10 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
         pools,
         cancels: CancelRegistry::default(),
         stats: Stats::default(),
+        keys: Keys::new(
+            std::time::Duration::from_millis(cfg_keys.key_ttl_ms),
+            cfg_keys.max_keys,
+        ),
         shutdown,
     });
     tracing::info!(%addr, "listening");

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::route::Reason;
 
-const REASONS: [Reason; 8] = [
+const REASONS: [Reason; 10] = [
     Reason::ClassifiedRead,
     Reason::ClassifiedWrite,
     Reason::Transaction,
@@ -13,6 +13,8 @@ const REASONS: [Reason; 8] = [
     Reason::SessionPin,
     Reason::NoReplica,
     Reason::ReadOnlyRetry,
+    Reason::ReadYourWrites,
+    Reason::StickyWindow,
 ];
 
 /// Proxy-wide counters.
@@ -26,6 +28,13 @@ pub struct Stats {
     pub retried_reads: AtomicU64,
     /// Sessions pinned to one backend by session state.
     pub pins: AtomicU64,
+    /// Reads that waited for a replica to replay their token, the total wait, and how many
+    /// of them then ran on a replica.
+    pub causal_waits: AtomicU64,
+    pub causal_wait_us: AtomicU64,
+    pub causal_wait_hits: AtomicU64,
+    /// Commit tokens recorded.
+    pub tokens: AtomicU64,
 }
 
 impl Stats {
@@ -69,6 +78,6 @@ mod tests {
         assert_eq!(s.routed(Reason::Hint), 2);
         assert_eq!(s.routed(Reason::ReadOnlyRetry), 1);
         assert_eq!(s.routed(Reason::ClassifiedRead), 0);
-        assert_eq!(s.routes().len(), 8);
+        assert_eq!(s.routes().len(), 10);
     }
 }

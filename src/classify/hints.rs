@@ -103,16 +103,12 @@ fn apply_directive(directive: &str, hints: &mut Hints) {
             }
         }
         ("key", Some(v)) if !v.is_empty() => hints.key = Some(v.to_string()),
-        ("min_lsn", Some(v)) if is_lsn(v) => hints.min_lsn = Some(v.to_string()),
+        // Kept even when malformed: the proxy answers a bad token with an error, never
+        // by silently reading without it.
+        ("min_lsn", Some(v)) => hints.min_lsn = Some(v.to_string()),
         ("priority", Some(v)) if is_simple_word(v) => hints.priority = Some(v.to_string()),
         _ => {}
     }
-}
-
-/// `X/Y` with 1..=8 hex digits on each side, the textual form of a pg_lsn.
-fn is_lsn(v: &str) -> bool {
-    let hex = |s: &str| !s.is_empty() && s.len() <= 8 && s.bytes().all(|b| b.is_ascii_hexdigit());
-    v.split_once('/').is_some_and(|(hi, lo)| hex(hi) && hex(lo))
 }
 
 /// A priority class name: non-empty, ASCII alphanumerics, `_` or `-`.

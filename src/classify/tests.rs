@@ -542,8 +542,12 @@ fn hints() {
         ("SELECT 1; /* causeway:primary */ SELECT 2", none.clone()),
         ("/* causeway:secondary */ SELECT 1", none.clone()),
         ("/* causeway:route=elsewhere */ SELECT 1", none.clone()),
-        ("/* causeway:min_lsn=zzz */ SELECT 1", none.clone()),
-        ("/* causeway:min_lsn=0/123456789 */ SELECT 1", none.clone()),
+        // Malformed tokens are kept so the proxy can refuse them (22023).
+        ("/* causeway:min_lsn=zzz */ SELECT 1", h(None, None, Some("zzz"), None)),
+        (
+            "/* causeway:min_lsn=0/123456789 */ SELECT 1",
+            h(None, None, Some("0/123456789"), None),
+        ),
         ("/* causeway:key= */ SELECT 1", none.clone()),
         ("/* causeway:priority=a b */ SELECT 1", h(None, None, None, Some("a"))),
         ("/* causeway:priority=a+b */ SELECT 1", none.clone()),

@@ -1,13 +1,17 @@
 //! Topology and per-node health: written by the monitor (and by the data path on a failed
 //! connect), read lock-free by the router.
 
+pub mod lsn;
 mod monitor;
 
 pub use monitor::spawn_monitors;
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use tokio::sync::Notify;
 
 use crate::config::Config;
 
@@ -36,6 +40,14 @@ pub struct Node {
     pub queries: AtomicU64,
     /// Requests that failed here because the server did.
     pub errors: AtomicU64,
+    /// Replicas: `pg_last_wal_replay_lsn()`; primary: `pg_current_wal_lsn()`. 0 = unknown.
+    pub lsn: AtomicU64,
+    /// Replicas: `pg_last_xact_replay_timestamp()` in µs since the epoch; 0 = none yet.
+    pub replayed_at_us: AtomicI64,
+    /// When the monitor last read `lsn`, in ms since the cluster started; 0 = never.
+    pub lsn_read_at_ms: AtomicU64,
+    /// Node drained by an operator: no new reads.
+    pub drained: AtomicBool,
 }
 
 impl Node {
@@ -52,6 +64,10 @@ impl Node {
             in_use: AtomicUsize::new(0),
             queries: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            lsn: AtomicU64::new(0),
+            replayed_at_us: AtomicI64::new(0),
+            lsn_read_at_ms: AtomicU64::new(0),
+            drained: AtomicBool::new(false),
         }
     }
 
@@ -99,6 +115,11 @@ pub struct Cluster {
     pub nodes: Vec<Arc<Node>>,
     /// Round-robin cursor.
     pub rr: AtomicUsize,
+    /// Woken whenever a replica's replay position advances (sessions waiting to read).
+    pub lsn_advanced: Notify,
+    /// The highest commit token seen through this proxy (global consistency scope).
+    pub global_token: AtomicU64,
+    started: Instant,
 }
 
 impl Cluster {
@@ -125,6 +146,26 @@ impl Cluster {
         Self {
             nodes,
             rr: AtomicUsize::new(0),
+            lsn_advanced: Notify::new(),
+            global_token: AtomicU64::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    /// Milliseconds since the cluster view was created (the clock of `lsn_read_at_ms`).
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// The primary's WAL position and a replica's progress against it.
+    pub fn progress(&self, replica: &Node) -> lsn::Progress {
+        let at = replica.replayed_at_us.load(Ordering::Acquire);
+        lsn::Progress {
+            primary: self.primary().lsn.load(Ordering::Acquire),
+            replayed: replica.lsn.load(Ordering::Acquire),
+            replayed_at_us: (at != 0).then_some(at),
         }
     }
 

@@ -1,25 +1,31 @@
-//! Health monitor: one named task per node keeps a connection open and asks
-//! `pg_is_in_recovery()` on a fixed interval; replicas that stop being replicas are banned.
+//! Monitor: one task per node keeps a connection open and reads, every `lsn_poll_ms`, the
+//! node's role (`pg_is_in_recovery()`) and WAL position (replayed on a replica, current on the
+//! primary). Unreachable nodes and replicas that stopped being replicas are banned; sessions
+//! waiting for a replica to catch up are woken when a replay position advances.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+use tokio_postgres::types::PgLsn;
 
 use tokio_util::sync::CancellationToken;
 
 use super::{Cluster, Node, Role};
-use crate::config::Config;
+use crate::config::{Config, ConsistencyMode};
 
 /// Starts one monitor task per node; they stop when `stop` is cancelled.
 pub fn spawn_monitors(cluster: &Arc<Cluster>, cfg: &Arc<Config>, stop: &CancellationToken) {
     for node in &cluster.nodes {
         let node = Arc::clone(node);
+        let cluster = Arc::clone(cluster);
         let cfg = Arc::clone(cfg);
         let stop = stop.clone();
         tokio::spawn(async move {
             let name = node.name.clone();
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = monitor_node(node, cfg) => {}
+                _ = monitor_node(node, cluster, cfg) => {}
             }
             tracing::debug!(node = %name, "health monitor stopped");
         });
@@ -43,12 +49,23 @@ pub(crate) fn judge(role: Role, in_recovery: bool) -> Health {
     }
 }
 
-async fn monitor_node(node: Arc<Node>, cfg: Arc<Config>) {
-    let interval = Duration::from_millis(cfg.server.health_check_interval_ms);
+async fn monitor_node(node: Arc<Node>, cluster: Arc<Cluster>, cfg: Arc<Config>) {
+    // LSN modes need fresh replay positions; otherwise the health cadence is enough.
+    let every_ms = match cfg.consistency.mode {
+        ConsistencyMode::None | ConsistencyMode::Sticky => cfg.server.health_check_interval_ms,
+        _ => cfg
+            .consistency
+            .lsn_poll_ms
+            .min(cfg.server.health_check_interval_ms),
+    };
+    let interval = Duration::from_millis(every_ms);
     let timeout = Duration::from_millis(cfg.server.health_check_timeout_ms);
     let mut client: Option<tokio_postgres::Client> = None;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let health = check(&node, &cfg, &mut client, timeout).await;
+        tick.tick().await;
+        let health = check(&node, &cluster, &cfg, &mut client, timeout).await;
         match health {
             Health::Ok => node.unban(),
             Health::Unreachable(reason) => {
@@ -57,12 +74,17 @@ async fn monitor_node(node: Arc<Node>, cfg: Arc<Config>) {
             }
             Health::WrongRole(reason) => node.ban(reason),
         }
-        tokio::time::sleep(interval).await;
     }
 }
 
+/// One reading: role, and the WAL position (current on the primary, replayed on a replica).
+const PROBE: &str = "SELECT pg_is_in_recovery(), \
+     CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
+     (extract(epoch FROM pg_last_xact_replay_timestamp()) * 1000000)::int8";
+
 async fn check(
     node: &Node,
+    cluster: &Cluster,
     cfg: &Config,
     client: &mut Option<tokio_postgres::Client>,
     timeout: Duration,
@@ -77,14 +99,29 @@ async fn check(
     let Some(c) = client.as_ref() else {
         return Health::Unreachable("no connection".into());
     };
-    match tokio::time::timeout(timeout, c.query_one("SELECT pg_is_in_recovery()", &[])).await {
-        Ok(Ok(row)) => match row.try_get::<_, bool>(0) {
-            Ok(in_recovery) => judge(node.role, in_recovery),
-            Err(e) => Health::Unreachable(e.to_string()),
-        },
-        Ok(Err(e)) => Health::Unreachable(e.to_string()),
-        Err(_) => Health::Unreachable("health query timed out".into()),
+    let row = match tokio::time::timeout(timeout, c.query_one(PROBE, &[])).await {
+        Ok(Ok(row)) => row,
+        Ok(Err(e)) => return Health::Unreachable(e.to_string()),
+        Err(_) => return Health::Unreachable("health query timed out".into()),
+    };
+    let in_recovery = match row.try_get::<_, bool>(0) {
+        Ok(v) => v,
+        Err(e) => return Health::Unreachable(e.to_string()),
+    };
+    let lsn = row
+        .try_get::<_, Option<PgLsn>>(1)
+        .ok()
+        .flatten()
+        .map_or(0, u64::from);
+    let replayed_at = row.try_get::<_, Option<i64>>(2).ok().flatten().unwrap_or(0);
+    let before = node.lsn.swap(lsn, Ordering::AcqRel);
+    node.replayed_at_us.store(replayed_at, Ordering::Release);
+    node.lsn_read_at_ms
+        .store(cluster.now_ms(), Ordering::Release);
+    if node.role == Role::Replica && lsn > before {
+        cluster.lsn_advanced.notify_waiters();
     }
+    judge(node.role, in_recovery)
 }
 
 /// Opens a monitoring connection as the configured monitor user.

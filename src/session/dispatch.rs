@@ -8,15 +8,22 @@ use super::local::SessionAction;
 use super::{Effect, Expect, InFlight, Request, Session, translate};
 use crate::cancel::CancelTarget;
 use crate::classify::{Access, Classification, Hints, SessionCommand, TxEffect};
-use crate::config::{PoolMode, ReplicaStrategy};
+use crate::config::PoolMode;
 use crate::error::{PoolError, SessionError};
 use crate::pool::Applied;
 use crate::protocol::{self, TxStatus, tag};
-use crate::route::{self, Decision, Policy, Reason, ReplicaView, SessionView, Target};
+use crate::route::{Decision, Reason, Target};
 
 impl Session {
     /// Sends one request on the current backend, taking one first if the client has none.
     pub(super) async fn dispatch(&mut self, req: Request) -> Result<(), SessionError> {
+        if std::mem::take(&mut self.announce_token) {
+            // Reported inside a reply stream, where every driver expects ParameterStatus.
+            self.client.queue(&protocol::parameter_status(
+                "causeway_last_write_lsn",
+                &crate::cluster::lsn::format(self.tokens.own),
+            ));
+        }
         if self.lease.is_none() && self.deferred_begin.is_none() && req.is_housekeeping() {
             self.answer_housekeeping(&req);
             return Ok(());
@@ -99,6 +106,16 @@ impl Session {
         if !self.verify_shapes(&req).await? {
             return Ok(());
         }
+        if self.needs_token(&class) && req.executes() {
+            let key = class.hints.key.clone();
+            if class.reason == "copy_from" || !req.ends_with_ready() {
+                // The server reads COPY data next, or the batch is not closed yet: ask for the
+                // token once ReadyForQuery says the work is over.
+                self.token_after_ready = Some(key);
+            } else {
+                self.pending_token = Some(key);
+            }
+        }
         self.in_flight = rerunnable.then(|| InFlight {
             request: req.clone(),
             client_mark: self.client.pending_write(),
@@ -168,6 +185,7 @@ impl Session {
             self.client.queue(&protocol::ready_for_query(self.status));
             return Ok(());
         }
+        let class_for_token = class.clone();
         let mut routing = class;
         let read_only = routing.tx == TxEffect::SetReadOnly;
         routing.tx = TxEffect::Begin { read_only };
@@ -192,6 +210,7 @@ impl Session {
             });
         }
         self.in_flight = None;
+        self.needs_token(&class_for_token);
         self.send(&req, effect).await
     }
 
@@ -245,10 +264,6 @@ impl Session {
     ) -> Result<(), SessionError> {
         let shared = Arc::clone(&self.shared);
         let cluster = &shared.cluster;
-        let policy = Policy {
-            strategy: shared.cfg.routing.replica_strategy,
-            fallback: shared.cfg.routing.fallback,
-        };
         for _ in 0..=cluster.replicas().len() {
             let decision = if force_primary {
                 Decision {
@@ -262,30 +277,7 @@ impl Session {
                     reason: Reason::SessionPin,
                 }
             } else {
-                let views: Vec<ReplicaView> = cluster
-                    .replicas()
-                    .iter()
-                    .map(|n| ReplicaView {
-                        usable: n.is_usable(),
-                        in_use: n.in_use.load(Ordering::Relaxed),
-                        weight: n.weight,
-                    })
-                    .collect();
-                // Only reads advance the rotation, so interleaved writes do not skew it.
-                let pick = match policy.strategy {
-                    _ if class.access == Access::Write => 0,
-                    ReplicaStrategy::RoundRobin => {
-                        cluster.rr.fetch_add(1, Ordering::Relaxed) as u64
-                    }
-                    // Random tie-breaks: a fixed rotation can line up with a client's own
-                    // pattern (prepare + execute) and pin it to one replica.
-                    _ => rand::random::<u64>(),
-                };
-                let session = SessionView {
-                    route_mode: self.route_mode,
-                };
-                route::route(class, session, &views, policy, pick)
-                    .map_err(|_| SessionError::NoReplica)?
+                self.decide(class).await?
             };
             let node = match decision.target {
                 Target::Primary => cluster.primary(),
@@ -366,6 +358,13 @@ impl Session {
         for frame in &req.trailing {
             conn.transport.queue(frame);
         }
+        if let Some(key) = self.pending_token.take() {
+            self.queue_token_query(key);
+        }
+        let Some(lease) = self.lease.as_mut() else {
+            return Ok(());
+        };
+        let conn = lease.conn();
         if let Some(e) = effect {
             if !matches!(e.cmd, SessionCommand::Deallocate { .. }) {
                 // From here until the proxy confirms the change, the backend's settings are

@@ -4,10 +4,13 @@
 
 use super::{Effect, Expect, Request, Session};
 use crate::classify::{ProxyCommand, RouteMode, SessionCommand};
+use crate::cluster::lsn;
 use crate::protocol::{self, Frame, TxStatus, tag};
 
 /// SQLSTATE for an unknown `causeway.*` setting, as PostgreSQL reports unknown parameters.
 const UNDEFINED_OBJECT: &str = "42704";
+/// SQLSTATE for a malformed value (an LSN token).
+const INVALID_PARAMETER_VALUE: &str = "22023";
 /// SQLSTATE for DEALLOCATE of a statement that does not exist.
 const INVALID_STATEMENT_NAME: &str = "26000";
 
@@ -64,6 +67,37 @@ impl Session {
                 };
                 Ok(("SHOW", Some((format!("causeway.{name}"), v.to_string()))))
             }
+            ProxyCommand::SetVar { name, value } if name == "consistency_key" => {
+                self.tokens.key = value.clone().filter(|v| !v.is_empty());
+                Ok(("SET", None))
+            }
+            ProxyCommand::SetVar { name, value } if name == "min_lsn" => {
+                self.tokens.presented = match value.as_deref() {
+                    None | Some("") => 0,
+                    Some(v) => {
+                        lsn::parse(v).map_err(|e| (INVALID_PARAMETER_VALUE, e.to_string()))?
+                    }
+                };
+                Ok(("SET", None))
+            }
+            ProxyCommand::Show { name } if name == "last_write_lsn" => Ok((
+                "SHOW",
+                Some((format!("causeway.{name}"), lsn::format(self.tokens.own))),
+            )),
+            ProxyCommand::Show { name } if name == "min_lsn" => Ok((
+                "SHOW",
+                Some((
+                    format!("causeway.{name}"),
+                    lsn::format(self.tokens.presented),
+                )),
+            )),
+            ProxyCommand::Show { name } if name == "consistency_key" => Ok((
+                "SHOW",
+                Some((
+                    format!("causeway.{name}"),
+                    self.tokens.key.clone().unwrap_or_default(),
+                )),
+            )),
             ProxyCommand::SetVar { name, .. } | ProxyCommand::Show { name } => Err((
                 UNDEFINED_OBJECT,
                 format!("unrecognized configuration parameter \"causeway.{name}\""),
@@ -98,6 +132,8 @@ impl Session {
                 self.statements.clear();
                 self.unnamed = None;
                 self.route_mode = RouteMode::Auto;
+                self.tokens.key = None;
+                self.tokens.presented = 0;
                 (SessionAction::Answered, Some(Ok(("DISCARD ALL", None))))
             }
             SessionCommand::DiscardAll => forward(cmd),

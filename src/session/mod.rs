@@ -1,6 +1,7 @@
 //! One task per client: buffers requests, routes each transaction or autocommit statement, and
 //! relays replies. It alone owns the client's state: transaction status, pins, named statements.
 
+mod consistency;
 mod dispatch;
 mod local;
 mod relay;
@@ -61,6 +62,11 @@ enum Expect {
     },
     /// A reply the proxy produces itself at this point in the stream.
     Synthetic(Frame),
+    /// The commit-token query the proxy appended after a write: its answer is kept, not shown.
+    Token {
+        key: Option<String>,
+        lsn: u64,
+    },
 }
 
 /// A statement the client prepared under a name.
@@ -129,6 +135,16 @@ pub struct Session {
     tx_committed: bool,
     /// An ErrorResponse arrived since the last ReadyForQuery.
     error_since_ready: bool,
+    /// Read-your-writes state: own token, key, presented token.
+    tokens: crate::consistency::SessionTokens,
+    /// The open transaction wrote on the primary.
+    tx_wrote: bool,
+    /// Append the token query to the request being sent (with the statement's key hint).
+    pending_token: Option<Option<String>>,
+    /// Ask for the token once the current request's ReadyForQuery arrives (after COPY).
+    token_after_ready: Option<Option<String>>,
+    /// A new token is to be reported to the client with its next reply.
+    announce_token: bool,
     /// Notices held back while the current read may still be re-run elsewhere.
     held: Vec<Frame>,
     /// The current backend's own FATAL error already reached the client.
@@ -180,6 +196,11 @@ impl Session {
             tx_effects: Vec::new(),
             tx_committed: false,
             error_since_ready: false,
+            tokens: Default::default(),
+            tx_wrote: false,
+            pending_token: None,
+            token_after_ready: None,
+            announce_token: false,
         }
     }
 
@@ -212,6 +233,13 @@ impl Session {
                 self.dispatch(req).await?;
             }
             self.flush_client().await?;
+            if let Some(lease) = self.lease.as_mut()
+                && lease.conn().transport.pending_write() > 0
+                && let Err(e) = lease.conn().transport.flush().await
+            {
+                self.backend_failed(Some(e)).await?;
+                continue;
+            }
             let read_client = self.queued_bytes < MAX_QUEUED_BYTES;
             let lease = self.lease.as_mut();
             let watch_backend = lease.is_some();
@@ -411,6 +439,8 @@ impl Session {
         self.replies.clear();
         self.in_flight = None;
         self.copy_sync_owed = false;
+        self.pending_token = None;
+        self.token_after_ready = None;
         if let Ok(mut slot) = self.cancel.lock() {
             *slot = None;
         }

@@ -51,6 +51,10 @@ impl Session {
                     let (forward, effect) = match self.replies.pop_front() {
                         Some(Expect::Query { forward, effect }) => (forward, effect),
                         Some(Expect::Sync { effect }) => (true, effect),
+                        Some(Expect::Token { key, lsn }) => {
+                            self.record_token(lsn, key);
+                            (false, None)
+                        }
                         _ => (true, None),
                     };
                     if let Some(l) = self.lease.as_mut() {
@@ -69,6 +73,11 @@ impl Session {
                         self.client.queue(&frame);
                     }
                     self.emit_synthetic();
+                    if self.replies.is_empty()
+                        && let Some(key) = self.token_after_ready.take()
+                    {
+                        self.queue_token_query(key);
+                    }
                     self.maybe_release();
                     continue;
                 }
@@ -156,6 +165,12 @@ impl Session {
                     self.held.push(frame);
                     continue;
                 }
+                // Notifications belong to the client whatever is in flight.
+                tag::BE_NOTIFICATION_RESPONSE => true,
+                tag::BE_DATA_ROW if matches!(self.replies.front(), Some(Expect::Token { .. })) => {
+                    self.token_row(&frame);
+                    false
+                }
                 _ => self.forwarding_query(),
             };
             if forward {
@@ -237,7 +252,7 @@ impl Session {
     fn forwarding_query(&self) -> bool {
         !matches!(
             self.replies.front(),
-            Some(Expect::Query { forward: false, .. })
+            Some(Expect::Query { forward: false, .. } | Expect::Token { .. })
         )
     }
 
@@ -247,6 +262,7 @@ impl Session {
             // Errors of statements the proxy injected are shown too: hiding them could hide
             // that the client's transaction never began.
             Some(Expect::Query { .. }) => return true,
+            Some(Expect::Token { .. }) => return false,
             Some(Expect::Sync { .. }) | None => return true,
             _ => {}
         }

@@ -55,6 +55,16 @@ impl Request {
             .all(|f| matches!(f.tag, tag::FE_CLOSE | tag::FE_SYNC | tag::FE_FLUSH))
     }
 
+    /// Whether the request runs something (not only prepares or describes).
+    pub fn executes(&self) -> bool {
+        self.frames.iter().any(|f| {
+            matches!(
+                f.tag,
+                tag::FE_EXECUTE | tag::FE_QUERY | tag::FE_FUNCTION_CALL
+            )
+        })
+    }
+
     /// Whether this is one simple Query message.
     pub fn is_simple_query(&self) -> bool {
         self.frames.len() == 1 && self.frames.first().is_some_and(|f| f.tag == tag::FE_QUERY)

@@ -1,0 +1,245 @@
+//! The session's side of read-your-writes: what a read requires, waiting for a replica to
+//! catch up, and the commit token taken after each write.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::{Expect, Session};
+use crate::classify::{Access, Classification, TxEffect};
+use crate::cluster::lsn::{self, Lsn};
+use crate::config::{ConsistencyMode, ReplicaStrategy};
+use crate::consistency::{Inputs, requirement};
+use crate::error::SessionError;
+use crate::protocol::{self, Frame, TxStatus, tag};
+use crate::route::{self, Decision, Policy, Reason, ReplicaView, SessionView};
+
+/// The query whose answer is the commit token: a WAL position at or past the commit record.
+const TOKEN_QUERY: &str = "SELECT pg_catalog.pg_current_wal_lsn()";
+
+impl Session {
+    /// Routes a request outside a transaction; a read whose token no replica has replayed yet
+    /// waits up to `consistency.causal_wait_ms`, woken by the monitor, before taking the primary.
+    pub(super) async fn decide(
+        &mut self,
+        class: &Classification,
+    ) -> Result<Decision, SessionError> {
+        let shared = Arc::clone(&self.shared);
+        let cluster = &shared.cluster;
+        let cfg = &shared.cfg;
+        let policy = Policy {
+            strategy: cfg.routing.replica_strategy,
+            fallback: cfg.routing.fallback,
+        };
+        let session = self.read_view(class)?;
+        let wait = Duration::from_millis(cfg.consistency.causal_wait_ms);
+        let mut blocked_since: Option<Instant> = None;
+        loop {
+            // Registered before the check, so an advance between check and wait is not lost.
+            let advanced = cluster.lsn_advanced.notified();
+            tokio::pin!(advanced);
+            advanced.as_mut().enable();
+            let views = self.replica_views();
+            // Only reads advance the rotation, so interleaved writes do not skew it.
+            let pick = match policy.strategy {
+                _ if class.access == Access::Write => 0,
+                ReplicaStrategy::RoundRobin => cluster.rr.fetch_add(1, Ordering::Relaxed) as u64,
+                // Random tie-breaks: a fixed rotation can line up with a client's own pattern
+                // (prepare + execute) and pin it to one replica.
+                _ => rand::random::<u64>(),
+            };
+            let decision = route::route(class, session, &views, policy, pick)
+                .map_err(|_| SessionError::NoReplica)?;
+            if decision.reason == Reason::ReadYourWrites {
+                let since = *blocked_since.get_or_insert_with(Instant::now);
+                let left = wait.saturating_sub(since.elapsed());
+                if !left.is_zero() && tokio::time::timeout(left, advanced).await.is_ok() {
+                    continue;
+                }
+            }
+            if let Some(since) = blocked_since {
+                let stats = &shared.stats;
+                stats.causal_waits.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .causal_wait_us
+                    .fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+                if decision.reason != Reason::ReadYourWrites {
+                    stats.causal_wait_hits.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return Ok(decision);
+        }
+    }
+
+    /// The router's view of each replica, lag limits applied.
+    fn replica_views(&self) -> Vec<ReplicaView> {
+        let cluster = &self.shared.cluster;
+        let r = &self.shared.cfg.routing;
+        let now_us = now_us();
+        cluster
+            .replicas()
+            .iter()
+            .map(|n| {
+                let p = cluster.progress(n);
+                let lagging = (r.max_replica_lag_ms > 0 && p.lag_ms(now_us) > r.max_replica_lag_ms)
+                    || (r.max_replica_lag_bytes > 0 && p.lag_bytes() > r.max_replica_lag_bytes);
+                ReplicaView {
+                    usable: n.is_usable() && !n.drained.load(Ordering::Relaxed),
+                    in_use: n.in_use.load(Ordering::Relaxed),
+                    weight: n.weight,
+                    replayed: p.replayed,
+                    lagging,
+                }
+            })
+            .collect()
+    }
+
+    /// What this session's next read requires.
+    fn read_view(&self, class: &Classification) -> Result<SessionView, SessionError> {
+        let shared = &self.shared;
+        let c = &shared.cfg.consistency;
+        let now = Instant::now();
+        let hinted = match &class.hints.min_lsn {
+            Some(text) => {
+                lsn::parse(text).map_err(|e| SessionError::InvalidParameter(e.to_string()))?
+            }
+            None => 0,
+        };
+        let key = class.hints.key.as_deref().or(self.tokens.key.as_deref());
+        let key_token = key.map_or(0, |k| shared.keys.get(k, now));
+        let req = requirement(Inputs {
+            mode: c.mode,
+            scope: c.scope,
+            session: &self.tokens,
+            key_token,
+            global_token: shared.cluster.global_token.load(Ordering::Acquire),
+            hinted,
+            lsn_fresh: self.lsn_fresh(),
+            sticky_window: Duration::from_millis(c.sticky_window_ms),
+            now,
+        });
+        Ok(SessionView {
+            route_mode: self.route_mode,
+            min_lsn: req.min_lsn,
+            sticky: req.primary,
+        })
+    }
+
+    /// Whether every usable replica's position was read recently.
+    fn lsn_fresh(&self) -> bool {
+        let cluster = &self.shared.cluster;
+        let limit = (self.shared.cfg.consistency.lsn_poll_ms * 10).max(200);
+        let now = cluster.now_ms();
+        cluster
+            .replicas()
+            .iter()
+            .filter(|n| n.is_usable())
+            .all(|n| now.saturating_sub(n.lsn_read_at_ms.load(Ordering::Acquire)) <= limit)
+    }
+
+    /// Whether this request, sent on the current (primary) backend, ends a write that needs a
+    /// commit token; also keeps track of writes inside a transaction.
+    pub(super) fn needs_token(&mut self, class: &Classification) -> bool {
+        let on_primary = self
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.node().role == crate::cluster::Role::Primary);
+        if !on_primary {
+            return false;
+        }
+        let in_tx = self.status != TxStatus::Idle;
+        if class.access == Access::Write {
+            self.tx_wrote |= in_tx;
+        }
+        let wrote = match class.tx {
+            TxEffect::Commit => std::mem::take(&mut self.tx_wrote),
+            TxEffect::Rollback => {
+                self.tx_wrote = false;
+                false
+            }
+            _ => !in_tx && class.access == Access::Write,
+        };
+        if wrote && !self.tracks_tokens() {
+            self.tokens.last_write = Some(Instant::now());
+        }
+        wrote && self.tracks_tokens()
+    }
+
+    /// Whether commit positions are needed (LSN modes, keyed or global tokens).
+    fn tracks_tokens(&self) -> bool {
+        let c = &self.shared.cfg.consistency;
+        matches!(c.mode, ConsistencyMode::Lsn | ConsistencyMode::LsnSticky)
+            || self.tokens.key.is_some()
+            || c.scope == crate::config::ConsistencyScope::Global
+    }
+
+    /// Queues the token query behind the request, on the same backend and in the same write.
+    pub(super) fn queue_token_query(&mut self, key: Option<String>) {
+        if let Some(lease) = self.lease.as_mut() {
+            let conn = lease.conn();
+            conn.transport.queue(&protocol::encode_query(TOKEN_QUERY));
+            conn.statements.unnamed = None;
+            self.replies.push_back(Expect::Token { key, lsn: 0 });
+        }
+    }
+
+    /// Reads the token from the token query's DataRow.
+    pub(super) fn token_row(&mut self, frame: &Frame) {
+        if frame.tag != tag::BE_DATA_ROW {
+            return;
+        }
+        let value = data_row_first_text(frame.body()).and_then(|t| lsn::parse(t).ok());
+        if let (Some(Expect::Token { lsn, .. }), Some(v)) = (self.replies.front_mut(), value) {
+            *lsn = v;
+        }
+    }
+
+    /// Records a commit token: the session's, its key's, the proxy's; tells the client.
+    pub(super) fn record_token(&mut self, token: Lsn, key: Option<String>) {
+        if token == 0 {
+            return;
+        }
+        let now = Instant::now();
+        self.tokens.own = self.tokens.own.max(token);
+        self.tokens.last_write = Some(now);
+        if let Some(k) = key.as_deref().or(self.tokens.key.as_deref()) {
+            self.shared.keys.record(k, token, now);
+        }
+        self.shared
+            .cluster
+            .global_token
+            .fetch_max(token, Ordering::AcqRel);
+        self.shared.stats.tokens.fetch_add(1, Ordering::Relaxed);
+        self.announce_token = true;
+    }
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// The first column of a DataRow as text.
+fn data_row_first_text(body: &[u8]) -> Option<&str> {
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let len = usize::try_from(len).ok()?;
+    std::str::from_utf8(body.get(6..6 + len)?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_first_column_of_a_data_row() {
+        let mut body = 1i16.to_be_bytes().to_vec();
+        body.extend_from_slice(&9i32.to_be_bytes());
+        body.extend_from_slice(b"0/3000060");
+        assert_eq!(data_row_first_text(&body), Some("0/3000060"));
+        let mut null = 1i16.to_be_bytes().to_vec();
+        null.extend_from_slice(&(-1i32).to_be_bytes());
+        assert_eq!(data_row_first_text(&null), None);
+        assert_eq!(data_row_first_text(&[0, 1, 0]), None);
+    }
+}

@@ -1,0 +1,370 @@
+//! Read-your-writes against replicas held back on purpose (recovery_min_apply_delay, paused
+//! replay): a read after a write sees it in every mode and scope, while reads that need no
+//! token keep using replicas.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use causeway::launcher::ClusterOptions;
+use causeway::route::Reason;
+use common::{Env, connect, raw};
+use tokio_postgres::SimpleQueryMessage;
+
+/// A cluster whose replicas apply WAL `delay_ms` late, and a proxy with extra config lines.
+async fn delayed(delay_ms: u64, extra: &str) -> Env {
+    let mut opts = ClusterOptions::default();
+    if delay_ms > 0 {
+        opts.replica_conf = vec![("recovery_min_apply_delay".into(), format!("{delay_ms}ms"))];
+    }
+    let extra = extra.to_string();
+    let env = common::start_with(opts, move |cfg| cfg.push_str(&extra)).await;
+    let owner = connect(&format!(
+        "host=127.0.0.1 port={} user=app password={} dbname=app",
+        env.cluster.primary.port,
+        common::PASSWORD
+    ))
+    .await;
+    owner
+        .batch_execute("CREATE TABLE items (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    env.caught_up().await;
+    env
+}
+
+fn routed(env: &Env, reason: Reason) -> u64 {
+    env.proxy.shared.stats.routed(reason)
+}
+
+async fn count_simple(c: &tokio_postgres::Client, id: i32) -> i64 {
+    let msgs = c
+        .simple_query(&format!("SELECT count(*) FROM items WHERE id = {id}"))
+        .await
+        .unwrap();
+    msgs.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse().unwrap()),
+            _ => None,
+        })
+        .unwrap()
+}
+
+async fn count(c: &tokio_postgres::Client, id: i32) -> (i64, u16) {
+    let row = c
+        .query_one(
+            "SELECT count(*), inet_server_port() FROM items WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get::<_, i32>(1) as u16)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lsn_mode_reads_see_their_writes_in_every_protocol() {
+    let env = delayed(400, "").await;
+    let a = env.client().await;
+    let insert = a
+        .prepare("INSERT INTO items VALUES ($1, 'p')")
+        .await
+        .unwrap();
+    let select = a
+        .prepare("SELECT count(*) FROM items WHERE id = $1")
+        .await
+        .unwrap();
+    for id in 0..5 {
+        // simple protocol
+        a.simple_query(&format!("INSERT INTO items VALUES ({id}, 's')"))
+            .await
+            .unwrap();
+        assert_eq!(
+            count_simple(&a, id).await,
+            1,
+            "simple read after write {id}"
+        );
+        // extended protocol
+        let e = 100 + id;
+        a.execute("INSERT INTO items VALUES ($1, 'e')", &[&e])
+            .await
+            .unwrap();
+        assert_eq!(count(&a, e).await.0, 1, "extended read after write {e}");
+        // prepared statements
+        let p = 200 + id;
+        a.execute(&insert, &[&p]).await.unwrap();
+        let n: i64 = a.query_one(&select, &[&p]).await.unwrap().get(0);
+        assert_eq!(n, 1, "prepared read after write {p}");
+        // inside a transaction, then after it
+        let t = 300 + id;
+        a.batch_execute(&format!(
+            "BEGIN; INSERT INTO items VALUES ({t}, 't'); COMMIT"
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            count(&a, t).await.0,
+            1,
+            "read after a committed transaction {t}"
+        );
+        // a read-only transaction checks the token when it starts
+        a.batch_execute("BEGIN READ ONLY").await.unwrap();
+        assert_eq!(count_simple(&a, t).await, 1);
+        a.batch_execute("COMMIT").await.unwrap();
+    }
+    assert!(routed(&env, Reason::ReadYourWrites) >= 10);
+    // Another session has no token: its reads stay on the replicas.
+    let b = env.client().await;
+    let before = env.routed();
+    for id in 0..10 {
+        let (_, port) = count(&b, id).await;
+        assert_ne!(port, env.node_port(0));
+    }
+    assert_eq!(
+        env.routed()[0],
+        before[0],
+        "a session that never wrote used the primary"
+    );
+    // Read-only work on the primary creates no token.
+    let c = env.client().await;
+    c.simple_query("/* causeway:primary */ SELECT 1")
+        .await
+        .unwrap();
+    let (_, port) = count(&c, 1).await;
+    assert_ne!(port, env.node_port(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn causal_wait_lets_a_caught_up_replica_serve_the_read() {
+    let env = delayed(300, "\n[consistency]\ncausal_wait_ms = 3000\n").await;
+    let a = env.client().await;
+    a.execute("INSERT INTO items VALUES (1, 'x')", &[])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (n, port) = count(&a, 1).await;
+    assert_eq!(n, 1);
+    assert_ne!(
+        port,
+        env.node_port(0),
+        "the replica should have caught up within the wait"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "it had to wait for replay"
+    );
+    let stats = &env.proxy.shared.stats;
+    assert!(stats.causal_waits.load(Ordering::SeqCst) >= 1);
+    assert!(stats.causal_wait_hits.load(Ordering::SeqCst) >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_mode_keeps_reads_on_the_primary_for_the_window() {
+    let env = delayed(
+        400,
+        "\n[consistency]\nmode = \"sticky\"\nsticky_window_ms = 800\n",
+    )
+    .await;
+    let a = env.client().await;
+    a.execute("INSERT INTO items VALUES (1, 'x')", &[])
+        .await
+        .unwrap();
+    let (n, port) = count(&a, 1).await;
+    assert_eq!((n, port), (1, env.node_port(0)));
+    assert!(routed(&env, Reason::StickyWindow) >= 1);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (n, port) = count(&a, 1).await;
+    assert_ne!(port, env.node_port(0), "window over: back to replicas");
+    assert_eq!(n, 1, "the 400 ms delay has passed too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_and_presented_tokens_work_across_connections() {
+    let env = delayed(400, "").await;
+    let a = env.client().await;
+    a.batch_execute("SET causeway.consistency_key = 'user:42'")
+        .await
+        .unwrap();
+    a.execute("INSERT INTO items VALUES (1, 'k')", &[])
+        .await
+        .unwrap();
+    let b = env.client().await;
+    b.batch_execute("SET causeway.consistency_key = 'user:42'")
+        .await
+        .unwrap();
+    assert_eq!(count(&b, 1).await.0, 1, "same key sees the write");
+    // A key in a comment works per statement.
+    a.execute(
+        "/* causeway:key=user:7 */ INSERT INTO items VALUES (2, 'k')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let c = env.client().await;
+    let row = c
+        .query_one(
+            "/* causeway:key=user:7 */ SELECT count(*) FROM items WHERE id = 2",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1);
+    // Presented tokens: read one session's token, present it in another.
+    a.execute("INSERT INTO items VALUES (3, 'p')", &[])
+        .await
+        .unwrap();
+    let shown = a
+        .simple_query("SHOW causeway.last_write_lsn")
+        .await
+        .unwrap();
+    let token = shown
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap();
+    assert!(token.contains('/'), "{token}");
+    let d = env.client().await;
+    d.batch_execute(&format!("SET causeway.min_lsn = '{token}'"))
+        .await
+        .unwrap();
+    assert_eq!(count(&d, 3).await.0, 1, "presented token");
+    let e = env.client().await;
+    let row = e
+        .query_one(
+            &format!("/* causeway:min_lsn={token} */ SELECT count(*) FROM items WHERE id = 3"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1, "token in a comment");
+    // Bad tokens are refused, not ignored.
+    let err = e
+        .batch_execute("SET causeway.min_lsn = 'soon'")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22023"));
+    let err = e
+        .simple_query("/* causeway:min_lsn=zz/top */ SELECT 1")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22023"));
+    // A session with neither key nor token reads from replicas.
+    let f = env.client().await;
+    let (_, port) = count(&f, 3).await;
+    assert_ne!(port, env.node_port(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_is_reported_as_a_parameter_status() {
+    let env = delayed(0, "").await;
+    let proxy = common::trust_proxy(&env).await;
+    let mut s = raw::login(proxy.addr).await;
+    raw::roundtrip(&mut s, &raw::query("INSERT INTO items VALUES (1, 'r')")).await;
+    let msgs = raw::roundtrip(&mut s, &raw::query("SELECT 1")).await;
+    let status = msgs
+        .iter()
+        .find(|(t, b)| *t == b'S' && b.starts_with(b"causeway_last_write_lsn\0"))
+        .expect("ParameterStatus causeway_last_write_lsn");
+    let value = String::from_utf8_lossy(&status.1[24..status.1.len() - 1]).into_owned();
+    assert!(causeway::cluster::lsn::parse(&value).is_ok(), "{value}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_replica_is_avoided_and_used_again() {
+    let env = delayed(0, "").await;
+    let r1 = env.cluster.replicas[0].clone();
+    tokio::task::block_in_place(|| env.cluster.psql(&r1, "SELECT pg_wal_replay_pause()")).unwrap();
+    let a = env.client().await;
+    for id in 0..20 {
+        a.execute("INSERT INTO items VALUES ($1, 'x')", &[&id])
+            .await
+            .unwrap();
+        let (n, port) = count(&a, id).await;
+        assert_eq!(n, 1);
+        assert_ne!(
+            port,
+            env.node_port(1),
+            "paused replica served a read after a write"
+        );
+    }
+    tokio::task::block_in_place(|| env.cluster.psql(&r1, "SELECT pg_wal_replay_resume()")).unwrap();
+    let mut used = false;
+    for _ in 0..100 {
+        if count(&a, 0).await.1 == env.node_port(1) {
+            used = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(used, "replica1 was not used again after catching up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_past_the_lag_limit_is_not_used() {
+    let env = delayed(0, "\n[routing]\nmax_replica_lag_ms = 200\n").await;
+    let r1 = env.cluster.replicas[0].clone();
+    tokio::task::block_in_place(|| env.cluster.psql(&r1, "SELECT pg_wal_replay_pause()")).unwrap();
+    let writer = env.primary_admin().await;
+    writer
+        .batch_execute("GRANT ALL ON items TO app")
+        .await
+        .unwrap();
+    // Keep WAL flowing so the paused replica falls further behind.
+    for i in 0..10 {
+        writer
+            .execute("INSERT INTO items VALUES ($1, 'w')", &[&(1000 + i)])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reader = env.client().await;
+    for _ in 0..20 {
+        let (_, port) = count(&reader, 1).await;
+        assert_ne!(
+            port,
+            env.node_port(1),
+            "a replica past the lag limit served a read"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_scope_and_none_mode() {
+    let env = delayed(400, "\n[consistency]\nscope = \"global\"\n").await;
+    let a = env.client().await;
+    let b = env.client().await;
+    a.execute("INSERT INTO items VALUES (1, 'g')", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&b, 1).await.0,
+        1,
+        "global scope: another session sees the write"
+    );
+
+    let loose = env
+        .config
+        .replace("scope = \"global\"", "scope = \"session\"\nmode = \"none\"");
+    let proxy = common::proxy_for(&loose).await;
+    let c = connect(&format!(
+        "host=127.0.0.1 port={} user=app password={} dbname=app",
+        proxy.addr.port(),
+        common::PASSWORD
+    ))
+    .await;
+    c.execute("INSERT INTO items VALUES (2, 'n')", &[])
+        .await
+        .unwrap();
+    let (n, port) = count(&c, 2).await;
+    assert_ne!(
+        port,
+        env.node_port(0),
+        "mode none reads from a replica at once"
+    );
+    assert_eq!(
+        n, 0,
+        "and, 400 ms behind, it has not seen the write: what the feature prevents"
+    );
+}
