@@ -45,17 +45,24 @@ const ERRORS_SHOWN: usize = 5;
 
 const INSERT: &str = "INSERT INTO ryw (writer, payload) VALUES ($1, $2) RETURNING id";
 const READ_BACK: &str = "SELECT (SELECT count(*) FROM ryw WHERE id = $1), inet_server_port()";
-const READ_OLDER: &str =
-    "SELECT (SELECT count(*) FROM ryw WHERE id = ANY($1)), inet_server_port()";
+const READ_OLDER: &str = "SELECT (SELECT count(*) FROM ryw WHERE id = ANY($1)), inet_server_port()";
 
 #[derive(Parser, Debug, Clone)]
-#[command(about = "Bounded read-your-writes load test against a local cluster and proxy")]
+#[command(
+    about = "Bounded read-your-writes load test against a local cluster and proxy",
+    args_override_self = true
+)]
 struct Args {
     /// recovery_min_apply_delay of the replicas, in ms; 0 = their natural lag.
     #[arg(long, default_value_t = 200)]
     delay_ms: u64,
     /// Modes to run, in order, each against a fresh proxy (comma-separated).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "lsn,sticky,none")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "lsn,sticky,none"
+    )]
     modes: Vec<Mode>,
     /// Seconds of load per mode.
     #[arg(long, default_value_t = 20)]
@@ -84,6 +91,16 @@ struct Args {
     /// Pause after each iteration of every session (0 = closed loop, as fast as answered).
     #[arg(long, default_value_t = 0)]
     think_ms: u64,
+    /// Pause between a write's acknowledgement and its read-back, in µs (0 = read at once, as
+    /// the requirement says; a small pause shows whether stale read-backs are a race with the
+    /// proxy recording the write's token).
+    #[arg(long, default_value_t = 0)]
+    readback_pause_us: u64,
+    /// With `--protocol prepared`: prepare all three statements (the INSERT too) as soon as a
+    /// connection opens, as drivers and ORMs that prepare at connection setup do, instead of on
+    /// first use.
+    #[arg(long)]
+    prepare_at_connect: bool,
     /// Extra proxy configuration lines, appended after `[consistency] mode = …` (so bare keys
     /// land in [consistency]), e.g. `--proxy-toml 'causal_wait_ms = 50'`. Repeatable.
     #[arg(long)]
@@ -314,10 +331,28 @@ async fn timed<T>(fut: impl std::future::Future<Output = OpResult<T>>) -> OpResu
     }
 }
 
+/// Named statements, each prepared on first use (as a driver's statement cache would), so a
+/// session that never writes never prepares the INSERT either.
+#[derive(Default)]
 struct Prepared {
-    insert: Statement,
-    read_back: Statement,
-    read_older: Statement,
+    insert: Option<Statement>,
+    read_back: Option<Statement>,
+    read_older: Option<Statement>,
+}
+
+/// The statement in `slot`, preparing it first if needed.
+async fn prepared(
+    client: &Client,
+    slot: &mut Option<Statement>,
+    sql: &str,
+    types: &[Type],
+) -> Result<Statement, tokio_postgres::Error> {
+    if let Some(s) = slot {
+        return Ok(s.clone());
+    }
+    let s = client.prepare_typed(sql, types).await?;
+    *slot = Some(s.clone());
+    Ok(s)
 }
 
 enum Read<'a> {
@@ -328,11 +363,16 @@ enum Read<'a> {
 struct Conn {
     client: Client,
     protocol: Protocol,
-    prepared: Option<Prepared>,
+    prepared: Prepared,
 }
 
 impl Conn {
-    async fn open(conninfo: &str, protocol: Protocol, key: Option<&str>) -> OpResult<Conn> {
+    async fn open(
+        conninfo: &str,
+        protocol: Protocol,
+        key: Option<&str>,
+        eager: bool,
+    ) -> OpResult<Conn> {
         let client = connect(conninfo).await?;
         if let Some(key) = key {
             client
@@ -340,28 +380,23 @@ impl Conn {
                 .await
                 .map_err(describe)?;
         }
-        let prepared = if protocol == Protocol::Prepared {
-            Some(Prepared {
-                insert: client
-                    .prepare_typed(INSERT, &[Type::INT4, Type::TEXT])
-                    .await
-                    .map_err(describe)?,
-                read_back: client
-                    .prepare_typed(READ_BACK, &[Type::INT8])
-                    .await
-                    .map_err(describe)?,
-                read_older: client
-                    .prepare_typed(READ_OLDER, &[Type::INT8_ARRAY])
-                    .await
-                    .map_err(describe)?,
-            })
-        } else {
-            None
-        };
+        let mut p = Prepared::default();
+        if eager && protocol == Protocol::Prepared {
+            let c = &client;
+            prepared(c, &mut p.insert, INSERT, &[Type::INT4, Type::TEXT])
+                .await
+                .map_err(describe)?;
+            prepared(c, &mut p.read_back, READ_BACK, &[Type::INT8])
+                .await
+                .map_err(describe)?;
+            prepared(c, &mut p.read_older, READ_OLDER, &[Type::INT8_ARRAY])
+                .await
+                .map_err(describe)?;
+        }
         Ok(Conn {
             client,
             protocol,
-            prepared,
+            prepared: p,
         })
     }
 
@@ -371,7 +406,8 @@ impl Conn {
 
     /// Writes one row; returns its id once the write is acknowledged (committed).
     async fn insert(&mut self, writer: i32, payload: &str) -> OpResult<i64> {
-        let params: [(&(dyn ToSql + Sync), Type); 2] = [(&writer, Type::INT4), (&payload, Type::TEXT)];
+        let params: [(&(dyn ToSql + Sync), Type); 2] =
+            [(&writer, Type::INT4), (&payload, Type::TEXT)];
         let rows = match self.protocol {
             Protocol::Simple => {
                 let sql = format!(
@@ -386,8 +422,11 @@ impl Conn {
             }
             Protocol::Extended => self.client.query_typed(INSERT, &params).await,
             Protocol::Prepared => {
-                let s = &self.prepared.as_ref().expect("prepared").insert;
-                self.client.query(s, &[&writer, &payload]).await
+                let slot = &mut self.prepared.insert;
+                match prepared(&self.client, slot, INSERT, &[Type::INT4, Type::TEXT]).await {
+                    Ok(s) => self.client.query(&s, &[&writer, &payload]).await,
+                    Err(e) => Err(e),
+                }
             }
             Protocol::Transaction => {
                 let tx = self.client.transaction().await.map_err(describe)?;
@@ -442,12 +481,15 @@ impl Conn {
             }
             Protocol::Extended => self.client.query_typed(sql, &[param]).await,
             Protocol::Prepared => {
-                let p = self.prepared.as_ref().expect("prepared");
-                let s = match read {
-                    Read::Back(_) => &p.read_back,
-                    Read::Older(_) => &p.read_older,
+                let p = &mut self.prepared;
+                let (slot, ty) = match read {
+                    Read::Back(_) => (&mut p.read_back, Type::INT8),
+                    Read::Older(_) => (&mut p.read_older, Type::INT8_ARRAY),
                 };
-                self.client.query(s, &[param.0]).await
+                match prepared(&self.client, slot, sql, &[ty]).await {
+                    Ok(s) => self.client.query(&s, &[param.0]).await,
+                    Err(e) => Err(e),
+                }
             }
             Protocol::Transaction => {
                 let tx = self
@@ -525,6 +567,8 @@ struct RunCtx {
     older_rows: usize,
     older_reads: usize,
     think: Duration,
+    readback_pause: Duration,
+    eager: bool,
 }
 
 impl RunCtx {
@@ -532,7 +576,7 @@ impl RunCtx {
         if !conn.is_closed() {
             return true;
         }
-        match timed(Conn::open(&self.conninfo, self.protocol, key)).await {
+        match timed(Conn::open(&self.conninfo, self.protocol, key, self.eager)).await {
             Ok(c) => {
                 *conn = c;
                 true
@@ -545,7 +589,12 @@ impl RunCtx {
         }
     }
 
-    async fn read_older(&self, conn: &mut Conn, rng: &mut SmallRng, tally: &mut Tally) -> OpResult<bool> {
+    async fn read_older(
+        &self,
+        conn: &mut Conn,
+        rng: &mut SmallRng,
+        tally: &mut Tally,
+    ) -> OpResult<bool> {
         let ids = self.committed.pick(self.older_rows, rng);
         if ids.is_empty() {
             return Ok(false);
@@ -616,9 +665,18 @@ async fn writer_session(ctx: Arc<RunCtx>, n: i32, mut c: WriterConns) -> Outcome
             }
             None => &mut c.main,
         };
+        if !ctx.readback_pause.is_zero() {
+            tokio::time::sleep(ctx.readback_pause).await;
+        }
         let started = Instant::now();
         match timed(reader.read(Read::Back(id))).await {
             Ok((found, port)) => {
+                if found == 0 {
+                    eprintln!(
+                        "DIAG stale read-back writer {n} seq {seq} port {port} took {:?}",
+                        started.elapsed()
+                    );
+                }
                 out.read_backs
                     .record(started.elapsed(), found == 0, port != ctx.primary_port)
             }
@@ -808,7 +866,10 @@ async fn caught_up(cluster: &LocalCluster, timeout: Duration) -> OpResult<()> {
                 break;
             }
             if Instant::now() > until {
-                return Err(format!("{} did not replay up to {lsn} in {timeout:?}", r.name));
+                return Err(format!(
+                    "{} did not replay up to {lsn} in {timeout:?}",
+                    r.name
+                ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -837,7 +898,10 @@ async fn prepare_table(
         .map_err(describe)?;
     let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
     committed.push_all(&ids);
-    primary.batch_execute("ANALYZE ryw").await.map_err(describe)?;
+    primary
+        .batch_execute("ANALYZE ryw")
+        .await
+        .map_err(describe)?;
     let old_enough = Instant::now() + committed.age;
     caught_up(cluster, Duration::from_secs(60)).await?;
     tokio::time::sleep_until(old_enough.into()).await;
@@ -882,9 +946,23 @@ async fn run_load(
     let mut writers = Vec::with_capacity(args.writers);
     for i in 0..args.writers {
         let key = (mode == Mode::Keyed).then(|| format!("user:{i}"));
-        let main = Conn::open(&proxy_conninfo, args.protocol, key.as_deref()).await?;
+        let main = Conn::open(
+            &proxy_conninfo,
+            args.protocol,
+            key.as_deref(),
+            args.prepare_at_connect,
+        )
+        .await?;
         let second = if mode.second_connection() {
-            Some(Conn::open(&proxy_conninfo, args.protocol, key.as_deref()).await?)
+            Some(
+                Conn::open(
+                    &proxy_conninfo,
+                    args.protocol,
+                    key.as_deref(),
+                    args.prepare_at_connect,
+                )
+                .await?,
+            )
         } else {
             None
         };
@@ -892,7 +970,15 @@ async fn run_load(
     }
     let mut readers = Vec::with_capacity(args.readers);
     for _ in 0..args.readers {
-        readers.push(Conn::open(&proxy_conninfo, args.protocol, None).await?);
+        readers.push(
+            Conn::open(
+                &proxy_conninfo,
+                args.protocol,
+                None,
+                args.prepare_at_connect,
+            )
+            .await?,
+        );
     }
 
     let before = ProxyCounters::read(proxy);
@@ -908,6 +994,8 @@ async fn run_load(
         older_rows: args.older_rows,
         older_reads: args.older_reads,
         think: Duration::from_millis(args.think_ms),
+        readback_pause: Duration::from_micros(args.readback_pause_us),
+        eager: args.prepare_at_connect,
     });
     let lag = tokio::spawn(sample_lag(
         cluster.superuser_conninfo(&cluster.primary),
@@ -932,7 +1020,10 @@ async fn run_load(
             Ok(Err(e)) => out.error("session task", e.to_string()),
             Err(_) => {
                 abort.abort();
-                out.error("session task", "still running at the hard stop; aborted".into());
+                out.error(
+                    "session task",
+                    "still running at the hard stop; aborted".into(),
+                );
             }
         }
     }
@@ -1015,8 +1106,16 @@ fn print_result(args: &Args, nodes: &[&NodeInfo], r: &ModeResult) {
             name,
             t.count,
             t.count as f64 / secs,
-            if reads { t.stale.to_string() } else { "".into() },
-            if reads { fmt_pct(t.replica_share()) } else { "".into() },
+            if reads {
+                t.stale.to_string()
+            } else {
+                "".into()
+            },
+            if reads {
+                fmt_pct(t.replica_share())
+            } else {
+                "".into()
+            },
             fmt_ms(t.pct_ms(50.0)),
             fmt_ms(t.pct_ms(99.0)),
             t.errors
@@ -1030,7 +1129,10 @@ fn print_result(args: &Args, nodes: &[&NodeInfo], r: &ModeResult) {
     line("older rows, writers", &o.older_by_writers, true);
     line("older rows, reader-only", &o.older_by_readers, true);
     if o.skipped_older > 0 {
-        println!("older-row reads skipped (no row old enough yet): {}", o.skipped_older);
+        println!(
+            "older-row reads skipped (no row old enough yet): {}",
+            o.skipped_older
+        );
     }
     if o.error_count > 0 {
         println!("errors: {} in all; first ones:", o.error_count);
@@ -1097,7 +1199,11 @@ fn judge(args: &Args, results: &[ModeResult]) -> Vec<Verdict> {
         let errors = o.error_count;
         if r.mode.promises_ryw() && args.delay_ms > 0 {
             v.push(Verdict {
-                what: format!("{}: zero stale reads at {} ms delay", r.mode.name(), args.delay_ms),
+                what: format!(
+                    "{}: zero stale reads at {} ms delay",
+                    r.mode.name(),
+                    args.delay_ms
+                ),
                 holds: stale == 0 && errors == 0 && o.read_backs.count > 0,
                 detail: format!(
                     "{stale} stale of {} reads ({} read-backs), {errors} errors",
@@ -1172,7 +1278,9 @@ fn print_summary(args: &Args, results: &[ModeResult]) -> bool {
             o.error_count
         );
     }
-    println!("(rb = read-backs, old-w / old-r = older-row reads by writing / reader-only sessions, p99 in ms)");
+    println!(
+        "(rb = read-backs, old-w / old-r = older-row reads by writing / reader-only sessions, p99 in ms)"
+    );
     let verdicts = judge(args, results);
     let mut all = true;
     for v in &verdicts {
@@ -1244,7 +1352,10 @@ fn main() -> ExitCode {
             format!("{}ms", args.delay_ms),
         )];
     }
-    eprintln!("[{}] starting a primary and two streaming replicas...", chrono_now());
+    eprintln!(
+        "[{}] starting a primary and two streaming replicas...",
+        chrono_now()
+    );
     let cluster = match LocalCluster::start(opts) {
         Ok(c) => c,
         Err(e) => {
@@ -1267,7 +1378,10 @@ fn main() -> ExitCode {
             "none (natural lag)".into()
         }
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -1334,7 +1448,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         c.push(4);
         let ids = c.pick(10, &mut rng);
-        assert!(!ids.is_empty() && ids.iter().all(|id| (1..=3).contains(id)), "{ids:?}");
+        assert!(
+            !ids.is_empty() && ids.iter().all(|id| (1..=3).contains(id)),
+            "{ids:?}"
+        );
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "sorted and distinct");
     }
 }

@@ -45,6 +45,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     #[serde(default)]
     pub consistency: ConsistencyConfig,
+    #[serde(default)]
+    pub priority: PriorityConfig,
 }
 
 /// `[server]`: listening sockets and server-wide limits.
@@ -126,6 +128,9 @@ impl fmt::Debug for UserConfig {
 pub struct NodeConfig {
     pub host: String,
     pub port: u16,
+    /// Statements running at once on this server, across all pools; 0 = no limit.
+    #[serde(default)]
+    pub max_active: usize,
 }
 
 /// `[[replicas]]`.
@@ -137,6 +142,9 @@ pub struct ReplicaConfig {
     pub port: u16,
     #[serde(default = "one")]
     pub weight: u32,
+    /// Statements running at once on this server, across all pools; 0 = no limit.
+    #[serde(default)]
+    pub max_active: usize,
 }
 
 fn one() -> u32 {
@@ -164,6 +172,9 @@ pub struct PoolConfig {
     pub max_lifetime_ms: u64,
     /// Time allowed to roll back and return a connection left in a transaction.
     pub reset_timeout_ms: u64,
+    /// Requests allowed to wait per queue; past it the lowest classes are refused (53300).
+    /// 0 = unbounded.
+    pub max_waiters: usize,
 }
 
 impl Default for PoolConfig {
@@ -177,6 +188,7 @@ impl Default for PoolConfig {
             idle_timeout_ms: 600_000,
             max_lifetime_ms: 3_600_000,
             reset_timeout_ms: 5_000,
+            max_waiters: 1_000,
         }
     }
 }
@@ -284,6 +296,39 @@ impl Default for ConsistencyConfig {
             max_keys: 100_000,
         }
     }
+}
+
+/// `[priority]`: how waiters for a backend are ordered.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PriorityConfig {
+    /// Priority queues (commit, write, point_read, read, analytic); false = plain FIFO.
+    pub enabled: bool,
+    /// A waiter moves up one class after waiting this long, so no class starves.
+    pub aging_ms: u64,
+    /// Per-class overrides of `pool.acquire_timeout_ms`.
+    pub acquire_timeout_ms: ClassTimeouts,
+}
+
+impl Default for PriorityConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            aging_ms: 500,
+            acquire_timeout_ms: ClassTimeouts::default(),
+        }
+    }
+}
+
+/// `[priority.acquire_timeout_ms]`: optional per-class waits, in ms.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClassTimeouts {
+    pub commit: Option<u64>,
+    pub write: Option<u64>,
+    pub point_read: Option<u64>,
+    pub read: Option<u64>,
+    pub analytic: Option<u64>,
 }
 
 impl Config {
@@ -408,6 +453,7 @@ impl Config {
             ),
             ("consistency.lsn_poll_ms", self.consistency.lsn_poll_ms),
             ("consistency.key_ttl_ms", self.consistency.key_ttl_ms),
+            ("priority.aging_ms", self.priority.aging_ms),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be greater than 0"));
@@ -452,6 +498,14 @@ impl Config {
     /// `pool.acquire_timeout_ms` as a Duration.
     pub fn acquire_timeout(&self) -> Duration {
         Duration::from_millis(self.pool.acquire_timeout_ms)
+    }
+
+    /// Acquire timeout per priority class (commit, write, point_read, read, analytic).
+    pub fn class_timeouts(&self) -> [Duration; 5] {
+        let t = &self.priority.acquire_timeout_ms;
+        let base = self.pool.acquire_timeout_ms;
+        [t.commit, t.write, t.point_read, t.read, t.analytic]
+            .map(|o| Duration::from_millis(o.unwrap_or(base)))
     }
 
     /// `server.connect_timeout_ms` as a Duration.

@@ -70,6 +70,8 @@ pub enum PoolError {
     Backend(#[from] BackendError),
     #[error("pool {pool} is closed")]
     Closed { pool: String },
+    #[error("too many clients waiting for pool {pool}; try again")]
+    Refused { pool: String },
 }
 
 /// Everything that can end or interrupt a client session, mapped to a deliberate SQLSTATE.
@@ -110,7 +112,9 @@ impl SessionError {
             SessionError::ClientIo(_) => CONNECTION_FAILURE,
             SessionError::AuthFailed(_) => INVALID_PASSWORD,
             SessionError::AuthRejected(_) => INVALID_AUTHORIZATION,
-            SessionError::Pool(PoolError::Timeout { .. }) => TOO_MANY_CONNECTIONS,
+            SessionError::Pool(PoolError::Timeout { .. } | PoolError::Refused { .. }) => {
+                TOO_MANY_CONNECTIONS
+            }
             SessionError::Pool(PoolError::Closed { .. }) => CANNOT_CONNECT_NOW,
             SessionError::Pool(PoolError::Backend(e)) | SessionError::Backend(e) => {
                 backend_sqlstate(e)

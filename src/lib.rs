@@ -13,6 +13,7 @@ pub mod demo;
 pub mod error;
 pub mod launcher;
 pub mod pool;
+pub mod priority;
 pub mod protocol;
 pub mod route;
 pub mod server;

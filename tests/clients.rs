@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::{Env, PASSWORD, connect};
+use common::{Env, PASSWORD};
 
 /// Environment variables that would make libpq tools connect somewhere else or as someone else.
 const PG_ENV: &[&str] = &[
@@ -74,15 +74,6 @@ fn assert_success(what: &str, out: &Output) {
     );
 }
 
-/// A client straight to the primary as `app`, for setup the replicas must replay first.
-async fn primary_owner(env: &Env) -> tokio_postgres::Client {
-    connect(&format!(
-        "host=127.0.0.1 port={} user=app password={PASSWORD} dbname=app",
-        env.cluster.primary.port
-    ))
-    .await
-}
-
 /// Per-node routing counter increments since `before`.
 fn delta(env: &Env, before: &[u64]) -> Vec<u64> {
     env.routed()
@@ -125,7 +116,7 @@ fn port_of(stdout: &str, key: &str) -> u16 {
 async fn psql_scripts_copy_transactions_and_errors() {
     let env = common::start().await;
     let primary = env.node_port(0);
-    primary_owner(&env)
+    env.owner()
         .await
         .batch_execute("CREATE TABLE films (id int PRIMARY KEY, title text)")
         .await
@@ -335,59 +326,3 @@ fn assert_mostly_replicas(what: &str, routed: &[u64]) {
 }
 
 // --- psycopg -------------------------------------------------------------------------------
-
-/// The Python with psycopg: $CAUSEWAY_TEST_PYTHON (scripts/test sets it), else the venv
-/// scripts/test creates, else python3. Panics rather than skip when psycopg is missing, so a
-/// green run always means psycopg was exercised.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("CAUSEWAY_TEST_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python");
-    let candidate = if venv.exists() {
-        venv
-    } else {
-        PathBuf::from("python3")
-    };
-    let has_psycopg = Command::new(&candidate)
-        .args(["-c", "import psycopg"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        has_psycopg,
-        "{} cannot `import psycopg`: run scripts/test (it creates target/pyenv and sets \
-         CAUSEWAY_TEST_PYTHON), or set CAUSEWAY_TEST_PYTHON to a Python with psycopg[binary]",
-        candidate.display()
-    );
-    candidate
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn psycopg_suite() {
-    let python = python();
-    let env = common::start().await;
-    primary_owner(&env)
-        .await
-        .batch_execute("CREATE TABLE py_items (id int PRIMARY KEY, name text)")
-        .await
-        .unwrap();
-    env.caught_up().await;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/psycopg_suite.py");
-    let mut cmd = bounded(50, &python);
-    cmd.arg(&script)
-        .arg(env.conninfo())
-        .arg(env.node_port(0).to_string());
-    let out = output(cmd).await;
-    let stdout = text(&out.stdout);
-    println!("{stdout}");
-    eprintln!("{}", text(&out.stderr));
-    let summary = stdout.lines().last().unwrap_or_default();
-    assert!(
-        out.status.success() && summary.ends_with(" passed, 0 failed"),
-        "psycopg suite failed ({}):\n{stdout}\n{}",
-        out.status,
-        text(&out.stderr)
-    );
-}

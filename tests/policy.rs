@@ -6,7 +6,6 @@ mod common;
 use std::time::Duration;
 
 use causeway::route::Reason;
-use common::connect;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_refusing_a_write_is_retried_on_the_primary() {
@@ -16,12 +15,7 @@ async fn replica_refusing_a_write_is_retried_on_the_primary() {
         cfg.push_str("\n[routing]\nread_only_functions = [\"bump\"]\n");
     })
     .await;
-    let owner = connect(&format!(
-        "host=127.0.0.1 port={} user=app password={} dbname=app",
-        env.cluster.primary.port,
-        common::PASSWORD
-    ))
-    .await;
+    let owner = env.owner().await;
     owner
         .batch_execute(
             "CREATE TABLE hits (n int);
@@ -74,12 +68,7 @@ async fn no_usable_replica_falls_back_to_primary_or_errors() {
         .config
         .replace("[primary]", "[routing]\nfallback = \"error\"\n\n[primary]");
     let proxy = common::proxy_for(&strict).await;
-    let c = connect(&format!(
-        "host=127.0.0.1 port={} user=app password={} dbname=app",
-        proxy.addr.port(),
-        common::PASSWORD
-    ))
-    .await;
+    let c = env.client_via(&proxy).await;
     let err = c.query_one("SELECT 1", &[]).await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("57P03"), "{err}");
     // Writes are unaffected.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Env, connect};
+use common::Env;
 
 const SETUP: &str = "
 CREATE TABLE t (id int PRIMARY KEY, v text);
@@ -80,12 +80,7 @@ const PINNING: &[&str] = &[
 
 async fn setup() -> Env {
     let env = common::start().await;
-    let owner = connect(&format!(
-        "host=127.0.0.1 port={} user=app password={} dbname=app",
-        env.cluster.primary.port,
-        common::PASSWORD
-    ))
-    .await;
+    let owner = env.owner().await;
     owner.batch_execute(SETUP).await.expect("setup");
     env.caught_up().await;
     env

@@ -14,6 +14,7 @@ use std::time::Instant;
 use tokio::sync::Notify;
 
 use crate::config::Config;
+use crate::pool::queue::{PermitQueue, QueueConfig};
 
 /// Whether a node takes writes or serves reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +49,8 @@ pub struct Node {
     pub lsn_read_at_ms: AtomicU64,
     /// Node drained by an operator: no new reads.
     pub drained: AtomicBool,
+    /// Execution slots (`max_active`): statements running here at once, in priority order.
+    pub slots: Option<Arc<PermitQueue>>,
 }
 
 impl Node {
@@ -68,7 +71,20 @@ impl Node {
             replayed_at_us: AtomicI64::new(0),
             lsn_read_at_ms: AtomicU64::new(0),
             drained: AtomicBool::new(false),
+            slots: None,
         }
+    }
+
+    fn with_slots(mut self, max_active: usize, cfg: &Config) -> Self {
+        if max_active > 0 {
+            self.slots = Some(Arc::new(PermitQueue::new(QueueConfig {
+                permits: max_active,
+                priority: cfg.priority.enabled,
+                aging: std::time::Duration::from_millis(cfg.priority.aging_ms),
+                max_waiters: cfg.pool.max_waiters,
+            })));
+        }
+        self
     }
 
     /// `host:port`, for connecting and for messages.
@@ -125,23 +141,22 @@ pub struct Cluster {
 impl Cluster {
     /// Builds the topology from configuration; every node starts usable.
     pub fn from_config(cfg: &Config) -> Self {
-        let mut nodes = vec![Arc::new(Node::new(
-            0,
-            "primary",
-            Role::Primary,
-            &cfg.primary.host,
-            cfg.primary.port,
-            1,
-        ))];
+        let mut nodes = vec![Arc::new(
+            Node::new(
+                0,
+                "primary",
+                Role::Primary,
+                &cfg.primary.host,
+                cfg.primary.port,
+                1,
+            )
+            .with_slots(cfg.primary.max_active, cfg),
+        )];
         for (i, r) in cfg.replicas.iter().enumerate() {
-            nodes.push(Arc::new(Node::new(
-                i + 1,
-                &r.name,
-                Role::Replica,
-                &r.host,
-                r.port,
-                r.weight,
-            )));
+            nodes.push(Arc::new(
+                Node::new(i + 1, &r.name, Role::Replica, &r.host, r.port, r.weight)
+                    .with_slots(r.max_active, cfg),
+            ));
         }
         Self {
             nodes,

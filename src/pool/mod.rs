@@ -1,6 +1,7 @@
 //! Per-backend, per-(user, database) connection pools with RAII leases.
 
 mod backend;
+pub mod queue;
 pub mod statements;
 
 pub use backend::{Applied, BackendConn, Login, STATEMENT_CACHE_CAPACITY};
@@ -10,13 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Node, Role};
 use crate::config::Config;
 use crate::error::PoolError;
 use crate::protocol::TxStatus;
+use queue::{AcquireError, Class, Permit, PermitQueue, QueueConfig};
 
 /// Largest message accepted from a server.
 const BACKEND_MAX_MESSAGE: usize = (1 << 30) + 64;
@@ -26,7 +27,11 @@ const BACKEND_MAX_MESSAGE: usize = (1 << 30) + 64;
 pub struct PoolSettings {
     pub max: usize,
     pub min_idle: usize,
-    pub acquire_timeout: Duration,
+    /// Longest wait for a connection, per priority class.
+    pub acquire_timeouts: [Duration; 5],
+    pub priority: bool,
+    pub aging: Duration,
+    pub max_waiters: usize,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_lifetime: Duration,
@@ -42,11 +47,9 @@ pub struct Pool {
     login: Login,
     settings: PoolSettings,
     idle: Mutex<Vec<BackendConn>>,
-    permits: Arc<Semaphore>,
+    permits: Arc<PermitQueue>,
     /// Connections open (idle and leased).
     pub open: AtomicUsize,
-    /// Clients waiting for a connection right now.
-    pub waiting: AtomicUsize,
     /// Acquisitions that timed out.
     pub timeouts: AtomicU64,
     server_params: Mutex<Option<Vec<(String, String)>>>,
@@ -56,40 +59,42 @@ impl Pool {
     fn new(node: Arc<Node>, login: Login, settings: PoolSettings) -> Self {
         Self {
             name: format!("{}/{}/{}", node.name, login.user, login.database),
-            permits: Arc::new(Semaphore::new(settings.max)),
+            permits: Arc::new(PermitQueue::new(QueueConfig {
+                permits: settings.max,
+                priority: settings.priority,
+                aging: settings.aging,
+                max_waiters: settings.max_waiters,
+            })),
             node,
             login,
             settings,
             idle: Mutex::new(Vec::new()),
             open: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
             timeouts: AtomicU64::new(0),
             server_params: Mutex::new(None),
         }
     }
 
-    /// Takes a connection, waiting at most `acquire_timeout` for one to be free.
-    pub async fn acquire(self: &Arc<Self>) -> Result<Lease, PoolError> {
-        let started = Instant::now();
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        let permit = tokio::time::timeout(
-            self.settings.acquire_timeout,
-            Arc::clone(&self.permits).acquire_owned(),
-        )
-        .await;
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
-        let permit = match permit {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => {
-                return Err(PoolError::Closed {
-                    pool: self.name.clone(),
-                });
-            }
-            Err(_) => {
+    /// Takes a connection, waiting in priority order at most the class's acquire timeout.
+    pub async fn acquire(self: &Arc<Self>, class: Class) -> Result<Lease, PoolError> {
+        let timeout = self.settings.acquire_timeouts[class as usize];
+        let permit = match self.permits.acquire(class, timeout).await {
+            Ok(p) => p,
+            Err(AcquireError::Timeout) => {
                 self.timeouts.fetch_add(1, Ordering::Relaxed);
                 return Err(PoolError::Timeout {
                     pool: self.name.clone(),
-                    waited_ms: started.elapsed().as_millis() as u64,
+                    waited_ms: timeout.as_millis() as u64,
+                });
+            }
+            Err(AcquireError::Refused) => {
+                return Err(PoolError::Refused {
+                    pool: self.name.clone(),
+                });
+            }
+            Err(AcquireError::Closed) => {
+                return Err(PoolError::Closed {
+                    pool: self.name.clone(),
                 });
             }
         };
@@ -164,13 +169,18 @@ impl Pool {
         self.settings.max
     }
 
+    /// The waiter queue, for stats.
+    pub fn queue(&self) -> &PermitQueue {
+        &self.permits
+    }
+
     /// ParameterStatus values of the server, learned from the first connection (opening one if
     /// needed), to greet clients the way the server would.
     pub async fn server_params(self: &Arc<Self>) -> Result<Vec<(String, String)>, PoolError> {
         if let Some(p) = self.server_params.lock().ok().and_then(|p| p.clone()) {
             return Ok(p);
         }
-        let lease = self.acquire().await?;
+        let lease = self.acquire(Class::Read).await?;
         Ok(lease.conn_ref().params.clone())
     }
 
@@ -189,7 +199,7 @@ impl Pool {
         self.open.fetch_sub(expired.len(), Ordering::Relaxed);
         drop(expired);
         while self.open.load(Ordering::Relaxed) < self.settings.min_idle && self.node.is_usable() {
-            let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
+            let Some(permit) = self.permits.try_acquire() else {
                 break;
             };
             match self.connect().await {
@@ -206,7 +216,7 @@ impl Pool {
 pub struct Lease {
     conn: Option<BackendConn>,
     pool: Arc<Pool>,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<Permit>,
 }
 
 impl Lease {
@@ -300,7 +310,10 @@ impl Pools {
                 Role::Replica => p.replica_max,
             },
             min_idle: p.min_idle,
-            acquire_timeout: self.cfg.acquire_timeout(),
+            acquire_timeouts: self.cfg.class_timeouts(),
+            priority: self.cfg.priority.enabled,
+            aging: Duration::from_millis(self.cfg.priority.aging_ms),
+            max_waiters: p.max_waiters,
             connect_timeout: self.cfg.connect_timeout(),
             idle_timeout: Duration::from_millis(p.idle_timeout_ms),
             max_lifetime: Duration::from_millis(p.max_lifetime_ms),

@@ -11,6 +11,8 @@ use crate::classify::{Access, Classification, Hints, SessionCommand, TxEffect};
 use crate::config::PoolMode;
 use crate::error::{PoolError, SessionError};
 use crate::pool::Applied;
+use crate::pool::queue::Class;
+use crate::priority;
 use crate::protocol::{self, TxStatus, tag};
 use crate::route::{Decision, Reason, Target};
 
@@ -74,7 +76,8 @@ impl Session {
             return Ok(());
         }
         let fresh = self.lease.is_none();
-        if fresh && let Err(e) = self.acquire_for(&class, req.force_primary).await {
+        let prio = priority::class_of(&class, req.sql_texts().next(), false);
+        if fresh && let Err(e) = self.acquire_for(&class, req.force_primary, prio).await {
             if e.is_client_gone() {
                 return Err(e);
             }
@@ -104,6 +107,16 @@ impl Session {
             && class.pin.is_none()
             && !req.is_function_call();
         if !self.verify_shapes(&req).await? {
+            return Ok(());
+        }
+        let in_tx = self.status != TxStatus::Idle;
+        if !self
+            .take_slot(
+                priority::class_of(&class, req.sql_texts().next(), in_tx),
+                &req,
+            )
+            .await
+        {
             return Ok(());
         }
         if self.needs_token(&class) && req.executes() {
@@ -142,6 +155,44 @@ impl Session {
             && !self.holds_backend()
             && lease.node().role == crate::cluster::Role::Replica
             && needs_primary
+    }
+
+    /// Waits for an execution slot on the backend's server when it bounds `max_active`; the
+    /// slot is held until the request's ReadyForQuery. False: refused or timed out, and the
+    /// client has been told.
+    async fn take_slot(&mut self, prio: Class, req: &Request) -> bool {
+        let Some(slots) = self.lease.as_ref().and_then(|l| l.node().slots.clone()) else {
+            return true;
+        };
+        if self.slot.is_some() {
+            return true;
+        }
+        let timeout = self.shared.cfg.class_timeouts()[prio as usize];
+        let name = self
+            .lease
+            .as_ref()
+            .map(|l| l.node().name.clone())
+            .unwrap_or_default();
+        match slots.acquire(prio, timeout).await {
+            Ok(permit) => {
+                self.slot = Some(permit);
+                true
+            }
+            Err(e) => {
+                let pool = format!("{name} execution slots");
+                let err = match e {
+                    crate::pool::queue::AcquireError::Timeout => PoolError::Timeout {
+                        pool,
+                        waited_ms: timeout.as_millis() as u64,
+                    },
+                    crate::pool::queue::AcquireError::Refused => PoolError::Refused { pool },
+                    crate::pool::queue::AcquireError::Closed => PoolError::Closed { pool },
+                };
+                self.fail_request(req, &SessionError::Pool(err));
+                self.release_if_idle();
+                false
+            }
+        }
     }
 
     /// A lone `BEGIN` is answered at once and sent later with the first statement of the
@@ -190,7 +241,8 @@ impl Session {
         let read_only = routing.tx == TxEffect::SetReadOnly;
         routing.tx = TxEffect::Begin { read_only };
         routing.proxy = None;
-        if let Err(e) = self.acquire_for(&routing, false).await {
+        let prio = priority::class_of(&routing, req.sql_texts().next(), false);
+        if let Err(e) = self.acquire_for(&routing, false, prio).await {
             if e.is_client_gone() {
                 return Err(e);
             }
@@ -210,6 +262,15 @@ impl Session {
             });
         }
         self.in_flight = None;
+        if !self
+            .take_slot(
+                priority::class_of(&class_for_token, req.sql_texts().next(), true),
+                &req,
+            )
+            .await
+        {
+            return Ok(());
+        }
         self.needs_token(&class_for_token);
         self.send(&req, effect).await
     }
@@ -261,6 +322,7 @@ impl Session {
         &mut self,
         class: &Classification,
         force_primary: bool,
+        prio: Class,
     ) -> Result<(), SessionError> {
         let shared = Arc::clone(&self.shared);
         let cluster = &shared.cluster;
@@ -292,7 +354,7 @@ impl Session {
                     self.user
                 )));
             };
-            match pool.acquire().await {
+            match pool.acquire(prio).await {
                 Ok(mut lease) => {
                     shared.stats.count_route(decision.reason);
                     node.queries.fetch_add(1, Ordering::Relaxed);

@@ -145,6 +145,8 @@ pub struct Session {
     token_after_ready: Option<Option<String>>,
     /// A new token is to be reported to the client with its next reply.
     announce_token: bool,
+    /// Execution slot held while a request runs (servers with `max_active`).
+    slot: Option<crate::pool::queue::Permit>,
     /// Notices held back while the current read may still be re-run elsewhere.
     held: Vec<Frame>,
     /// The current backend's own FATAL error already reached the client.
@@ -192,6 +194,7 @@ impl Session {
             copy_sync_owed: false,
             backend_fatal_forwarded: false,
             held: Vec::new(),
+            slot: None,
             settings,
             tx_effects: Vec::new(),
             tx_committed: false,
@@ -441,6 +444,7 @@ impl Session {
         self.copy_sync_owed = false;
         self.pending_token = None;
         self.token_after_ready = None;
+        self.slot = None;
         if let Ok(mut slot) = self.cancel.lock() {
             *slot = None;
         }

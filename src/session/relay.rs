@@ -78,6 +78,10 @@ impl Session {
                     {
                         self.queue_token_query(key);
                     }
+                    if self.replies.is_empty() {
+                        // The statement is over: its execution slot goes to the next waiter.
+                        self.slot = None;
+                    }
                     self.maybe_release();
                     continue;
                 }

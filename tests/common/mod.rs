@@ -77,6 +77,24 @@ impl Env {
         connect(&self.conninfo()).await
     }
 
+    /// A client straight to the primary as the application user (owner of database app).
+    pub async fn owner(&self) -> tokio_postgres::Client {
+        connect(&format!(
+            "host=127.0.0.1 port={} user=app password={PASSWORD} dbname=app",
+            self.cluster.primary.port
+        ))
+        .await
+    }
+
+    /// A client through another proxy in front of the same cluster.
+    pub async fn client_via(&self, proxy: &Running) -> tokio_postgres::Client {
+        connect(&format!(
+            "host=127.0.0.1 port={} user=app password={PASSWORD} dbname=app",
+            proxy.addr.port()
+        ))
+        .await
+    }
+
     /// A client straight to the primary as superuser (for setup and checks).
     pub async fn primary_admin(&self) -> tokio_postgres::Client {
         connect(&self.cluster.superuser_conninfo(&self.cluster.primary)).await
