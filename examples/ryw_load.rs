@@ -671,12 +671,6 @@ async fn writer_session(ctx: Arc<RunCtx>, n: i32, mut c: WriterConns) -> Outcome
         let started = Instant::now();
         match timed(reader.read(Read::Back(id))).await {
             Ok((found, port)) => {
-                if found == 0 {
-                    eprintln!(
-                        "DIAG stale read-back writer {n} seq {seq} port {port} took {:?}",
-                        started.elapsed()
-                    );
-                }
                 out.read_backs
                     .record(started.elapsed(), found == 0, port != ctx.primary_port)
             }

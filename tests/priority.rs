@@ -127,6 +127,25 @@ async fn overload_refuses_the_lowest_class_at_once() {
         .map(|p| p.queue().stats().total().refusals)
         .sum();
     assert_eq!(refusals, 1);
+    // Operators see the same in psql.
+    let rows = c.simple_query("SHOW causeway.pools").await.unwrap();
+    let analytic = rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r)
+                if r.get(0) == Some("primary/app/app") && r.get(1) == Some("analytic") =>
+            {
+                r.get(9).map(str::to_string)
+            }
+            _ => None,
+        })
+        .expect("a row for the primary pool's analytic class");
+    assert_eq!(analytic, "1", "refusals");
+    let stats = c.simple_query("SHOW causeway.stats").await.unwrap();
+    assert!(
+        stats.iter().any(|m| matches!(m,
+        tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("routed.classified_write")))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,9 @@
 use super::{Effect, Expect, Request, Session};
 use crate::classify::{ProxyCommand, RouteMode, SessionCommand};
 use crate::cluster::lsn;
+use crate::pool::queue::Class;
 use crate::protocol::{self, Frame, TxStatus, tag};
+use std::sync::atomic::Ordering;
 
 /// SQLSTATE for an unknown `causeway.*` setting, as PostgreSQL reports unknown parameters.
 const UNDEFINED_OBJECT: &str = "42704";
@@ -14,8 +16,25 @@ const INVALID_PARAMETER_VALUE: &str = "22023";
 /// SQLSTATE for DEALLOCATE of a statement that does not exist.
 const INVALID_STATEMENT_NAME: &str = "26000";
 
-/// A command tag and, for SHOW, the column name and value.
-pub(super) type LocalAnswer = (&'static str, Option<(String, String)>);
+/// A command tag and, for SHOW, the rows to return.
+pub(super) type LocalAnswer = (&'static str, Option<Table>);
+
+/// A small result set the proxy produces itself (text columns).
+#[derive(Debug, Clone)]
+pub(super) struct Table {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// One column, one row: the answer to `SHOW causeway.<name>`.
+    fn value(name: &str, value: String) -> Option<Table> {
+        Some(Table {
+            columns: vec![format!("causeway.{name}")],
+            rows: vec![vec![value]],
+        })
+    }
+}
 
 /// A local answer or an error (SQLSTATE, message).
 pub(super) type LocalOutcome = Result<LocalAnswer, (&'static str, String)>;
@@ -29,6 +48,86 @@ pub(super) enum SessionAction {
 }
 
 impl Session {
+    /// `SHOW causeway.pools`: each pool's connections and its waiters per priority class.
+    fn pools_table(&self) -> Table {
+        let mut rows = Vec::new();
+        for pool in self.shared.pools.all() {
+            let stats = pool.queue().stats();
+            for class in Class::ALL {
+                let c = stats.class(class);
+                let ms = |q: f64| {
+                    c.wait_us
+                        .percentile(q)
+                        .map_or_else(String::new, |us| format!("{:.3}", us as f64 / 1000.0))
+                };
+                rows.push(vec![
+                    pool.name.clone(),
+                    class.as_str().to_string(),
+                    pool.max().to_string(),
+                    pool.open.load(Ordering::Relaxed).to_string(),
+                    pool.idle_count().to_string(),
+                    c.waiting.to_string(),
+                    format!("{:.3}", c.max_wait_us as f64 / 1000.0),
+                    ms(0.5),
+                    ms(0.99),
+                    c.refusals.to_string(),
+                    c.timeouts.to_string(),
+                ]);
+            }
+        }
+        Table {
+            columns: [
+                "pool",
+                "class",
+                "size",
+                "open",
+                "idle",
+                "waiting",
+                "max_wait_ms",
+                "wait_p50_ms",
+                "wait_p99_ms",
+                "refusals",
+                "timeouts",
+            ]
+            .map(String::from)
+            .to_vec(),
+            rows,
+        }
+    }
+
+    /// `SHOW causeway.stats`: routing decisions by reason and read-your-writes counters.
+    fn stats_table(&self) -> Table {
+        let s = &self.shared.stats;
+        let mut rows: Vec<Vec<String>> = s
+            .routes()
+            .into_iter()
+            .map(|(reason, n)| vec![format!("routed.{reason}"), n.to_string()])
+            .collect();
+        for node in &self.shared.cluster.nodes {
+            rows.push(vec![
+                format!("queries.{}", node.name),
+                node.queries.load(Ordering::Relaxed).to_string(),
+            ]);
+        }
+        for (name, v) in [
+            ("causal_waits", &s.causal_waits),
+            ("causal_wait_us", &s.causal_wait_us),
+            ("causal_wait_hits", &s.causal_wait_hits),
+            ("tokens", &s.tokens),
+            ("retried_reads", &s.retried_reads),
+            ("pins", &s.pins),
+        ] {
+            rows.push(vec![
+                name.to_string(),
+                v.load(Ordering::Relaxed).to_string(),
+            ]);
+        }
+        Table {
+            columns: vec!["stat".into(), "value".into()],
+            rows,
+        }
+    }
+
     /// Closes and Syncs outside a transaction: statement names are the proxy's to forget, and
     /// portals do not outlive a transaction.
     pub(super) fn answer_housekeeping(&mut self, req: &Request) {
@@ -65,7 +164,7 @@ impl Session {
                     RouteMode::Replica => "replica",
                     RouteMode::Auto => "auto",
                 };
-                Ok(("SHOW", Some((format!("causeway.{name}"), v.to_string()))))
+                Ok(("SHOW", Table::value(name, v.to_string())))
             }
             ProxyCommand::SetVar { name, value } if name == "consistency_key" => {
                 self.tokens.key = value.clone().filter(|v| !v.is_empty());
@@ -80,24 +179,23 @@ impl Session {
                 };
                 Ok(("SET", None))
             }
-            ProxyCommand::Show { name } if name == "last_write_lsn" => Ok((
-                "SHOW",
-                Some((format!("causeway.{name}"), lsn::format(self.tokens.own))),
-            )),
+            ProxyCommand::Show { name } if name == "last_write_lsn" => {
+                Ok(("SHOW", Table::value(name, lsn::format(self.tokens.own))))
+            }
             ProxyCommand::Show { name } if name == "min_lsn" => Ok((
                 "SHOW",
-                Some((
-                    format!("causeway.{name}"),
-                    lsn::format(self.tokens.presented),
-                )),
+                Table::value(name, lsn::format(self.tokens.presented)),
             )),
             ProxyCommand::Show { name } if name == "consistency_key" => Ok((
                 "SHOW",
-                Some((
-                    format!("causeway.{name}"),
-                    self.tokens.key.clone().unwrap_or_default(),
-                )),
+                Table::value(name, self.tokens.key.clone().unwrap_or_default()),
             )),
+            ProxyCommand::Show { name } if name == "pools" => {
+                Ok(("SHOW", Some(self.pools_table())))
+            }
+            ProxyCommand::Show { name } if name == "stats" => {
+                Ok(("SHOW", Some(self.stats_table())))
+            }
             ProxyCommand::SetVar { name, .. } | ProxyCommand::Show { name } => Err((
                 UNDEFINED_OBJECT,
                 format!("unrecognized configuration parameter \"causeway.{name}\""),
@@ -192,8 +290,9 @@ impl Session {
                 (tag::FE_PARSE, _) => vec![protocol::parse_complete()],
                 (tag::FE_BIND, _) => vec![protocol::bind_complete()],
                 (tag::FE_CLOSE, _) => vec![protocol::close_complete()],
-                (tag::FE_DESCRIBE, Ok((_, Some((col, _))))) => {
-                    vec![protocol::row_description_text(&[col.as_str()])]
+                (tag::FE_DESCRIBE, Ok((_, Some(t)))) => {
+                    let cols: Vec<&str> = t.columns.iter().map(String::as_str).collect();
+                    vec![protocol::row_description_text(&cols)]
                 }
                 (tag::FE_DESCRIBE, _) => vec![protocol::no_data()],
                 (tag::FE_EXECUTE, Ok((cmd_tag, row))) => {
@@ -212,12 +311,15 @@ impl Session {
     }
 }
 
-fn row_frames(row: Option<&(String, String)>) -> Vec<Frame> {
-    match row {
-        Some((col, val)) => vec![
-            protocol::row_description_text(&[col.as_str()]),
-            protocol::data_row_text(&[Some(val.as_str())]),
-        ],
-        None => vec![],
+fn row_frames(table: Option<&Table>) -> Vec<Frame> {
+    let Some(t) = table else {
+        return vec![];
+    };
+    let cols: Vec<&str> = t.columns.iter().map(String::as_str).collect();
+    let mut out = vec![protocol::row_description_text(&cols)];
+    for row in &t.rows {
+        let values: Vec<Option<&str>> = row.iter().map(|v| Some(v.as_str())).collect();
+        out.push(protocol::data_row_text(&values));
     }
+    out
 }
