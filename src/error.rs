@@ -49,6 +49,9 @@ pub enum BackendError {
         tag: char,
         during: &'static str,
     },
+    /// Replies no longer match what the proxy sent: the connection cannot be trusted.
+    #[error("replies from {node} are out of step with the requests: {what}")]
+    Desync { node: String, what: String },
 }
 
 impl BackendError {

@@ -351,15 +351,7 @@ impl Session {
             .as_ref()
             .map(|l| l.node().name.clone())
             .unwrap_or_default();
-        SessionError::Backend(BackendError::Unexpected {
-            node,
-            tag: '?',
-            during: if what.is_empty() {
-                "relay"
-            } else {
-                "relay (desync)"
-            },
-        })
+        SessionError::Backend(BackendError::Desync { node, what })
     }
 
     /// The backend connection failed. A read that had not reached the client is re-run
