@@ -47,6 +47,9 @@ pub struct Node {
     pub replayed_at_us: AtomicI64,
     /// When the monitor last read `lsn`, in ms since the cluster started; 0 = never.
     pub lsn_read_at_ms: AtomicU64,
+    /// Replicas: how old the last transaction was when the replica was seen replaying it, in
+    /// ms (roughly the delay between a commit and its replay here).
+    pub apply_delay_ms: AtomicU64,
     /// Node drained by an operator: no new reads.
     pub drained: AtomicBool,
     /// Execution slots (`max_active`): statements running here at once, in priority order.
@@ -70,6 +73,7 @@ impl Node {
             lsn: AtomicU64::new(0),
             replayed_at_us: AtomicI64::new(0),
             lsn_read_at_ms: AtomicU64::new(0),
+            apply_delay_ms: AtomicU64::new(0),
             drained: AtomicBool::new(false),
             slots: None,
         }

@@ -119,6 +119,13 @@ async fn check(
     node.lsn_read_at_ms
         .store(cluster.now_ms(), Ordering::Release);
     if node.role == Role::Replica && lsn > before {
+        if replayed_at != 0 {
+            let now_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+            let delay_ms = u64::try_from((now_us - replayed_at).max(0) / 1000).unwrap_or(0);
+            node.apply_delay_ms.store(delay_ms, Ordering::Release);
+        }
         cluster.lsn_advanced.notify_waiters();
     }
     judge(node.role, in_recovery)

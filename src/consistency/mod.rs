@@ -83,6 +83,8 @@ pub struct SessionTokens {
     pub key: Option<String>,
     /// `SET causeway.min_lsn`.
     pub presented: Lsn,
+    /// A write whose token could not be taken (its backend failed right after it).
+    pub unconfirmed_write: Option<Instant>,
 }
 
 /// What the next read needs.
@@ -115,10 +117,10 @@ pub struct Inputs<'a> {
 /// Decides what a read must wait for. Pure.
 pub fn requirement(i: Inputs<'_>) -> Requirement {
     let presented = i.session.presented.max(i.hinted);
-    let recent_write = i
-        .session
-        .last_write
-        .is_some_and(|t| i.now.duration_since(t) < i.sticky_window);
+    let within = |t: Option<Instant>| t.is_some_and(|t| i.now.duration_since(t) < i.sticky_window);
+    let recent_write = within(i.session.last_write);
+    // Without a token for a write, only the primary is sure to have it.
+    let unconfirmed = within(i.session.unconfirmed_write);
     let tokens = || {
         let mut t = i.session.own.max(i.key_token);
         if i.scope == ConsistencyScope::Global {
@@ -138,11 +140,11 @@ pub fn requirement(i: Inputs<'_>) -> Requirement {
         },
         ConsistencyMode::Lsn => Requirement {
             min_lsn: tokens().max(presented),
-            primary: false,
+            primary: unconfirmed,
         },
         ConsistencyMode::LsnSticky => Requirement {
             min_lsn: tokens().max(presented),
-            primary: !i.lsn_fresh && recent_write,
+            primary: unconfirmed || (!i.lsn_fresh && recent_write),
         },
     }
 }
@@ -224,6 +226,13 @@ mod tests {
         // The window closes.
         let later = now + Duration::from_millis(2500);
         assert!(!requirement(inputs(Sticky, &wrote, later)).primary);
+        // A write whose token was lost keeps reads on the primary for the window.
+        let lost = SessionTokens {
+            unconfirmed_write: Some(now),
+            ..Default::default()
+        };
+        assert!(requirement(inputs(Lsn, &lost, now)).primary);
+        assert!(!requirement(inputs(Lsn, &lost, later)).primary);
     }
 
     #[test]

@@ -53,7 +53,10 @@ impl Session {
             if decision.reason == Reason::ReadYourWrites {
                 let since = *blocked_since.get_or_insert_with(Instant::now);
                 let left = wait.saturating_sub(since.elapsed());
-                if !left.is_zero() && tokio::time::timeout(left, advanced).await.is_ok() {
+                if !left.is_zero()
+                    && !self.replicas_far_behind(left)
+                    && tokio::time::timeout(left, advanced).await.is_ok()
+                {
                     continue;
                 }
             }
@@ -69,6 +72,22 @@ impl Session {
             }
             return Ok(decision);
         }
+    }
+
+    /// Whether every usable replica applies commits later than the time left to wait (as seen
+    /// by the monitor when it last advanced), so waiting would only delay a read that ends on
+    /// the primary anyway.
+    fn replicas_far_behind(&self, left: Duration) -> bool {
+        let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+        let mut usable = self
+            .shared
+            .cluster
+            .replicas()
+            .iter()
+            .filter(|n| n.is_usable())
+            .peekable();
+        usable.peek().is_some()
+            && usable.all(|n| n.apply_delay_ms.load(Ordering::Acquire) > left_ms)
     }
 
     /// The router's view of each replica, lag limits applied.

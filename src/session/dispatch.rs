@@ -119,7 +119,8 @@ impl Session {
         {
             return Ok(());
         }
-        if self.needs_token(&class) && req.executes() {
+        // Only work that runs counts as a write (a prepared INSERT is not one yet).
+        if req.executes() && self.needs_token(&class) {
             let key = class.hints.key.clone();
             if class.reason == "copy_from" || !req.ends_with_ready() {
                 // The server reads COPY data next, or the batch is not closed yet: ask for the
@@ -271,7 +272,9 @@ impl Session {
         {
             return Ok(());
         }
-        self.needs_token(&class_for_token);
+        if req.executes() {
+            self.needs_token(&class_for_token);
+        }
         self.send(&req, effect).await
     }
 

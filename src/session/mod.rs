@@ -145,6 +145,8 @@ pub struct Session {
     token_after_ready: Option<Option<String>>,
     /// A new token is to be reported to the client with its next reply.
     announce_token: bool,
+    /// The write's ReadyForQuery, held until its token is recorded.
+    ready_after_token: Option<Frame>,
     /// Execution slot held while a request runs (servers with `max_active`).
     slot: Option<crate::pool::queue::Permit>,
     /// Notices held back while the current read may still be re-run elsewhere.
@@ -204,6 +206,7 @@ impl Session {
             pending_token: None,
             token_after_ready: None,
             announce_token: false,
+            ready_after_token: None,
         }
     }
 

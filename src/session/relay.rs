@@ -53,6 +53,9 @@ impl Session {
                         Some(Expect::Sync { effect }) => (true, effect),
                         Some(Expect::Token { key, lsn }) => {
                             self.record_token(lsn, key);
+                            if let Some(ready) = self.ready_after_token.take() {
+                                self.client.queue(&ready);
+                            }
                             (false, None)
                         }
                         _ => (true, None),
@@ -70,7 +73,15 @@ impl Session {
                         for held in self.held.drain(..) {
                             self.client.queue(&held);
                         }
-                        self.client.queue(&frame);
+                        // A write is acknowledged only once its token is recorded: another
+                        // session reading under the same key must find the token in place.
+                        let token_next = matches!(self.replies.front(), Some(Expect::Token { .. }))
+                            || (self.replies.is_empty() && self.token_after_ready.is_some());
+                        if token_next {
+                            self.ready_after_token = Some(frame);
+                        } else {
+                            self.client.queue(&frame);
+                        }
                     }
                     self.emit_synthetic();
                     if self.replies.is_empty()
@@ -365,6 +376,12 @@ impl Session {
         };
         lease.conn().broken = true;
         let fatal_forwarded = std::mem::take(&mut self.backend_fatal_forwarded);
+        if let Some(ready) = self.ready_after_token.take() {
+            // The write completed but its token is lost: acknowledge it, and keep this
+            // session's reads on the primary for the sticky window instead.
+            self.client.queue(&ready);
+            self.tokens.unconfirmed_write = Some(std::time::Instant::now());
+        }
         let node = std::sync::Arc::clone(lease.node());
         node.errors.fetch_add(1, Ordering::Relaxed);
         let reason = err.map_or_else(
