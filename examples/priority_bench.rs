@@ -48,6 +48,9 @@ const HEAVY: &str = "/* causeway:primary */ SELECT count(*), sum(v) FROM bench_a
 /// Targets of the requirement.
 const P99_RATIO_MAX: f64 = 0.2;
 const HEAVY_RATIO_MIN: f64 = 0.5;
+/// Scheduling slack allowed on top of the acquire timeout when checking the proxy's longest
+/// granted wait.
+const WAIT_SLACK_MS: u64 = 250;
 /// How long the client waits for an answer beyond the proxy's acquire timeout before it calls
 /// the request hung (waiting past its timeout without an error).
 const HUNG_GRACE: Duration = Duration::from_secs(15);
@@ -129,9 +132,12 @@ struct Tally {
     latency_us: Vec<u64>,
     /// Longest successful operation, window or not.
     max_us: u64,
-    /// Successful operations that took longer than the proxy's acquire timeout.
+    /// Successful operations that took longer than the proxy's acquire timeout (wait plus
+    /// execution, so informative only: the proxy's own max wait is what the target checks).
     over_timeout: u64,
     errors: u64,
+    /// Errors that carry no SQLSTATE (not a clear server or proxy error).
+    unclear: u64,
     /// First error messages (SQLSTATE and text).
     first_errors: Vec<String>,
     /// Requests with no answer (neither rows nor an error) within acquire timeout + grace.
@@ -145,6 +151,7 @@ impl Tally {
         self.max_us = self.max_us.max(o.max_us);
         self.over_timeout += o.over_timeout;
         self.errors += o.errors;
+        self.unclear += o.unclear;
         self.hung += o.hung;
         for e in o.first_errors {
             if self.first_errors.len() < 3 {
@@ -155,6 +162,7 @@ impl Tally {
 
     fn error(&mut self, e: String) {
         self.errors += 1;
+        self.unclear += u64::from(!e.contains("SQLSTATE"));
         if self.first_errors.len() < 3 {
             self.first_errors.push(e);
         }
@@ -741,24 +749,31 @@ fn print_summary(results: &[RunResult], args: &Args) -> bool {
         .iter()
         .map(|r| r.tx.over_timeout + r.heavy.over_timeout)
         .sum();
-    let unclear: Vec<&String> = results
+    let unclear: u64 = results.iter().map(|r| r.tx.unclear + r.heavy.unclear).sum();
+    // Longest wait the proxy granted, any class, any run: past the timeout it should have
+    // answered 53300 instead.
+    let max_wait_us = results
         .iter()
-        .flat_map(|r| r.tx.first_errors.iter().chain(&r.heavy.first_errors))
-        .filter(|e| !e.contains("SQLSTATE"))
-        .collect();
+        .filter_map(|r| r.queue_run.as_ref())
+        .flat_map(|q| q.classes.iter().map(|c| c.max_wait_us))
+        .max()
+        .unwrap_or(0);
+    let limit_us = (args.acquire_timeout_ms + WAIT_SLACK_MS) * 1000;
     let proxy_timeouts: u64 = results
         .iter()
         .filter_map(|r| r.queue_run.as_ref())
         .map(|q| q.total().timeouts + q.total().refusals)
         .sum();
     println!(
-        "  errors {errors} (proxy queue timeouts + refusals {proxy_timeouts}), hung requests {hung}, \
-         successful requests slower than the {} ms acquire timeout {slow}",
+        "  errors {errors} (proxy queue timeouts + refusals {proxy_timeouts}, without SQLSTATE \
+         {unclear}), hung requests {hung}; longest granted pool wait {} ms (acquire timeout {} ms); \
+         requests slower in all than the acquire timeout {slow}",
+        ms(max_wait_us),
         args.acquire_timeout_ms
     );
     let ok1 = p99_ratio <= P99_RATIO_MAX;
     let ok2 = heavy_ratio >= HEAVY_RATIO_MIN;
-    let ok3 = hung == 0 && slow == 0 && unclear.is_empty();
+    let ok3 = hung == 0 && unclear == 0 && max_wait_us <= limit_us;
     let verdict = |ok: bool| if ok { "HOLDS" } else { "FAILS" };
     println!();
     println!(
@@ -772,11 +787,11 @@ fn print_summary(results: &[RunResult], args: &Args) -> bool {
     println!(
         "  target no request waits past its timeout without a clear error: {} → {}",
         if ok3 {
-            "none hung, none over the timeout, every error has a SQLSTATE".to_string()
+            "none hung, no wait granted past the timeout, every error has a SQLSTATE".to_string()
         } else {
             format!(
-                "{hung} hung, {slow} over the timeout, {} error(s) without SQLSTATE",
-                unclear.len()
+                "{hung} hung, longest granted wait {} ms, {unclear} error(s) without SQLSTATE",
+                ms(max_wait_us)
             )
         },
         verdict(ok3)

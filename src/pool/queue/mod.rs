@@ -67,7 +67,12 @@ impl Class {
         }
     }
 
-    /// One class more urgent; `Commit` stays.
+    /// Read and analytic work, which keeps a share of the permits while it waits.
+    pub fn is_background(self) -> bool {
+        self >= Class::Read
+    }
+
+    /// One class up; `Commit` stays.
     pub fn promoted(self) -> Class {
         Self::from_rank((self as u8).saturating_sub(1))
     }
@@ -169,6 +174,8 @@ enum Admission {
 struct State {
     cfg: QueueConfig,
     in_use: usize,
+    /// Permits held by read and analytic work.
+    background_in_use: usize,
     waiting: usize,
     closed: bool,
     next_seq: u64,
@@ -184,6 +191,7 @@ impl State {
         Self {
             cfg,
             in_use: 0,
+            background_in_use: 0,
             waiting: 0,
             closed: false,
             next_seq: 0,
@@ -244,28 +252,61 @@ impl State {
         worst.map(|(class, (effective, _))| (class, effective))
     }
 
-    /// Hands free permits to the best waiters.
+    /// The best waiting read or analytic class, if any.
+    fn best_background(&self, now: Instant) -> Option<Class> {
+        let mut best: Option<(Class, (Class, u64))> = None;
+        for class in [Class::Read, Class::Analytic] {
+            let Some(e) = self.queues[class as usize].front() else {
+                continue;
+            };
+            let key = self.key(class, e, now);
+            if best.is_none_or(|(_, b)| key < b) {
+                best = Some((class, key));
+            }
+        }
+        best.map(|(class, _)| class)
+    }
+
+    /// Hands free permits to the best waiters. Read and analytic work keeps a share: while it
+    /// waits and holds fewer than half the permits, the next free one goes to it, so a steady
+    /// stream of commits speeds up without starving reports.
     fn grant(&mut self) {
         if self.waiting == 0 || self.in_use >= self.cfg.permits {
             return;
         }
         let now = Instant::now();
+        let share = self.cfg.permits / 2;
         while self.in_use < self.cfg.permits {
-            let Some(class) = self.best(now) else { break };
+            let Some(mut class) = self.best(now) else {
+                break;
+            };
+            if self.cfg.priority
+                && !class.is_background()
+                && self.background_in_use < share
+                && let Some(bg) = self.best_background(now)
+            {
+                class = bg;
+            }
             let Some(e) = self.queues[class as usize].pop_front() else {
                 break;
             };
             self.waiting -= 1;
             self.in_use += 1;
+            if class.is_background() {
+                self.background_in_use += 1;
+            }
             self.stats[class as usize].record_wait(now.saturating_duration_since(e.arrived));
             e.slot.settle(Status::Granted);
         }
     }
 
     /// A permit came back: pass it on, or let it lapse if the queue was shrunk below `in_use`.
-    fn release(&mut self) {
+    fn release(&mut self, background: bool) {
         debug_assert!(self.in_use > 0, "permit released twice");
         self.in_use = self.in_use.saturating_sub(1);
+        if background {
+            self.background_in_use = self.background_in_use.saturating_sub(1);
+        }
         self.grant();
     }
 
@@ -318,7 +359,7 @@ impl PermitQueue {
         timeout: Duration,
     ) -> Result<Permit, AcquireError> {
         let (seq, slot) = match self.enter(class)? {
-            Admission::Ready => return Ok(self.permit()),
+            Admission::Ready => return Ok(self.permit(class.is_background())),
             Admission::Queued { seq, slot } => (seq, slot),
         };
         let mut wait = Waiter {
@@ -333,7 +374,7 @@ impl PermitQueue {
         loop {
             let outcome = match wait.slot.status() {
                 Status::Waiting => None,
-                Status::Granted => Some(Ok(self.permit())),
+                Status::Granted => Some(Ok(self.permit(class.is_background()))),
                 Status::Refused => Some(Err(AcquireError::Refused)),
                 Status::Closed => Some(Err(AcquireError::Closed)),
                 Status::Left => Some(Err(AcquireError::Timeout)),
@@ -366,7 +407,7 @@ impl PermitQueue {
         }
         s.in_use += 1;
         drop(s);
-        Some(self.permit())
+        Some(self.permit(false))
     }
 
     /// Changes the number of permits. Growing grants to waiters at once; shrinking takes effect
@@ -420,9 +461,10 @@ impl PermitQueue {
         }
     }
 
-    fn permit(self: &Arc<Self>) -> Permit {
+    fn permit(self: &Arc<Self>, background: bool) -> Permit {
         Permit {
             queue: Arc::clone(self),
+            background,
         }
     }
 
@@ -434,6 +476,9 @@ impl PermitQueue {
         }
         if s.waiting == 0 && s.in_use < s.cfg.permits {
             s.in_use += 1;
+            if class.is_background() {
+                s.background_in_use += 1;
+            }
             let stats = &mut s.stats[class as usize];
             stats.acquired += 1;
             stats.wait_us.record(0);
@@ -480,7 +525,7 @@ impl PermitQueue {
             }
             Status::Granted if !timed_out => {
                 slot.status.store(Status::Left as u8, Ordering::Release);
-                s.release();
+                s.release(class.is_background());
                 false
             }
             _ => false,
@@ -510,11 +555,13 @@ impl Drop for Waiter<'_> {
 #[must_use = "dropping a Permit releases it at once"]
 pub struct Permit {
     queue: Arc<PermitQueue>,
+    /// Held by a read or analytic request (counts against the background share).
+    background: bool,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.queue.lock().release();
+        self.queue.lock().release(self.background);
     }
 }
 
@@ -1009,5 +1056,53 @@ mod tests {
             start.elapsed().as_nanos() / u128::from(N)
         });
         println!("try_acquire+drop: {try_ns} ns; acquire().await+drop: {acquire_ns} ns");
+    }
+
+    #[tokio::test]
+    async fn reads_keep_half_the_permits_while_they_wait() {
+        let q = Arc::new(PermitQueue::new(QueueConfig {
+            permits: 4,
+            priority: true,
+            aging: Duration::from_secs(60),
+            max_waiters: 0,
+        }));
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(
+                q.acquire(Class::Write, Duration::from_secs(1))
+                    .await
+                    .unwrap(),
+            );
+        }
+        // Writers and readers queue up; writers arrive first and are more urgent.
+        let mut writers = Vec::new();
+        for _ in 0..4 {
+            let q = Arc::clone(&q);
+            writers.push(tokio::spawn(async move {
+                q.acquire(Class::Write, Duration::from_secs(5)).await
+            }));
+        }
+        tokio::task::yield_now().await;
+        let mut readers = Vec::new();
+        for _ in 0..4 {
+            let q = Arc::clone(&q);
+            readers.push(tokio::spawn(async move {
+                q.acquire(Class::Analytic, Duration::from_secs(5)).await
+            }));
+        }
+        while q.waiting() < 8 {
+            tokio::task::yield_now().await;
+        }
+        // Free all four: two go to readers (their share), two to writers.
+        held.clear();
+        while q.waiting() > 4 {
+            tokio::task::yield_now().await;
+        }
+        let s = q.stats();
+        assert_eq!(s.class(Class::Write).waiting, 2);
+        assert_eq!(s.class(Class::Analytic).waiting, 2);
+        for h in writers.into_iter().chain(readers) {
+            h.abort();
+        }
     }
 }
