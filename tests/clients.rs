@@ -4,38 +4,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
+use common::process::{self, output, text};
 use common::{Env, PASSWORD};
 
-/// Environment variables that would make libpq tools connect somewhere else or as someone else.
-const PG_ENV: &[&str] = &[
-    "PGHOST",
-    "PGHOSTADDR",
-    "PGPORT",
-    "PGUSER",
-    "PGDATABASE",
-    "PGPASSFILE",
-    "PGSERVICE",
-    "PGSERVICEFILE",
-    "PGOPTIONS",
-    "PGSSLMODE",
-    "PGTARGETSESSIONATTRS",
-];
-
-/// A command wrapped in `timeout(1)`: a client that hangs on the proxy fails its test within
-/// `secs` instead of stalling the suite.
+/// A client command bounded in time, logging in as the test user.
 fn bounded(secs: u64, program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut cmd = Command::new("timeout");
-    cmd.arg("--kill-after=5")
-        .arg(secs.to_string())
-        .arg(program)
-        .env("PGPASSWORD", PASSWORD)
-        .env("PGCONNECT_TIMEOUT", "5")
-        .stdin(Stdio::null());
-    for var in PG_ENV {
-        cmd.env_remove(var);
-    }
+    let mut cmd = process::bounded(secs, program);
+    cmd.env("PGPASSWORD", PASSWORD)
+        .env("PGCONNECT_TIMEOUT", "5");
     cmd
 }
 
@@ -48,19 +26,6 @@ fn pg_tool(name: &str) -> PathBuf {
         }
     }
     PathBuf::from(name)
-}
-
-/// Runs `cmd` to completion off the async runtime.
-async fn output(mut cmd: Command) -> Output {
-    let what = format!("{cmd:?}");
-    tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .expect("client task")
-        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"))
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// Panics with both streams unless the client exited with 0.

@@ -15,12 +15,13 @@ mod common;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use causeway::config::AuthMethod;
+use common::process::{self, output, text};
 use common::{Env, PASSWORD, connect};
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
 use tokio_postgres::error::SqlState;
@@ -48,23 +49,6 @@ const PROGRAM_TIMEOUT_S: u64 = 40;
 
 /// Longest run of one in-process tokio-postgres case.
 const CASE_TIMEOUT: Duration = Duration::from_secs(8);
-
-/// Environment variables that would point a libpq-based or node driver somewhere else.
-const PG_ENV: &[&str] = &[
-    "PGHOST",
-    "PGHOSTADDR",
-    "PGPORT",
-    "PGUSER",
-    "PGPASSWORD",
-    "PGDATABASE",
-    "PGPASSFILE",
-    "PGSERVICE",
-    "PGSERVICEFILE",
-    "PGOPTIONS",
-    "PGSSLMODE",
-    "PGTARGETSESSIONATTRS",
-    "PGREQUIREAUTH",
-];
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -96,31 +80,11 @@ fn url(env: &Env) -> String {
 
 // --- running a driver program ----------------------------------------------------------------
 
-/// `program` under `timeout(1)`, so a driver that hangs fails its test instead of the suite.
+/// A driver program bounded in time, run from the project root.
 fn bounded(program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut cmd = Command::new("timeout");
-    cmd.arg("--kill-after=5")
-        .arg(PROGRAM_TIMEOUT_S.to_string())
-        .arg(program)
-        .current_dir(root())
-        .stdin(Stdio::null());
-    for var in PG_ENV {
-        cmd.env_remove(var);
-    }
+    let mut cmd = process::bounded(PROGRAM_TIMEOUT_S, program);
+    cmd.current_dir(root());
     cmd
-}
-
-/// Runs `cmd` to completion off the async runtime.
-async fn output(mut cmd: Command) -> Output {
-    let what = format!("{cmd:?}");
-    tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .expect("driver task")
-        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"))
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// Whether `program args` runs and exits 0.

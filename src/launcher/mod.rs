@@ -32,8 +32,8 @@ const PORT_MAX: u16 = 32000;
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// Bump when the template recipe (initdb args, files added to it) changes.
 const TEMPLATE_RECIPE: &str = "v1 -U postgres -A trust -E UTF8 --locale=C include=causeway.conf";
-/// Environment variables that would make libpq tools connect somewhere else.
-const PG_ENV: &[&str] = &[
+/// Environment variables that would make libpq tools connect somewhere else, or as someone else.
+pub const PG_ENV: &[&str] = &[
     "PGHOST",
     "PGHOSTADDR",
     "PGPORT",
@@ -46,6 +46,7 @@ const PG_ENV: &[&str] = &[
     "PGOPTIONS",
     "PGSSLMODE",
     "PGTARGETSESSIONATTRS",
+    "PGREQUIREAUTH",
     "PGDATA",
 ];
 

@@ -2,6 +2,7 @@
 //! in-process on port 0 in front of them.
 #![allow(dead_code)]
 
+pub mod process;
 pub mod raw;
 
 use std::sync::Arc;
