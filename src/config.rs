@@ -306,8 +306,18 @@ pub struct PriorityConfig {
     pub enabled: bool,
     /// A waiter moves up one class after waiting this long, so no class starves.
     pub aging_ms: u64,
+    /// Share of a saturated pool's connection time that read and analytic work keeps while
+    /// more urgent work also waits (0 to 1; 0 leaves it only aging).
+    pub background_share: f64,
     /// Per-class overrides of `pool.acquire_timeout_ms`.
     pub acquire_timeout_ms: ClassTimeouts,
+}
+
+impl PriorityConfig {
+    /// `background_share` in thousandths, as the queues take it.
+    pub fn background_share_permille(&self) -> u16 {
+        (self.background_share.clamp(0.0, 1.0) * 1000.0).round() as u16
+    }
 }
 
 impl Default for PriorityConfig {
@@ -315,6 +325,7 @@ impl Default for PriorityConfig {
         Self {
             enabled: true,
             aging_ms: 500,
+            background_share: 0.55,
             acquire_timeout_ms: ClassTimeouts::default(),
         }
     }
@@ -417,6 +428,12 @@ impl Config {
             if r.weight == 0 {
                 return Err(invalid(format!("{key}.weight"), "must be at least 1"));
             }
+        }
+        if !(0.0..=1.0).contains(&self.priority.background_share) {
+            return Err(invalid(
+                "priority.background_share",
+                "must be between 0 and 1",
+            ));
         }
         let p = &self.pool;
         for (key, v) in [

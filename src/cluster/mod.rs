@@ -86,6 +86,7 @@ impl Node {
                 priority: cfg.priority.enabled,
                 aging: std::time::Duration::from_millis(cfg.priority.aging_ms),
                 max_waiters: cfg.pool.max_waiters,
+                background_share: cfg.priority.background_share_permille(),
             })));
         }
         self

@@ -102,7 +102,14 @@ pub struct QueueConfig {
     pub aging: Duration,
     /// Most waiters queued at once; 0 means unbounded.
     pub max_waiters: usize,
+    /// Share of permit time, in thousandths, that read and analytic work keeps while it and
+    /// more urgent work both wait; 0 gives plain class order (with aging).
+    pub background_share: u16,
 }
+
+/// How long permit-time history counts when comparing the background share: occupancy is
+/// an exponentially decayed integral with this time constant.
+const SHARE_WINDOW: Duration = Duration::from_millis(50);
 
 /// Why [`PermitQueue::acquire`] gave up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -176,6 +183,11 @@ struct State {
     in_use: usize,
     /// Permits held by read and analytic work.
     background_in_use: usize,
+    /// Decayed permit-seconds held by read and analytic work, and by everything else, up to
+    /// `occupancy_at`.
+    background_time: f64,
+    foreground_time: f64,
+    occupancy_at: Instant,
     waiting: usize,
     closed: bool,
     next_seq: u64,
@@ -192,6 +204,9 @@ impl State {
             cfg,
             in_use: 0,
             background_in_use: 0,
+            background_time: 0.0,
+            foreground_time: 0.0,
+            occupancy_at: Instant::now(),
             waiting: 0,
             closed: false,
             next_seq: 0,
@@ -267,22 +282,62 @@ impl State {
         best.map(|(class, _)| class)
     }
 
-    /// Hands free permits to the best waiters. Read and analytic work keeps a share: while it
-    /// waits and holds fewer than half the permits, the next free one goes to it, so a steady
-    /// stream of commits speeds up without starving reports.
+    /// Brings the occupancy integrals up to `now`. Called before every change of `in_use`.
+    fn account(&mut self) {
+        if !self.cfg.priority || self.cfg.background_share == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let dt = now
+            .saturating_duration_since(self.occupancy_at)
+            .as_secs_f64();
+        if dt <= 0.0 {
+            return;
+        }
+        self.occupancy_at = now;
+        let decay = (-dt / SHARE_WINDOW.as_secs_f64()).exp();
+        let background = self.background_in_use as f64;
+        let foreground = self.in_use.saturating_sub(self.background_in_use) as f64;
+        self.background_time = self.background_time * decay + background * dt;
+        self.foreground_time = self.foreground_time * decay + foreground * dt;
+    }
+
+    /// Whether read and analytic work is owed the next free permit. Its share of the permits
+    /// (`background_share × permits`) is kept in whole permits; a fractional part is granted
+    /// over time, as one more permit whenever its recent share of permit time is below target.
+    fn background_owed(&self) -> bool {
+        let share = f64::from(self.cfg.background_share) / 1000.0;
+        let target = share * self.cfg.permits as f64;
+        let held = self.background_in_use as f64;
+        if held + 1.0 <= target {
+            return true;
+        }
+        if held >= target.ceil() {
+            return false;
+        }
+        let total = self.background_time + self.foreground_time;
+        total > 0.0 && self.background_time / total < share
+    }
+
+    /// Hands free permits to the best waiters. Read and analytic work keeps a share of permit
+    /// time (weighted fair queuing between urgent and background work): while both wait and
+    /// it has held less than `background_share` of recent permit time, the next free permit
+    /// goes to it, so a steady stream of commits speeds up without starving reports. It never
+    /// takes the last permit that way, which stays for urgent work.
     fn grant(&mut self) {
         if self.waiting == 0 || self.in_use >= self.cfg.permits {
             return;
         }
         let now = Instant::now();
-        let share = self.cfg.permits / 2;
+        self.account();
         while self.in_use < self.cfg.permits {
             let Some(mut class) = self.best(now) else {
                 break;
             };
             if self.cfg.priority
                 && !class.is_background()
-                && self.background_in_use < share
+                && self.background_in_use + 1 < self.cfg.permits
+                && self.background_owed()
                 && let Some(bg) = self.best_background(now)
             {
                 class = bg;
@@ -303,6 +358,7 @@ impl State {
     /// A permit came back: pass it on, or let it lapse if the queue was shrunk below `in_use`.
     fn release(&mut self, background: bool) {
         debug_assert!(self.in_use > 0, "permit released twice");
+        self.account();
         self.in_use = self.in_use.saturating_sub(1);
         if background {
             self.background_in_use = self.background_in_use.saturating_sub(1);
@@ -405,6 +461,7 @@ impl PermitQueue {
         if s.closed || s.waiting > 0 || s.in_use >= s.cfg.permits {
             return None;
         }
+        s.account();
         s.in_use += 1;
         drop(s);
         Some(self.permit(false))
@@ -475,6 +532,7 @@ impl PermitQueue {
             return Err(AcquireError::Closed);
         }
         if s.waiting == 0 && s.in_use < s.cfg.permits {
+            s.account();
             s.in_use += 1;
             if class.is_background() {
                 s.background_in_use += 1;
@@ -595,6 +653,7 @@ mod tests {
             priority,
             aging,
             max_waiters,
+            background_share: 500,
         }))
     }
 
@@ -675,6 +734,7 @@ mod tests {
                 priority: true,
                 aging: Duration::from_millis(100),
                 max_waiters: 0,
+                background_share: 500,
             })
         };
         let t0 = Instant::now();
@@ -1058,6 +1118,72 @@ mod tests {
         println!("try_acquire+drop: {try_ns} ns; acquire().await+drop: {acquire_ns} ns");
     }
 
+    /// A fractional share: 0.6 of four permits is two held back for reads, and a third granted
+    /// whenever their recent share of permit time is below 0.6.
+    #[tokio::test(start_paused = true)]
+    async fn fractional_share_follows_permit_time() {
+        let mut s = State::new(QueueConfig {
+            permits: 4,
+            priority: true,
+            aging: Duration::from_secs(60),
+            max_waiters: 0,
+            background_share: 600,
+        });
+        let now = Instant::now();
+        for _ in 0..8 {
+            s.push(Class::Write, now);
+            s.push(Class::Analytic, now);
+        }
+        s.grant();
+        assert_eq!(
+            (s.in_use, s.background_in_use),
+            (4, 2),
+            "two whole permits of 2.4"
+        );
+
+        // Half the permit time so far went to reads: below 0.6, so a freed write permit goes
+        // to a read.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        s.release(false);
+        assert_eq!((s.in_use, s.background_in_use), (4, 3));
+
+        // Reads held three of four for a while: above 0.6, so a freed read permit goes to a
+        // write, and reads stay at two.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        s.release(true);
+        assert_eq!((s.in_use, s.background_in_use), (4, 2));
+        s.release(true);
+        assert_eq!(
+            (s.in_use, s.background_in_use),
+            (4, 2),
+            "whole permits stay theirs"
+        );
+
+        // Never the last permit, whatever the share.
+        let mut s = State::new(QueueConfig {
+            background_share: 1000,
+            ..s.cfg
+        });
+        for _ in 0..4 {
+            s.push(Class::Write, now);
+            s.push(Class::Analytic, now);
+        }
+        s.grant();
+        assert_eq!((s.in_use, s.background_in_use), (4, 3));
+
+        // Share 0: class order only.
+        let mut s = State::new(QueueConfig {
+            background_share: 0,
+            ..s.cfg
+        });
+        for _ in 0..4 {
+            s.push(Class::Write, now);
+            s.push(Class::Analytic, now);
+        }
+        s.grant();
+        assert_eq!((s.in_use, s.background_in_use), (4, 0));
+    }
+
     #[tokio::test]
     async fn reads_keep_half_the_permits_while_they_wait() {
         let q = Arc::new(PermitQueue::new(QueueConfig {
@@ -1065,6 +1191,7 @@ mod tests {
             priority: true,
             aging: Duration::from_secs(60),
             max_waiters: 0,
+            background_share: 500,
         }));
         let mut held = Vec::new();
         for _ in 0..4 {
