@@ -27,6 +27,17 @@ impl Catalogs {
         }
     }
 
+    /// Every classifier, by database name.
+    pub fn all(&self) -> Vec<(String, Arc<Classifier>)> {
+        let mut v: Vec<_> = self
+            .map
+            .iter()
+            .map(|e| (e.key().clone(), Arc::clone(e.value())))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     /// The classifier for `database`, loading its function catalog first if this is the first
     /// client of that database. Until a load succeeds, unknown functions count as writes.
     pub async fn classifier(&self, database: &str, user: &str) -> Arc<Classifier> {

@@ -47,6 +47,63 @@ pub struct Config {
     pub consistency: ConsistencyConfig,
     #[serde(default)]
     pub priority: PriorityConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub logging: LoggingConfig,
+}
+
+/// `[admin]`: who may use the admin endpoint and the admin console.
+#[derive(Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token for the HTTP endpoint; required when `server.admin_listen` is not a
+    /// loopback address. Empty = none.
+    pub token: String,
+    /// `[[users]]` names allowed on the admin console (virtual database `causeway`).
+    pub users: Vec<String>,
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field(
+                "token",
+                &if self.token.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .field("users", &self.users)
+            .finish()
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `[logging]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `causeway=debug`, ...); `CAUSEWAY_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
 }
 
 /// `[server]`: listening sockets and server-wide limits.
@@ -374,7 +431,23 @@ impl Config {
     /// Checks values the schema cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         parse_addr("server.listen", &self.server.listen)?;
-        parse_addr("server.admin_listen", &self.server.admin_listen)?;
+        if !self.server.admin_listen.is_empty() {
+            let admin = parse_addr("server.admin_listen", &self.server.admin_listen)?;
+            if !admin.ip().is_loopback() && self.admin.token.is_empty() {
+                return Err(invalid(
+                    "server.admin_listen",
+                    format!("{admin} is not a loopback address: set admin.token"),
+                ));
+            }
+        }
+        for (i, name) in self.admin.users.iter().enumerate() {
+            if self.user(name).is_none() {
+                return Err(invalid(
+                    format!("admin.users[{i}]"),
+                    format!("{name:?} is not one of [[users]]"),
+                ));
+            }
+        }
         if self.server.max_message_bytes < 1024 {
             return Err(invalid("server.max_message_bytes", "must be at least 1024"));
         }
@@ -495,6 +568,9 @@ impl Config {
         let mut shown = self.clone();
         for u in &mut shown.users {
             u.password = "<redacted>".into();
+        }
+        if !shown.admin.token.is_empty() {
+            shown.admin.token = "<redacted>".into();
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }

@@ -6,12 +6,22 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::launcher::{ClusterOptions, LocalCluster};
 
-/// The proxy configuration for a local cluster (the same one the tests use).
+/// The proxy configuration for a local cluster (the same one the tests use). The admin
+/// endpoint listens on 127.0.0.1:9930, or on a free port when `listen` asks for one (`:0`).
 pub fn config_for(cluster: &LocalCluster, listen: &str) -> String {
+    let admin = if listen.ends_with(":0") {
+        "127.0.0.1:0"
+    } else {
+        "127.0.0.1:9930"
+    };
     let mut text = format!(
         r#"
 [server]
 listen = "{listen}"
+admin_listen = "{admin}"
+
+[admin]
+users = ["app"]
 
 [auth]
 method = "scram-sha-256"
@@ -52,6 +62,9 @@ pub async fn run(port: u16) -> Result<(), String> {
         println!("{:<9} 127.0.0.1:{}", r.name, r.port);
     }
     println!("causeway  {}", running.addr);
+    if let Some(admin) = running.admin_addr {
+        println!("admin     http://{admin}/  (dashboard; /stats, /metrics)");
+    }
     println!();
     println!(
         "connect:  PGPASSWORD=app-secret psql -h 127.0.0.1 -p {} -U app app",
@@ -59,6 +72,10 @@ pub async fn run(port: u16) -> Result<(), String> {
     );
     println!(
         "try:      SELECT inet_server_port();  -- a replica's port; writes run on the primary"
+    );
+    println!(
+        "console:  PGPASSWORD=app-secret psql -h 127.0.0.1 -p {} -U app causeway -c 'SHOW REPLICAS'",
+        running.addr.port()
     );
     println!("Ctrl-C stops the proxy and removes the cluster.");
     let _ = tokio::signal::ctrl_c().await;

@@ -2,10 +2,12 @@
 //! PostgreSQL's own parser, sends writes to the primary and reads to healthy replicas, and
 //! pools backend connections per (user, database).
 
+pub mod admin;
 pub mod auth;
 pub mod cancel;
 pub mod catalog;
 pub mod classify;
+pub mod clients;
 pub mod cluster;
 pub mod config;
 pub mod consistency;

@@ -31,6 +31,10 @@ pub struct Shared {
     pub catalogs: Catalogs,
     pub cancels: CancelRegistry,
     pub stats: Stats,
+    /// Connected clients.
+    pub clients: crate::clients::Clients,
+    /// When the proxy started.
+    pub started: std::time::Instant,
     /// Keyed read-your-writes tokens (`causeway.consistency_key`).
     pub keys: Keys,
     pub shutdown: CancellationToken,
@@ -39,6 +43,8 @@ pub struct Shared {
 /// A running proxy: its address and the handle that stops it.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where the admin HTTP endpoint listens, if enabled.
+    pub admin_addr: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -69,15 +75,32 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
         pools,
         cancels: CancelRegistry::default(),
         stats: Stats::default(),
+        clients: crate::clients::Clients::default(),
+        started: std::time::Instant::now(),
         keys: Keys::new(
             std::time::Duration::from_millis(cfg_keys.key_ttl_ms),
             cfg_keys.max_keys,
         ),
         shutdown,
     });
+    let admin_addr = match crate::admin::start(&shared).await {
+        Ok(a) => a,
+        Err(e) => {
+            shared.shutdown.cancel();
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("admin endpoint {}: {e}", shared.cfg.server.admin_listen),
+            ));
+        }
+    };
     tracing::info!(%addr, "listening");
     let task = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
-    Ok(Running { addr, shared, task })
+    Ok(Running {
+        addr,
+        admin_addr,
+        shared,
+        task,
+    })
 }
 
 /// Runs the proxy until SIGINT/SIGTERM.
@@ -126,7 +149,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             async move {
                 shared.stats.clients_total.fetch_add(1, Ordering::Relaxed);
                 shared.stats.clients_open.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = handle_client(socket, &shared).await {
+                if let Err(e) = handle_client(socket, peer, next_id, &shared).await {
                     tracing::debug!(error = %e, "session ended with an error");
                 }
                 shared.stats.clients_open.fetch_sub(1, Ordering::Relaxed);
@@ -156,7 +179,12 @@ async fn refuse(t: &mut Transport<TcpStream>, e: &SessionError) {
     t.shutdown().await;
 }
 
-async fn handle_client(socket: TcpStream, shared: &Arc<Shared>) -> Result<(), SessionError> {
+async fn handle_client(
+    socket: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    shared: &Arc<Shared>,
+) -> Result<(), SessionError> {
     let _ = socket.set_nodelay(true);
     let mut t = Transport::new(socket, shared.cfg.server.max_message_bytes);
     let (minor, params) = loop {
@@ -212,6 +240,9 @@ async fn handle_client(socket: TcpStream, shared: &Arc<Shared>) -> Result<(), Se
         }
         return Err(e);
     }
+    if database == crate::admin::console::DATABASE {
+        return admin_console(t, peer, id, shared, &user).await;
+    }
     let server_params = match greeting_params(shared, &user, &database).await {
         Ok(p) => p,
         Err(e) => {
@@ -233,16 +264,51 @@ async fn handle_client(socket: TcpStream, shared: &Arc<Shared>) -> Result<(), Se
     t.queue(&protocol::ready_for_query(TxStatus::Idle));
     t.flush().await.map_err(SessionError::ClientIo)?;
     tracing::debug!("client ready");
+    let registered = shared.clients.register(id, peer, &user, &database);
     let session = Session::new(
         Arc::clone(shared),
         t,
-        user,
-        database,
         classifier,
         Arc::clone(&key.slot),
         &params,
+        Arc::clone(&registered.info),
     );
     session.run().await
+}
+
+/// Opens the admin console for an admin user; anyone else is refused.
+async fn admin_console(
+    mut t: Transport<TcpStream>,
+    peer: SocketAddr,
+    id: u64,
+    shared: &Arc<Shared>,
+    user: &str,
+) -> Result<(), SessionError> {
+    if !shared.cfg.admin.users.iter().any(|u| u == user) {
+        let e = SessionError::AuthRejected(format!(
+            "user \"{user}\" may not use the admin console (see admin.users)"
+        ));
+        refuse(&mut t, &e).await;
+        return Err(e);
+    }
+    for (k, v) in [
+        ("server_version", "15.0 (causeway admin console)"),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+    ] {
+        t.queue(&protocol::parameter_status(k, v));
+    }
+    t.queue(&protocol::backend_key_data(0, 0));
+    t.queue(&protocol::ready_for_query(TxStatus::Idle));
+    t.flush().await.map_err(SessionError::ClientIo)?;
+    let _registered = shared
+        .clients
+        .register(id, peer, user, crate::admin::console::DATABASE);
+    tracing::info!("admin console session");
+    crate::admin::console::serve(t, Arc::clone(shared)).await
 }
 
 /// Server parameters to greet a client with: from the primary's pool, else any replica's.

@@ -37,8 +37,16 @@ pub struct Node {
     ban_reason: Mutex<Option<String>>,
     /// Backend connections currently leased to clients (for least-connections choice).
     pub in_use: AtomicUsize,
-    /// Statements routed here.
+    /// Routing decisions that chose this node: one per transaction or autocommit request.
+    pub transactions: AtomicU64,
+    /// Requests (a simple Query, or an extended-protocol batch) sent here, split into reads
+    /// and writes by classification.
     pub queries: AtomicU64,
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    /// Request latency seen by clients (from the proxy taking the request to the server's
+    /// ReadyForQuery), per priority class.
+    pub latency: [crate::stats::LatencyHistogram; 5],
     /// Requests that failed here because the server did.
     pub errors: AtomicU64,
     /// Replicas: `pg_last_wal_replay_lsn()`; primary: `pg_current_wal_lsn()`. 0 = unknown.
@@ -68,7 +76,11 @@ impl Node {
             usable: AtomicBool::new(true),
             ban_reason: Mutex::new(None),
             in_use: AtomicUsize::new(0),
+            transactions: AtomicU64::new(0),
             queries: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            latency: Default::default(),
             errors: AtomicU64::new(0),
             lsn: AtomicU64::new(0),
             replayed_at_us: AtomicI64::new(0),

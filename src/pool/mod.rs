@@ -167,6 +167,16 @@ impl Pool {
         self.idle.lock().map(|i| i.len()).unwrap_or(0)
     }
 
+    /// The login's user name.
+    pub fn user(&self) -> &str {
+        &self.login.user
+    }
+
+    /// The login's database.
+    pub fn database(&self) -> &str {
+        &self.login.database
+    }
+
     /// Configured maximum size.
     pub fn max(&self) -> usize {
         self.settings.max

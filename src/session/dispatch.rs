@@ -16,9 +16,13 @@ use crate::priority;
 use crate::protocol::{self, TxStatus, tag};
 use crate::route::{Decision, Reason, Target};
 
+/// Requests timed at once per session; a client pipelining more is timed for the first ones.
+const MAX_TIMINGS: usize = 64;
+
 impl Session {
     /// Sends one request on the current backend, taking one first if the client has none.
     pub(super) async fn dispatch(&mut self, req: Request) -> Result<(), SessionError> {
+        let started = tokio::time::Instant::now();
         if std::mem::take(&mut self.announce_token) {
             // Reported inside a reply stream, where every driver expects ParameterStatus.
             self.client.queue(&protocol::parameter_status(
@@ -110,13 +114,8 @@ impl Session {
             return Ok(());
         }
         let in_tx = self.status != TxStatus::Idle;
-        if !self
-            .take_slot(
-                priority::class_of(&class, req.sql_texts().next(), in_tx),
-                &req,
-            )
-            .await
-        {
+        let exec_class = priority::class_of(&class, req.sql_texts().next(), in_tx);
+        if !self.take_slot(exec_class, &req).await {
             return Ok(());
         }
         // Only work that runs counts as a write (a prepared INSERT is not one yet).
@@ -137,6 +136,7 @@ impl Session {
             rerunnable,
             server_replied: false,
         });
+        self.count_request(&req, &class, exec_class, started);
         self.send(&req, effect).await
     }
 
@@ -242,6 +242,7 @@ impl Session {
         let read_only = routing.tx == TxEffect::SetReadOnly;
         routing.tx = TxEffect::Begin { read_only };
         routing.proxy = None;
+        let started = tokio::time::Instant::now();
         let prio = priority::class_of(&routing, req.sql_texts().next(), false);
         if let Err(e) = self.acquire_for(&routing, false, prio).await {
             if e.is_client_gone() {
@@ -263,19 +264,45 @@ impl Session {
             });
         }
         self.in_flight = None;
-        if !self
-            .take_slot(
-                priority::class_of(&class_for_token, req.sql_texts().next(), true),
-                &req,
-            )
-            .await
-        {
+        let exec_class = priority::class_of(&class_for_token, req.sql_texts().next(), true);
+        if !self.take_slot(exec_class, &req).await {
             return Ok(());
         }
         if req.executes() {
             self.needs_token(&class_for_token);
         }
+        self.count_request(&req, &class_for_token, exec_class, started);
         self.send(&req, effect).await
+    }
+
+    /// Counts a request against the node it is about to run on, and starts its latency clock
+    /// if its ReadyForQuery will close it.
+    fn count_request(
+        &mut self,
+        req: &Request,
+        class: &Classification,
+        exec_class: Class,
+        started: tokio::time::Instant,
+    ) {
+        let Some(lease) = self.lease.as_ref() else {
+            return;
+        };
+        let node = lease.node();
+        node.queries.fetch_add(1, Ordering::Relaxed);
+        self.info.requests.fetch_add(1, Ordering::Relaxed);
+        let kind = if class.access == Access::Write {
+            &node.writes
+        } else {
+            &node.reads
+        };
+        kind.fetch_add(1, Ordering::Relaxed);
+        if req.ends_with_ready() && self.timings.len() < MAX_TIMINGS {
+            self.timings.push_back(super::Timing {
+                started,
+                node: Arc::clone(node),
+                class: exec_class,
+            });
+        }
     }
 
     /// The combined classification of every statement the request runs.
@@ -357,10 +384,16 @@ impl Session {
                     self.user
                 )));
             };
-            match pool.acquire(prio).await {
+            self.info.set_waiting();
+            let acquired = pool.acquire(prio).await;
+            if acquired.is_err() {
+                self.info.set_idle();
+            }
+            match acquired {
                 Ok(mut lease) => {
+                    self.info.set_active(node.id);
                     shared.stats.count_route(decision.reason);
-                    node.queries.fetch_add(1, Ordering::Relaxed);
+                    node.transactions.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(
                         target_node = %node.name,
                         reason = decision.reason.as_str(),

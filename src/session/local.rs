@@ -105,8 +105,8 @@ impl Session {
             .collect();
         for node in &self.shared.cluster.nodes {
             rows.push(vec![
-                format!("queries.{}", node.name),
-                node.queries.load(Ordering::Relaxed).to_string(),
+                format!("transactions.{}", node.name),
+                node.transactions.load(Ordering::Relaxed).to_string(),
             ]);
         }
         for (name, v) in [

@@ -98,6 +98,13 @@ struct InFlight {
     server_replied: bool,
 }
 
+/// A request sent to a backend, timed until its ReadyForQuery reaches the client.
+struct Timing {
+    started: tokio::time::Instant,
+    node: Arc<crate::cluster::Node>,
+    class: crate::pool::queue::Class,
+}
+
 /// Per-client state.
 pub struct Session {
     shared: Arc<Shared>,
@@ -127,6 +134,10 @@ pub struct Session {
     /// Swallow backend output up to ReadyForQuery, then run this request again.
     rerun: Option<Request>,
     in_flight: Option<InFlight>,
+    /// This client's entry in the registry of connected clients.
+    info: Arc<crate::clients::ClientInfo>,
+    /// Requests on the backend whose ReadyForQuery is still to come, oldest first.
+    timings: VecDeque<Timing>,
     /// Parameters the client set, replayed on each backend it is given.
     settings: settings::Settings,
     /// Session changes made inside the open transaction, kept if it commits.
@@ -160,22 +171,22 @@ pub struct Session {
 }
 
 impl Session {
-    /// A logged-in client, ready for its first query.
+    /// A logged-in client (user and database from its registry entry), ready for its first
+    /// query.
     pub fn new(
         shared: Arc<Shared>,
         client: Transport<TcpStream>,
-        user: String,
-        database: String,
         classifier: Arc<Classifier>,
         cancel: CancelSlot,
         startup: &[(String, String)],
+        info: Arc<crate::clients::ClientInfo>,
     ) -> Self {
         let settings = settings::Settings::from_startup(startup);
         Self {
             shared,
             client,
-            user,
-            database,
+            user: info.user.clone(),
+            database: info.database.clone(),
             classifier,
             cancel,
             lease: None,
@@ -192,6 +203,8 @@ impl Session {
             skip_until_sync: false,
             rerun: None,
             in_flight: None,
+            info,
+            timings: VecDeque::new(),
             deferred_begin: None,
             copy_sync_owed: false,
             backend_fatal_forwarded: false,
@@ -430,6 +443,7 @@ impl Session {
         let Some(mut lease) = self.lease.take() else {
             return;
         };
+        self.info.set_idle();
         if !self.replies.is_empty() || self.copy_in || self.rerun.is_some() {
             // Replies still in flight: the connection's state is unknown, never reuse it.
             lease.conn().broken = true;
@@ -444,6 +458,7 @@ impl Session {
         }
         self.replies.clear();
         self.in_flight = None;
+        self.timings.clear();
         self.copy_sync_owed = false;
         self.pending_token = None;
         self.token_after_ready = None;

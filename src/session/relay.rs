@@ -70,6 +70,9 @@ impl Session {
                     }
                     if forward {
                         self.status = status;
+                        if let Some(t) = self.timings.pop_front() {
+                            t.node.latency[t.class as usize].record(t.started.elapsed());
+                        }
                         for held in self.held.drain(..) {
                             self.client.queue(&held);
                         }

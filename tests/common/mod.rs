@@ -2,6 +2,7 @@
 //! in-process on port 0 in front of them.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod process;
 pub mod raw;
 
@@ -41,8 +42,8 @@ pub async fn start_with(opts: ClusterOptions, tweak: impl FnOnce(&mut String)) -
         .expect("start cluster");
     let mut config = causeway::demo::config_for(&cluster, "127.0.0.1:0");
     config = config.replace(
-        "listen = \"127.0.0.1:0\"",
-        "listen = \"127.0.0.1:0\"\nhealth_check_interval_ms = 200\nhealth_check_timeout_ms = 1000",
+        "\nlisten = \"127.0.0.1:0\"",
+        "\nlisten = \"127.0.0.1:0\"\nhealth_check_interval_ms = 200\nhealth_check_timeout_ms = 1000",
     );
     tweak(&mut config);
     let proxy = proxy_for(&config).await;
@@ -101,14 +102,15 @@ impl Env {
         connect(&self.cluster.superuser_conninfo(&self.cluster.primary)).await
     }
 
-    /// Statements routed to each node so far: [primary, replica1, replica2].
+    /// Routing decisions per node so far (transactions and autocommit requests):
+    /// [primary, replica1, replica2].
     pub fn routed(&self) -> Vec<u64> {
         self.proxy
             .shared
             .cluster
             .nodes
             .iter()
-            .map(|n| n.queries.load(Ordering::SeqCst))
+            .map(|n| n.transactions.load(Ordering::SeqCst))
             .collect()
     }
 
