@@ -440,6 +440,15 @@ impl Config {
                 ));
             }
         }
+        if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
+            return Err(invalid(
+                "logging.level",
+                format!(
+                    "{:?} is not a log filter (e.g. \"info\" or \"causeway=debug\")",
+                    self.logging.level
+                ),
+            ));
+        }
         for (i, name) in self.admin.users.iter().enumerate() {
             if self.user(name).is_none() {
                 return Err(invalid(

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use causeway::config::Config;
+use causeway::config::{Config, LogFormat, LoggingConfig};
 
 #[derive(Parser)]
 #[command(
@@ -36,7 +36,6 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
     match cli.command {
         Some(Command::Check) => match Config::load(&cli.config) {
             Ok(cfg) => {
@@ -46,12 +45,16 @@ fn main() -> ExitCode {
             }
             Err(e) => config_error(&cli.config, &e),
         },
-        Some(Command::Demo { port }) => run_async(causeway::demo::run(port)),
+        Some(Command::Demo { port }) => {
+            init_tracing(&LoggingConfig::default());
+            run_async(causeway::demo::run(port))
+        }
         None => {
             let cfg = match Config::load(&cli.config) {
                 Ok(c) => Arc::new(c),
                 Err(e) => return config_error(&cli.config, &e),
             };
+            init_tracing(&cfg.logging);
             run_async(async move {
                 causeway::server::run(cfg)
                     .await
@@ -87,11 +90,18 @@ fn run_async(fut: impl std::future::Future<Output = Result<(), String>>) -> Exit
     }
 }
 
-fn init_tracing() {
+/// Logs to stderr in the configured format; `CAUSEWAY_LOG` (a tracing filter such as
+/// `causeway=debug`) overrides `logging.level`. Each line carries its session span: client
+/// address, session id, user and database.
+fn init_tracing(logging: &LoggingConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAUSEWAY_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&logging.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match logging.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
 }

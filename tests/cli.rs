@@ -77,6 +77,19 @@ fn bad_configurations_exit_2_naming_the_key() {
             format!("{GOOD}\n[pool]\nprimary_max = \"many\"\n"),
             "primary_max",
         ),
+        (
+            GOOD.replace("[server]", "[server]\nadmin_listen = \"0.0.0.0:9930\""),
+            "admin.token",
+        ),
+        (
+            format!("{GOOD}\n[admin]\nusers = [\"nobody\"]\n"),
+            "admin.users[0]",
+        ),
+        (format!("{GOOD}\n[logging]\nformat = \"xml\"\n"), "xml"),
+        (
+            format!("{GOOD}\n[logging]\nlevel = \"=[\"\n"),
+            "logging.level",
+        ),
     ];
     for (config, key) in cases {
         for args in [&["check"][..], &[][..]] {
@@ -93,4 +106,46 @@ fn shipped_proxy_toml_is_valid() {
     let (code, out, err) = run(&text, &["check"], &[]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("replica2"), "{out}");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let config = GOOD.replace(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
+    ) + "\n[logging]\nformat = \"json\"\n";
+    std::fs::write(&path, &config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_causeway"))
+        .arg("--config")
+        .arg(&path)
+        .env_remove("CAUSEWAY_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let mut seen = Vec::new();
+    let listening = loop {
+        let Some(Ok(line)) = lines.next() else {
+            break None;
+        };
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        seen.push(line);
+        if v["fields"]["message"] == "listening" {
+            break Some(v);
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let v = listening.unwrap_or_else(|| panic!("no 'listening' line in {seen:#?}"));
+    assert_eq!(v["level"], "INFO");
+    assert!(
+        v["fields"]["addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
 }
