@@ -64,18 +64,24 @@ impl CancelRegistry {
             .map
             .get(&key)
             .and_then(|slot| slot.lock().ok().and_then(|t| t.clone()));
-        let Some(t) = target else {
-            return;
-        };
-        match tokio::net::TcpStream::connect(&t.addr).await {
-            Ok(mut s) => {
-                let _ = s
-                    .write_all(&protocol::encode_cancel_request(t.pid, t.secret))
-                    .await;
-                let _ = s.shutdown().await;
-            }
-            Err(e) => tracing::warn!(addr = %t.addr, error = %e, "cannot forward cancel request"),
+        if let Some(t) = target {
+            send_cancel(t).await;
         }
+    }
+}
+
+/// Sends a CancelRequest for `t`'s backend; failures are logged, as there is no one to tell.
+pub async fn send_cancel(t: CancelTarget) {
+    let connect = tokio::net::TcpStream::connect(&t.addr);
+    match tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
+        Ok(Ok(mut s)) => {
+            let _ = s
+                .write_all(&protocol::encode_cancel_request(t.pid, t.secret))
+                .await;
+            let _ = s.shutdown().await;
+        }
+        Ok(Err(e)) => tracing::warn!(addr = %t.addr, error = %e, "cannot send cancel request"),
+        Err(_) => tracing::warn!(addr = %t.addr, "cannot send cancel request: connect timed out"),
     }
 }
 

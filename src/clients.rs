@@ -136,6 +136,11 @@ impl Clients {
         v
     }
 
+    /// Clients logged in as `user`.
+    pub fn count_user(&self, user: &str) -> usize {
+        self.map.iter().filter(|e| e.value().user == user).count()
+    }
+
     /// Clients per state: (idle, waiting, active).
     pub fn counts(&self) -> (usize, usize, usize) {
         let mut c = (0, 0, 0);

@@ -119,6 +119,15 @@ pub struct ServerConfig {
     /// User the health monitor logs in as; defaults to the first `[[users]]` entry.
     pub monitor_user: Option<String>,
     pub monitor_database: String,
+    /// Clients connected at once; past it new ones are refused with 53300. 0 = no limit.
+    pub max_client_connections: usize,
+    /// A request whose server has not finished answering after this long is cancelled; if the
+    /// server still does not answer (it hangs), the connection is dropped and the client gets
+    /// an error (a read that sent nothing yet is re-run elsewhere). 0 = no limit.
+    pub query_timeout_ms: u64,
+    /// On SIGTERM/SIGINT, running transactions get this long to finish before their clients
+    /// are disconnected with 57P01.
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -132,6 +141,9 @@ impl Default for ServerConfig {
             health_check_timeout_ms: 2_000,
             monitor_user: None,
             monitor_database: "postgres".into(),
+            max_client_connections: 10_000,
+            query_timeout_ms: 0,
+            shutdown_timeout_ms: 30_000,
         }
     }
 }
@@ -168,6 +180,9 @@ impl Default for AuthConfig {
 pub struct UserConfig {
     pub name: String,
     pub password: String,
+    /// Clients this user may have connected at once; past it new ones get 53300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
 }
 
 impl fmt::Debug for UserConfig {
@@ -232,6 +247,9 @@ pub struct PoolConfig {
     /// Requests allowed to wait per queue; past it the lowest classes are refused (53300).
     /// 0 = unbounded.
     pub max_waiters: usize,
+    /// A client idle inside a transaction this long is disconnected (25P03) and its
+    /// transaction rolled back, so it cannot hold a server connection forever. 0 = no limit.
+    pub idle_in_transaction_timeout_ms: u64,
 }
 
 impl Default for PoolConfig {
@@ -246,6 +264,7 @@ impl Default for PoolConfig {
             max_lifetime_ms: 3_600_000,
             reset_timeout_ms: 5_000,
             max_waiters: 1_000,
+            idle_in_transaction_timeout_ms: 0,
         }
     }
 }

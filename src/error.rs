@@ -12,6 +12,7 @@ pub mod sqlstate {
     pub const INVALID_AUTHORIZATION: &str = "28000";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     pub const CANNOT_CONNECT_NOW: &str = "57P03";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
@@ -98,6 +99,10 @@ pub enum SessionError {
     Unsupported(String),
     #[error("the proxy is shutting down")]
     Shutdown,
+    #[error("terminating connection due to idle-in-transaction timeout")]
+    IdleInTransactionTimeout,
+    #[error("too many client connections: {0}")]
+    TooManyClients(String),
     /// A value the client gave the proxy is malformed (an LSN, say).
     #[error("{0}")]
     InvalidParameter(String),
@@ -125,6 +130,8 @@ impl SessionError {
             SessionError::NoReplica => CANNOT_CONNECT_NOW,
             SessionError::Unsupported(_) => FEATURE_NOT_SUPPORTED,
             SessionError::Shutdown => ADMIN_SHUTDOWN,
+            SessionError::IdleInTransactionTimeout => IDLE_IN_TRANSACTION_TIMEOUT,
+            SessionError::TooManyClients(_) => TOO_MANY_CONNECTIONS,
             SessionError::PlanChanged => FEATURE_NOT_SUPPORTED,
             SessionError::InvalidParameter(_) => INVALID_PARAMETER_VALUE,
         }

@@ -38,6 +38,8 @@ pub struct Shared {
     /// Keyed read-your-writes tokens (`causeway.consistency_key`).
     pub keys: Keys,
     pub shutdown: CancellationToken,
+    /// Cancelled when the shutdown grace period is over: every session ends with 57P01.
+    pub force_close: CancellationToken,
 }
 
 /// A running proxy: its address and the handle that stops it.
@@ -50,10 +52,37 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting, closes idle clients and waits for the accept loop to end.
+    /// Stops at once: no new clients, idle clients closed; clients with a running request or
+    /// transaction finish it, then are closed.
     pub async fn stop(self) {
         self.shared.shutdown.cancel();
         let _ = self.task.await;
+    }
+
+    /// Graceful shutdown: stops accepting and closes idle clients at once (57P01); running
+    /// transactions get `grace` to finish, then their clients are closed with 57P01 too (the
+    /// server rolls back what they left open). Returns once every client is gone.
+    pub async fn shutdown(self, grace: std::time::Duration) {
+        let shared = Arc::clone(&self.shared);
+        shared.shutdown.cancel();
+        let _ = self.task.await;
+        let open = || shared.stats.clients_open.load(Ordering::Acquire);
+        let deadline = tokio::time::Instant::now() + grace;
+        while open() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        if open() > 0 {
+            tracing::info!(
+                clients = open(),
+                "shutdown grace period over; closing the rest"
+            );
+            shared.force_close.cancel();
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            while open() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        tracing::info!("shut down");
     }
 }
 
@@ -82,6 +111,7 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
             cfg_keys.max_keys,
         ),
         shutdown,
+        force_close: CancellationToken::new(),
     });
     let admin_addr = match crate::admin::start(&shared).await {
         Ok(a) => a,
@@ -105,10 +135,11 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
 
 /// Runs the proxy until SIGINT/SIGTERM.
 pub async fn run(cfg: Arc<Config>) -> std::io::Result<()> {
+    let grace = std::time::Duration::from_millis(cfg.server.shutdown_timeout_ms);
     let running = start(cfg).await?;
     wait_for_signal().await;
-    tracing::info!("shutting down");
-    running.stop().await;
+    tracing::info!(grace_ms = grace.as_millis(), "shutting down");
+    running.shutdown(grace).await;
     Ok(())
 }
 
@@ -206,6 +237,14 @@ async fn handle_client(
             }
         }
     };
+    let limit = shared.cfg.server.max_client_connections;
+    if limit > 0 && shared.stats.clients_open.load(Ordering::Acquire) > limit as u64 {
+        let e = SessionError::TooManyClients(format!(
+            "server.max_client_connections ({limit}) reached"
+        ));
+        refuse(&mut t, &e).await;
+        return Err(e);
+    }
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let Some(user) = param("user") else {
         let e = SessionError::AuthRejected(
@@ -240,8 +279,18 @@ async fn handle_client(
         }
         return Err(e);
     }
+    let registered = shared.clients.register(id, peer, &user, &database);
+    if let Some(limit) = shared.cfg.user(&user).and_then(|u| u.max_connections)
+        && shared.clients.count_user(&user) > limit
+    {
+        drop(registered);
+        let e =
+            SessionError::TooManyClients(format!("user \"{user}\" has max_connections = {limit}"));
+        refuse(&mut t, &e).await;
+        return Err(e);
+    }
     if database == crate::admin::console::DATABASE {
-        return admin_console(t, peer, id, shared, &user).await;
+        return admin_console(t, shared, &user).await;
     }
     let server_params = match greeting_params(shared, &user, &database).await {
         Ok(p) => p,
@@ -264,7 +313,6 @@ async fn handle_client(
     t.queue(&protocol::ready_for_query(TxStatus::Idle));
     t.flush().await.map_err(SessionError::ClientIo)?;
     tracing::debug!("client ready");
-    let registered = shared.clients.register(id, peer, &user, &database);
     let session = Session::new(
         Arc::clone(shared),
         t,
@@ -279,8 +327,6 @@ async fn handle_client(
 /// Opens the admin console for an admin user; anyone else is refused.
 async fn admin_console(
     mut t: Transport<TcpStream>,
-    peer: SocketAddr,
-    id: u64,
     shared: &Arc<Shared>,
     user: &str,
 ) -> Result<(), SessionError> {
@@ -304,9 +350,6 @@ async fn admin_console(
     t.queue(&protocol::backend_key_data(0, 0));
     t.queue(&protocol::ready_for_query(TxStatus::Idle));
     t.flush().await.map_err(SessionError::ClientIo)?;
-    let _registered = shared
-        .clients
-        .register(id, peer, user, crate::admin::console::DATABASE);
     tracing::info!("admin console session");
     crate::admin::console::serve(t, Arc::clone(shared)).await
 }

@@ -288,6 +288,9 @@ impl Session {
             return;
         };
         let node = lease.node();
+        if self.busy_since.is_none() {
+            self.busy_since = Some(tokio::time::Instant::now());
+        }
         node.queries.fetch_add(1, Ordering::Relaxed);
         self.info.requests.fetch_add(1, Ordering::Relaxed);
         let kind = if class.access == Access::Write {

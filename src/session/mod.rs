@@ -14,8 +14,10 @@ pub use request::Request;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::cancel::CancelSlot;
 use crate::classify::{Classifier, RouteMode, SessionCommand};
@@ -98,6 +100,22 @@ struct InFlight {
     server_replied: bool,
 }
 
+/// Timeouts a session watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    /// The client sat inside a transaction too long.
+    IdleInTransaction,
+    /// A request ran past `query_timeout_ms`: cancel it.
+    Cancel,
+    /// The cancel got no reaction either: drop the server.
+    Abandon,
+}
+
+/// How long a server gets to react to a timeout's cancel before it is given up on.
+fn cancel_grace(query_timeout_ms: u64) -> Duration {
+    Duration::from_millis(query_timeout_ms.clamp(1_000, 5_000))
+}
+
 /// A request sent to a backend, timed until its ReadyForQuery reaches the client.
 struct Timing {
     started: tokio::time::Instant,
@@ -136,6 +154,12 @@ pub struct Session {
     in_flight: Option<InFlight>,
     /// This client's entry in the registry of connected clients.
     info: Arc<crate::clients::ClientInfo>,
+    /// Last input from the client or the backend.
+    last_activity: Instant,
+    /// Since when the backend owes replies (cleared once it has answered everything).
+    busy_since: Option<Instant>,
+    /// When a query timeout's cancel went out.
+    cancel_sent: Option<Instant>,
     /// Requests on the backend whose ReadyForQuery is still to come, oldest first.
     timings: VecDeque<Timing>,
     /// Parameters the client set, replayed on each backend it is given.
@@ -205,6 +229,9 @@ impl Session {
             in_flight: None,
             info,
             timings: VecDeque::new(),
+            last_activity: Instant::now(),
+            busy_since: None,
+            cancel_sent: None,
             deferred_begin: None,
             copy_sync_owed: false,
             backend_fatal_forwarded: false,
@@ -243,7 +270,12 @@ impl Session {
 
     async fn serve(&mut self) -> Result<(), SessionError> {
         let shutdown = self.shared.shutdown.clone();
+        let force = self.shared.force_close.clone();
         loop {
+            if shutdown.is_cancelled() && self.lease.is_none() {
+                // Shutting down: a client between transactions is told at once.
+                return Err(SessionError::Shutdown);
+            }
             while self.can_dispatch() {
                 let Some(req) = self.queue.pop_front() else {
                     break;
@@ -259,17 +291,22 @@ impl Session {
                 self.backend_failed(Some(e)).await?;
                 continue;
             }
+            let timer = self.next_timer();
             let read_client = self.queued_bytes < MAX_QUEUED_BYTES;
             let lease = self.lease.as_mut();
             let watch_backend = lease.is_some();
             tokio::select! {
                 biased;
+                _ = force.cancelled() => {
+                    return Err(SessionError::Shutdown);
+                }
                 r = async {
                     match lease {
                         Some(l) => l.conn().transport.fill().await,
                         None => std::future::pending().await,
                     }
                 }, if watch_backend => {
+                    self.last_activity = Instant::now();
                     match r {
                         Ok(0) => self.backend_failed(None).await?,
                         Ok(n) => {
@@ -280,6 +317,7 @@ impl Session {
                     }
                 }
                 r = self.client.fill(), if read_client => {
+                    self.last_activity = Instant::now();
                     match r {
                         Ok(0) => return Ok(()),
                         Ok(_) => {
@@ -293,6 +331,74 @@ impl Session {
                 _ = shutdown.cancelled(), if !watch_backend => {
                     return Err(SessionError::Shutdown);
                 }
+                _ = async {
+                    match timer {
+                        Some((at, _)) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                }, if timer.is_some() => {
+                    if let Some((_, kind)) = timer {
+                        self.on_timer(kind).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next timeout to watch: a client idle inside a transaction, or a request its server
+    /// is slow to answer.
+    fn next_timer(&self) -> Option<(Instant, Timer)> {
+        let cfg = &self.shared.cfg;
+        if self.copy_in {
+            return None;
+        }
+        if let Some(since) = self.busy_since {
+            let limit = cfg.server.query_timeout_ms;
+            if limit == 0 {
+                return None;
+            }
+            return Some(match self.cancel_sent {
+                None => (since + Duration::from_millis(limit), Timer::Cancel),
+                Some(at) => (at + cancel_grace(limit), Timer::Abandon),
+            });
+        }
+        let idle_limit = cfg.pool.idle_in_transaction_timeout_ms;
+        if idle_limit > 0
+            && self.status != TxStatus::Idle
+            && self.lease.is_some()
+            && self.replies.is_empty()
+            && self.queue.is_empty()
+        {
+            return Some((
+                self.last_activity + Duration::from_millis(idle_limit),
+                Timer::IdleInTransaction,
+            ));
+        }
+        None
+    }
+
+    async fn on_timer(&mut self, kind: Timer) -> Result<(), SessionError> {
+        match kind {
+            Timer::IdleInTransaction => Err(SessionError::IdleInTransactionTimeout),
+            Timer::Cancel => {
+                // Ask the server to cancel, as a client would; a live server answers 57014.
+                let target = self.cancel.lock().ok().and_then(|t| t.clone());
+                if let Some(t) = target {
+                    tracing::info!(addr = %t.addr, "query timeout: cancelling the request");
+                    tokio::spawn(crate::cancel::send_cancel(t));
+                }
+                self.cancel_sent = Some(Instant::now());
+                Ok(())
+            }
+            Timer::Abandon => {
+                // The server did not react to the cancel either: treat it as gone.
+                self.busy_since = None;
+                self.cancel_sent = None;
+                let err = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no answer within server.query_timeout_ms, even to a cancel",
+                );
+                self.backend_failed(Some(err)).await
             }
         }
     }
@@ -459,6 +565,8 @@ impl Session {
         self.replies.clear();
         self.in_flight = None;
         self.timings.clear();
+        self.busy_since = None;
+        self.cancel_sent = None;
         self.copy_sync_owed = false;
         self.pending_token = None;
         self.token_after_ready = None;

@@ -95,6 +95,8 @@ impl Session {
                     if self.replies.is_empty() {
                         // The statement is over: its execution slot goes to the next waiter.
                         self.slot = None;
+                        self.busy_since = None;
+                        self.cancel_sent = None;
                     }
                     self.maybe_release();
                     continue;

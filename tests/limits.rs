@@ -1,0 +1,348 @@
+//! Limits and timeouts: client connection caps, the idle-in-transaction timeout, the query
+//! timeout against a slow and a frozen (SIGSTOPped) server, and graceful shutdown.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use causeway::launcher::ClusterOptions;
+
+fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map_or_else(|| e.to_string(), |d| d.message().to_string())
+}
+
+fn code(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map_or_else(|| format!("no SQLSTATE: {e}"), |c| c.code().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connection_limits_refuse_with_53300() {
+    let env = common::start_with(ClusterOptions::default(), |c| {
+        *c = c.replacen(
+            "\nlisten = \"127.0.0.1:0\"",
+            "\nlisten = \"127.0.0.1:0\"\nmax_client_connections = 3",
+            1,
+        );
+        *c = c.replacen(
+            "password = \"app-secret\"",
+            "password = \"app-secret\"\nmax_connections = 2",
+            1,
+        );
+    })
+    .await;
+    // Per user: two at once.
+    let a = env.client().await;
+    let b = env.client().await;
+    let err = common::connect_err(&env.conninfo()).await;
+    assert_eq!(code(&err), "53300", "{err}");
+    assert!(message(&err).contains("max_connections"), "{err:?}");
+    drop(b);
+    assert!(
+        common::eventually(5, || env.proxy.shared.clients.count_user("app") == 1).await,
+        "the closed client is still counted"
+    );
+    let b = env.client().await;
+    b.simple_query("SELECT 1").await.unwrap();
+    a.simple_query("SELECT 1").await.unwrap();
+
+    // Proxy-wide: three sockets; the fourth is refused before authentication.
+    let _held = tokio::net::TcpStream::connect(env.proxy.addr)
+        .await
+        .unwrap();
+    let err = common::connect_err(&env.conninfo()).await;
+    assert_eq!(code(&err), "53300", "{err}");
+    assert!(message(&err).contains("max_client_connections"), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_in_transaction_client_is_cut_and_rolled_back() {
+    let env = common::start_with(ClusterOptions::default(), |c| {
+        c.push_str("\n[pool]\nidle_in_transaction_timeout_ms = 400\n");
+    })
+    .await;
+    env.owner()
+        .await
+        .batch_execute("CREATE TABLE idle_t (v int)")
+        .await
+        .unwrap();
+    let c = env.client().await;
+    c.batch_execute("BEGIN; INSERT INTO idle_t VALUES (1)")
+        .await
+        .unwrap();
+    // Busy but not idle: a statement that runs longer than the timeout is fine.
+    c.batch_execute("SELECT pg_sleep(0.6)").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let err = c.batch_execute("COMMIT").await.unwrap_err();
+    let db = err.as_db_error().map(|d| d.code().code().to_string());
+    assert!(
+        db.as_deref() == Some("25P03") || c.is_closed(),
+        "expected 25P03 or a closed connection: {err:?}"
+    );
+    let n: i64 = env
+        .owner()
+        .await
+        .query_one("SELECT count(*) FROM idle_t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the abandoned transaction must roll back");
+    // Its server connection went back to the pool.
+    let in_use = || {
+        env.proxy
+            .shared
+            .pools
+            .all()
+            .iter()
+            .map(|p| p.queue().stats().in_use)
+            .sum::<usize>()
+    };
+    assert!(
+        common::eventually(5, || in_use() == 0).await,
+        "lease leaked"
+    );
+    // Other clients never noticed.
+    env.client().await.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_timeout_cancels_a_slow_statement() {
+    let env = common::start_with(ClusterOptions::default(), |c| {
+        *c = c.replacen(
+            "\nlisten = \"127.0.0.1:0\"",
+            "\nlisten = \"127.0.0.1:0\"\nquery_timeout_ms = 500",
+            1,
+        );
+    })
+    .await;
+    let c = env.client().await;
+    let t = Instant::now();
+    let err = c.simple_query("SELECT pg_sleep(10)").await.unwrap_err();
+    assert_eq!(code(&err), "57014", "{err}");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    // The session and its next request are fine.
+    c.simple_query("SELECT 1").await.unwrap();
+}
+
+/// Postmaster and children of a node, for SIGSTOP/SIGCONT.
+fn processes_of(data_dir: &std::path::Path) -> Vec<i32> {
+    let pid_file = std::fs::read_to_string(data_dir.join("postmaster.pid")).unwrap();
+    let postmaster: i32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+    let mut pids = vec![postmaster];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised name: state, ppid, ...
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let ppid: i32 = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        if ppid == postmaster {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn signal(pids: &[i32], sig: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .args(pids.iter().map(i32::to_string))
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_replica_trips_the_timeouts_instead_of_hanging() {
+    let env = common::start_with(ClusterOptions::default(), |c| {
+        *c = c.replacen(
+            "\nlisten = \"127.0.0.1:0\"",
+            "\nlisten = \"127.0.0.1:0\"\nquery_timeout_ms = 700",
+            1,
+        );
+        c.push_str("\n[routing]\nreplica_strategy = \"round_robin\"\n");
+    })
+    .await;
+    let c = env.client().await;
+    // Warm a pooled connection on each replica.
+    for _ in 0..4 {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    let pids = processes_of(&env.cluster.replicas[0].data_dir);
+    signal(&pids, "STOP");
+    let thawed = Arc::new(AtomicBool::new(false));
+    let guard = scopeguard(pids.clone(), Arc::clone(&thawed));
+
+    // Reads keep answering: one that lands on the frozen replica is cancelled, then given up
+    // on and re-run elsewhere, since nothing of it reached the client.
+    let t = Instant::now();
+    for _ in 0..6 {
+        let rows = c.simple_query("SELECT inet_server_port()").await;
+        assert!(rows.is_ok(), "read failed: {rows:?}");
+    }
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(
+        env.proxy.shared.stats.retried_reads.load(Ordering::Relaxed) > 0,
+        "no read met the frozen replica"
+    );
+    // The health check times out too and bans it.
+    let node = &env.proxy.shared.cluster.nodes[1];
+    assert!(
+        common::eventually(10, || !node.is_usable()).await,
+        "never banned"
+    );
+    for _ in 0..6 {
+        let port: String = match &c.simple_query("SELECT inet_server_port()").await.unwrap()[1] {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).unwrap().to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert_ne!(
+            port,
+            env.node_port(1).to_string(),
+            "read sent to the frozen replica"
+        );
+    }
+    drop(guard);
+    assert!(
+        common::eventually(15, || node.is_usable()).await,
+        "never unbanned after SIGCONT"
+    );
+}
+
+/// Thaws the processes when dropped, so a failing test does not leave a frozen server.
+struct Thaw(Vec<i32>, Arc<AtomicBool>);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        if !self.1.swap(true, Ordering::SeqCst) {
+            signal(&self.0, "CONT");
+        }
+    }
+}
+
+fn scopeguard(pids: Vec<i32>, done: Arc<AtomicBool>) -> Thaw {
+    Thaw(pids, done)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_loses_no_committed_transaction() {
+    let mut env = common::start().await;
+    env.owner()
+        .await
+        .batch_execute(
+            "CREATE TABLE ledger (writer int, seq int, part int, PRIMARY KEY (writer, seq, part))",
+        )
+        .await
+        .unwrap();
+    let proxy = std::mem::replace(&mut env.proxy, common::proxy_for(&env.config).await);
+    let port = proxy.addr.port();
+    let info = format!(
+        "host=127.0.0.1 port={port} user=app password={} dbname=app",
+        common::PASSWORD
+    );
+    let mut writers = Vec::new();
+    for w in 0..6 {
+        let info = info.clone();
+        writers.push(tokio::spawn(async move {
+            let c = common::connect(&info).await;
+            let mut acknowledged = Vec::new();
+            for seq in 0i32.. {
+                let sql = format!(
+                    "BEGIN; INSERT INTO ledger VALUES ({w}, {seq}, 1); \
+                     INSERT INTO ledger VALUES ({w}, {seq}, 2); COMMIT"
+                );
+                match c.batch_execute(&sql).await {
+                    Ok(()) => acknowledged.push(seq),
+                    Err(e) => return (acknowledged, seq, e),
+                }
+            }
+            unreachable!()
+        }));
+    }
+    // One client holds a transaction open past the grace period: it must be rolled back.
+    let holder = common::connect(&info).await;
+    holder
+        .batch_execute("BEGIN; INSERT INTO ledger VALUES (99, 0, 1)")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let t = Instant::now();
+    proxy.shutdown(Duration::from_millis(1500)).await;
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(6), "shutdown took {took:?}");
+    assert!(
+        took >= Duration::from_millis(1400),
+        "the open transaction got no grace: {took:?}"
+    );
+
+    let db = env.owner().await;
+    for (w_id, w) in (0i32..).zip(writers) {
+        let (acknowledged, failed_seq, err) = w.await.unwrap();
+        assert!(acknowledged.len() > 5, "writer made no progress");
+        // Refused as the proxy went away, not with a random error.
+        let sqlstate = err.code().map(|c| c.code().to_string());
+        assert!(
+            sqlstate.as_deref() == Some("57P01") || err.is_closed(),
+            "unexpected error: {err:?}"
+        );
+        let stored: Vec<i32> = db
+            .query(
+                "SELECT DISTINCT seq FROM ledger WHERE writer = $1 ORDER BY seq",
+                &[&w_id],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for seq in &acknowledged {
+            assert!(
+                stored.contains(seq),
+                "writer {w_id}: acknowledged commit {seq} is missing"
+            );
+        }
+        // Only the one commit in flight when the connection went may be there unacknowledged.
+        for seq in &stored {
+            assert!(
+                acknowledged.contains(seq) || *seq == failed_seq,
+                "writer {w_id}: {seq} stored but never attempted"
+            );
+        }
+    }
+    // Every acknowledged commit is there, whole; nothing is half there.
+    let half: i64 = db
+        .query_one(
+            "SELECT count(*) FROM (SELECT writer, seq FROM ledger GROUP BY writer, seq HAVING count(*) <> 2) h",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(half, 0, "a transaction was half applied");
+    let held: i64 = db
+        .query_one("SELECT count(*) FROM ledger WHERE writer = 99", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        held, 0,
+        "the transaction cut at the deadline was not rolled back"
+    );
+    let err = holder.batch_execute("COMMIT").await.unwrap_err();
+    assert!(
+        err.code().map(|c| c.code()) == Some("57P01") || err.is_closed(),
+        "{err:?}"
+    );
+}
