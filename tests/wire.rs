@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::raw::{error_code, read_until_ready, startup};
+use std::time::Duration;
+
+use common::raw::{error_code, login, query, read_until_ready, startup};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -113,5 +115,52 @@ async fn hostile_input_gets_an_error_and_the_proxy_stays_up() {
     assert_eq!(
         c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
         1
+    );
+}
+
+/// Resident memory of this process (the proxy runs in it), in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_cannot_grow_the_proxy() {
+    let (env, proxy) = trust_env().await;
+    let before = rss_kib();
+    // About 2 GB of result, never read by the client.
+    let mut s = login(proxy.addr).await;
+    s.write_all(&query(
+        "SELECT repeat('x', 1000) FROM generate_series(1, 2000000)",
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let grown = rss_kib().saturating_sub(before);
+    assert!(
+        grown < 64 * 1024,
+        "proxy memory grew by {grown} KiB while its client did not read"
+    );
+    // Everyone else is still served meanwhile.
+    let c = env.client_via(&proxy).await;
+    assert_eq!(
+        c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+        1
+    );
+    // When the stalled client goes away, its server connection is dropped, not left streaming.
+    drop(s);
+    let node = &proxy.shared.cluster.nodes;
+    let leased = || {
+        node.iter()
+            .map(|n| n.in_use.load(std::sync::atomic::Ordering::Relaxed))
+            .sum::<usize>()
+    };
+    assert!(
+        common::eventually(10, || leased() == 0).await,
+        "the stalled client's server connection is still leased"
     );
 }
