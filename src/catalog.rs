@@ -14,15 +14,17 @@ use crate::config::Config;
 pub struct Catalogs {
     map: DashMap<String, Arc<Classifier>>,
     cfg: Arc<Config>,
+    tls: Arc<crate::tls::Tls>,
     stop: CancellationToken,
 }
 
 impl Catalogs {
     /// An empty registry; refresh tasks stop with `stop`.
-    pub fn new(cfg: Arc<Config>, stop: CancellationToken) -> Self {
+    pub fn new(cfg: Arc<Config>, tls: Arc<crate::tls::Tls>, stop: CancellationToken) -> Self {
         Self {
             map: DashMap::new(),
             cfg,
+            tls,
             stop,
         }
     }
@@ -56,7 +58,8 @@ impl Catalogs {
         let cfg = Arc::clone(&self.cfg);
         let db = database.to_string();
         let user = user.to_string();
-        if let Err(e) = load(&cfg, &db, &user, &classifier).await {
+        let tls = Arc::clone(&self.tls);
+        if let Err(e) = load(&cfg, &tls, &db, &user, &classifier).await {
             tracing::warn!(database = %db, error = %e, "cannot load function catalog; unknown functions route to the primary");
         }
         let stop = self.stop.clone();
@@ -67,7 +70,7 @@ impl Catalogs {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(every) => {
-                        if let Err(e) = load(&cfg, &db, &user, &refreshed).await {
+                        if let Err(e) = load(&cfg, &tls, &db, &user, &refreshed).await {
                             tracing::debug!(database = %db, error = %e, "function catalog refresh failed");
                         }
                     }
@@ -80,6 +83,7 @@ impl Catalogs {
 
 async fn load(
     cfg: &Config,
+    tls: &crate::tls::Tls,
     database: &str,
     user: &str,
     classifier: &Classifier,
@@ -97,10 +101,7 @@ async fn load(
         .application_name("causeway-catalog")
         .connect_timeout(timeout);
     let work = async {
-        let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let client = crate::tls::pg_connect(&pg, tls).await?;
         client
             .query("SELECT proname::text, provolatile::text FROM pg_proc", &[])
             .await

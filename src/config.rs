@@ -48,9 +48,61 @@ pub struct Config {
     #[serde(default)]
     pub priority: PriorityConfig,
     #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
     pub logging: LoggingConfig,
+}
+
+/// Whether clients may or must use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientTls {
+    /// SSLRequest is answered "N".
+    Disable,
+    /// TLS when the client asks for it.
+    Allow,
+    /// Plaintext clients are refused (cancel requests excepted).
+    Require,
+}
+
+/// Whether and how the proxy uses TLS towards PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendTls {
+    Disable,
+    /// TLS if the server offers it, without checking its certificate.
+    Prefer,
+    /// TLS or no connection, without checking the certificate.
+    Require,
+    /// TLS with the certificate checked against `backend_ca_file` and the host name.
+    VerifyFull,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain and private key the proxy shows clients.
+    pub cert_file: String,
+    pub key_file: String,
+    pub client_mode: ClientTls,
+    pub backend_mode: BackendTls,
+    /// PEM CA certificates that sign the servers' certificates (verify-full).
+    pub backend_ca_file: String,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: String::new(),
+            key_file: String::new(),
+            client_mode: ClientTls::Disable,
+            backend_mode: BackendTls::Disable,
+            backend_ca_file: String::new(),
+        }
+    }
 }
 
 /// `[admin]`: who may use the admin endpoint and the admin console.
@@ -466,6 +518,20 @@ impl Config {
                     "{:?} is not a log filter (e.g. \"info\" or \"causeway=debug\")",
                     self.logging.level
                 ),
+            ));
+        }
+        if self.tls.client_mode != ClientTls::Disable
+            && (self.tls.cert_file.is_empty() || self.tls.key_file.is_empty())
+        {
+            return Err(invalid(
+                "tls.client_mode",
+                "needs tls.cert_file and tls.key_file",
+            ));
+        }
+        if self.tls.backend_mode == BackendTls::VerifyFull && self.tls.backend_ca_file.is_empty() {
+            return Err(invalid(
+                "tls.backend_mode",
+                "verify-full needs tls.backend_ca_file",
             ));
         }
         for (i, name) in self.admin.users.iter().enumerate() {

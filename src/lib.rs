@@ -21,4 +21,5 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod stats;
+pub mod tls;
 pub mod transport;

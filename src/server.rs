@@ -13,6 +13,7 @@ use crate::auth::AuthSecrets;
 use crate::cancel::CancelRegistry;
 use crate::catalog::Catalogs;
 use crate::cluster::{self, Cluster};
+use crate::config::ClientTls;
 use crate::config::Config;
 use crate::consistency::Keys;
 use crate::error::SessionError;
@@ -20,6 +21,7 @@ use crate::pool::Pools;
 use crate::protocol::{self, StartupMessage, TxStatus};
 use crate::session::Session;
 use crate::stats::Stats;
+use crate::tls::Stream;
 use crate::transport::Transport;
 
 /// State shared by every session: a few named `Arc`s, never globals.
@@ -30,6 +32,8 @@ pub struct Shared {
     pub auth: AuthSecrets,
     pub catalogs: Catalogs,
     pub cancels: CancelRegistry,
+    /// TLS towards clients and servers.
+    pub tls: Arc<crate::tls::Tls>,
     pub stats: Stats,
     /// Connected clients.
     pub clients: crate::clients::Clients,
@@ -91,14 +95,19 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
     let listener = TcpListener::bind(&cfg.server.listen).await?;
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
-    let cluster = Arc::new(Cluster::from_config(&cfg));
-    let pools = Arc::new(Pools::new(Arc::clone(&cfg)));
+    let tls = Arc::new(
+        crate::tls::Tls::from_config(&cfg)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+    );
+    let cluster = Arc::new(Cluster::from_config(&cfg, Arc::clone(&tls)));
+    let pools = Arc::new(Pools::new(Arc::clone(&cfg), Arc::clone(&tls)));
     cluster::spawn_monitors(&cluster, &cfg, &shutdown);
     pools.spawn_maintenance(shutdown.clone());
     let cfg_keys = cfg.consistency.clone();
     let shared = Arc::new(Shared {
         auth: AuthSecrets::new(&cfg),
-        catalogs: Catalogs::new(Arc::clone(&cfg), shutdown.clone()),
+        catalogs: Catalogs::new(Arc::clone(&cfg), Arc::clone(&tls), shutdown.clone()),
+        tls,
         cfg,
         cluster,
         pools,
@@ -201,7 +210,7 @@ fn is_utf8_encoding(name: &str) -> bool {
     n == "utf8" || n == "unicode"
 }
 
-async fn refuse(t: &mut Transport<TcpStream>, e: &SessionError) {
+async fn refuse(t: &mut Transport<Stream>, e: &SessionError) {
     t.queue(&protocol::error_response(
         "FATAL",
         e.sqlstate(),
@@ -217,9 +226,36 @@ async fn handle_client(
     shared: &Arc<Shared>,
 ) -> Result<(), SessionError> {
     let _ = socket.set_nodelay(true);
-    let mut t = Transport::new(socket, shared.cfg.server.max_message_bytes);
+    let max_message = shared.cfg.server.max_message_bytes;
+    let mut t = Transport::new(Stream::Plain(socket), max_message);
     let (minor, params) = loop {
         match t.read_startup().await {
+            Ok(Some(StartupMessage::SslRequest)) if !t.get_ref().is_tls() => {
+                let Some(acceptor) = shared.tls.acceptor.clone() else {
+                    t.queue_bytes(b"N");
+                    t.flush().await.map_err(SessionError::ClientIo)?;
+                    continue;
+                };
+                t.queue_bytes(b"S");
+                t.flush().await.map_err(SessionError::ClientIo)?;
+                let (stream, buffered) = t.into_inner();
+                let Stream::Plain(tcp) = stream else {
+                    return Ok(());
+                };
+                if buffered > 0 {
+                    // Bytes sent before the handshake could be injected by anyone on the path.
+                    return Err(SessionError::ClientProtocol(
+                        protocol::ProtocolError::Malformed(
+                            "data received after SSLRequest before the TLS handshake",
+                        ),
+                    ));
+                }
+                let tls = acceptor.accept(tcp).await.map_err(SessionError::ClientIo)?;
+                t = Transport::new(
+                    Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))),
+                    max_message,
+                );
+            }
             Ok(Some(StartupMessage::SslRequest | StartupMessage::GssEncRequest)) => {
                 t.queue_bytes(b"N");
                 t.flush().await.map_err(SessionError::ClientIo)?;
@@ -237,6 +273,13 @@ async fn handle_client(
             }
         }
     };
+    if shared.tls.client_mode == ClientTls::Require && !t.get_ref().is_tls() {
+        let e = SessionError::AuthRejected(
+            "SSL connection is required (tls.client_mode = \"require\")".into(),
+        );
+        refuse(&mut t, &e).await;
+        return Err(e);
+    }
     let limit = shared.cfg.server.max_client_connections;
     if limit > 0 && shared.stats.clients_open.load(Ordering::Acquire) > limit as u64 {
         let e = SessionError::TooManyClients(format!(
@@ -326,7 +369,7 @@ async fn handle_client(
 
 /// Opens the admin console for an admin user; anyone else is refused.
 async fn admin_console(
-    mut t: Transport<TcpStream>,
+    mut t: Transport<Stream>,
     shared: &Arc<Shared>,
     user: &str,
 ) -> Result<(), SessionError> {

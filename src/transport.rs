@@ -43,6 +43,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
         &self.stream
     }
 
+    /// The stream back, and how many bytes were read past the last frame (which a protocol
+    /// switch such as TLS must not lose).
+    pub fn into_inner(self) -> (S, usize) {
+        (self.stream, self.rbuf.len())
+    }
+
     /// Splits one complete frame off the read buffer without touching the socket.
     pub fn try_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
         protocol::decode_frame(&mut self.rbuf, self.max_message)

@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::process::{self, output, text};
+use common::process::{self, output, pg_tool, text};
 use common::{Env, PASSWORD};
 
 /// A client command bounded in time, logging in as the test user.
@@ -15,17 +14,6 @@ fn bounded(secs: u64, program: impl AsRef<std::ffi::OsStr>) -> Command {
     cmd.env("PGPASSWORD", PASSWORD)
         .env("PGCONNECT_TIMEOUT", "5");
     cmd
-}
-
-/// A PostgreSQL client tool from the same installation the cluster runs on, else from PATH.
-fn pg_tool(name: &str) -> PathBuf {
-    if let Some(dir) = std::env::var_os("CAUSEWAY_PG_BIN") {
-        let path = Path::new(&dir).join(name);
-        if path.exists() {
-            return path;
-        }
-    }
-    PathBuf::from(name)
 }
 
 /// Panics with both streams unless the client exited with 0.

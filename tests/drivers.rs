@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use causeway::config::AuthMethod;
-use common::process::{self, output, text};
+use common::process::{self, output, python_with, runs, text};
 use common::{Env, PASSWORD, connect};
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
 use tokio_postgres::error::SqlState;
@@ -85,17 +85,6 @@ fn bounded(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut cmd = process::bounded(PROGRAM_TIMEOUT_S, program);
     cmd.current_dir(root());
     cmd
-}
-
-/// Whether `program args` runs and exits 0.
-fn runs(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> bool {
-    Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// Per-case counts parsed from a driver's `ok|FAIL|skip <driver> <case>` lines.
@@ -184,29 +173,6 @@ async fn run_driver(driver: &str, cmd: Command) {
 }
 
 // --- runtimes ----------------------------------------------------------------------------------
-
-/// The Python with `module`: $CAUSEWAY_TEST_PYTHON (scripts/test sets it), else the venv
-/// scripts/test creates, else python3. Panics rather than skip when the module is missing.
-fn python_with(module: &str) -> PathBuf {
-    let candidate = match std::env::var_os("CAUSEWAY_TEST_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let venv = root().join("target/pyenv/bin/python");
-            if venv.exists() {
-                venv
-            } else {
-                PathBuf::from("python3")
-            }
-        }
-    };
-    assert!(
-        runs(&candidate, &["-c", &format!("import {module}")]),
-        "{} cannot `import {module}`: run scripts/test (it installs the drivers into \
-         target/pyenv and sets CAUSEWAY_TEST_PYTHON)",
-        candidate.display()
-    );
-    candidate
-}
 
 /// `node`, with tests/drivers/node/node_modules installed.
 fn node() -> PathBuf {

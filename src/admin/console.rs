@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use crate::tls::Stream;
 use serde_json::Value;
-use tokio::net::TcpStream;
 
 use super::snapshot::Snapshot;
 use crate::cluster::Role;
@@ -34,7 +34,7 @@ const HELP: &str = "SHOW POOLS | SHOW REPLICAS | SHOW STATS | SHOW CLIENTS | SHO
                     SHOW HELP | DRAIN <replica> | UNDRAIN <replica>";
 
 /// Serves console commands until the client leaves.
-pub async fn serve(mut t: Transport<TcpStream>, shared: Arc<Shared>) -> Result<(), SessionError> {
+pub async fn serve(mut t: Transport<Stream>, shared: Arc<Shared>) -> Result<(), SessionError> {
     let mut skip_until_sync = false;
     loop {
         let Some(frame) = t.read_frame().await? else {

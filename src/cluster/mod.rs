@@ -153,11 +153,13 @@ pub struct Cluster {
     /// The highest commit token seen through this proxy (global consistency scope).
     pub global_token: AtomicU64,
     started: Instant,
+    /// TLS towards the servers, for the monitor's connections.
+    pub tls: Arc<crate::tls::Tls>,
 }
 
 impl Cluster {
     /// Builds the topology from configuration; every node starts usable.
-    pub fn from_config(cfg: &Config) -> Self {
+    pub fn from_config(cfg: &Config, tls: Arc<crate::tls::Tls>) -> Self {
         let mut nodes = vec![Arc::new(
             Node::new(
                 0,
@@ -181,6 +183,7 @@ impl Cluster {
             lsn_advanced: Notify::new(),
             global_token: AtomicU64::new(0),
             started: Instant::now(),
+            tls,
         }
     }
 

@@ -90,7 +90,7 @@ async fn check(
     timeout: Duration,
 ) -> Health {
     if client.as_ref().is_none_or(|c| c.is_closed()) {
-        match tokio::time::timeout(timeout, connect(node, cfg, timeout)).await {
+        match tokio::time::timeout(timeout, connect(node, cfg, &cluster.tls, timeout)).await {
             Ok(Ok(c)) => *client = Some(c),
             Ok(Err(e)) => return Health::Unreachable(e.to_string()),
             Err(_) => return Health::Unreachable("connect timed out".into()),
@@ -135,6 +135,7 @@ async fn check(
 pub(crate) async fn connect(
     node: &Node,
     cfg: &Config,
+    tls: &crate::tls::Tls,
     timeout: Duration,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let mut pg = tokio_postgres::Config::new();
@@ -146,11 +147,7 @@ pub(crate) async fn connect(
     if let Some(user) = cfg.monitor_user() {
         pg.user(&user.name).password(&user.password);
     }
-    let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
+    crate::tls::pg_connect(&pg, tls).await
 }
 
 #[cfg(test)]

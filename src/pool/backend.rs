@@ -7,6 +7,8 @@ use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use tokio::net::TcpStream;
 
+use crate::tls::{Stream, Tls};
+
 use super::statements::StatementCache;
 use crate::cluster::Node;
 use crate::error::BackendError;
@@ -26,7 +28,7 @@ pub struct Login {
 
 /// A backend connection after startup, ready for queries.
 pub struct BackendConn {
-    pub transport: Transport<TcpStream>,
+    pub transport: Transport<Stream>,
     pub node: Arc<Node>,
     /// BackendKeyData, for forwarding cancel requests.
     pub pid: i32,
@@ -71,14 +73,19 @@ impl BackendConn {
         login: &Login,
         timeout: Duration,
         max_message: usize,
+        tls: &Tls,
     ) -> Result<BackendConn, BackendError> {
         let name = node.name.clone();
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(node.addr())).await {
+        let open = async {
+            let tcp = TcpStream::connect(node.addr()).await?;
+            let _ = tcp.set_nodelay(true);
+            tls.connect_backend(tcp, &node.host).await
+        };
+        let stream = match tokio::time::timeout(timeout, open).await {
             Ok(Ok(s)) => s,
             Ok(Err(source)) => return Err(BackendError::Connect { node: name, source }),
             Err(_) => return Err(BackendError::ConnectTimeout { node: name }),
         };
-        let _ = stream.set_nodelay(true);
         let transport = Transport::new(stream, max_message);
         match tokio::time::timeout(timeout, login_on(transport, node, login)).await {
             Ok(r) => r,
@@ -146,14 +153,14 @@ impl BackendConn {
     pub fn is_stale(&self) -> bool {
         let mut probe = [0u8; 1];
         !matches!(
-            self.transport.get_ref().try_read(&mut probe),
+            self.transport.get_ref().tcp().try_read(&mut probe),
             Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock
         )
     }
 }
 
 async fn login_on(
-    mut transport: Transport<TcpStream>,
+    mut transport: Transport<Stream>,
     node: &Arc<Node>,
     login: &Login,
 ) -> Result<BackendConn, BackendError> {

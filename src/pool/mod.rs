@@ -39,6 +39,7 @@ pub struct PoolSettings {
     pub max_lifetime: Duration,
     pub reset_timeout: Duration,
     pub max_message: usize,
+    pub tls: Arc<crate::tls::Tls>,
 }
 
 /// Connections to one node for one (user, database).
@@ -119,6 +120,7 @@ impl Pool {
             &self.login,
             self.settings.connect_timeout,
             self.settings.max_message,
+            &self.settings.tls,
         )
         .await?;
         self.open.fetch_add(1, Ordering::Relaxed);
@@ -298,14 +300,16 @@ impl Drop for Lease {
 pub struct Pools {
     map: DashMap<(usize, String, String), Arc<Pool>>,
     cfg: Arc<Config>,
+    tls: Arc<crate::tls::Tls>,
 }
 
 impl Pools {
     /// An empty registry.
-    pub fn new(cfg: Arc<Config>) -> Self {
+    pub fn new(cfg: Arc<Config>, tls: Arc<crate::tls::Tls>) -> Self {
         Self {
             map: DashMap::new(),
             cfg,
+            tls,
         }
     }
 
@@ -334,6 +338,7 @@ impl Pools {
             reset_timeout: Duration::from_millis(p.reset_timeout_ms),
             // Servers may legitimately send rows up to PostgreSQL's 1 GiB field limit.
             max_message: self.cfg.server.max_message_bytes.max(BACKEND_MAX_MESSAGE),
+            tls: Arc::clone(&self.tls),
         };
         let login = Login {
             user: user.to_string(),

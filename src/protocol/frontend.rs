@@ -298,6 +298,13 @@ pub fn encode_cancel_request(pid: i32, secret: i32) -> Bytes {
     b.finish_untagged()
 }
 
+/// SSLRequest (untagged, 8 bytes).
+pub fn encode_ssl_request() -> Bytes {
+    let mut b = Builder::untagged(4);
+    b.i32(super::startup::SSL_REQUEST_CODE);
+    b.finish_untagged()
+}
+
 /// PasswordMessage: `data` is sent as-is, plus a terminating NUL unless it already ends in one.
 ///
 /// Accepting both forms lets callers pass a plain password or a forwarded NUL-terminated body;

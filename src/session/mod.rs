@@ -16,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use crate::tls::Stream;
 use tokio::time::Instant;
 
 use crate::cancel::CancelSlot;
@@ -126,7 +126,7 @@ struct Timing {
 /// Per-client state.
 pub struct Session {
     shared: Arc<Shared>,
-    client: Transport<TcpStream>,
+    client: Transport<Stream>,
     user: String,
     database: String,
     classifier: Arc<Classifier>,
@@ -199,7 +199,7 @@ impl Session {
     /// query.
     pub fn new(
         shared: Arc<Shared>,
-        client: Transport<TcpStream>,
+        client: Transport<Stream>,
         classifier: Arc<Classifier>,
         cancel: CancelSlot,
         startup: &[(String, String)],

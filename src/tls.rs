@@ -1,0 +1,294 @@
+//! TLS: the acceptor clients meet (`[tls] client_mode`), the connector towards PostgreSQL
+//! (`backend_mode`), and the stream type both sides use, plain or encrypted.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::config::{BackendTls, ClientTls, Config};
+
+/// A connection to a client or a server, in the clear or over TLS.
+#[derive(Debug)]
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => t.get_ref().0,
+        }
+    }
+
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(t) => t.is_write_vectored(),
+        }
+    }
+}
+
+/// TLS set up from `[tls]`: what clients are offered and how servers are reached.
+#[derive(Clone)]
+pub struct Tls {
+    pub client_mode: ClientTls,
+    pub acceptor: Option<tokio_rustls::TlsAcceptor>,
+    pub backend_mode: BackendTls,
+    /// The client configuration towards servers (data connections and the monitor alike).
+    pub backend: Option<Arc<ClientConfig>>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("client_mode", &self.client_mode)
+            .field("backend_mode", &self.backend_mode)
+            .finish()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Tls {
+    /// Loads certificates and keys named in the configuration.
+    pub fn from_config(cfg: &Config) -> Result<Tls, String> {
+        let t = &cfg.tls;
+        let acceptor = if t.client_mode == ClientTls::Disable {
+            None
+        } else {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert_file)
+                .and_then(|i| i.collect::<Result<_, _>>())
+                .map_err(|e| format!("tls.cert_file {}: {e}", t.cert_file))?;
+            if certs.is_empty() {
+                return Err(format!("tls.cert_file {}: no certificate", t.cert_file));
+            }
+            let key = PrivateKeyDer::from_pem_file(&t.key_file)
+                .map_err(|e| format!("tls.key_file {}: {e}", t.key_file))?;
+            let server = ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .map_err(|e| format!("tls.cert_file/key_file: {e}"))?;
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
+        };
+        let backend = match t.backend_mode {
+            BackendTls::Disable => None,
+            BackendTls::Prefer | BackendTls::Require => {
+                let c = ClientConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| e.to_string())?
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider())))
+                    .with_no_client_auth();
+                Some(Arc::new(c))
+            }
+            BackendTls::VerifyFull => {
+                let mut roots = rustls::RootCertStore::empty();
+                let cas: Vec<CertificateDer<'static>> =
+                    CertificateDer::pem_file_iter(&t.backend_ca_file)
+                        .and_then(|i| i.collect::<Result<_, _>>())
+                        .map_err(|e| format!("tls.backend_ca_file {}: {e}", t.backend_ca_file))?;
+                for ca in cas {
+                    roots
+                        .add(ca)
+                        .map_err(|e| format!("tls.backend_ca_file {}: {e}", t.backend_ca_file))?;
+                }
+                let c = ClientConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| e.to_string())?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                Some(Arc::new(c))
+            }
+        };
+        Ok(Tls {
+            client_mode: t.client_mode,
+            acceptor,
+            backend_mode: t.backend_mode,
+            backend,
+        })
+    }
+
+    /// Negotiates TLS on a fresh server connection (SSLRequest), as `backend_mode` says.
+    pub async fn connect_backend(&self, mut tcp: TcpStream, host: &str) -> io::Result<Stream> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Some(config) = &self.backend else {
+            return Ok(Stream::Plain(tcp));
+        };
+        tcp.write_all(&crate::protocol::encode_ssl_request())
+            .await?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await?;
+        match answer[0] {
+            b'S' => {
+                let name = ServerName::try_from(host.to_string())
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                let tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
+                    .connect(name, tcp)
+                    .await?;
+                Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(tls))))
+            }
+            b'N' if self.backend_mode == BackendTls::Prefer => Ok(Stream::Plain(tcp)),
+            b'N' => Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                "server does not support TLS and tls.backend_mode requires it",
+            )),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected answer {other:#04x} to SSLRequest"),
+            )),
+        }
+    }
+}
+
+/// Opens a tokio-postgres connection (monitor, catalog) with the same TLS policy as data
+/// connections.
+pub async fn pg_connect(
+    pg: &tokio_postgres::Config,
+    tls: &Tls,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let client = match &tls.backend {
+        None => {
+            let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            client
+        }
+        Some(config) => {
+            let mut pg = pg.clone();
+            pg.ssl_mode(if tls.backend_mode == BackendTls::Prefer {
+                tokio_postgres::config::SslMode::Prefer
+            } else {
+                tokio_postgres::config::SslMode::Require
+            });
+            let make = tokio_postgres_rustls::MakeRustlsConnect::new((**config).clone());
+            let (client, conn) = pg.connect(make).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            client
+        }
+    };
+    Ok(client)
+}
+
+/// `require`/`prefer` towards servers: encryption without authentication, like libpq's
+/// sslmode=require. Signatures are still checked, so the handshake itself is sound.
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
