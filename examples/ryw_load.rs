@@ -787,7 +787,7 @@ impl ProxyCounters {
             node_queries: p
                 .shared
                 .cluster
-                .nodes
+                .nodes()
                 .iter()
                 .map(|n| n.queries.load(Ordering::Relaxed))
                 .collect(),

@@ -17,6 +17,7 @@ pub mod launcher;
 pub mod pool;
 pub mod priority;
 pub mod protocol;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod session;

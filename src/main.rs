@@ -55,8 +55,9 @@ fn main() -> ExitCode {
                 Err(e) => return config_error(&cli.config, &e),
             };
             init_tracing(&cfg.logging);
+            let path = cli.config.clone();
             run_async(async move {
-                causeway::server::run(cfg)
+                causeway::server::run(cfg, path)
                     .await
                     .map_err(|e| format!("cannot start: {e}"))
             })

@@ -3,6 +3,8 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::sync::atomic::Ordering;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -26,7 +28,8 @@ use crate::transport::Transport;
 
 /// State shared by every session: a few named `Arc`s, never globals.
 pub struct Shared {
-    pub cfg: Arc<Config>,
+    /// The configuration in force; a reload swaps it.
+    pub cfg: Arc<ArcSwap<Config>>,
     pub cluster: Arc<Cluster>,
     pub pools: Arc<Pools>,
     pub auth: AuthSecrets,
@@ -44,6 +47,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Cancelled when the shutdown grace period is over: every session ends with 57P01.
     pub force_close: CancellationToken,
+    /// The configuration file, for reloads.
+    pub config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
 }
 
 /// A running proxy: its address and the handle that stops it.
@@ -100,7 +105,8 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
     );
     let cluster = Arc::new(Cluster::from_config(&cfg, Arc::clone(&tls)));
-    let pools = Arc::new(Pools::new(Arc::clone(&cfg), Arc::clone(&tls)));
+    let live = Arc::new(ArcSwap::new(Arc::clone(&cfg)));
+    let pools = Arc::new(Pools::new(Arc::clone(&live), Arc::clone(&tls)));
     cluster::spawn_monitors(&cluster, &cfg, &shutdown);
     pools.spawn_maintenance(shutdown.clone());
     let cfg_keys = cfg.consistency.clone();
@@ -108,7 +114,7 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
         auth: AuthSecrets::new(&cfg),
         catalogs: Catalogs::new(Arc::clone(&cfg), Arc::clone(&tls), shutdown.clone()),
         tls,
-        cfg,
+        cfg: live,
         cluster,
         pools,
         cancels: CancelRegistry::default(),
@@ -121,6 +127,7 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
         ),
         shutdown,
         force_close: CancellationToken::new(),
+        config_path: std::sync::Mutex::new(None),
     });
     let admin_addr = match crate::admin::start(&shared).await {
         Ok(a) => a,
@@ -128,7 +135,10 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
             shared.shutdown.cancel();
             return Err(std::io::Error::new(
                 e.kind(),
-                format!("admin endpoint {}: {e}", shared.cfg.server.admin_listen),
+                format!(
+                    "admin endpoint {}: {e}",
+                    shared.cfg.load().server.admin_listen
+                ),
             ));
         }
     };
@@ -143,28 +153,61 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
 }
 
 /// Runs the proxy until SIGINT/SIGTERM.
-pub async fn run(cfg: Arc<Config>) -> std::io::Result<()> {
-    let grace = std::time::Duration::from_millis(cfg.server.shutdown_timeout_ms);
+/// Runs the proxy until SIGINT/SIGTERM; SIGHUP reloads `path`.
+pub async fn run(cfg: Arc<Config>, path: std::path::PathBuf) -> std::io::Result<()> {
     let running = start(cfg).await?;
-    wait_for_signal().await;
+    running.shared.set_config_path(path);
+    wait_for_signal(&running.shared).await;
+    let grace =
+        std::time::Duration::from_millis(running.shared.cfg.load().server.shutdown_timeout_ms);
     tracing::info!(grace_ms = grace.as_millis(), "shutting down");
     running.shutdown(grace).await;
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGINT or SIGTERM, reloading the configuration on every SIGHUP meanwhile.
+async fn wait_for_signal(shared: &Arc<Shared>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+        if let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            loop {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return,
+                    _ = term.recv() => return,
+                    _ = hup.recv() => {
+                        if let Err(e) = shared.reload() {
+                            tracing::error!(error = %e, "reload rejected; the running configuration stays");
+                        }
+                    }
+                }
             }
-            return;
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+impl Shared {
+    /// Remembers the file the configuration came from, for reloads.
+    pub fn set_config_path(&self, path: std::path::PathBuf) {
+        if let Ok(mut p) = self.config_path.lock() {
+            *p = Some(path);
+        }
+    }
+
+    /// Re-reads the configuration file and applies it; an invalid file changes nothing.
+    pub fn reload(self: &Arc<Self>) -> Result<crate::reload::ReloadReport, String> {
+        let path = self
+            .config_path
+            .lock()
+            .ok()
+            .and_then(|p| p.clone())
+            .ok_or("the proxy was not started from a configuration file")?;
+        crate::reload::reload_file(self, &path)
+    }
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
@@ -226,7 +269,7 @@ async fn handle_client(
     shared: &Arc<Shared>,
 ) -> Result<(), SessionError> {
     let _ = socket.set_nodelay(true);
-    let max_message = shared.cfg.server.max_message_bytes;
+    let max_message = shared.cfg.load().server.max_message_bytes;
     let mut t = Transport::new(Stream::Plain(socket), max_message);
     let (minor, params) = loop {
         match t.read_startup().await {
@@ -280,7 +323,7 @@ async fn handle_client(
         refuse(&mut t, &e).await;
         return Err(e);
     }
-    let limit = shared.cfg.server.max_client_connections;
+    let limit = shared.cfg.load().server.max_client_connections;
     if limit > 0 && shared.stats.clients_open.load(Ordering::Acquire) > limit as u64 {
         let e = SessionError::TooManyClients(format!(
             "server.max_client_connections ({limit}) reached"
@@ -323,7 +366,11 @@ async fn handle_client(
         return Err(e);
     }
     let registered = shared.clients.register(id, peer, &user, &database);
-    if let Some(limit) = shared.cfg.user(&user).and_then(|u| u.max_connections)
+    if let Some(limit) = shared
+        .cfg
+        .load()
+        .user(&user)
+        .and_then(|u| u.max_connections)
         && shared.clients.count_user(&user) > limit
     {
         drop(registered);
@@ -373,7 +420,7 @@ async fn admin_console(
     shared: &Arc<Shared>,
     user: &str,
 ) -> Result<(), SessionError> {
-    if !shared.cfg.admin.users.iter().any(|u| u == user) {
+    if !shared.cfg.load().admin.users.iter().any(|u| u == user) {
         let e = SessionError::AuthRejected(format!(
             "user \"{user}\" may not use the admin console (see admin.users)"
         ));
@@ -404,7 +451,7 @@ async fn greeting_params(
     database: &str,
 ) -> Result<Vec<(String, String)>, SessionError> {
     let mut last = None;
-    for node in &shared.cluster.nodes {
+    for node in &shared.cluster.nodes() {
         let Some(pool) = shared.pools.get(node, user, database) else {
             return Err(SessionError::AuthRejected(format!(
                 "user \"{user}\" is not configured"

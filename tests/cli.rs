@@ -149,3 +149,68 @@ fn json_logs_are_one_object_per_line() {
             .starts_with("127.0.0.1:")
     );
 }
+
+#[test]
+fn sighup_reloads_and_an_invalid_file_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let config = GOOD.replace(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"\"",
+    );
+    std::fs::write(&path, &config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_causeway"))
+        .arg("--config")
+        .arg(&path)
+        .env("CAUSEWAY_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let wait_for = |needle: &str| -> Result<String, Vec<String>> {
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Ok(line),
+                Ok(line) => seen.push(line),
+                Err(_) => break,
+            }
+        }
+        Err(seen)
+    };
+    let hup = |pid: u32| {
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    let result = (|| {
+        wait_for("listening").map_err(|s| format!("never listening: {s:#?}"))?;
+        std::fs::write(&path, format!("{config}\n[pool]\nprimary_maxx = 3\n")).unwrap();
+        hup(child.id());
+        wait_for("reload rejected").map_err(|s| format!("bad file not rejected: {s:#?}"))?;
+        std::fs::write(&path, format!("{config}\n[pool]\nprimary_max = 3\n")).unwrap();
+        hup(child.id());
+        let line = wait_for("configuration reloaded")
+            .map_err(|s| format!("good file not applied: {s:#?}"))?;
+        if !line.contains("pool.primary_max") {
+            return Err(format!("reload line does not name the key: {line}"));
+        }
+        Ok(())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result.unwrap();
+}

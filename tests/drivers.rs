@@ -59,7 +59,7 @@ async fn setup() -> Env {
     let env = common::start().await;
     // Every driver's `connect` case logs in through this: SCRAM is what it exercises.
     assert_eq!(
-        env.proxy.shared.cfg.auth.method,
+        env.proxy.shared.cfg.load().auth.method,
         AuthMethod::ScramSha256,
         "the test proxy must ask clients for SCRAM-SHA-256"
     );

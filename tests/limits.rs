@@ -198,7 +198,7 @@ async fn a_frozen_replica_trips_the_timeouts_instead_of_hanging() {
         "no read met the frozen replica"
     );
     // The health check times out too and bans it.
-    let node = &env.proxy.shared.cluster.nodes[1];
+    let node = &env.proxy.shared.cluster.nodes()[1];
     assert!(
         common::eventually(10, || !node.is_usable()).await,
         "never banned"

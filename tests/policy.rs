@@ -82,7 +82,7 @@ async fn promoted_replica_is_banned_by_the_health_check() {
     let env = common::start().await;
     let r2 = env.cluster.replicas[1].clone();
     tokio::task::block_in_place(|| env.cluster.psql(&r2, "SELECT pg_promote()")).unwrap();
-    let node = &env.proxy.shared.cluster.nodes[2];
+    let node = &env.proxy.shared.cluster.nodes()[2];
     assert!(
         common::eventually(10, || !node.is_usable()).await,
         "promoted replica still used"

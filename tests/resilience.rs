@@ -60,7 +60,7 @@ async fn stopped_replica_costs_no_client_errors() {
     for _ in 0..10 {
         assert_eq!(port_of(&c).await.unwrap(), env.node_port(2));
     }
-    let node = &env.proxy.shared.cluster.nodes[1];
+    let node = &env.proxy.shared.cluster.nodes()[1];
     assert!(!node.is_usable());
     assert!(node.ban_reason().is_some());
     // Back again: the monitor lifts the ban and reads reach it.

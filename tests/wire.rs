@@ -153,7 +153,7 @@ async fn a_client_that_stops_reading_cannot_grow_the_proxy() {
     );
     // When the stalled client goes away, its server connection is dropped, not left streaming.
     drop(s);
-    let node = &proxy.shared.cluster.nodes;
+    let node = proxy.shared.cluster.nodes();
     let leased = || {
         node.iter()
             .map(|n| n.in_use.load(std::sync::atomic::Ordering::Relaxed))

@@ -10,7 +10,6 @@ use crate::tls::Stream;
 use serde_json::Value;
 
 use super::snapshot::Snapshot;
-use crate::cluster::Role;
 use crate::error::SessionError;
 use crate::protocol::{self, TxStatus, tag};
 use crate::server::Shared;
@@ -148,9 +147,10 @@ fn show(shared: &Shared, what: &str) -> Result<Table, (&'static str, String)> {
 fn drain(shared: &Shared, name: &str, drained: bool) -> Outcome {
     let node = shared
         .cluster
-        .nodes
+        .replicas()
         .iter()
-        .find(|n| n.role == Role::Replica && n.name == name)
+        .find(|n| n.name == name)
+        .cloned()
         .ok_or_else(|| (UNDEFINED_OBJECT, format!("no replica named {name:?}")))?;
     node.drained.store(drained, Ordering::Release);
     tracing::info!(replica = %name, drained, "replica drain changed from the admin console");
@@ -356,7 +356,7 @@ pub fn clients_table(shared: &Shared) -> Table {
 /// `SHOW CONFIG`: the effective configuration as (key, value), secrets redacted.
 pub fn config_table(shared: &Shared) -> Table {
     let mut rows = Vec::new();
-    let parsed: Value = toml::from_str::<toml::Value>(&shared.cfg.effective_toml())
+    let parsed: Value = toml::from_str::<toml::Value>(&shared.cfg.load().effective_toml())
         .ok()
         .and_then(|t| serde_json::to_value(t).ok())
         .unwrap_or(Value::Null);

@@ -70,7 +70,7 @@ impl History {
                 let now_us = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
-                let nodes = &shared.cluster.nodes;
+                let nodes = &shared.cluster.nodes();
                 last.resize(nodes.len(), (0, 0));
                 let mut backends = Vec::with_capacity(nodes.len());
                 for (node, prev) in nodes.iter().zip(last.iter_mut()) {

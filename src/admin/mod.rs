@@ -22,7 +22,6 @@ use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
-use crate::cluster::Role;
 use crate::server::Shared;
 use snapshot::Snapshot;
 
@@ -37,7 +36,7 @@ struct AdminState {
 
 /// Binds the admin listener and serves it until the proxy shuts down.
 pub async fn start(shared: &Arc<Shared>) -> std::io::Result<Option<SocketAddr>> {
-    let listen = &shared.cfg.server.admin_listen;
+    let listen = &shared.cfg.load().server.admin_listen;
     if listen.is_empty() {
         return Ok(None);
     }
@@ -56,6 +55,7 @@ pub async fn start(shared: &Arc<Shared>) -> std::io::Result<Option<SocketAddr>> 
         .route("/metrics", get(prometheus))
         .route("/replicas/{name}/drain", post(drain))
         .route("/replicas/{name}/undrain", post(undrain))
+        .route("/reload", post(reload))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_token,
@@ -95,7 +95,7 @@ async fn require_token(
     req: Request,
     next: Next,
 ) -> Response {
-    let expected = &state.shared.cfg.admin.token;
+    let expected = &state.shared.cfg.load().admin.token;
     if expected.is_empty() {
         return next.run(req).await;
     }
@@ -155,6 +155,20 @@ async fn prometheus(State(state): State<Arc<AdminState>>) -> Response {
     }
 }
 
+async fn reload(State(state): State<Arc<AdminState>>) -> Response {
+    match state.shared.reload() {
+        Ok(report) => axum::Json(report).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "reload rejected; the running configuration stays");
+            (
+                StatusCode::BAD_REQUEST,
+                axum::Json(serde_json::json!({ "error": e })),
+            )
+                .into_response()
+        }
+    }
+}
+
 async fn health() -> &'static str {
     "ok\n"
 }
@@ -188,9 +202,10 @@ fn set_drained(state: &AdminState, name: &str, drained: bool) -> Response {
     let replica = state
         .shared
         .cluster
-        .nodes
+        .replicas()
         .iter()
-        .find(|n| n.role == Role::Replica && n.name == name);
+        .find(|n| n.name == name)
+        .cloned();
     let Some(node) = replica else {
         return (
             StatusCode::NOT_FOUND,

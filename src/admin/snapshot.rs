@@ -195,7 +195,7 @@ impl LatencyData {
     /// Reads every node's histograms.
     pub fn collect(shared: &Shared) -> Self {
         let mut series = Vec::new();
-        for node in &shared.cluster.nodes {
+        for node in &shared.cluster.nodes() {
             for class in Class::ALL {
                 let h = node.latency[class as usize].snapshot();
                 if h.count() > 0 {
@@ -231,7 +231,7 @@ impl Snapshot {
 
         let mut backends = Vec::new();
         let mut queues = Vec::new();
-        for node in &cluster.nodes {
+        for node in &cluster.nodes() {
             let banned = !node.is_usable();
             let drained = node.drained.load(Ordering::Relaxed);
             let raw_lsn = node.lsn.load(Ordering::Acquire);
@@ -318,7 +318,7 @@ impl Snapshot {
 
         let (idle, waiting, active) = shared.clients.counts();
         let classifiers = shared.catalogs.all();
-        let cfg = &shared.cfg.consistency;
+        let cfg = &shared.cfg.load().consistency;
         Snapshot {
             version: SCHEMA_VERSION,
             uptime_seconds: shared.started.elapsed().as_secs_f64(),

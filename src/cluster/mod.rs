@@ -4,13 +4,14 @@
 pub mod lsn;
 mod monitor;
 
-pub use monitor::spawn_monitors;
+pub use monitor::{spawn_monitor, spawn_monitors};
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 
 use crate::config::Config;
@@ -32,7 +33,10 @@ pub struct Node {
     pub role: Role,
     pub host: String,
     pub port: u16,
-    pub weight: u32,
+    /// Share of reads under weighted routing; changes on reload.
+    pub weight: AtomicU32,
+    /// Removed from the configuration by a reload: no new work, its monitor stops.
+    pub retired: AtomicBool,
     usable: AtomicBool,
     ban_reason: Mutex<Option<String>>,
     /// Backend connections currently leased to clients (for least-connections choice).
@@ -72,7 +76,8 @@ impl Node {
             role,
             host: host.to_string(),
             port,
-            weight,
+            weight: AtomicU32::new(weight),
+            retired: AtomicBool::new(false),
             usable: AtomicBool::new(true),
             ban_reason: Mutex::new(None),
             in_use: AtomicUsize::new(0),
@@ -144,8 +149,12 @@ impl Node {
 /// The primary and its replicas.
 #[derive(Debug)]
 pub struct Cluster {
-    /// `nodes[0]` is the primary, then the replicas in configuration order.
-    pub nodes: Vec<Arc<Node>>,
+    primary: Arc<Node>,
+    /// The replicas in configuration order; replaced as a whole when a reload changes the
+    /// list (readers keep the list they loaded).
+    replicas: ArcSwap<Vec<Arc<Node>>>,
+    /// Next node id: ids are never reused, so a retired replica's stats stay its own.
+    next_id: AtomicUsize,
     /// Round-robin cursor.
     pub rr: AtomicUsize,
     /// Woken whenever a replica's replay position advances (sessions waiting to read).
@@ -160,7 +169,7 @@ pub struct Cluster {
 impl Cluster {
     /// Builds the topology from configuration; every node starts usable.
     pub fn from_config(cfg: &Config, tls: Arc<crate::tls::Tls>) -> Self {
-        let mut nodes = vec![Arc::new(
+        let primary = Arc::new(
             Node::new(
                 0,
                 "primary",
@@ -170,15 +179,17 @@ impl Cluster {
                 1,
             )
             .with_slots(cfg.primary.max_active, cfg),
-        )];
-        for (i, r) in cfg.replicas.iter().enumerate() {
-            nodes.push(Arc::new(
-                Node::new(i + 1, &r.name, Role::Replica, &r.host, r.port, r.weight)
-                    .with_slots(r.max_active, cfg),
-            ));
-        }
+        );
+        let replicas = cfg
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Arc::new(replica_node(i + 1, r, cfg)))
+            .collect();
         Self {
-            nodes,
+            primary,
+            replicas: ArcSwap::from_pointee(replicas),
+            next_id: AtomicUsize::new(cfg.replicas.len() + 1),
             rr: AtomicUsize::new(0),
             lsn_advanced: Notify::new(),
             global_token: AtomicU64::new(0),
@@ -206,18 +217,73 @@ impl Cluster {
 
     /// The primary.
     pub fn primary(&self) -> &Arc<Node> {
-        &self.nodes[0]
+        &self.primary
     }
 
-    /// The replicas, in configuration order.
-    pub fn replicas(&self) -> &[Arc<Node>] {
-        &self.nodes[1..]
+    /// The replicas, in configuration order, as of now.
+    pub fn replicas(&self) -> arc_swap::Guard<Arc<Vec<Arc<Node>>>> {
+        self.replicas.load()
     }
 
-    /// A node by its id.
-    pub fn node(&self, id: usize) -> Option<&Arc<Node>> {
-        self.nodes.get(id)
+    /// The replicas as an owned list, for holding across waits.
+    pub fn replicas_owned(&self) -> Arc<Vec<Arc<Node>>> {
+        self.replicas.load_full()
     }
+
+    /// The primary, then the replicas.
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        let mut v = vec![Arc::clone(&self.primary)];
+        v.extend(self.replicas.load().iter().cloned());
+        v
+    }
+
+    /// A current node by its id.
+    pub fn node(&self, id: usize) -> Option<Arc<Node>> {
+        if id == 0 {
+            return Some(Arc::clone(&self.primary));
+        }
+        self.replicas.load().iter().find(|n| n.id == id).cloned()
+    }
+
+    /// Applies a new replica list: replicas are matched by name and address; a matched one
+    /// keeps its state and takes the new weight, a new one is added (its monitor is for the
+    /// caller to start), a missing one is retired. Returns (added, retired).
+    pub fn set_replicas(&self, cfg: &Config) -> (Vec<Arc<Node>>, Vec<Arc<Node>>) {
+        let old = self.replicas.load_full();
+        let mut next = Vec::with_capacity(cfg.replicas.len());
+        let mut added = Vec::new();
+        for r in &cfg.replicas {
+            let same = old
+                .iter()
+                .find(|n| n.name == r.name && n.host == r.host && n.port == r.port);
+            match same {
+                Some(n) => {
+                    n.weight.store(r.weight, Ordering::Relaxed);
+                    next.push(Arc::clone(n));
+                }
+                None => {
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let n = Arc::new(replica_node(id, r, cfg));
+                    added.push(Arc::clone(&n));
+                    next.push(n);
+                }
+            }
+        }
+        let retired: Vec<Arc<Node>> = old
+            .iter()
+            .filter(|o| !next.iter().any(|n| Arc::ptr_eq(n, o)))
+            .cloned()
+            .collect();
+        for n in &retired {
+            n.retired.store(true, Ordering::Release);
+        }
+        self.replicas.store(Arc::new(next));
+        (added, retired)
+    }
+}
+
+fn replica_node(id: usize, r: &crate::config::ReplicaConfig, cfg: &Config) -> Node {
+    Node::new(id, &r.name, Role::Replica, &r.host, r.port, r.weight).with_slots(r.max_active, cfg)
 }
 
 #[cfg(test)]

@@ -16,20 +16,29 @@ use crate::config::{Config, ConsistencyMode};
 
 /// Starts one monitor task per node; they stop when `stop` is cancelled.
 pub fn spawn_monitors(cluster: &Arc<Cluster>, cfg: &Arc<Config>, stop: &CancellationToken) {
-    for node in &cluster.nodes {
-        let node = Arc::clone(node);
-        let cluster = Arc::clone(cluster);
-        let cfg = Arc::clone(cfg);
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let name = node.name.clone();
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = monitor_node(node, cluster, cfg) => {}
-            }
-            tracing::debug!(node = %name, "health monitor stopped");
-        });
+    for node in cluster.nodes() {
+        spawn_monitor(node, cluster, cfg, stop);
     }
+}
+
+/// Starts the monitor of one node; it stops with `stop`, or once the node is retired.
+pub fn spawn_monitor(
+    node: Arc<Node>,
+    cluster: &Arc<Cluster>,
+    cfg: &Arc<Config>,
+    stop: &CancellationToken,
+) {
+    let cluster = Arc::clone(cluster);
+    let cfg = Arc::clone(cfg);
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let name = node.name.clone();
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = monitor_node(node, cluster, cfg) => {}
+        }
+        tracing::debug!(node = %name, "health monitor stopped");
+    });
 }
 
 /// What one health check found.
@@ -65,6 +74,9 @@ async fn monitor_node(node: Arc<Node>, cluster: Arc<Cluster>, cfg: Arc<Config>) 
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if node.retired.load(Ordering::Acquire) {
+            return;
+        }
         let health = check(&node, &cluster, &cfg, &mut client, timeout).await;
         match health {
             Health::Ok => node.unban(),

@@ -152,7 +152,9 @@ impl Pool {
 
     fn put_idle(&self, mut conn: BackendConn) {
         conn.last_used = Instant::now();
-        if self.expired(&conn, conn.last_used) {
+        // Past the size (the pool shrank on reload): close instead of keeping it.
+        let oversize = self.open.load(Ordering::Relaxed) > self.permits.permits();
+        if oversize || self.expired(&conn, conn.last_used) {
             self.open.fetch_sub(1, Ordering::Relaxed);
             return;
         }
@@ -179,9 +181,17 @@ impl Pool {
         &self.login.database
     }
 
-    /// Configured maximum size.
+    /// Configured maximum size (changed by a reload).
     pub fn max(&self) -> usize {
-        self.settings.max
+        self.permits.permits()
+    }
+
+    /// Changes the pool's size: growing admits waiters at once, shrinking takes effect as
+    /// leased connections come back (the extra ones are then closed).
+    pub fn resize(&self, max: usize) {
+        if max != self.permits.permits() {
+            self.permits.set_permits(max);
+        }
     }
 
     /// The waiter queue, for stats.
@@ -299,13 +309,13 @@ impl Drop for Lease {
 /// All pools, created on first use for each (node, user, database).
 pub struct Pools {
     map: DashMap<(usize, String, String), Arc<Pool>>,
-    cfg: Arc<Config>,
+    cfg: Arc<arc_swap::ArcSwap<Config>>,
     tls: Arc<crate::tls::Tls>,
 }
 
 impl Pools {
     /// An empty registry.
-    pub fn new(cfg: Arc<Config>, tls: Arc<crate::tls::Tls>) -> Self {
+    pub fn new(cfg: Arc<arc_swap::ArcSwap<Config>>, tls: Arc<crate::tls::Tls>) -> Self {
         Self {
             map: DashMap::new(),
             cfg,
@@ -319,25 +329,26 @@ impl Pools {
         if let Some(p) = self.map.get(&key) {
             return Some(Arc::clone(p.value()));
         }
-        let password = self.cfg.user(user)?.password.clone();
-        let p = &self.cfg.pool;
+        let cfg = self.cfg.load();
+        let password = cfg.user(user)?.password.clone();
+        let p = &cfg.pool;
         let settings = PoolSettings {
             max: match node.role {
                 Role::Primary => p.primary_max,
                 Role::Replica => p.replica_max,
             },
             min_idle: p.min_idle,
-            acquire_timeouts: self.cfg.class_timeouts(),
-            priority: self.cfg.priority.enabled,
-            aging: Duration::from_millis(self.cfg.priority.aging_ms),
+            acquire_timeouts: cfg.class_timeouts(),
+            priority: cfg.priority.enabled,
+            aging: Duration::from_millis(cfg.priority.aging_ms),
             max_waiters: p.max_waiters,
-            background_share: self.cfg.priority.background_share_permille(),
-            connect_timeout: self.cfg.connect_timeout(),
+            background_share: cfg.priority.background_share_permille(),
+            connect_timeout: cfg.connect_timeout(),
             idle_timeout: Duration::from_millis(p.idle_timeout_ms),
             max_lifetime: Duration::from_millis(p.max_lifetime_ms),
             reset_timeout: Duration::from_millis(p.reset_timeout_ms),
             // Servers may legitimately send rows up to PostgreSQL's 1 GiB field limit.
-            max_message: self.cfg.server.max_message_bytes.max(BACKEND_MAX_MESSAGE),
+            max_message: cfg.server.max_message_bytes.max(BACKEND_MAX_MESSAGE),
             tls: Arc::clone(&self.tls),
         };
         let login = Login {
@@ -350,6 +361,26 @@ impl Pools {
             .entry(key)
             .or_insert_with(|| Arc::new(Pool::new(Arc::clone(node), login, settings)));
         Some(Arc::clone(pool.value()))
+    }
+
+    /// Closes and forgets the pools of a node that left the configuration: waiters are told,
+    /// idle connections closed; leased ones end with their clients' transactions.
+    pub fn retire_node(&self, node_id: usize) {
+        let gone: Vec<Arc<Pool>> = self
+            .map
+            .iter()
+            .filter(|e| e.key().0 == node_id)
+            .map(|e| Arc::clone(e.value()))
+            .collect();
+        self.map.retain(|k, _| k.0 != node_id);
+        for pool in gone {
+            pool.permits.close();
+            if let Ok(mut idle) = pool.idle.lock() {
+                let n = idle.len();
+                idle.clear();
+                pool.open.fetch_sub(n, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Every pool, for stats.

@@ -26,7 +26,7 @@ impl Session {
     ) -> Result<Decision, SessionError> {
         let shared = Arc::clone(&self.shared);
         let cluster = &shared.cluster;
-        let cfg = &shared.cfg;
+        let cfg = shared.cfg.load_full();
         let policy = Policy {
             strategy: cfg.routing.replica_strategy,
             fallback: cfg.routing.fallback,
@@ -79,13 +79,8 @@ impl Session {
     /// the primary anyway.
     fn replicas_far_behind(&self, left: Duration) -> bool {
         let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
-        let mut usable = self
-            .shared
-            .cluster
-            .replicas()
-            .iter()
-            .filter(|n| n.is_usable())
-            .peekable();
+        let replicas = self.shared.cluster.replicas();
+        let mut usable = replicas.iter().filter(|n| n.is_usable()).peekable();
         usable.peek().is_some()
             && usable.all(|n| n.apply_delay_ms.load(Ordering::Acquire) > left_ms)
     }
@@ -93,7 +88,7 @@ impl Session {
     /// The router's view of each replica, lag limits applied.
     fn replica_views(&self) -> Vec<ReplicaView> {
         let cluster = &self.shared.cluster;
-        let r = &self.shared.cfg.routing;
+        let r = &self.shared.cfg.load().routing;
         let now_us = now_us();
         cluster
             .replicas()
@@ -105,7 +100,7 @@ impl Session {
                 ReplicaView {
                     usable: n.is_usable() && !n.drained.load(Ordering::Relaxed),
                     in_use: n.in_use.load(Ordering::Relaxed),
-                    weight: n.weight,
+                    weight: n.weight.load(Ordering::Relaxed),
                     replayed: p.replayed,
                     lagging,
                 }
@@ -116,7 +111,7 @@ impl Session {
     /// What this session's next read requires.
     fn read_view(&self, class: &Classification) -> Result<SessionView, SessionError> {
         let shared = &self.shared;
-        let c = &shared.cfg.consistency;
+        let c = &shared.cfg.load().consistency;
         let now = Instant::now();
         let hinted = match &class.hints.min_lsn {
             Some(text) => {
@@ -147,7 +142,7 @@ impl Session {
     /// Whether every usable replica's position was read recently.
     fn lsn_fresh(&self) -> bool {
         let cluster = &self.shared.cluster;
-        let limit = (self.shared.cfg.consistency.lsn_poll_ms * 10).max(200);
+        let limit = (self.shared.cfg.load().consistency.lsn_poll_ms * 10).max(200);
         let now = cluster.now_ms();
         cluster
             .replicas()
@@ -186,7 +181,7 @@ impl Session {
 
     /// Whether commit positions are needed (LSN modes, keyed or global tokens).
     fn tracks_tokens(&self) -> bool {
-        let c = &self.shared.cfg.consistency;
+        let c = &self.shared.cfg.load().consistency;
         matches!(c.mode, ConsistencyMode::Lsn | ConsistencyMode::LsnSticky)
             || self.tokens.key.is_some()
             || c.scope == crate::config::ConsistencyScope::Global

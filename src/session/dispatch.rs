@@ -88,7 +88,9 @@ impl Session {
             self.fail_request(&req, &e);
             return Ok(());
         }
-        if class.pin.is_some() && !self.pinned && self.shared.cfg.pool.mode == PoolMode::Transaction
+        if class.pin.is_some()
+            && !self.pinned
+            && self.shared.cfg.load().pool.mode == PoolMode::Transaction
         {
             self.pinned = true;
             self.shared.stats.pins.fetch_add(1, Ordering::Relaxed);
@@ -168,7 +170,7 @@ impl Session {
         if self.slot.is_some() {
             return true;
         }
-        let timeout = self.shared.cfg.class_timeouts()[prio as usize];
+        let timeout = self.shared.cfg.load().class_timeouts()[prio as usize];
         let name = self
             .lease
             .as_ref()
@@ -359,13 +361,14 @@ impl Session {
     ) -> Result<(), SessionError> {
         let shared = Arc::clone(&self.shared);
         let cluster = &shared.cluster;
-        for _ in 0..=cluster.replicas().len() {
+        let replicas = cluster.replicas_owned();
+        for _ in 0..=replicas.len() {
             let decision = if force_primary {
                 Decision {
                     target: Target::Primary,
                     reason: Reason::ReadOnlyRetry,
                 }
-            } else if shared.cfg.pool.mode == PoolMode::Session {
+            } else if shared.cfg.load().pool.mode == PoolMode::Session {
                 // One backend for the whole session, as a server would be: the primary.
                 Decision {
                     target: Target::Primary,
@@ -376,7 +379,7 @@ impl Session {
             };
             let node = match decision.target {
                 Target::Primary => cluster.primary(),
-                Target::Replica(i) => match cluster.replicas().get(i) {
+                Target::Replica(i) => match replicas.get(i) {
                     Some(n) => n,
                     None => cluster.primary(),
                 },

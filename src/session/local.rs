@@ -103,7 +103,7 @@ impl Session {
             .into_iter()
             .map(|(reason, n)| vec![format!("routed.{reason}"), n.to_string()])
             .collect();
-        for node in &self.shared.cluster.nodes {
+        for node in &self.shared.cluster.nodes() {
             rows.push(vec![
                 format!("transactions.{}", node.name),
                 node.transactions.load(Ordering::Relaxed).to_string(),

@@ -348,7 +348,7 @@ impl Session {
     /// The next timeout to watch: a client idle inside a transaction, or a request its server
     /// is slow to answer.
     fn next_timer(&self) -> Option<(Instant, Timer)> {
-        let cfg = &self.shared.cfg;
+        let cfg = self.shared.cfg.load();
         if self.copy_in {
             return None;
         }
@@ -513,7 +513,7 @@ impl Session {
     fn holds_backend(&self) -> bool {
         self.status != TxStatus::Idle
             || self.pinned
-            || self.shared.cfg.pool.mode == PoolMode::Session
+            || self.shared.cfg.load().pool.mode == PoolMode::Session
     }
 
     async fn flush_client(&mut self) -> Result<(), SessionError> {

@@ -108,7 +108,7 @@ impl Env {
         self.proxy
             .shared
             .cluster
-            .nodes
+            .nodes()
             .iter()
             .map(|n| n.transactions.load(Ordering::SeqCst))
             .collect()

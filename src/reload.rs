@@ -1,0 +1,221 @@
+//! Applying a new configuration to a running proxy (SIGHUP, `POST /reload`) without dropping
+//! clients: pool sizes, the replica list and weights, routing, consistency, limits and
+//! timeouts take effect at once. Keys bound to sockets, identities or structures built at
+//! start (listen addresses, TLS, the primary, users and authentication, pool mode, queue
+//! policy, caches) keep their running value, and the report names each such change as
+//! needing a restart. An invalid file is rejected before anything changes.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::cluster::{Role, spawn_monitor};
+use crate::config::Config;
+use crate::server::Shared;
+
+/// What a reload did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Changed keys now in force.
+    pub applied: Vec<String>,
+    /// Changed keys that keep their running value until a restart.
+    pub needs_restart: Vec<String>,
+    /// Replicas added and retired.
+    pub replicas_added: Vec<String>,
+    pub replicas_retired: Vec<String>,
+}
+
+/// Loads `path` and applies it; on a load or validation error nothing changes.
+pub fn reload_file(shared: &Arc<Shared>, path: &Path) -> Result<ReloadReport, String> {
+    let new = Config::load(path).map_err(|e| e.to_string())?;
+    Ok(apply(shared, new))
+}
+
+/// Scalar leaves of a configuration as (dotted key, value), for comparing two of them.
+fn leaves(cfg: &Config) -> Vec<(String, String)> {
+    fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    let name = v.get("name").and_then(|n| n.as_str());
+                    let key = format!(
+                        "{prefix}[{}]",
+                        name.map_or_else(|| i.to_string(), str::to_string)
+                    );
+                    walk(&key, v, out);
+                }
+                if items.is_empty() {
+                    out.push((prefix.to_string(), "[]".into()));
+                }
+            }
+            other => out.push((prefix.to_string(), other.to_string())),
+        }
+    }
+    let mut out = Vec::new();
+    walk("", &serde_json::to_value(cfg).unwrap_or_default(), &mut out);
+    out
+}
+
+/// Keys whose new value cannot take effect without a restart.
+fn restart_only(key: &str) -> bool {
+    const PREFIXES: &[&str] = &[
+        "server.listen",
+        "server.admin_listen",
+        "server.monitor_",
+        "server.health_check_",
+        "tls.",
+        "primary.",
+        "users",
+        "auth.",
+        "logging.",
+        "pool.mode",
+        "pool.min_idle",
+        "pool.acquire_timeout_ms",
+        "pool.idle_timeout_ms",
+        "pool.max_lifetime_ms",
+        "pool.reset_timeout_ms",
+        "pool.max_waiters",
+        "priority.",
+        "routing.classify_cache_size",
+        "routing.function_refresh_ms",
+        "routing.read_only_functions",
+        "routing.write_functions",
+        "consistency.lsn_poll_ms",
+        "consistency.key_ttl_ms",
+        "consistency.max_keys",
+    ];
+    PREFIXES.iter().any(|p| key.starts_with(p))
+        || (key.starts_with("replicas[") && key.ends_with(".max_active"))
+}
+
+/// Applies `new`: the parts that can change live, with the rest kept from the running
+/// configuration.
+pub fn apply(shared: &Arc<Shared>, new: Config) -> ReloadReport {
+    let old = shared.cfg.load_full();
+    let before = leaves(&old);
+    let after = leaves(&new);
+    let mut report = ReloadReport::default();
+    for (k, v) in &after {
+        let was = before.iter().find(|(ok, _)| ok == k).map(|(_, v)| v);
+        if was != Some(v) {
+            if restart_only(k) {
+                report.needs_restart.push(k.clone());
+            } else if !k.starts_with("replicas[") || was.is_some() {
+                // A replica's own keys count when it stays; added ones are listed apart.
+                report.applied.push(k.clone());
+            }
+        }
+    }
+    for (k, _) in &before {
+        if !after.iter().any(|(nk, _)| nk == k) && restart_only(k) {
+            report.needs_restart.push(k.clone());
+        }
+    }
+    // The effective configuration: restart-only sections stay as they run.
+    let mut effective = new;
+    effective.server.listen = old.server.listen.clone();
+    effective.server.admin_listen = old.server.admin_listen.clone();
+    effective.server.monitor_user = old.server.monitor_user.clone();
+    effective.server.monitor_database = old.server.monitor_database.clone();
+    effective.server.health_check_interval_ms = old.server.health_check_interval_ms;
+    effective.server.health_check_timeout_ms = old.server.health_check_timeout_ms;
+    effective.tls = old.tls.clone();
+    effective.primary = old.primary.clone();
+    effective.users = old.users.clone();
+    effective.auth = old.auth.clone();
+    effective.logging = old.logging.clone();
+    effective.priority = old.priority.clone();
+    effective.pool.mode = old.pool.mode;
+    effective.pool.min_idle = old.pool.min_idle;
+    effective.pool.acquire_timeout_ms = old.pool.acquire_timeout_ms;
+    effective.pool.idle_timeout_ms = old.pool.idle_timeout_ms;
+    effective.pool.max_lifetime_ms = old.pool.max_lifetime_ms;
+    effective.pool.reset_timeout_ms = old.pool.reset_timeout_ms;
+    effective.pool.max_waiters = old.pool.max_waiters;
+    effective.routing.classify_cache_size = old.routing.classify_cache_size;
+    effective.routing.function_refresh_ms = old.routing.function_refresh_ms;
+    effective.routing.read_only_functions = old.routing.read_only_functions.clone();
+    effective.routing.write_functions = old.routing.write_functions.clone();
+    effective.consistency.lsn_poll_ms = old.consistency.lsn_poll_ms;
+    effective.consistency.key_ttl_ms = old.consistency.key_ttl_ms;
+    effective.consistency.max_keys = old.consistency.max_keys;
+    for r in &mut effective.replicas {
+        if let Some(o) = old.replicas.iter().find(|o| o.name == r.name) {
+            r.max_active = o.max_active;
+        }
+    }
+    let effective = Arc::new(effective);
+
+    let (added, retired) = shared.cluster.set_replicas(&effective);
+    for node in &added {
+        spawn_monitor(
+            Arc::clone(node),
+            &shared.cluster,
+            &effective,
+            &shared.shutdown,
+        );
+        report.replicas_added.push(node.name.clone());
+    }
+    for node in &retired {
+        shared.pools.retire_node(node.id);
+        report.replicas_retired.push(node.name.clone());
+    }
+    for pool in shared.pools.all() {
+        let size = match pool.node.role {
+            Role::Primary => effective.pool.primary_max,
+            Role::Replica => effective.pool.replica_max,
+        };
+        pool.resize(size);
+    }
+    shared.cfg.store(effective);
+    tracing::info!(
+        applied = ?report.applied,
+        needs_restart = ?report.needs_restart,
+        added = ?report.replicas_added,
+        retired = ?report.replicas_retired,
+        "configuration reloaded"
+    );
+    if !report.needs_restart.is_empty() {
+        tracing::warn!(keys = ?report.needs_restart, "these changes keep their running value until a restart");
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_only_keys() {
+        for k in [
+            "server.listen",
+            "tls.cert_file",
+            "primary.port",
+            "users[app].password",
+            "pool.mode",
+            "replicas[r1].max_active",
+        ] {
+            assert!(restart_only(k), "{k}");
+        }
+        for k in [
+            "pool.primary_max",
+            "replicas[r1].weight",
+            "routing.replica_strategy",
+            "consistency.mode",
+            "server.query_timeout_ms",
+        ] {
+            assert!(!restart_only(k), "{k}");
+        }
+    }
+}
