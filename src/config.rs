@@ -352,6 +352,9 @@ pub struct RoutingConfig {
     pub max_replica_lag_ms: u64,
     /// Replicas with more WAL than this still to replay are not used for reads; 0 = no limit.
     pub max_replica_lag_bytes: u64,
+    /// When the primary is down and a replica reports it is no longer in recovery (it was
+    /// promoted), make it the primary.
+    pub follow_promotion: bool,
 }
 
 impl Default for RoutingConfig {
@@ -365,6 +368,7 @@ impl Default for RoutingConfig {
             function_refresh_ms: 60_000,
             max_replica_lag_ms: 30_000,
             max_replica_lag_bytes: 0,
+            follow_promotion: false,
         }
     }
 }

@@ -178,6 +178,10 @@ pub fn apply(shared: &Arc<Shared>, new: Config) -> ReloadReport {
         };
         pool.resize(size);
     }
+    shared.cluster.follow_promotion.store(
+        effective.routing.follow_promotion,
+        std::sync::atomic::Ordering::Release,
+    );
     shared.cfg.store(effective);
     tracing::info!(
         applied = ?report.applied,

@@ -31,12 +31,15 @@ pub struct Node {
     pub id: usize,
     pub name: String,
     pub role: Role,
-    pub host: String,
-    pub port: u16,
+    /// Host and port; the primary's moves when routing follows a promoted replica.
+    endpoint: ArcSwap<(String, u16)>,
     /// Share of reads under weighted routing; changes on reload.
     pub weight: AtomicU32,
-    /// Removed from the configuration by a reload: no new work, its monitor stops.
+    /// Removed from the configuration by a reload, or promoted to primary: no new work, its
+    /// monitor stops.
     pub retired: AtomicBool,
+    /// Bumped when the endpoint moves: connections opened before are not reused.
+    pub generation: AtomicU64,
     usable: AtomicBool,
     ban_reason: Mutex<Option<String>>,
     /// Backend connections currently leased to clients (for least-connections choice).
@@ -74,10 +77,10 @@ impl Node {
             id,
             name: name.to_string(),
             role,
-            host: host.to_string(),
-            port,
+            endpoint: ArcSwap::from_pointee((host.to_string(), port)),
             weight: AtomicU32::new(weight),
             retired: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
             usable: AtomicBool::new(true),
             ban_reason: Mutex::new(None),
             in_use: AtomicUsize::new(0),
@@ -111,7 +114,18 @@ impl Node {
 
     /// `host:port`, for connecting and for messages.
     pub fn addr(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        let e = self.endpoint.load();
+        format!("{}:{}", e.0, e.1)
+    }
+
+    /// Host name or address.
+    pub fn host(&self) -> String {
+        self.endpoint.load().0.clone()
+    }
+
+    /// Port.
+    pub fn port(&self) -> u16 {
+        self.endpoint.load().1
     }
 
     /// Whether new work may be sent here.
@@ -155,6 +169,8 @@ pub struct Cluster {
     replicas: ArcSwap<Vec<Arc<Node>>>,
     /// Next node id: ids are never reused, so a retired replica's stats stay its own.
     next_id: AtomicUsize,
+    /// `routing.follow_promotion`, kept current by reloads.
+    pub follow_promotion: AtomicBool,
     /// Round-robin cursor.
     pub rr: AtomicUsize,
     /// Woken whenever a replica's replay position advances (sessions waiting to read).
@@ -190,6 +206,7 @@ impl Cluster {
             primary,
             replicas: ArcSwap::from_pointee(replicas),
             next_id: AtomicUsize::new(cfg.replicas.len() + 1),
+            follow_promotion: AtomicBool::new(cfg.routing.follow_promotion),
             rr: AtomicUsize::new(0),
             lsn_advanced: Notify::new(),
             global_token: AtomicU64::new(0),
@@ -245,6 +262,34 @@ impl Cluster {
         self.replicas.load().iter().find(|n| n.id == id).cloned()
     }
 
+    /// Makes a promoted replica the primary, if the primary is down and following promotions
+    /// is on: the primary's endpoint moves to the replica's (connections to the old one are
+    /// not reused) and the replica leaves the read set. True if it did.
+    pub fn follow(&self, promoted: &Arc<Node>) -> bool {
+        if !self.follow_promotion.load(Ordering::Acquire)
+            || self.primary.is_usable()
+            || promoted.role != Role::Replica
+        {
+            return false;
+        }
+        let next: Vec<Arc<Node>> = self
+            .replicas
+            .load()
+            .iter()
+            .filter(|n| !Arc::ptr_eq(n, promoted))
+            .cloned()
+            .collect();
+        promoted.retired.store(true, Ordering::Release);
+        self.replicas.store(Arc::new(next));
+        self.primary
+            .endpoint
+            .store(Arc::new((promoted.host(), promoted.port())));
+        self.primary.generation.fetch_add(1, Ordering::AcqRel);
+        self.primary.lsn.store(0, Ordering::Release);
+        self.primary.unban();
+        true
+    }
+
     /// Applies a new replica list: replicas are matched by name and address; a matched one
     /// keeps its state and takes the new weight, a new one is added (its monitor is for the
     /// caller to start), a missing one is retired. Returns (added, retired).
@@ -255,7 +300,7 @@ impl Cluster {
         for r in &cfg.replicas {
             let same = old
                 .iter()
-                .find(|n| n.name == r.name && n.host == r.host && n.port == r.port);
+                .find(|n| n.name == r.name && n.host() == r.host && n.port() == r.port);
             match same {
                 Some(n) => {
                     n.weight.store(r.weight, Ordering::Relaxed);

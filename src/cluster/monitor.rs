@@ -84,7 +84,17 @@ async fn monitor_node(node: Arc<Node>, cluster: Arc<Cluster>, cfg: Arc<Config>) 
                 client = None;
                 node.ban(format!("health check failed: {reason}"));
             }
-            Health::WrongRole(reason) => node.ban(reason),
+            Health::WrongRole(reason) => {
+                if node.role == Role::Replica && cluster.follow(&node) {
+                    tracing::warn!(
+                        replica = %node.name,
+                        addr = %node.addr(),
+                        "primary down and replica promoted: routing writes to it as the primary"
+                    );
+                    return;
+                }
+                node.ban(reason);
+            }
         }
     }
 }
@@ -151,8 +161,8 @@ pub(crate) async fn connect(
     timeout: Duration,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let mut pg = tokio_postgres::Config::new();
-    pg.host(&node.host)
-        .port(node.port)
+    pg.host(node.host())
+        .port(node.port())
         .dbname(&cfg.server.monitor_database)
         .application_name("causeway-monitor")
         .connect_timeout(timeout);

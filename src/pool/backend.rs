@@ -45,6 +45,8 @@ pub struct BackendConn {
     pub statements: StatementCache,
     /// Client settings last replayed on this connection.
     pub applied: Applied,
+    /// The node's endpoint generation when this connection was opened.
+    pub generation: u64,
 }
 
 /// What session settings a backend connection carries, as far as the proxy knows.
@@ -76,10 +78,11 @@ impl BackendConn {
         tls: &Tls,
     ) -> Result<BackendConn, BackendError> {
         let name = node.name.clone();
+        let generation = node.generation.load(std::sync::atomic::Ordering::Acquire);
         let open = async {
             let tcp = TcpStream::connect(node.addr()).await?;
             let _ = tcp.set_nodelay(true);
-            tls.connect_backend(tcp, &node.host).await
+            tls.connect_backend(tcp, &node.host()).await
         };
         let stream = match tokio::time::timeout(timeout, open).await {
             Ok(Ok(s)) => s,
@@ -88,7 +91,10 @@ impl BackendConn {
         };
         let transport = Transport::new(stream, max_message);
         match tokio::time::timeout(timeout, login_on(transport, node, login)).await {
-            Ok(r) => r,
+            Ok(r) => r.map(|mut c| {
+                c.generation = generation;
+                c
+            }),
             Err(_) => Err(BackendError::ConnectTimeout { node: name }),
         }
     }
@@ -279,6 +285,7 @@ async fn login_on(
                     broken: false,
                     statements: StatementCache::new(STATEMENT_CACHE_CAPACITY),
                     applied: Applied::default(),
+                    generation: 0,
                 });
             }
             other => {

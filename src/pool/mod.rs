@@ -146,7 +146,8 @@ impl Pool {
     }
 
     fn expired(&self, conn: &BackendConn, now: Instant) -> bool {
-        now.duration_since(conn.created) >= self.settings.max_lifetime
+        conn.generation != self.node.generation.load(Ordering::Acquire)
+            || now.duration_since(conn.created) >= self.settings.max_lifetime
             || now.duration_since(conn.last_used) >= self.settings.idle_timeout
     }
 
