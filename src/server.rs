@@ -155,9 +155,11 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
 /// Runs the proxy until SIGINT/SIGTERM.
 /// Runs the proxy until SIGINT/SIGTERM; SIGHUP reloads `path`.
 pub async fn run(cfg: Arc<Config>, path: std::path::PathBuf) -> std::io::Result<()> {
+    // Handlers first: a signal that arrives while starting must not kill the process.
+    let signals = Signals::new()?;
     let running = start(cfg).await?;
     running.shared.set_config_path(path);
-    wait_for_signal(&running.shared).await;
+    signals.wait(&running.shared).await;
     let grace =
         std::time::Duration::from_millis(running.shared.cfg.load().server.shutdown_timeout_ms);
     tracing::info!(grace_ms = grace.as_millis(), "shutting down");
@@ -165,29 +167,37 @@ pub async fn run(cfg: Arc<Config>, path: std::path::PathBuf) -> std::io::Result<
     Ok(())
 }
 
-/// Waits for SIGINT or SIGTERM, reloading the configuration on every SIGHUP meanwhile.
-async fn wait_for_signal(shared: &Arc<Shared>) {
-    #[cfg(unix)]
-    {
+/// SIGINT, SIGTERM and SIGHUP, listened for from creation on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
         use tokio::signal::unix::{SignalKind, signal};
-        if let (Ok(mut term), Ok(mut hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
-        ) {
-            loop {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => return,
-                    _ = term.recv() => return,
-                    _ = hup.recv() => {
-                        if let Err(e) = shared.reload() {
-                            tracing::error!(error = %e, "reload rejected; the running configuration stays");
-                        }
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for SIGINT or SIGTERM, reloading the configuration on every SIGHUP meanwhile.
+    async fn wait(mut self, shared: &Arc<Shared>) {
+        loop {
+            tokio::select! {
+                _ = self.int.recv() => return,
+                _ = self.term.recv() => return,
+                _ = self.hup.recv() => {
+                    if let Err(e) = shared.reload() {
+                        tracing::error!(error = %e, "reload rejected; the running configuration stays");
                     }
                 }
             }
         }
     }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 impl Shared {
