@@ -180,6 +180,8 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT, running transactions get this long to finish before their clients
     /// are disconnected with 57P01.
     pub shutdown_timeout_ms: u64,
+    /// Runtime worker threads; 0 = one per CPU core.
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -196,6 +198,7 @@ impl Default for ServerConfig {
             max_client_connections: 10_000,
             query_timeout_ms: 0,
             shutdown_timeout_ms: 30_000,
+            worker_threads: 0,
         }
     }
 }
@@ -709,7 +712,7 @@ fn env_source() -> config::Environment {
     config::Environment::with_prefix("CAUSEWAY")
         .prefix_separator("__")
         .separator("__")
-        .try_parsing(true)
+        .try_parsing(false)
 }
 
 fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {

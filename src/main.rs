@@ -47,7 +47,7 @@ fn main() -> ExitCode {
         },
         Some(Command::Demo { port }) => {
             init_tracing(&LoggingConfig::default());
-            run_async(causeway::demo::run(port))
+            run_async(0, causeway::demo::run(port))
         }
         None => {
             let cfg = match Config::load(&cli.config) {
@@ -56,7 +56,7 @@ fn main() -> ExitCode {
             };
             init_tracing(&cfg.logging);
             let path = cli.config.clone();
-            run_async(async move {
+            run_async(cfg.server.worker_threads, async move {
                 causeway::server::run(cfg, path)
                     .await
                     .map_err(|e| format!("cannot start: {e}"))
@@ -70,9 +70,14 @@ fn config_error(path: &std::path::Path, e: &causeway::config::ConfigError) -> Ex
     ExitCode::from(2)
 }
 
-fn run_async(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+/// Runs `fut` on a multi-threaded runtime with `workers` threads (0 = one per core).
+fn run_async(
+    workers: usize,
+    fut: impl std::future::Future<Output = Result<(), String>>,
+) -> ExitCode {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .worker_threads(if workers == 0 { cores } else { workers })
         .enable_all()
         .build();
     let runtime = match runtime {

@@ -58,6 +58,23 @@ fn environment_overrides_keys() {
     let (code, _, err) = run(GOOD, &["check"], &[("CAUSEWAY__POOL__PRIMARY_MAXX", "7")]);
     assert_eq!(code, 2);
     assert!(err.contains("primary_maxx"), "{err}");
+    // Strings that look like numbers stay strings: a token keeps its leading zero.
+    let config = format!("{GOOD}\n[priority]\nenabled = true\n");
+    let (code, out, err) = run(
+        &config,
+        &["check"],
+        &[
+            ("CAUSEWAY__ADMIN__TOKEN", "0123"),
+            ("CAUSEWAY__SERVER__MONITOR_DATABASE", "0123"),
+            ("CAUSEWAY__PRIORITY__ENABLED", "false"),
+            ("CAUSEWAY__PRIORITY__BACKGROUND_SHARE", "0.25"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("enabled = false"), "{out}");
+    assert!(out.contains("background_share = 0.25"), "{out}");
+    assert!(out.contains("token = \"<redacted>\""), "{out}");
+    assert!(out.contains("monitor_database = \"0123\""), "{out}");
 }
 
 #[test]

@@ -10,6 +10,7 @@
 mod fast;
 mod functions;
 mod hints;
+pub mod literals;
 mod statement;
 mod walker;
 
@@ -235,6 +236,24 @@ const MAX_CACHED_LEN: usize = 16 * 1024;
 struct Inner {
     catalog: FunctionCatalog,
     cache: quick_cache::sync::Cache<String, Arc<Classification>>,
+    /// By statement shape (literals masked), for statements that differ only in constants.
+    shapes: quick_cache::sync::Cache<String, Arc<Classification>>,
+}
+
+impl Inner {
+    fn new(catalog: FunctionCatalog, capacity: usize) -> Self {
+        Self {
+            catalog,
+            cache: quick_cache::sync::Cache::new(capacity),
+            shapes: quick_cache::sync::Cache::new(capacity),
+        }
+    }
+}
+
+/// Whether a classification holds nothing taken from literal values, so every statement of
+/// the same shape classifies the same.
+fn shareable(c: &Classification) -> bool {
+    c.session.is_none() && c.proxy.is_none() && c.pin.is_none() && !c.parse_error
 }
 
 /// Thread-safe cached front over [`classify`], keyed by the exact statement text.
@@ -249,10 +268,7 @@ impl Classifier {
     /// Creates a classifier whose cache holds at most `capacity` statements.
     pub fn new(capacity: usize, catalog: FunctionCatalog) -> Self {
         Self {
-            inner: RwLock::new(Inner {
-                catalog,
-                cache: quick_cache::sync::Cache::new(capacity.max(1)),
-            }),
+            inner: RwLock::new(Inner::new(catalog, capacity.max(1))),
             capacity: capacity.max(1),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -267,10 +283,28 @@ impl Classifier {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return hit;
         }
+        let shape = if sql.len() <= MAX_CACHED_LEN {
+            literals::shape_of(sql)
+        } else {
+            None
+        };
+        if let Some(shape) = &shape
+            && let Some(hit) = inner.shapes.get(shape.as_str())
+        {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return hit;
+        }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let result = Arc::new(classify(sql, &inner.catalog));
-        if sql.len() <= MAX_CACHED_LEN {
-            inner.cache.insert(sql.to_owned(), Arc::clone(&result));
+        match shape {
+            // Texts that differ only in constants rarely repeat exactly: cache the shape only.
+            Some(shape) if shareable(&result) => {
+                inner.shapes.insert(shape, Arc::clone(&result));
+            }
+            _ if sql.len() <= MAX_CACHED_LEN => {
+                inner.cache.insert(sql.to_owned(), Arc::clone(&result));
+            }
+            _ => {}
         }
         result
     }
@@ -278,10 +312,7 @@ impl Classifier {
     /// Replaces the function catalog and drops every cached classification.
     pub fn set_catalog(&self, catalog: FunctionCatalog) {
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        *inner = Inner {
-            catalog,
-            cache: quick_cache::sync::Cache::new(self.capacity),
-        };
+        *inner = Inner::new(catalog, self.capacity);
     }
 
     /// Number of cache hits so far.
@@ -301,5 +332,11 @@ impl Classifier {
             .unwrap_or_else(|e| e.into_inner())
             .cache
             .len()
+            + self
+                .inner
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .shapes
+                .len()
     }
 }

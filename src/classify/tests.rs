@@ -782,3 +782,69 @@ fn session_commands_are_recognised_only_alone() {
         Some(P::SessionSet)
     );
 }
+
+/// Statements that differ only in constants share a cached classification, and it is the one
+/// each would get on its own; statements whose classification carries values never share.
+#[test]
+fn shapes_share_only_value_free_classifications() {
+    let cat = catalog();
+    let pairs = [
+        (
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 99",
+        ),
+        (
+            "UPDATE pgbench_accounts SET abalance = abalance + -5 WHERE aid = 3",
+            "UPDATE pgbench_accounts SET abalance = abalance + 4000 WHERE aid = 7",
+        ),
+        (
+            "INSERT INTO t (a, b) VALUES (1, 'x')",
+            "INSERT INTO t (a, b) VALUES (2, 'it''s')",
+        ),
+        (
+            "SELECT * FROM t WHERE s = 'a' LIMIT 5",
+            "SELECT * FROM t WHERE s = 'b' LIMIT 50000",
+        ),
+        (
+            "/* causeway:primary */ SELECT 1",
+            "/* causeway:primary */ SELECT 2",
+        ),
+        ("SELECT nextval('s1')", "SELECT nextval('s2')"),
+        ("SELECT my_volatile_fn(1)", "SELECT my_volatile_fn(2)"),
+        (
+            "DELETE FROM t WHERE id = 1; SELECT 2",
+            "DELETE FROM t WHERE id = 3; SELECT 4",
+        ),
+        ("SELECT '; DELETE FROM t'", "SELECT 'x'"),
+        // Carry values: classified each on their own.
+        (
+            "SELECT set_config('search_path', 'a', false)",
+            "SELECT set_config('search_path', 'b', false)",
+        ),
+        ("SELECT pg_advisory_lock(1)", "SELECT pg_advisory_lock(2)"),
+        ("SET statement_timeout = 100", "SET statement_timeout = 200"),
+        (
+            "SET causeway.consistency_key = 'a'",
+            "SET causeway.consistency_key = 'b'",
+        ),
+        ("BEGIN; SELECT 1", "BEGIN; SELECT 2"),
+    ];
+    for (first, second) in pairs {
+        let cl = Classifier::new(100, catalog());
+        cl.classify(first);
+        let shared = cl.classify(second);
+        assert_eq!(
+            *shared,
+            classify(second, &cat),
+            "{second:?} after {first:?}"
+        );
+    }
+    let cl = Classifier::new(100, catalog());
+    cl.classify("SELECT abalance FROM pgbench_accounts WHERE aid = 1");
+    cl.classify("SELECT abalance FROM pgbench_accounts WHERE aid = 2");
+    assert_eq!((cl.hits(), cl.misses(), cl.cached()), (1, 1, 1));
+    let a = cl.classify("SELECT set_config('search_path', 'a', false)");
+    let b = cl.classify("SELECT set_config('search_path', 'b', false)");
+    assert!(!Arc::ptr_eq(&a, &b));
+    assert!(a.pin.is_some() && b.pin.is_some());
+}

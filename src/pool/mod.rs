@@ -19,6 +19,9 @@ use crate::error::PoolError;
 use crate::protocol::TxStatus;
 use queue::{AcquireError, Class, Permit, PermitQueue, QueueConfig};
 
+/// Idle time after which a pooled connection is probed before reuse.
+const PROBE_AFTER_IDLE: Duration = Duration::from_millis(200);
+
 /// Largest message accepted from a server.
 const BACKEND_MAX_MESSAGE: usize = (1 << 30) + 64;
 
@@ -137,7 +140,10 @@ impl Pool {
         let now = Instant::now();
         loop {
             let conn = self.idle.lock().ok()?.pop()?;
-            if self.expired(&conn, now) || conn.is_stale() {
+            // A connection used moments ago is trusted without a probe (a system call); one
+            // that sat idle is checked for a close or message the server sent meanwhile.
+            let rested = now.duration_since(conn.last_used) >= PROBE_AFTER_IDLE;
+            if self.expired(&conn, now) || (rested && conn.is_stale()) {
                 self.open.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }

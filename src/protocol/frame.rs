@@ -155,6 +155,10 @@ pub fn decode_batch(
     Ok(Some(FrameBatch { bytes, frames }))
 }
 
+/// Most room reserved ahead of bytes actually received: a header may announce up to the size
+/// limit, but memory follows the data, so a peer that sends headers and stalls costs little.
+const MAX_RESERVE_AHEAD: usize = 1 << 20;
+
 /// Reserves room for the rest of a partially received message whose header is already valid.
 fn reserve_for_pending(buf: &mut BytesMut, max_len: usize) {
     if let Ok(Some(_)) | Err(_) = peek_frame(buf, 0, max_len) {
@@ -167,7 +171,7 @@ fn reserve_for_pending(buf: &mut BytesMut, max_len: usize) {
         let total = usize::try_from(i32::from_be_bytes(len_bytes))
             .unwrap_or_default()
             .saturating_add(1);
-        buf.reserve(total.saturating_sub(buf.remaining()));
+        buf.reserve(total.saturating_sub(buf.remaining()).min(MAX_RESERVE_AHEAD));
     }
 }
 
@@ -291,6 +295,19 @@ mod tests {
         assert_eq!(
             decode_frames(&mut buf, 1024).unwrap_err(),
             ProtocolError::InvalidLength(1)
+        );
+    }
+
+    #[test]
+    fn a_huge_announced_length_reserves_only_a_step() {
+        let mut buf = BytesMut::with_capacity(8);
+        // 'd' with a 60 MiB length, under a 64 MiB limit, and no body yet.
+        buf.extend_from_slice(&[b'd', 0x03, 0xC0, 0, 0]);
+        assert_eq!(decode_frame(&mut buf, 64 << 20).unwrap(), None);
+        assert!(
+            buf.capacity() <= 2 * MAX_RESERVE_AHEAD,
+            "{}",
+            buf.capacity()
         );
     }
 

@@ -1,0 +1,155 @@
+//! Statement shapes: the text with its literal values masked, so statements that differ only
+//! in constants (`... WHERE aid = 123` and `... WHERE aid = 456`, as the simple protocol
+//! sends them) share one cached classification. Classification never depends on a literal's
+//! value, only on the tokens around it; the cache only takes shapes whose classification
+//! carries no values (no session command, proxy command or pin).
+//!
+//! The masking is deliberately conservative: anything it cannot lex with certainty (backslashes,
+//! prefixed strings such as `E'..'`, dollar quoting, nested comments) gives no shape, and the
+//! statement is classified as usual.
+
+/// The text with every string and numeric literal replaced by `?`, or `None` when the text
+/// holds something the masking does not handle.
+pub fn shape_of(sql: &str) -> Option<String> {
+    let b = sql.as_bytes();
+    if b.contains(&b'\\') {
+        // Backslash escapes depend on standard_conforming_strings: never guess.
+        return None;
+    }
+    let mut out = Vec::with_capacity(b.len());
+    let mut masked = false;
+    let mut i = 0;
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'\'' => {
+                if i > 0 && (ident(b[i - 1]) || b[i - 1] == b'&') {
+                    // E'..', B'..', X'..', N'..', U&'..': prefixed strings, not handled.
+                    return None;
+                }
+                i += 1;
+                loop {
+                    match b.get(i) {
+                        None => return None,
+                        Some(b'\'') if b.get(i + 1) == Some(&b'\'') => i += 2,
+                        Some(b'\'') => break,
+                        Some(_) => i += 1,
+                    }
+                }
+                i += 1;
+                out.push(b'?');
+                masked = true;
+            }
+            b'"' => {
+                let start = i;
+                i += 1;
+                loop {
+                    match b.get(i) {
+                        None => return None,
+                        Some(b'"') if b.get(i + 1) == Some(&b'"') => i += 2,
+                        Some(b'"') => break,
+                        Some(_) => i += 1,
+                    }
+                }
+                i += 1;
+                out.extend_from_slice(&b[start..i]);
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                let end = b[i..]
+                    .iter()
+                    .position(|&c| c == b'\n')
+                    .map_or(b.len(), |p| i + p);
+                out.extend_from_slice(&b[i..end]);
+                i = end;
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let rest = &b[i + 2..];
+                let close = rest.windows(2).position(|w| w == b"*/")?;
+                if rest[..close].windows(2).any(|w| w == b"/*") {
+                    return None;
+                }
+                let end = i + 2 + close + 2;
+                out.extend_from_slice(&b[i..end]);
+                i = end;
+            }
+            b'$' if i == 0 || !ident(b[i - 1]) => {
+                // `$1` parameters are kept; `$tag$` dollar quoting is not handled.
+                let digits = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+                if digits == 0 {
+                    return None;
+                }
+                out.extend_from_slice(&b[i..i + 1 + digits]);
+                i += 1 + digits;
+            }
+            b'0'..=b'9' if i == 0 || !ident(b[i - 1]) => {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.' || b[i] == b'_')
+                {
+                    // Exponent signs belong to the number: 1e-5.
+                    if (b[i] == b'e' || b[i] == b'E') && matches!(b.get(i + 1), Some(b'+' | b'-')) {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+                out.push(b'?');
+                masked = true;
+            }
+            _ => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    if !masked {
+        // Nothing to share: the exact text is its own key.
+        return None;
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::shape_of;
+
+    #[test]
+    fn literals_are_masked_and_the_rest_kept() {
+        let a = shape_of("SELECT abalance FROM pgbench_accounts WHERE aid = 123;").unwrap();
+        let b = shape_of("SELECT abalance FROM pgbench_accounts WHERE aid = 98765;").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a, "SELECT abalance FROM pgbench_accounts WHERE aid = ?;");
+        assert_eq!(
+            shape_of("UPDATE t SET v = v + -1.5e-3, s = 'it''s' WHERE id IN (1,2)").unwrap(),
+            "UPDATE t SET v = v + -?, s = ? WHERE id IN (?,?)"
+        );
+        // Identifiers with digits, quoted identifiers, parameters and comments stay as written.
+        assert_eq!(
+            shape_of(
+                "/* causeway:key=user:42 */ SELECT t1.c2 FROM \"T 3\" WHERE a = $1 AND b = 7 -- 9\n"
+            )
+            .unwrap(),
+            "/* causeway:key=user:42 */ SELECT t1.c2 FROM \"T 3\" WHERE a = $1 AND b = ? -- 9\n"
+        );
+        // A string holding what looks like code is one literal.
+        assert_eq!(shape_of("SELECT '; DELETE FROM t'").unwrap(), "SELECT ?");
+    }
+
+    #[test]
+    fn anything_uncertain_gives_no_shape() {
+        for sql in [
+            "SELECT E'a\\'b'",
+            "SELECT 'a\\' , ' ; DELETE FROM t; --'",
+            "SELECT B'101'",
+            "SELECT U&'d\\0061t'",
+            "SELECT $$x$$",
+            "SELECT $tag$x$tag$",
+            "SELECT 'unterminated",
+            "SELECT /* a /* nested */ */ 1",
+            "SELECT \"open",
+            "SELECT a FROM t",
+        ] {
+            assert_eq!(shape_of(sql), None, "{sql}");
+        }
+    }
+}
