@@ -208,3 +208,51 @@ async fn terminate_sleeper(conninfo: String) {
     }
     panic!("never saw the sleeping backend");
 }
+
+/// Reads running on a replica when it is killed have received a column header or BindComplete
+/// but no row: they are re-run elsewhere, in both protocols, and no client sees an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_running_on_a_killed_replica_are_rerun() {
+    let env = common::start().await;
+    let mut sleepers = Vec::new();
+    for i in 0..8 {
+        let c = env.client().await;
+        sleepers.push(tokio::spawn(async move {
+            let sql = "SELECT pg_sleep(1.5), inet_server_port()";
+            let t = Instant::now();
+            let port: String = if i % 2 == 0 {
+                match &c.simple_query(sql).await?[1] {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(1).unwrap().to_string(),
+                    other => panic!("{other:?}"),
+                }
+            } else {
+                c.query_one(sql, &[]).await?.get::<_, i32>(1).to_string()
+            };
+            Ok::<_, tokio_postgres::Error>((port, t.elapsed()))
+        }));
+    }
+    // Let every sleeper start, then kill replica1 under the ones it runs.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let replica1 = env.cluster.replicas[0].clone();
+    assert!(
+        env.proxy.shared.cluster.nodes()[1]
+            .in_use
+            .load(Ordering::Relaxed)
+            > 0,
+        "no read was running on replica1"
+    );
+    tokio::task::block_in_place(|| env.cluster.stop_node(&replica1, StopMode::Immediate)).unwrap();
+    for s in sleepers {
+        let (port, took) = s
+            .await
+            .unwrap()
+            .expect("a read failed while its replica died");
+        assert_ne!(
+            port,
+            env.node_port(1).to_string(),
+            "answered by the dead replica"
+        );
+        assert!(took < Duration::from_secs(10), "{took:?}");
+    }
+    assert!(env.proxy.shared.stats.retried_reads.load(Ordering::Relaxed) > 0);
+}

@@ -116,7 +116,12 @@ impl Session {
             return Ok(());
         }
         let in_tx = self.status != TxStatus::Idle;
-        let exec_class = priority::class_of(&class, req.sql_texts().next(), in_tx);
+        // Outside a transaction the statement's class is the one it queued with.
+        let exec_class = if in_tx {
+            priority::class_of(&class, req.sql_texts().next(), true)
+        } else {
+            prio
+        };
         if !self.take_slot(exec_class, &req).await {
             return Ok(());
         }

@@ -194,6 +194,20 @@ impl Session {
                 _ => self.forwarding_query(),
             };
             if forward {
+                let preamble = matches!(
+                    frame.tag,
+                    tag::BE_PARSE_COMPLETE
+                        | tag::BE_BIND_COMPLETE
+                        | tag::BE_ROW_DESCRIPTION
+                        | tag::BE_NO_DATA
+                        | tag::BE_PARAMETER_DESCRIPTION
+                );
+                if preamble && self.in_flight.as_ref().is_some_and(|f| f.retryable) {
+                    // A server killed mid-statement flushes these before it goes: until a
+                    // row or a result arrives the read can still run elsewhere.
+                    self.held.push(frame);
+                    continue;
+                }
                 for held in self.held.drain(..) {
                     self.client.queue(&held);
                 }
