@@ -188,6 +188,8 @@ struct State {
     background_time: f64,
     foreground_time: f64,
     occupancy_at: Instant,
+    /// Nobody waited at the last accounting: the integrals were not kept up meanwhile.
+    occupancy_paused: bool,
     waiting: usize,
     closed: bool,
     next_seq: u64,
@@ -207,6 +209,7 @@ impl State {
             background_time: 0.0,
             foreground_time: 0.0,
             occupancy_at: Instant::now(),
+            occupancy_paused: true,
             waiting: 0,
             closed: false,
             next_seq: 0,
@@ -282,19 +285,31 @@ impl State {
         best.map(|(class, _)| class)
     }
 
-    /// Brings the occupancy integrals up to `now`. Called before every change of `in_use`.
+    /// Brings the occupancy integrals up to now. Called before every change of `in_use`. The
+    /// share only matters while requests wait, so without waiters this costs nothing (no clock
+    /// read): the time until contention resumes only decays the history.
     fn account(&mut self) {
         if !self.cfg.priority || self.cfg.background_share == 0 {
+            return;
+        }
+        if self.waiting == 0 {
+            self.occupancy_paused = true;
             return;
         }
         let now = Instant::now();
         let dt = now
             .saturating_duration_since(self.occupancy_at)
             .as_secs_f64();
+        self.occupancy_at = now;
+        if std::mem::take(&mut self.occupancy_paused) {
+            let decay = (-dt / SHARE_WINDOW.as_secs_f64()).exp();
+            self.background_time *= decay;
+            self.foreground_time *= decay;
+            return;
+        }
         if dt <= 0.0 {
             return;
         }
-        self.occupancy_at = now;
         let decay = (-dt / SHARE_WINDOW.as_secs_f64()).exp();
         let background = self.background_in_use as f64;
         let foreground = self.in_use.saturating_sub(self.background_in_use) as f64;
