@@ -40,6 +40,9 @@ pub struct Node {
     pub retired: AtomicBool,
     /// Bumped when the endpoint moves: connections opened before are not reused.
     pub generation: AtomicU64,
+    /// Asks the monitor to read this node's position now rather than at its next tick (a read
+    /// is waiting for it to replay a write).
+    pub poll_now: Notify,
     usable: AtomicBool,
     ban_reason: Mutex<Option<String>>,
     /// Backend connections currently leased to clients (for least-connections choice).
@@ -81,6 +84,7 @@ impl Node {
             weight: AtomicU32::new(weight),
             retired: AtomicBool::new(false),
             generation: AtomicU64::new(0),
+            poll_now: Notify::new(),
             usable: AtomicBool::new(true),
             ban_reason: Mutex::new(None),
             in_use: AtomicUsize::new(0),

@@ -72,8 +72,16 @@ async fn monitor_node(node: Arc<Node>, cluster: Arc<Cluster>, cfg: Arc<Config>) 
     let mut client: Option<tokio_postgres::Client> = None;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_check = tokio::time::Instant::now();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = node.poll_now.notified() => {
+                // On demand, but no more often than MIN_POLL_GAP: many waiting reads share a poll.
+                tokio::time::sleep_until(last_check + MIN_POLL_GAP).await;
+            }
+        }
+        last_check = tokio::time::Instant::now();
         if node.retired.load(Ordering::Acquire) {
             return;
         }
@@ -98,6 +106,9 @@ async fn monitor_node(node: Arc<Node>, cluster: Arc<Cluster>, cfg: Arc<Config>) 
         }
     }
 }
+
+/// Shortest time between two readings of a node asked for on demand.
+const MIN_POLL_GAP: Duration = Duration::from_millis(1);
 
 /// One reading: role, and the WAL position (current on the primary, replayed on a replica).
 const PROBE: &str = "SELECT pg_is_in_recovery(), \

@@ -53,6 +53,12 @@ impl Session {
             if decision.reason == Reason::ReadYourWrites {
                 let since = *blocked_since.get_or_insert_with(Instant::now);
                 let left = wait.saturating_sub(since.elapsed());
+                if !left.is_zero() && !self.replicas_far_behind(left) {
+                    // Read the replicas' positions now instead of at the next poll tick.
+                    for n in cluster.replicas().iter().filter(|n| n.is_usable()) {
+                        n.poll_now.notify_one();
+                    }
+                }
                 if !left.is_zero()
                     && !self.replicas_far_behind(left)
                     && tokio::time::timeout(left, advanced).await.is_ok()
