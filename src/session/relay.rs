@@ -202,7 +202,13 @@ impl Session {
                         | tag::BE_NO_DATA
                         | tag::BE_PARAMETER_DESCRIPTION
                 );
-                if preamble && self.in_flight.as_ref().is_some_and(|f| f.retryable) {
+                // Only when the server will go on by itself: after a Flush the client waits
+                // for exactly these messages before it sends more.
+                let more_coming = self
+                    .in_flight
+                    .as_ref()
+                    .is_some_and(|f| f.retryable && f.request.ends_with_ready());
+                if preamble && more_coming {
                     // A server killed mid-statement flushes these before it goes: until a
                     // row or a result arrives the read can still run elsewhere.
                     self.held.push(frame);
