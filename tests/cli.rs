@@ -168,7 +168,7 @@ fn json_logs_are_one_object_per_line() {
 }
 
 #[test]
-fn sighup_reloads_and_an_invalid_file_is_rejected() {
+fn sighup_reloads_an_invalid_file_is_rejected_and_sigterm_exits() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.toml");
     let config = GOOD.replace(
@@ -225,9 +225,32 @@ fn sighup_reloads_and_an_invalid_file_is_rejected() {
         if !line.contains("pool.primary_max") {
             return Err(format!("reload line does not name the key: {line}"));
         }
+        // SIGTERM: a clean exit, promptly (no clients, so no grace period to wait out).
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        wait_for("shut down").map_err(|s| format!("no clean shutdown: {s:#?}"))?;
         Ok(())
     })();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        match child.try_wait().unwrap() {
+            Some(status) => break Some(status),
+            None if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            None => break None,
+        }
+    };
     let _ = child.kill();
     let _ = child.wait();
     result.unwrap();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit after SIGTERM: {status:?}"
+    );
 }
