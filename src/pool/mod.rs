@@ -28,6 +28,7 @@ const BACKEND_MAX_MESSAGE: usize = (1 << 30) + 64;
 /// Limits a pool applies, copied from configuration.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
+    /// Size when the pool is created; a reload resizes its queue (see [`Pool::resize`]).
     pub max: usize,
     pub min_idle: usize,
     /// Longest wait for a connection, per priority class.
@@ -42,6 +43,7 @@ pub struct PoolSettings {
     pub max_lifetime: Duration,
     pub reset_timeout: Duration,
     pub max_message: usize,
+    /// TLS towards the server.
     pub tls: Arc<crate::tls::Tls>,
 }
 
