@@ -66,6 +66,21 @@ impl Stats {
     }
 }
 
+/// Index of the bucket holding quantile `q` (0.0..=1.0) of bucketed counts, or `None` when
+/// there are none. The rank is 1-based, so q = 1 is the largest value and q = 0 the smallest.
+pub(crate) fn quantile_bucket(buckets: &[u64], q: f64) -> Option<usize> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).clamp(1, total);
+    let mut seen = 0;
+    buckets.iter().position(|n| {
+        seen += n;
+        seen >= rank
+    })
+}
+
 /// Sub-buckets per power of two in a [`LatencyHistogram`]: percentiles within 25%.
 const SUB: usize = 4;
 /// Powers of two covered: values up to 2^36 µs (19 hours) land in their own bucket.
@@ -172,19 +187,8 @@ impl LatencySnapshot {
     /// Quantile `q` (0.0..=1.0) in µs: the upper bound of the bucket holding it, so never
     /// below the true value and at most 25% above. `None` when empty.
     pub fn percentile_us(&self, q: f64) -> Option<u64> {
-        let total = self.count();
-        if total == 0 {
-            return None;
-        }
-        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).clamp(1, total);
-        let mut seen = 0;
-        for (i, n) in self.buckets.iter().enumerate() {
-            seen += n;
-            if seen >= rank {
-                return Some(bucket_floor(i + 1).saturating_sub(1).max(bucket_floor(i)));
-            }
-        }
-        None
+        quantile_bucket(&self.buckets, q)
+            .map(|i| bucket_floor(i + 1).saturating_sub(1).max(bucket_floor(i)))
     }
 
     /// Latencies under `bound_us`, for cumulative (Prometheus `le`) buckets. Exact when

@@ -36,20 +36,8 @@ impl WaitHistogram {
     /// Upper bound in µs of the bucket holding quantile `q` (0.0..=1.0, e.g. 0.99), or `None`
     /// when empty.
     pub fn percentile(&self, q: f64) -> Option<u64> {
-        let total = self.count();
-        if total == 0 {
-            return None;
-        }
-        // Rank of the q-th wait, 1-based, so p100 is the largest and p0 the smallest.
-        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).clamp(1, total);
-        let mut seen = 0;
-        for (i, n) in self.buckets.iter().enumerate() {
-            seen += n;
-            if seen >= rank {
-                return Some(if i == 0 { 0 } else { (1u64 << i) - 1 });
-            }
-        }
-        None
+        crate::stats::quantile_bucket(&self.buckets, q)
+            .map(|i| if i == 0 { 0 } else { (1u64 << i) - 1 })
     }
 
     /// Adds another histogram's counts, to sum classes or pools.
