@@ -64,11 +64,15 @@ async fn reload_changes_pools_replicas_and_routing_without_dropping_clients() {
     let reader = env.client().await;
     reader.simple_query("SELECT 1").await.unwrap();
 
-    let changed = without_replica2(&env.config).replacen(
-        "\nlisten = \"127.0.0.1:0\"",
-        "\nlisten = \"127.0.0.1:1\"",
-        1,
-    ) + "\n[pool]\nreplica_max = 3\n\n[routing]\nreplica_strategy = \"round_robin\"\n";
+    let changed = without_replica2(&env.config)
+        .replacen(
+            "\nlisten = \"127.0.0.1:0\"",
+            "\nlisten = \"127.0.0.1:1\"",
+            1,
+        )
+        .replacen("weight = 1", "weight = 3", 1)
+        + "\n[pool]\nreplica_max = 3\n\n[routing]\nreplica_strategy = \"round_robin\"\n\n\
+           [consistency]\nmode = \"sticky\"\n";
     std::fs::write(&path, &changed).unwrap();
     let r = http::post(admin, "/reload").await;
     assert_eq!(r.status, 200, "{}", r.body);
