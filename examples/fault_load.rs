@@ -35,6 +35,9 @@
 //! Everything runs on 127.0.0.1, is bounded in time (`--timeout-seconds`), and the cluster is
 //! removed at the end, on error too.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::process::{ExitCode, Stdio};
@@ -862,7 +865,12 @@ async fn run_all(cluster: &LocalCluster, args: &Args) -> Result<Outcome, String>
     let mut retried_before = retried();
     let mut failure = None;
     for (i, &(name, action)) in PHASES.iter().enumerate() {
-        eprintln!("[{}] phase {}/{}: {name}", clock(), i + 1, PHASES.len());
+        eprintln!(
+            "[{}] phase {}/{}: {name}",
+            support::clock(),
+            i + 1,
+            PHASES.len()
+        );
         let start = Instant::now();
         rec.begin(i);
         let pgbench = (args.pgbench_clients > 0)
@@ -1257,15 +1265,6 @@ fn print_summary(out: &Outcome) -> bool {
     n == 0 && writes_back
 }
 
-/// Time of day (UTC) for progress lines.
-fn clock() -> String {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let s = d.as_secs() % 86_400;
-    format!("{:02}:{:02}:{:02} UTC", s / 3600, s / 60 % 60, s % 60)
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.phase_seconds == 0 || args.readers == 0 || args.scale == 0 {
@@ -1280,25 +1279,17 @@ fn main() -> ExitCode {
         args.timeout_seconds
             .unwrap_or(PHASES.len() as u64 * (args.phase_seconds + 60) + 600),
     );
-    if let Ok(filter) = std::env::var("CAUSEWAY_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
+    support::init_logging();
     eprintln!(
         "[{}] starting a primary and two streaming replicas...",
-        clock()
+        support::clock()
     );
-    let cluster = match LocalCluster::start(ClusterOptions {
+    let cluster = match support::start_cluster(ClusterOptions {
         replicas: 2,
         ..Default::default()
     }) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("cannot start the cluster: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     println!(
         "cluster: primary 127.0.0.1:{}, replicas {}; {} cores",
@@ -1321,15 +1312,9 @@ fn main() -> ExitCode {
         args.phase_seconds,
         limit.as_secs()
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match support::runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let outcome = runtime.block_on(async {
         tokio::select! {
@@ -1338,7 +1323,10 @@ fn main() -> ExitCode {
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(2));
-    eprintln!("[{}] stopping and removing the cluster...", clock());
+    eprintln!(
+        "[{}] stopping and removing the cluster...",
+        support::clock()
+    );
     cluster.stop();
     match outcome {
         None => {

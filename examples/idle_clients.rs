@@ -20,6 +20,9 @@
 //! Needs an open-file limit above the client count (`ulimit -n`; scripts/idle-clients raises
 //! it). Everything runs on 127.0.0.1, is bounded in time (`--timeout`), and is removed at the end.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -542,25 +545,16 @@ fn main() -> ExitCode {
         "[idle_clients] starting a primary and {} streaming replica(s)...",
         args.replicas
     );
-    let cluster = match LocalCluster::start(ClusterOptions {
+    let cluster = match support::start_cluster(ClusterOptions {
         replicas: args.replicas,
         ..Default::default()
     }) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("cannot start the cluster: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match support::runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let limit = Duration::from_secs(args.timeout);
     let outcome = runtime.block_on(async {

@@ -26,6 +26,9 @@
 //!
 //! Everything runs on 127.0.0.1, is bounded in time, and is removed at the end.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -832,7 +835,7 @@ async fn run_all(cluster: &LocalCluster, args: &Args) -> Result<Vec<RunResult>, 
             vacuum(&direct).await?;
             eprintln!(
                 "[{}] round {round}/{}: {} ...",
-                clock(),
+                support::clock(),
                 args.rounds,
                 mode.name()
             );
@@ -842,15 +845,6 @@ async fn run_all(cluster: &LocalCluster, args: &Args) -> Result<Vec<RunResult>, 
         }
     }
     Ok(results)
-}
-
-/// Time of day (UTC) for progress lines.
-fn clock() -> String {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let s = d.as_secs() % 86_400;
-    format!("{:02}:{:02}:{:02} UTC", s / 3600, s / 60 % 60, s % 60)
 }
 
 fn main() -> ExitCode {
@@ -869,25 +863,17 @@ fn main() -> ExitCode {
         eprintln!("--modes must name both priority and fifo");
         return ExitCode::from(2);
     }
-    if let Ok(filter) = std::env::var("CAUSEWAY_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
+    support::init_logging();
     eprintln!(
         "[{}] starting a primary and one streaming replica...",
-        clock()
+        support::clock()
     );
-    let cluster = match LocalCluster::start(ClusterOptions {
+    let cluster = match support::start_cluster(ClusterOptions {
         replicas: 1,
         ..Default::default()
     }) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("cannot start the cluster: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     println!(
         "cluster: primary 127.0.0.1:{}, {} streaming replica(s); {} cores",
@@ -895,15 +881,9 @@ fn main() -> ExitCode {
         cluster.replicas.len(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match support::runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let outcome = runtime.block_on(async {
         tokio::select! {
@@ -912,7 +892,7 @@ fn main() -> ExitCode {
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(2));
-    eprintln!("[{}] stopping the cluster...", clock());
+    eprintln!("[{}] stopping the cluster...", support::clock());
     cluster.stop();
     match outcome {
         None => {

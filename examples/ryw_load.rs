@@ -22,6 +22,9 @@
 //! connection, then Bind/Execute), `transaction` (each write in BEGIN … COMMIT, each read in
 //! START TRANSACTION READ ONLY … COMMIT, statements inside as `extended`).
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -1345,12 +1348,7 @@ fn main() -> ExitCode {
         eprintln!("nothing to run: give at least one mode, a duration and some sessions");
         return ExitCode::from(2);
     }
-    if let Ok(filter) = std::env::var("CAUSEWAY_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
+    support::init_logging();
     let mut opts = ClusterOptions::default();
     if args.delay_ms > 0 {
         opts.replica_conf = vec![(
@@ -1362,12 +1360,9 @@ fn main() -> ExitCode {
         "[{}] starting a primary and two streaming replicas...",
         chrono_now()
     );
-    let cluster = match LocalCluster::start(opts) {
+    let cluster = match support::start_cluster(opts) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("cannot start the cluster: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     println!(
         "cluster: primary 127.0.0.1:{}, {}; replica delay {}",
@@ -1384,15 +1379,9 @@ fn main() -> ExitCode {
             "none (natural lag)".into()
         }
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match support::runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let outcome = runtime.block_on(async {
         tokio::select! {
