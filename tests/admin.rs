@@ -413,3 +413,24 @@ async fn console_is_for_admin_users_and_answers_show_commands() {
     .await;
     assert_eq!(err.code().unwrap().code(), "28000", "{err}");
 }
+
+#[tokio::test]
+async fn an_idle_console_does_not_hold_up_shutdown() {
+    let mut env = common::start().await;
+    let proxy = std::mem::replace(&mut env.proxy, common::proxy_for(&env.config).await);
+    let console = common::connect(&format!(
+        "host=127.0.0.1 port={} user=app password={} dbname=causeway",
+        proxy.addr.port(),
+        common::PASSWORD
+    ))
+    .await;
+    console.simple_query("SHOW POOLS").await.unwrap();
+    let t = std::time::Instant::now();
+    proxy.shutdown(std::time::Duration::from_secs(20)).await;
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(console.simple_query("SHOW POOLS").await.is_err());
+}

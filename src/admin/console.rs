@@ -35,8 +35,19 @@ const HELP: &str = "SHOW POOLS | SHOW REPLICAS | SHOW STATS | SHOW CLIENTS | SHO
 /// Serves console commands until the client leaves.
 pub async fn serve(mut t: Transport<Stream>, shared: Arc<Shared>) -> Result<(), SessionError> {
     let mut skip_until_sync = false;
+    let shutdown = shared.shutdown.clone();
     loop {
-        let Some(frame) = t.read_frame().await? else {
+        // An idle console does not hold up a shutdown.
+        let read = tokio::select! {
+            r = t.read_frame() => r,
+            _ = shutdown.cancelled() => {
+                let e = SessionError::Shutdown;
+                t.queue(&protocol::error_response("FATAL", e.sqlstate(), &e.to_string()));
+                t.shutdown().await;
+                return Ok(());
+            }
+        };
+        let Some(frame) = read? else {
             return Ok(());
         };
         match frame.tag {
