@@ -154,7 +154,7 @@ pub struct Session {
     in_flight: Option<InFlight>,
     /// This client's entry in the registry of connected clients.
     info: Arc<crate::clients::ClientInfo>,
-    /// Last input from the client or the backend.
+    /// Last input handled while inside a transaction.
     last_activity: Instant,
     /// Since when the backend owes replies (cleared once it has answered everything).
     busy_since: Option<Instant>,
@@ -306,7 +306,6 @@ impl Session {
                         None => std::future::pending().await,
                     }
                 }, if watch_backend => {
-                    self.last_activity = Instant::now();
                     match r {
                         Ok(0) => self.backend_failed(None).await?,
                         Ok(n) => {
@@ -315,9 +314,9 @@ impl Session {
                         }
                         Err(e) => self.backend_failed(Some(e)).await?,
                     }
+                    self.note_activity();
                 }
                 r = self.client.fill(), if read_client => {
-                    self.last_activity = Instant::now();
                     match r {
                         Ok(0) => return Ok(()),
                         Ok(_) => {
@@ -327,6 +326,7 @@ impl Session {
                         }
                         Err(e) => return Err(SessionError::ClientIo(e)),
                     }
+                    self.note_activity();
                 }
                 _ = shutdown.cancelled(), if !watch_backend => {
                     return Err(SessionError::Shutdown);
@@ -342,6 +342,14 @@ impl Session {
                     }
                 }
             }
+        }
+    }
+
+    /// Stamps input handled inside a transaction, for the idle-in-transaction timeout; outside
+    /// one nothing reads it, so autocommit traffic costs no clock read here.
+    fn note_activity(&mut self) {
+        if self.status != TxStatus::Idle {
+            self.last_activity = Instant::now();
         }
     }
 
