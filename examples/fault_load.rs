@@ -1328,28 +1328,12 @@ fn main() -> ExitCode {
         support::clock()
     );
     cluster.stop();
-    match outcome {
-        None => {
-            eprintln!("interrupted");
-            ExitCode::from(130)
-        }
-        Some(Err(_)) => {
-            eprintln!("global timeout: still running after {} s", limit.as_secs());
-            ExitCode::FAILURE
-        }
-        Some(Ok(Err(e))) => {
-            eprintln!("fault benchmark failed: {e}");
-            ExitCode::FAILURE
-        }
-        Some(Ok(Ok(out))) => {
-            print_phases(&out.phases, &out.events, &args);
-            print_table(&out.phases);
-            let ok = print_summary(&out);
-            if args.strict && !ok {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
-    }
+    let verdict = outcome.map(|timed| {
+        let out = timed
+            .map_err(|_| format!("global timeout: still running after {} s", limit.as_secs()))??;
+        print_phases(&out.phases, &out.events, &args);
+        print_table(&out.phases);
+        Ok(print_summary(&out))
+    });
+    support::exit_code(verdict, "fault benchmark", args.strict)
 }

@@ -569,16 +569,5 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(Duration::from_secs(2));
     eprintln!("[idle_clients] stopping the cluster...");
     cluster.stop();
-    match outcome {
-        None => {
-            eprintln!("interrupted");
-            ExitCode::from(130)
-        }
-        Some(Err(e)) => {
-            eprintln!("idle_clients failed: {e}");
-            ExitCode::FAILURE
-        }
-        Some(Ok(true)) => ExitCode::SUCCESS,
-        Some(Ok(false)) => ExitCode::FAILURE,
-    }
+    support::exit_code(outcome, "idle_clients", true)
 }

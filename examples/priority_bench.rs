@@ -894,22 +894,6 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(Duration::from_secs(2));
     eprintln!("[{}] stopping the cluster...", support::clock());
     cluster.stop();
-    match outcome {
-        None => {
-            eprintln!("interrupted");
-            ExitCode::from(130)
-        }
-        Some(Err(e)) => {
-            eprintln!("benchmark failed: {e}");
-            ExitCode::FAILURE
-        }
-        Some(Ok(results)) => {
-            let all = print_summary(&results, &args);
-            if args.strict && !all {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
-    }
+    let verdict = outcome.map(|r| r.map(|results| print_summary(&results, &args)));
+    support::exit_code(verdict, "benchmark", args.strict)
 }

@@ -1393,24 +1393,8 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(Duration::from_secs(2));
     eprintln!("[{}] stopping the cluster...", chrono_now());
     cluster.stop();
-    match outcome {
-        None => {
-            eprintln!("interrupted");
-            ExitCode::from(130)
-        }
-        Some(Err(e)) => {
-            eprintln!("load test failed: {e}");
-            ExitCode::FAILURE
-        }
-        Some(Ok(results)) => {
-            let all = print_summary(&args, &results);
-            if args.strict && !all {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
-    }
+    let verdict = outcome.map(|r| r.map(|results| print_summary(&args, &results)));
+    support::exit_code(verdict, "load test", args.strict)
 }
 
 #[cfg(test)]

@@ -43,3 +43,20 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
             ExitCode::FAILURE
         })
 }
+
+/// The exit status of a run: 130 when interrupted, failure when it failed, else its verdict
+/// (whether the targets held), which only fails the run when `strict`.
+pub fn exit_code(outcome: Option<Result<bool, String>>, what: &str, strict: bool) -> ExitCode {
+    match outcome {
+        None => {
+            eprintln!("interrupted");
+            ExitCode::from(130)
+        }
+        Some(Err(e)) => {
+            eprintln!("{what} failed: {e}");
+            ExitCode::FAILURE
+        }
+        Some(Ok(held)) if strict && !held => ExitCode::FAILURE,
+        Some(Ok(_)) => ExitCode::SUCCESS,
+    }
+}
