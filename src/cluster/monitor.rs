@@ -69,7 +69,7 @@ async fn monitor_node(node: Arc<Node>, cluster: Arc<Cluster>, cfg: Arc<Config>) 
     };
     let interval = Duration::from_millis(every_ms);
     let timeout = Duration::from_millis(cfg.server.health_check_timeout_ms);
-    let mut client: Option<tokio_postgres::Client> = None;
+    let mut probe: Option<Probe> = None;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_check = tokio::time::Instant::now();
@@ -85,11 +85,11 @@ async fn monitor_node(node: Arc<Node>, cluster: Arc<Cluster>, cfg: Arc<Config>) 
         if node.retired.load(Ordering::Acquire) {
             return;
         }
-        let health = check(&node, &cluster, &cfg, &mut client, timeout).await;
+        let health = check(&node, &cluster, &cfg, &mut probe, timeout).await;
         match health {
             Health::Ok => node.unban(),
             Health::Unreachable(reason) => {
-                client = None;
+                probe = None;
                 node.ban(format!("health check failed: {reason}"));
             }
             Health::WrongRole(reason) => {
@@ -115,24 +115,45 @@ const PROBE: &str = "SELECT pg_is_in_recovery(), \
      CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
      (extract(epoch FROM pg_last_xact_replay_timestamp()) * 1000000)::int8";
 
+/// A monitoring connection with [`PROBE`] prepared on it, so each reading is one round trip
+/// (Bind/Execute/Sync) rather than a parse, an execute and a close.
+struct Probe {
+    client: tokio_postgres::Client,
+    statement: tokio_postgres::Statement,
+}
+
+impl Probe {
+    async fn open(
+        node: &Node,
+        cfg: &Config,
+        tls: &crate::tls::Tls,
+        timeout: Duration,
+    ) -> Result<Self, tokio_postgres::Error> {
+        let client = connect(node, cfg, tls, timeout).await?;
+        let statement = client.prepare(PROBE).await?;
+        Ok(Self { client, statement })
+    }
+}
+
 async fn check(
     node: &Node,
     cluster: &Cluster,
     cfg: &Config,
-    client: &mut Option<tokio_postgres::Client>,
+    probe: &mut Option<Probe>,
     timeout: Duration,
 ) -> Health {
-    if client.as_ref().is_none_or(|c| c.is_closed()) {
-        match tokio::time::timeout(timeout, connect(node, cfg, &cluster.tls, timeout)).await {
-            Ok(Ok(c)) => *client = Some(c),
+    if probe.as_ref().is_none_or(|p| p.client.is_closed()) {
+        let open = Probe::open(node, cfg, &cluster.tls, timeout);
+        match tokio::time::timeout(timeout, open).await {
+            Ok(Ok(p)) => *probe = Some(p),
             Ok(Err(e)) => return Health::Unreachable(e.to_string()),
             Err(_) => return Health::Unreachable("connect timed out".into()),
         }
     }
-    let Some(c) = client.as_ref() else {
+    let Some(p) = probe.as_ref() else {
         return Health::Unreachable("no connection".into());
     };
-    let row = match tokio::time::timeout(timeout, c.query_one(PROBE, &[])).await {
+    let row = match tokio::time::timeout(timeout, p.client.query_one(&p.statement, &[])).await {
         Ok(Ok(row)) => row,
         Ok(Err(e)) => return Health::Unreachable(e.to_string()),
         Err(_) => return Health::Unreachable("health query timed out".into()),
