@@ -396,3 +396,73 @@ async fn a_write_is_acknowledged_only_after_its_key_token_is_recorded() {
     }
     assert_eq!(stale, 0, "reads under the writer's key missed its write");
 }
+
+/// The token query is prepared once per server connection. When a client drops it (DISCARD ALL,
+/// or a DEALLOCATE the proxy cannot see), the next write prepares it again, and a write whose
+/// token query failed keeps the session's reads on the primary: never a stale read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_statement_is_prepared_once_and_recovers_when_dropped() {
+    let env = delayed(400, "\n[pool]\nprimary_max = 1\n").await;
+    let a = env.client().await;
+    let tokens = || env.proxy.shared.stats.tokens.load(Ordering::Relaxed);
+    let prepared = async |c: &tokio_postgres::Client| -> i64 {
+        c.query_one(
+            "/* causeway:primary */ SELECT count(*) FROM pg_prepared_statements \
+             WHERE name = 'causeway_token'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    };
+    let before = tokens();
+    for id in 0..3 {
+        a.execute("INSERT INTO items VALUES ($1, 'x')", &[&id])
+            .await
+            .unwrap();
+        assert_eq!(count(&a, id).await.0, 1, "read after write {id}");
+    }
+    assert_eq!(tokens() - before, 3, "one token per write");
+    assert_eq!(
+        prepared(&a).await,
+        1,
+        "prepared once on the one primary connection"
+    );
+
+    // DISCARD ALL drops it with everything else; the proxy sees that and prepares it again.
+    a.batch_execute("/* causeway:primary */ DISCARD ALL")
+        .await
+        .unwrap();
+    let before = tokens();
+    a.execute("INSERT INTO items VALUES (10, 'd')", &[])
+        .await
+        .unwrap();
+    assert_eq!(tokens() - before, 1, "token after DISCARD ALL");
+    assert_eq!(count(&a, 10).await.0, 1);
+
+    // Dropped where the proxy cannot see it, by the very write whose token it should give:
+    // that token query fails, the write's reads stay on the primary, and the next write
+    // prepares it again. (First the replicas catch up with every earlier token, so only the
+    // missing one can keep the read off them.)
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = tokens();
+    a.batch_execute(
+        "DO $$ BEGIN INSERT INTO items VALUES (11, 'l'); \
+         EXECUTE 'DEALLOCATE causeway_token'; END $$",
+    )
+    .await
+    .unwrap();
+    assert_eq!(tokens(), before, "the token query found no statement");
+    let (n, port) = count(&a, 11).await;
+    assert_eq!(
+        (n, port),
+        (1, env.node_port(0)),
+        "read after a tokenless write"
+    );
+    a.execute("INSERT INTO items VALUES (12, 'l')", &[])
+        .await
+        .unwrap();
+    assert_eq!(tokens() - before, 1, "the token query was prepared again");
+    assert_eq!(count(&a, 12).await.0, 1);
+    assert_eq!(prepared(&a).await, 1);
+}

@@ -21,6 +21,8 @@ pub struct StatementCache {
     capacity: usize,
     /// The statement currently bound to the unnamed slot on this backend, if the proxy knows it.
     pub unnamed: Option<StatementKey>,
+    /// The proxy's commit-token query is prepared on this backend.
+    pub token_prepared: bool,
 }
 
 #[derive(Debug)]
@@ -41,6 +43,7 @@ impl StatementCache {
             next_id: 0,
             capacity: capacity.max(1),
             unnamed: None,
+            token_prepared: false,
         }
     }
 
@@ -114,6 +117,7 @@ impl StatementCache {
     pub fn clear(&mut self) {
         self.map.clear();
         self.unnamed = None;
+        self.token_prepared = false;
     }
 
     fn evict_oldest(&mut self) -> Option<String> {

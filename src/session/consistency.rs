@@ -1,8 +1,8 @@
 //! The session's side of read-your-writes: what a read requires, waiting for a replica to
 //! catch up, and the commit token taken after each write.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use super::{Expect, Session};
@@ -16,6 +16,38 @@ use crate::route::{self, Decision, Policy, Reason, ReplicaView, SessionView};
 
 /// The query whose answer is the commit token: a WAL position at or past the commit record.
 const TOKEN_QUERY: &str = "SELECT pg_catalog.pg_current_wal_lsn()";
+
+/// The name the token query is prepared under on each backend connection.
+const TOKEN_STATEMENT: &str = "causeway_token";
+
+/// The token query on a connection where it is prepared: Bind, Execute, Sync. One round trip
+/// with no parsing or planning on the server.
+static TOKEN_EXECUTE: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    let mut b = Vec::new();
+    // Bind: unnamed portal, the statement, no parameter formats or values, text results.
+    let mut body = Vec::new();
+    body.push(0);
+    body.extend_from_slice(TOKEN_STATEMENT.as_bytes());
+    body.push(0);
+    body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    b.push(protocol::tag::FE_BIND);
+    b.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    b.extend_from_slice(&body);
+    b.extend_from_slice(&protocol::encode_execute("", 0).bytes);
+    b.extend_from_slice(&protocol::encode_sync().bytes);
+    b
+});
+
+/// The token query on a connection where it may not be prepared: Close (harmless when the
+/// statement does not exist, and it clears one a client removed behind the proxy's back), Parse,
+/// then [`TOKEN_EXECUTE`].
+static TOKEN_PREPARE: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    let mut b = Vec::new();
+    b.extend_from_slice(&protocol::encode_close(b'S', TOKEN_STATEMENT).bytes);
+    b.extend_from_slice(&protocol::encode_parse(TOKEN_STATEMENT, TOKEN_QUERY, &[]).bytes);
+    b.extend_from_slice(&TOKEN_EXECUTE);
+    b
+});
 
 impl Session {
     /// Routes a request outside a transaction; a read whose token no replica has replayed yet
@@ -194,12 +226,24 @@ impl Session {
     }
 
     /// Queues the token query behind the request, on the same backend and in the same write.
+    /// It is prepared once per connection (named, so the client's unnamed statement survives).
     pub(super) fn queue_token_query(&mut self, key: Option<String>) {
         if let Some(lease) = self.lease.as_mut() {
             let conn = lease.conn();
-            conn.transport.queue(&protocol::encode_query(TOKEN_QUERY));
-            conn.statements.unnamed = None;
+            if conn.statements.token_prepared {
+                conn.transport.queue_bytes(&TOKEN_EXECUTE);
+            } else {
+                conn.transport.queue_bytes(&TOKEN_PREPARE);
+                conn.statements.token_prepared = true;
+            }
             self.replies.push_back(Expect::Token { key, lsn: 0 });
+        }
+    }
+
+    /// The token query failed on this connection: prepare it afresh next time.
+    pub(super) fn token_failed(&mut self) {
+        if let Some(lease) = self.lease.as_mut() {
+            lease.conn().statements.token_prepared = false;
         }
     }
 
@@ -215,11 +259,14 @@ impl Session {
     }
 
     /// Records a commit token: the session's, its key's, the proxy's; tells the client.
+    /// Without a token (the query failed), the session's reads stay on the primary for the
+    /// sticky window instead, the one place sure to have the write.
     pub(super) fn record_token(&mut self, token: Lsn, key: Option<String>) {
+        let now = Instant::now();
         if token == 0 {
+            self.tokens.unconfirmed_write = Some(now);
             return;
         }
-        let now = Instant::now();
         self.tokens.own = self.tokens.own.max(token);
         self.tokens.last_write = Some(now);
         if let Some(k) = key.as_deref().or(self.tokens.key.as_deref()) {

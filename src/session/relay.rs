@@ -121,6 +121,12 @@ impl Session {
                     }
                     self.on_error_reply()
                 }
+                // The token query's own acknowledgements.
+                tag::BE_PARSE_COMPLETE | tag::BE_BIND_COMPLETE | tag::BE_CLOSE_COMPLETE
+                    if matches!(self.replies.front(), Some(Expect::Token { .. })) =>
+                {
+                    false
+                }
                 tag::BE_PARSE_COMPLETE => match self.replies.pop_front() {
                     Some(Expect::Parse { forward, .. }) => forward,
                     _ => return Err(self.desync("unexpected ParseComplete".into())),
@@ -302,7 +308,10 @@ impl Session {
             // Errors of statements the proxy injected are shown too: hiding them could hide
             // that the client's transaction never began.
             Some(Expect::Query { .. }) => return true,
-            Some(Expect::Token { .. }) => return false,
+            Some(Expect::Token { .. }) => {
+                self.token_failed();
+                return false;
+            }
             Some(Expect::Sync { .. }) | None => return true,
             _ => {}
         }
