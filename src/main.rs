@@ -70,16 +70,27 @@ fn config_error(path: &std::path::Path, e: &causeway::config::ConfigError) -> Ex
     ExitCode::from(2)
 }
 
-/// Runs `fut` on a multi-threaded runtime with `workers` threads (0 = one per core).
+/// Runs `fut` on a runtime with `workers` threads; 0 picks [`auto_workers`]. One thread is
+/// tokio's current-thread scheduler, the way PgBouncer runs: every socket, task and timer on the
+/// same thread, so handing a reply from a backend to its client never wakes another thread.
 fn run_async(
     workers: usize,
     fut: impl std::future::Future<Output = Result<(), String>>,
 ) -> ExitCode {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(if workers == 0 { cores } else { workers })
-        .enable_all()
-        .build();
+    let runtime = match if workers == 0 {
+        auto_workers(cores)
+    } else {
+        workers
+    } {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
     let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
@@ -94,6 +105,13 @@ fn run_async(
             ExitCode::FAILURE
         }
     }
+}
+
+/// Threads for `worker_threads = 0`: one per core, but a single thread on a machine of two cores
+/// or fewer. There the proxy shares the cores with its clients and servers, and one thread relays
+/// as many transactions per second for about a tenth less CPU each (no cross-thread wake-ups).
+fn auto_workers(cores: usize) -> usize {
+    if cores <= 2 { 1 } else { cores }
 }
 
 /// Logs to stderr in the configured format; `CAUSEWAY_LOG` (a tracing filter such as

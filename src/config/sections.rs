@@ -129,7 +129,8 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT, running transactions get this long to finish before their clients
     /// are disconnected with 57P01.
     pub shutdown_timeout_ms: u64,
-    /// Runtime worker threads; 0 = one per CPU core.
+    /// Runtime threads; 0 = one per CPU core, or one in all on a machine of two cores or fewer.
+    /// One thread runs tokio's current-thread scheduler.
     pub worker_threads: usize,
 }
 
