@@ -66,11 +66,9 @@ impl Session {
         let session = self.read_view(class)?;
         let wait = Duration::from_millis(cfg.consistency.causal_wait_ms);
         let mut blocked_since: Option<Instant> = None;
+        // Armed only once a read has to wait, so the common read takes no lock for it.
+        let mut advanced = None;
         loop {
-            // Registered before the check, so an advance between check and wait is not lost.
-            let advanced = cluster.lsn_advanced.notified();
-            tokio::pin!(advanced);
-            advanced.as_mut().enable();
             let views = self.replica_views();
             // Only reads advance the rotation, so interleaved writes do not skew it.
             let pick = match policy.strategy {
@@ -86,16 +84,20 @@ impl Session {
                 let since = *blocked_since.get_or_insert_with(Instant::now);
                 let left = wait.saturating_sub(since.elapsed());
                 if !left.is_zero() && !self.replicas_far_behind(left) {
+                    let Some(wake) = advanced.take() else {
+                        // Registered, then checked again: an advance in between is not lost.
+                        let mut wake = Box::pin(cluster.lsn_advanced.notified());
+                        wake.as_mut().enable();
+                        advanced = Some(wake);
+                        continue;
+                    };
                     // Read the replicas' positions now instead of at the next poll tick.
                     for n in cluster.replicas().iter().filter(|n| n.is_usable()) {
                         n.poll_now.notify_one();
                     }
-                }
-                if !left.is_zero()
-                    && !self.replicas_far_behind(left)
-                    && tokio::time::timeout(left, advanced).await.is_ok()
-                {
-                    continue;
+                    if tokio::time::timeout(left, wake).await.is_ok() {
+                        continue;
+                    }
                 }
             }
             if let Some(since) = blocked_since {

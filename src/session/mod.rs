@@ -271,8 +271,14 @@ impl Session {
     async fn serve(&mut self) -> Result<(), SessionError> {
         let shutdown = self.shared.shutdown.clone();
         let force = self.shared.force_close.clone();
+        // Made once and polled again on every turn: each new one would register with its token,
+        // and drop, on every message.
+        let shutdown_signal = shutdown.cancelled();
+        let force_signal = force.cancelled();
+        tokio::pin!(shutdown_signal, force_signal);
+        let mut stopping = false;
         loop {
-            if shutdown.is_cancelled() && self.lease.is_none() {
+            if stopping && self.lease.is_none() {
                 // Shutting down: a client between transactions is told at once.
                 return Err(SessionError::Shutdown);
             }
@@ -297,8 +303,12 @@ impl Session {
             let watch_backend = lease.is_some();
             tokio::select! {
                 biased;
-                _ = force.cancelled() => {
+                _ = &mut force_signal => {
                     return Err(SessionError::Shutdown);
+                }
+                // Mid-transaction the session carries on until its server connection is free.
+                _ = &mut shutdown_signal, if !stopping => {
+                    stopping = true;
                 }
                 r = async {
                     match lease {
@@ -327,9 +337,6 @@ impl Session {
                         Err(e) => return Err(SessionError::ClientIo(e)),
                     }
                     self.note_activity();
-                }
-                _ = shutdown.cancelled(), if !watch_backend => {
-                    return Err(SessionError::Shutdown);
                 }
                 _ = async {
                     match timer {
