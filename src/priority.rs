@@ -42,54 +42,68 @@ pub fn class_of(c: &Classification, sql: Option<&str>, in_transaction: bool) -> 
 }
 
 /// Point read, read or analytic, from the shape of the text (a cheap heuristic: the parse tree
-/// is not kept on the hot path).
+/// is not kept on the hot path). One pass over the words, without allocating.
 fn read_class(sql: &str) -> Class {
-    let lower = sql.to_ascii_lowercase();
-    let has = |w: &str| contains_word(&lower, w);
-    let aggregates = [
-        "count(",
-        "sum(",
-        "avg(",
-        "min(",
-        "max(",
-        "string_agg(",
-        "array_agg(",
-    ]
-    .iter()
-    .any(|f| lower.contains(f));
-    let filtered = has("where");
-    if (aggregates || has("group")) && !filtered {
+    const AGGREGATES: [&[u8]; 7] = [
+        b"count",
+        b"sum",
+        b"avg",
+        b"min",
+        b"max",
+        b"string_agg",
+        b"array_agg",
+    ];
+    let b = sql.as_bytes();
+    let (mut aggregates, mut filtered, mut grouped, mut joined, mut equality) =
+        (false, false, false, false, false);
+    let mut limit = None;
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        if !(c.is_ascii_alphabetic() || c == b'_') {
+            equality |= c == b'=';
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while b
+            .get(i)
+            .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_')
+        {
+            i += 1;
+        }
+        let word = &b[start..i];
+        let is = |w: &[u8]| word.eq_ignore_ascii_case(w);
+        if is(b"where") {
+            filtered = true;
+        } else if is(b"group") {
+            grouped = true;
+        } else if is(b"join") {
+            joined = true;
+        } else if is(b"limit") {
+            // The last LIMIT counts; one without a literal count (`LIMIT $1`) is unknown.
+            let rest = &b[i..];
+            let digits = rest.trim_ascii_start();
+            let n = digits.iter().take_while(|c| c.is_ascii_digit()).count();
+            limit = std::str::from_utf8(&digits[..n])
+                .ok()
+                .and_then(|d| d.parse::<u64>().ok());
+        } else if b.get(i) == Some(&b'(') && AGGREGATES.iter().any(|a| is(a)) {
+            aggregates = true;
+        }
+    }
+    if (aggregates || grouped) && !filtered {
         return Class::Analytic;
     }
-    if let Some(n) = limit_of(&lower)
+    if let Some(n) = limit
         && n <= POINT_LIMIT
-        && !has("group")
+        && !grouped
     {
         return Class::PointRead;
     }
-    if filtered && lower.contains('=') && !aggregates && !has("group") && !has("join") {
+    if filtered && equality && !aggregates && !grouped && !joined {
         return Class::PointRead;
     }
     Class::Read
-}
-
-fn contains_word(text: &str, word: &str) -> bool {
-    text.match_indices(word).any(|(i, _)| {
-        let before = text[..i].chars().next_back();
-        let after = text[i + word.len()..].chars().next();
-        let boundary = |c: Option<char>| c.is_none_or(|c| !c.is_ascii_alphanumeric() && c != '_');
-        boundary(before) && boundary(after)
-    })
-}
-
-fn limit_of(lower: &str) -> Option<u64> {
-    let (_, rest) = lower.rsplit_once("limit")?;
-    let digits: String = rest
-        .trim_start()
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().ok()
 }
 
 #[cfg(test)]
@@ -141,6 +155,19 @@ mod tests {
             ),
             ("SELECT * FROM t", false, Class::Read),
             ("SELECT * FROM wherever", false, Class::Read),
+            ("select COUNT(*) from t", false, Class::Analytic),
+            ("SELECT * FROM t LIMIT $1", false, Class::Read),
+            ("SELECT * FROM t LIMIT 5000 OFFSET 10", false, Class::Read),
+            (
+                "SELECT * FROM t WHERE id = 1 LIMIT\n 1",
+                false,
+                Class::PointRead,
+            ),
+            (
+                "SELECT * FROM a JOIN b ON a.id = b.id WHERE a.k = 1",
+                false,
+                Class::Read,
+            ),
         ];
         for (sql, in_tx, want) in cases {
             assert_eq!(class(sql, in_tx), want, "{sql} (in transaction: {in_tx})");
