@@ -466,3 +466,36 @@ async fn token_statement_is_prepared_once_and_recovers_when_dropped() {
     assert_eq!(count(&a, 12).await.0, 1);
     assert_eq!(prepared(&a).await, 1);
 }
+
+/// With asynchronous commit a COMMIT returns before its WAL is written, so the server's write
+/// position can still be behind it: the token must be the insert position, or a replica that
+/// has everything written so far would serve a read that misses the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_covers_an_asynchronous_commit() {
+    let opts = ClusterOptions {
+        // The WAL writer waits long enough that nothing but a full page writes the commit out.
+        primary_conf: vec![("wal_writer_delay".into(), "10s".into())],
+        ..ClusterOptions::default()
+    };
+    let env = common::start_with(opts, |_| {}).await;
+    let owner = env.owner().await;
+    owner
+        .batch_execute("CREATE TABLE items (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    env.caught_up().await;
+    let a = env.client().await;
+    a.batch_execute("SET synchronous_commit = off")
+        .await
+        .unwrap();
+    for id in 0..20 {
+        a.execute("INSERT INTO items VALUES ($1, 'async')", &[&id])
+            .await
+            .unwrap();
+        assert_eq!(
+            count(&a, id).await.0,
+            1,
+            "read after asynchronous commit {id}"
+        );
+    }
+}

@@ -14,8 +14,12 @@ use crate::error::SessionError;
 use crate::protocol::{self, Frame, TxStatus, tag};
 use crate::route::{self, Decision, Policy, Reason, ReplicaView, SessionView};
 
-/// The query whose answer is the commit token: a WAL position at or past the commit record.
-const TOKEN_QUERY: &str = "SELECT pg_catalog.pg_current_wal_lsn()";
+/// The query whose answer is the commit token: a WAL position at or past the end of the commit
+/// record. The insert position, not the write position (`pg_current_wal_lsn`): with
+/// asynchronous commit a COMMIT returns before its record is written, and a token at the write
+/// position would let a replica that has replayed everything written so far serve a read that
+/// misses the write.
+const TOKEN_QUERY: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()";
 
 /// The name the token query is prepared under on each backend connection.
 const TOKEN_STATEMENT: &str = "causeway_token";
