@@ -12,9 +12,17 @@ use crate::protocol;
 /// The backend a client's query runs on, as the server knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelTarget {
-    pub addr: String,
+    /// Host and port of its server (formatted only when a cancel is sent).
+    pub endpoint: Arc<(String, u16)>,
     pub pid: i32,
     pub secret: i32,
+}
+
+impl CancelTarget {
+    /// `host:port` of the server.
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.endpoint.0, self.endpoint.1)
+    }
 }
 
 /// The slot a session updates whenever it takes or gives back a backend.
@@ -72,7 +80,8 @@ impl CancelRegistry {
 
 /// Sends a CancelRequest for `t`'s backend; failures are logged, as there is no one to tell.
 pub async fn send_cancel(t: CancelTarget) {
-    let connect = tokio::net::TcpStream::connect(&t.addr);
+    let addr = t.addr();
+    let connect = tokio::net::TcpStream::connect(&addr);
     match tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
         Ok(Ok(mut s)) => {
             let _ = s
@@ -80,8 +89,8 @@ pub async fn send_cancel(t: CancelTarget) {
                 .await;
             let _ = s.shutdown().await;
         }
-        Ok(Err(e)) => tracing::warn!(addr = %t.addr, error = %e, "cannot send cancel request"),
-        Err(_) => tracing::warn!(addr = %t.addr, "cannot send cancel request: connect timed out"),
+        Ok(Err(e)) => tracing::warn!(%addr, error = %e, "cannot send cancel request"),
+        Err(_) => tracing::warn!(%addr, "cannot send cancel request: connect timed out"),
     }
 }
 

@@ -4,9 +4,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
+use futures_util::task::AtomicWaker;
 
 /// What a client is doing right now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +47,22 @@ pub struct ClientInfo {
     node: AtomicUsize,
     /// Requests the client sent to a backend.
     pub requests: AtomicU64,
+    /// How far the proxy's shutdown has come for this client: a [`Stop`] level.
+    stop: AtomicU8,
+    /// The session waiting for `stop` to change.
+    stop_waker: AtomicWaker,
+}
+
+/// Shutdown as a session sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Stop {
+    /// Serving.
+    None = 0,
+    /// Finish the transaction in progress, then close.
+    Drain = 1,
+    /// Close now.
+    Close = 2,
 }
 
 impl ClientInfo {
@@ -74,6 +92,31 @@ impl ClientInfo {
         self.node.store(node, Ordering::Relaxed);
         self.state
             .store(ClientState::Active as u8, Ordering::Relaxed);
+    }
+
+    /// Raises this client's shutdown level (never lowers it) and wakes its session.
+    pub fn signal(&self, level: Stop) {
+        self.stop.fetch_max(level as u8, Ordering::AcqRel);
+        self.stop_waker.wake();
+    }
+
+    /// Ready with the shutdown level once it reaches `at_least`. A few atomic operations per
+    /// poll, so the session loop can check it on every turn.
+    pub fn poll_stop(&self, cx: &mut Context<'_>, at_least: Stop) -> Poll<Stop> {
+        let level = || match self.stop.load(Ordering::Acquire) {
+            0 => Stop::None,
+            1 => Stop::Drain,
+            _ => Stop::Close,
+        };
+        if level() >= at_least {
+            return Poll::Ready(level());
+        }
+        self.stop_waker.register(cx.waker());
+        // A signal between the first load and the registration would otherwise be missed.
+        match level() {
+            l if l >= at_least => Poll::Ready(l),
+            _ => Poll::Pending,
+        }
     }
 
     /// Holding nothing.
@@ -121,11 +164,20 @@ impl Clients {
             state: AtomicU8::new(ClientState::Idle as u8),
             node: AtomicUsize::new(usize::MAX),
             requests: AtomicU64::new(0),
+            stop: AtomicU8::new(Stop::None as u8),
+            stop_waker: AtomicWaker::new(),
         });
         self.map.insert(id, Arc::clone(&info));
         ClientHandle {
             clients: self,
             info,
+        }
+    }
+
+    /// Tells every registered session how far shutdown has come.
+    pub fn signal_all(&self, level: Stop) {
+        for e in self.map.iter() {
+            e.value().signal(level);
         }
     }
 

@@ -143,6 +143,7 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
         }
     };
     tracing::info!(%addr, "listening");
+    tokio::spawn(relay_stop(Arc::downgrade(&shared)));
     let task = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
     Ok(Running {
         addr,
@@ -152,7 +153,26 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
     })
 }
 
-/// Runs the proxy until SIGINT/SIGTERM.
+/// Passes shutdown on to every session through its own flag, so a session's loop checks a
+/// flag of its own instead of polling the shared tokens on every message. Sessions that log in
+/// later check the tokens once when they start.
+async fn relay_stop(shared: std::sync::Weak<Shared>) {
+    let Some((shutdown, force)) = shared
+        .upgrade()
+        .map(|s| (s.shutdown.clone(), s.force_close.clone()))
+    else {
+        return;
+    };
+    shutdown.cancelled().await;
+    if let Some(s) = shared.upgrade() {
+        s.clients.signal_all(crate::clients::Stop::Drain);
+    }
+    force.cancelled().await;
+    if let Some(s) = shared.upgrade() {
+        s.clients.signal_all(crate::clients::Stop::Close);
+    }
+}
+
 /// Runs the proxy until SIGINT/SIGTERM; SIGHUP reloads `path`.
 pub async fn run(cfg: Arc<Config>, path: std::path::PathBuf) -> std::io::Result<()> {
     // Handlers first: a signal that arrives while starting must not kill the process.

@@ -116,6 +116,11 @@ impl Node {
         self
     }
 
+    /// Host and port, shared: taking it costs no allocation.
+    pub fn endpoint(&self) -> Arc<(String, u16)> {
+        self.endpoint.load_full()
+    }
+
     /// `host:port`, for connecting and for messages.
     pub fn addr(&self) -> String {
         let e = self.endpoint.load();

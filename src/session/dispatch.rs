@@ -414,7 +414,7 @@ impl Session {
                     let conn = lease.conn();
                     if let Ok(mut slot) = self.cancel.lock() {
                         *slot = Some(CancelTarget {
-                            addr: node.addr(),
+                            endpoint: node.endpoint(),
                             pid: conn.pid,
                             secret: conn.secret,
                         });

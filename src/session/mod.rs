@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::cancel::CancelSlot;
 use crate::classify::{Classifier, RouteMode, SessionCommand};
+use crate::clients::Stop;
 use crate::config::PoolMode;
 use crate::error::SessionError;
 use crate::pool::Lease;
@@ -269,13 +270,14 @@ impl Session {
     }
 
     async fn serve(&mut self) -> Result<(), SessionError> {
-        let shutdown = self.shared.shutdown.clone();
-        let force = self.shared.force_close.clone();
-        // Made once and polled again on every turn: each new one would register with its token,
-        // and drop, on every message.
-        let shutdown_signal = shutdown.cancelled();
-        let force_signal = force.cancelled();
-        tokio::pin!(shutdown_signal, force_signal);
+        // Shutdown reaches a running session through its own flag (see `server::relay_stop`);
+        // one that logged in after it began learns here.
+        if self.shared.force_close.is_cancelled() {
+            self.info.signal(Stop::Close);
+        } else if self.shared.shutdown.is_cancelled() {
+            self.info.signal(Stop::Drain);
+        }
+        let info = Arc::clone(&self.info);
         let mut stopping = false;
         loop {
             if stopping && self.lease.is_none() {
@@ -303,11 +305,14 @@ impl Session {
             let watch_backend = lease.is_some();
             tokio::select! {
                 biased;
-                _ = &mut force_signal => {
-                    return Err(SessionError::Shutdown);
-                }
-                // Mid-transaction the session carries on until its server connection is free.
-                _ = &mut shutdown_signal, if !stopping => {
+                // Mid-transaction the session carries on until its server connection is free,
+                // unless the grace period is over.
+                stop = std::future::poll_fn(|cx| {
+                    info.poll_stop(cx, if stopping { Stop::Close } else { Stop::Drain })
+                }) => {
+                    if stop == Stop::Close {
+                        return Err(SessionError::Shutdown);
+                    }
                     stopping = true;
                 }
                 r = async {
@@ -399,7 +404,7 @@ impl Session {
                 // Ask the server to cancel, as a client would; a live server answers 57014.
                 let target = self.cancel.lock().ok().and_then(|t| t.clone());
                 if let Some(t) = target {
-                    tracing::info!(addr = %t.addr, "query timeout: cancelling the request");
+                    tracing::info!(addr = %t.addr(), "query timeout: cancelling the request");
                     tokio::spawn(crate::cancel::send_cancel(t));
                 }
                 self.cancel_sent = Some(Instant::now());
