@@ -481,8 +481,9 @@ async fn greeting_params(
     database: &str,
 ) -> Result<Vec<(String, String)>, SessionError> {
     let mut last = None;
+    let login = crate::pool::login_key(user, database);
     for node in &shared.cluster.nodes() {
-        let Some(pool) = shared.pools.get(node, user, database) else {
+        let Some(pool) = shared.pools.get(node, &login) else {
             return Err(SessionError::AuthRejected(format!(
                 "user \"{user}\" is not configured"
             )));

@@ -315,9 +315,15 @@ impl Drop for Lease {
     }
 }
 
+/// A login as the pools know it: user and database joined by NUL, which neither can contain
+/// (both arrive as C strings). Made once per client, so finding its pool allocates nothing.
+pub fn login_key(user: &str, database: &str) -> Arc<str> {
+    format!("{user}\0{database}").into()
+}
+
 /// All pools, created on first use for each (node, user, database).
 pub struct Pools {
-    map: DashMap<(usize, String, String), Arc<Pool>>,
+    map: DashMap<(usize, Arc<str>), Arc<Pool>>,
     cfg: Arc<arc_swap::ArcSwap<Config>>,
     tls: Arc<crate::tls::Tls>,
 }
@@ -332,12 +338,13 @@ impl Pools {
         }
     }
 
-    /// The pool for `node` and this login, created if needed.
-    pub fn get(&self, node: &Arc<Node>, user: &str, database: &str) -> Option<Arc<Pool>> {
-        let key = (node.id, user.to_string(), database.to_string());
+    /// The pool for `node` and this login (see [`login_key`]), created if needed.
+    pub fn get(&self, node: &Arc<Node>, login: &Arc<str>) -> Option<Arc<Pool>> {
+        let key = (node.id, Arc::clone(login));
         if let Some(p) = self.map.get(&key) {
             return Some(Arc::clone(p.value()));
         }
+        let (user, database) = login.split_once('\0')?;
         let cfg = self.cfg.load();
         let password = cfg.user(user)?.password.clone();
         let p = &cfg.pool;
@@ -360,7 +367,7 @@ impl Pools {
             max_message: cfg.server.max_message_bytes.max(BACKEND_MAX_MESSAGE),
             tls: Arc::clone(&self.tls),
         };
-        let login = Login {
+        let creds = Login {
             user: user.to_string(),
             password,
             database: database.to_string(),
@@ -368,7 +375,7 @@ impl Pools {
         let pool = self
             .map
             .entry(key)
-            .or_insert_with(|| Arc::new(Pool::new(Arc::clone(node), login, settings)));
+            .or_insert_with(|| Arc::new(Pool::new(Arc::clone(node), creds, settings)));
         Some(Arc::clone(pool.value()))
     }
 

@@ -389,7 +389,7 @@ impl Session {
                     None => cluster.primary(),
                 },
             };
-            let Some(pool) = shared.pools.get(node, &self.user, &self.database) else {
+            let Some(pool) = shared.pools.get(node, &self.login) else {
                 return Err(SessionError::AuthRejected(format!(
                     "user \"{}\" is not configured",
                     self.user

@@ -129,7 +129,8 @@ pub struct Session {
     shared: Arc<Shared>,
     client: Transport<Stream>,
     user: String,
-    database: String,
+    /// The login's key into the pools.
+    login: Arc<str>,
     classifier: Arc<Classifier>,
     cancel: CancelSlot,
     lease: Option<Lease>,
@@ -211,7 +212,7 @@ impl Session {
             shared,
             client,
             user: info.user.clone(),
-            database: info.database.clone(),
+            login: crate::pool::login_key(&info.user, &info.database),
             classifier,
             cancel,
             lease: None,
