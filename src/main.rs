@@ -78,11 +78,12 @@ fn run_async(
     fut: impl std::future::Future<Output = Result<(), String>>,
 ) -> ExitCode {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let runtime = match if workers == 0 {
+    let threads = if workers == 0 {
         auto_workers(cores)
     } else {
         workers
-    } {
+    };
+    let runtime = match threads {
         1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
