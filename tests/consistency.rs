@@ -499,3 +499,42 @@ async fn token_covers_an_asynchronous_commit() {
         );
     }
 }
+
+/// A write whose token is lost keeps the reads of every session under its key on the primary
+/// too, not only its own session's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_token_keeps_the_keys_readers_on_the_primary() {
+    let env = delayed(400, "\n[pool]\nprimary_max = 1\n").await;
+    let writer = env.client().await;
+    let reader = env.client().await;
+    for c in [&writer, &reader] {
+        c.batch_execute("SET causeway.consistency_key = 'user:7'")
+            .await
+            .unwrap();
+    }
+    // A first write prepares the token statement on the one primary connection.
+    writer
+        .execute("INSERT INTO items VALUES (30, 'k')", &[])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let tokens = env.proxy.shared.stats.tokens.load(Ordering::Relaxed);
+    writer
+        .batch_execute(
+            "DO $$ BEGIN INSERT INTO items VALUES (31, 'k'); \
+             EXECUTE 'DEALLOCATE causeway_token'; END $$",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        env.proxy.shared.stats.tokens.load(Ordering::Relaxed),
+        tokens,
+        "the token query found no statement"
+    );
+    let (n, port) = count(&reader, 31).await;
+    assert_eq!(
+        (n, port),
+        (1, env.node_port(0)),
+        "another session under the key read after the tokenless write"
+    );
+}

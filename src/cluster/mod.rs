@@ -186,6 +186,8 @@ pub struct Cluster {
     pub lsn_advanced: Notify,
     /// The highest commit token seen through this proxy (global consistency scope).
     pub global_token: AtomicU64,
+    /// When a write through this proxy was last acknowledged without its token (global scope).
+    pub global_unconfirmed: std::sync::Mutex<Option<Instant>>,
     started: Instant,
     /// TLS towards the servers, for the monitor's connections.
     pub tls: Arc<crate::tls::Tls>,
@@ -219,6 +221,7 @@ impl Cluster {
             rr: AtomicUsize::new(0),
             lsn_advanced: Notify::new(),
             global_token: AtomicU64::new(0),
+            global_unconfirmed: std::sync::Mutex::new(None),
             started: Instant::now(),
             tls,
         }

@@ -10,11 +10,21 @@ use dashmap::DashMap;
 use crate::cluster::lsn::Lsn;
 use crate::config::{ConsistencyMode, ConsistencyScope};
 
-/// Keyed tokens shared by every session: key -> (highest commit token, expiry).
+/// Keyed tokens shared by every session: key -> (highest commit token, expiry, when a write
+/// under it last lost its token).
 pub struct Keys {
-    map: DashMap<String, (Lsn, Instant)>,
+    map: DashMap<String, (Lsn, Instant, Option<Instant>)>,
     ttl: Duration,
     max: usize,
+}
+
+/// What a key requires of a read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyToken {
+    /// The highest commit token recorded under the key (0 for none).
+    pub lsn: Lsn,
+    /// When a write under the key was acknowledged without a token.
+    pub unconfirmed: Option<Instant>,
 }
 
 impl Keys {
@@ -29,8 +39,18 @@ impl Keys {
 
     /// Raises `key`'s token to `lsn`.
     pub fn record(&self, key: &str, lsn: Lsn, now: Instant) {
+        self.upsert(key, now, |l, _| *l = (*l).max(lsn));
+    }
+
+    /// Notes a write under `key` whose token was lost: reads under the key keep to the primary
+    /// for the sticky window.
+    pub fn record_unconfirmed(&self, key: &str, now: Instant) {
+        self.upsert(key, now, |_, u| *u = Some(now));
+    }
+
+    fn upsert(&self, key: &str, now: Instant, update: impl Fn(&mut Lsn, &mut Option<Instant>)) {
         if self.map.len() >= self.max && !self.map.contains_key(key) {
-            self.map.retain(|_, (_, expires)| *expires > now);
+            self.map.retain(|_, (_, expires, _)| *expires > now);
             if self.map.len() >= self.max {
                 // Still full of live keys: forget the one expiring soonest.
                 let oldest = self
@@ -44,21 +64,24 @@ impl Keys {
             }
         }
         let expires = now + self.ttl;
-        self.map
+        let mut entry = self
+            .map
             .entry(key.to_string())
-            .and_modify(|(l, e)| {
-                *l = (*l).max(lsn);
-                *e = expires;
-            })
-            .or_insert((lsn, expires));
+            .or_insert((0, expires, None));
+        let (lsn, e, unconfirmed) = entry.value_mut();
+        update(lsn, unconfirmed);
+        *e = expires;
     }
 
-    /// `key`'s token, 0 when unknown or expired.
-    pub fn get(&self, key: &str, now: Instant) -> Lsn {
+    /// `key`'s requirement; nothing when unknown or expired.
+    pub fn get(&self, key: &str, now: Instant) -> KeyToken {
         self.map
             .get(key)
             .filter(|e| e.value().1 > now)
-            .map_or(0, |e| e.value().0)
+            .map_or(KeyToken::default(), |e| KeyToken {
+                lsn: e.value().0,
+                unconfirmed: e.value().2,
+            })
     }
 
     /// Keys held right now.
@@ -104,8 +127,12 @@ pub struct Inputs<'a> {
     pub session: &'a SessionTokens,
     /// Token of the consistency key in force (session key or the statement's hint).
     pub key_token: Lsn,
+    /// When a write under that key last lost its token.
+    pub key_unconfirmed: Option<Instant>,
     /// The highest token seen through this proxy.
     pub global_token: Lsn,
+    /// When a write through this proxy last lost its token (global scope).
+    pub global_unconfirmed: Option<Instant>,
     /// A `causeway:min_lsn` hint on the statement.
     pub hinted: Lsn,
     /// Whether the monitor's replica positions are recent.
@@ -120,7 +147,9 @@ pub fn requirement(i: Inputs<'_>) -> Requirement {
     let within = |t: Option<Instant>| t.is_some_and(|t| i.now.duration_since(t) < i.sticky_window);
     let recent_write = within(i.session.last_write);
     // Without a token for a write, only the primary is sure to have it.
-    let unconfirmed = within(i.session.unconfirmed_write);
+    let unconfirmed = within(i.session.unconfirmed_write)
+        || within(i.key_unconfirmed)
+        || (i.scope == ConsistencyScope::Global && within(i.global_unconfirmed));
     let tokens = || {
         let mut t = i.session.own.max(i.key_token);
         if i.scope == ConsistencyScope::Global {
@@ -159,7 +188,9 @@ mod tests {
             scope: ConsistencyScope::Session,
             session: s,
             key_token: 0,
+            key_unconfirmed: None,
             global_token: 0,
+            global_unconfirmed: None,
             hinted: 0,
             lsn_fresh: true,
             sticky_window: Duration::from_millis(2000),
@@ -271,12 +302,42 @@ mod tests {
         let k = Keys::new(Duration::from_millis(100), 2);
         k.record("a", 5, now);
         k.record("a", 3, now);
-        assert_eq!(k.get("a", now), 5, "a token never goes down");
-        assert_eq!(k.get("a", now + Duration::from_millis(150)), 0, "expired");
+        assert_eq!(k.get("a", now).lsn, 5, "a token never goes down");
+        assert_eq!(
+            k.get("a", now + Duration::from_millis(150)),
+            KeyToken::default(),
+            "expired"
+        );
         k.record("b", 7, now);
         k.record("c", 9, now + Duration::from_millis(10));
         assert!(k.len() <= 2);
-        assert_eq!(k.get("c", now + Duration::from_millis(10)), 9);
-        assert_eq!(k.get("zzz", now), 0);
+        assert_eq!(k.get("c", now + Duration::from_millis(10)).lsn, 9);
+        assert_eq!(k.get("zzz", now), KeyToken::default());
+        // A lost token marks the key, and keeps the token it had.
+        k.record_unconfirmed("c", now + Duration::from_millis(20));
+        let c = k.get("c", now + Duration::from_millis(20));
+        assert_eq!(c.lsn, 9);
+        assert_eq!(c.unconfirmed, Some(now + Duration::from_millis(20)));
+    }
+
+    #[test]
+    fn a_lost_key_or_global_token_keeps_reads_on_the_primary() {
+        let now = Instant::now();
+        let idle = SessionTokens::default();
+        let mut i = inputs(ConsistencyMode::Lsn, &idle, now);
+        i.key_unconfirmed = Some(now);
+        assert!(requirement(i).primary, "key");
+        let mut i = inputs(ConsistencyMode::Lsn, &idle, now);
+        i.global_unconfirmed = Some(now);
+        assert!(
+            !requirement(i).primary,
+            "global marks count only in global scope"
+        );
+        i.scope = ConsistencyScope::Global;
+        assert!(requirement(i).primary, "global");
+        let later = now + Duration::from_millis(2500);
+        let mut i = inputs(ConsistencyMode::Lsn, &idle, later);
+        i.key_unconfirmed = Some(now);
+        assert!(!requirement(i).primary, "the window closes");
     }
 }

@@ -164,13 +164,23 @@ impl Session {
             None => 0,
         };
         let key = class.hints.key.as_deref().or(self.tokens.key.as_deref());
-        let key_token = key.map_or(0, |k| shared.keys.get(k, now));
+        let key_token = key.map(|k| shared.keys.get(k, now)).unwrap_or_default();
+        let global_unconfirmed = match c.scope {
+            crate::config::ConsistencyScope::Global => shared
+                .cluster
+                .global_unconfirmed
+                .lock()
+                .map_or(None, |g| *g),
+            _ => None,
+        };
         let req = requirement(Inputs {
             mode: c.mode,
             scope: c.scope,
             session: &self.tokens,
-            key_token,
+            key_token: key_token.lsn,
+            key_unconfirmed: key_token.unconfirmed,
             global_token: shared.cluster.global_token.load(Ordering::Acquire),
+            global_unconfirmed,
             hinted,
             lsn_fresh: self.lsn_fresh(),
             sticky_window: Duration::from_millis(c.sticky_window_ms),
@@ -270,7 +280,7 @@ impl Session {
     pub(super) fn record_token(&mut self, token: Lsn, key: Option<String>) {
         let now = Instant::now();
         if token == 0 {
-            self.tokens.unconfirmed_write = Some(now);
+            self.token_lost(key, now);
             return;
         }
         self.tokens.own = self.tokens.own.max(token);
@@ -284,6 +294,19 @@ impl Session {
             .fetch_max(token, Ordering::AcqRel);
         self.shared.stats.tokens.fetch_add(1, Ordering::Relaxed);
         self.announce_token = true;
+    }
+
+    /// A write was acknowledged without its token (the token query failed, or the server went
+    /// away right after the commit). The session's reads, the reads under its key and, in global
+    /// scope, every read keep to the primary for the sticky window: only it surely has the write.
+    pub(super) fn token_lost(&mut self, key: Option<String>, now: Instant) {
+        self.tokens.unconfirmed_write = Some(now);
+        if let Some(k) = key.as_deref().or(self.tokens.key.as_deref()) {
+            self.shared.keys.record_unconfirmed(k, now);
+        }
+        if let Ok(mut g) = self.shared.cluster.global_unconfirmed.lock() {
+            *g = Some(now);
+        }
     }
 }
 

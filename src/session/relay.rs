@@ -411,10 +411,14 @@ impl Session {
         lease.conn().broken = true;
         let fatal_forwarded = std::mem::take(&mut self.backend_fatal_forwarded);
         if let Some(ready) = self.ready_after_token.take() {
-            // The write completed but its token is lost: acknowledge it, and keep this
-            // session's reads on the primary for the sticky window instead.
+            // The write completed but its token is lost: acknowledge it, and keep the reads
+            // that must see it on the primary for the sticky window instead.
             self.client.queue(&ready);
-            self.tokens.unconfirmed_write = Some(std::time::Instant::now());
+            let key = self.replies.iter().find_map(|e| match e {
+                Expect::Token { key, .. } => Some(key.clone()),
+                _ => None,
+            });
+            self.token_lost(key.flatten(), std::time::Instant::now());
         }
         let node = std::sync::Arc::clone(lease.node());
         node.errors.fetch_add(1, Ordering::Relaxed);
