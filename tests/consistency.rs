@@ -18,6 +18,12 @@ async fn delayed(delay_ms: u64, extra: &str) -> Env {
     if delay_ms > 0 {
         opts.replica_conf = vec![("recovery_min_apply_delay".into(), format!("{delay_ms}ms"))];
     }
+    with_items(opts, extra).await
+}
+
+/// A cluster started with `opts`, a proxy with extra config lines, and the `items` table
+/// replayed everywhere.
+async fn with_items(opts: ClusterOptions, extra: &str) -> Env {
     let extra = extra.to_string();
     let env = common::start_with(opts, move |cfg| cfg.push_str(&extra)).await;
     let owner = env.owner().await;
@@ -55,6 +61,22 @@ async fn count(c: &tokio_postgres::Client, id: i32) -> (i64, u16) {
         .await
         .unwrap();
     (row.get(0), row.get::<_, i32>(1) as u16)
+}
+
+/// Has `c` insert row `id` in a write that drops the token statement on its own connection, so
+/// that write's token query fails; asserts no token was recorded. The replicas get time first
+/// to replay every earlier token, so only the missing one can keep a read off them.
+async fn tokenless_write(env: &Env, c: &tokio_postgres::Client, id: i32) {
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let tokens = || env.proxy.shared.stats.tokens.load(Ordering::Relaxed);
+    let before = tokens();
+    c.batch_execute(&format!(
+        "DO $$ BEGIN INSERT INTO items VALUES ({id}, 'l'); \
+         EXECUTE 'DEALLOCATE causeway_token'; END $$"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(tokens(), before, "the token query found no statement");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,17 +464,9 @@ async fn token_statement_is_prepared_once_and_recovers_when_dropped() {
 
     // Dropped where the proxy cannot see it, by the very write whose token it should give:
     // that token query fails, the write's reads stay on the primary, and the next write
-    // prepares it again. (First the replicas catch up with every earlier token, so only the
-    // missing one can keep the read off them.)
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // prepares it again.
+    tokenless_write(&env, &a, 11).await;
     let before = tokens();
-    a.batch_execute(
-        "DO $$ BEGIN INSERT INTO items VALUES (11, 'l'); \
-         EXECUTE 'DEALLOCATE causeway_token'; END $$",
-    )
-    .await
-    .unwrap();
-    assert_eq!(tokens(), before, "the token query found no statement");
     let (n, port) = count(&a, 11).await;
     assert_eq!(
         (n, port),
@@ -477,13 +491,7 @@ async fn token_covers_an_asynchronous_commit() {
         primary_conf: vec![("wal_writer_delay".into(), "10s".into())],
         ..ClusterOptions::default()
     };
-    let env = common::start_with(opts, |_| {}).await;
-    let owner = env.owner().await;
-    owner
-        .batch_execute("CREATE TABLE items (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-    env.caught_up().await;
+    let env = with_items(opts, "").await;
     let a = env.client().await;
     a.batch_execute("SET synchronous_commit = off")
         .await
@@ -517,20 +525,7 @@ async fn a_lost_token_keeps_the_keys_readers_on_the_primary() {
         .execute("INSERT INTO items VALUES (30, 'k')", &[])
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let tokens = env.proxy.shared.stats.tokens.load(Ordering::Relaxed);
-    writer
-        .batch_execute(
-            "DO $$ BEGIN INSERT INTO items VALUES (31, 'k'); \
-             EXECUTE 'DEALLOCATE causeway_token'; END $$",
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        env.proxy.shared.stats.tokens.load(Ordering::Relaxed),
-        tokens,
-        "the token query found no statement"
-    );
+    tokenless_write(&env, &writer, 31).await;
     let (n, port) = count(&reader, 31).await;
     assert_eq!(
         (n, port),
