@@ -8,13 +8,13 @@ mod relay;
 mod request;
 mod settings;
 mod shape;
+mod timers;
 mod translate;
 
 pub use request::Request;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::tls::Stream;
 use tokio::time::Instant;
@@ -99,22 +99,6 @@ struct InFlight {
     rerunnable: bool,
     /// A reply from the server (not one the proxy made) is queued for the client.
     server_replied: bool,
-}
-
-/// Timeouts a session watches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Timer {
-    /// The client sat inside a transaction too long.
-    IdleInTransaction,
-    /// A request ran past `query_timeout_ms`: cancel it.
-    Cancel,
-    /// The cancel got no reaction either: drop the server.
-    Abandon,
-}
-
-/// How long a server gets to react to a timeout's cancel before it is given up on.
-fn cancel_grace(query_timeout_ms: u64) -> Duration {
-    Duration::from_millis(query_timeout_ms.clamp(1_000, 5_000))
 }
 
 /// A request sent to a backend, timed until its ReadyForQuery reaches the client.
@@ -354,72 +338,6 @@ impl Session {
                         self.on_timer(kind).await?;
                     }
                 }
-            }
-        }
-    }
-
-    /// Stamps input handled inside a transaction, for the idle-in-transaction timeout; outside
-    /// one nothing reads it, so autocommit traffic costs no clock read here.
-    fn note_activity(&mut self) {
-        if self.status != TxStatus::Idle {
-            self.last_activity = Instant::now();
-        }
-    }
-
-    /// The next timeout to watch: a client idle inside a transaction, or a request its server
-    /// is slow to answer.
-    fn next_timer(&self) -> Option<(Instant, Timer)> {
-        let cfg = self.shared.cfg.load();
-        if self.copy_in {
-            return None;
-        }
-        if let Some(since) = self.busy_since {
-            let limit = cfg.server.query_timeout_ms;
-            if limit == 0 {
-                return None;
-            }
-            return Some(match self.cancel_sent {
-                None => (since + Duration::from_millis(limit), Timer::Cancel),
-                Some(at) => (at + cancel_grace(limit), Timer::Abandon),
-            });
-        }
-        let idle_limit = cfg.pool.idle_in_transaction_timeout_ms;
-        if idle_limit > 0
-            && self.status != TxStatus::Idle
-            && self.lease.is_some()
-            && self.replies.is_empty()
-            && self.queue.is_empty()
-        {
-            return Some((
-                self.last_activity + Duration::from_millis(idle_limit),
-                Timer::IdleInTransaction,
-            ));
-        }
-        None
-    }
-
-    async fn on_timer(&mut self, kind: Timer) -> Result<(), SessionError> {
-        match kind {
-            Timer::IdleInTransaction => Err(SessionError::IdleInTransactionTimeout),
-            Timer::Cancel => {
-                // Ask the server to cancel, as a client would; a live server answers 57014.
-                let target = self.cancel.lock().ok().and_then(|t| t.clone());
-                if let Some(t) = target {
-                    tracing::info!(addr = %t.addr(), "query timeout: cancelling the request");
-                    tokio::spawn(crate::cancel::send_cancel(t));
-                }
-                self.cancel_sent = Some(Instant::now());
-                Ok(())
-            }
-            Timer::Abandon => {
-                // The server did not react to the cancel either: treat it as gone.
-                self.busy_since = None;
-                self.cancel_sent = None;
-                let err = std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "no answer within server.query_timeout_ms, even to a cancel",
-                );
-                self.backend_failed(Some(err)).await
             }
         }
     }
