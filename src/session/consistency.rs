@@ -27,16 +27,10 @@ const TOKEN_STATEMENT: &str = "causeway_token";
 /// The token query on a connection where it is prepared: Bind, Execute, Sync. One round trip
 /// with no parsing or planning on the server.
 static TOKEN_EXECUTE: LazyLock<Vec<u8>> = LazyLock::new(|| {
-    let mut b = Vec::new();
-    // Bind: unnamed portal, the statement, no parameter formats or values, text results.
-    let mut body = Vec::new();
-    body.push(0);
-    body.extend_from_slice(TOKEN_STATEMENT.as_bytes());
-    body.push(0);
-    body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-    b.push(protocol::tag::FE_BIND);
-    b.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
-    b.extend_from_slice(&body);
+    // Unnamed portal; no parameters; text results.
+    let mut b = protocol::encode_bind("", TOKEN_STATEMENT, &[], &[], &[])
+        .bytes
+        .to_vec();
     b.extend_from_slice(&protocol::encode_execute("", 0).bytes);
     b.extend_from_slice(&protocol::encode_sync().bytes);
     b
