@@ -149,7 +149,14 @@ async fn named_statements_follow_the_client_to_any_backend() {
         assert_eq!(w.get::<_, i32>(0) as u16, env.node_port(0));
     }
     // Prepared once, executed on both replicas (and on the primary when a read right after
-    // this session's own write found no replica caught up yet).
+    // this session's own write found no replica caught up yet). Once the replicas have
+    // replayed every write, reads spread over both whatever the machine's load.
+    env.caught_up().await;
+    for i in 0..20i32 {
+        let row = c.query_one(&read, &[&i]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(1), i * 2);
+        ports.insert(row.get::<_, i32>(0) as u16);
+    }
     assert!(
         ports.contains(&env.node_port(1)) && ports.contains(&env.node_port(2)),
         "{ports:?}"
