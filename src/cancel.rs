@@ -19,9 +19,9 @@ pub struct CancelTarget {
 }
 
 impl CancelTarget {
-    /// `host:port` of the server.
+    /// `host:port` of the server, or its socket file.
     pub fn addr(&self) -> String {
-        format!("{}:{}", self.endpoint.0, self.endpoint.1)
+        crate::tls::server_addr(&self.endpoint.0, self.endpoint.1)
     }
 }
 
@@ -81,7 +81,7 @@ impl CancelRegistry {
 /// Sends a CancelRequest for `t`'s backend; failures are logged, as there is no one to tell.
 pub async fn send_cancel(t: CancelTarget) {
     let addr = t.addr();
-    let connect = tokio::net::TcpStream::connect(&addr);
+    let connect = crate::tls::connect_plain(&t.endpoint.0, t.endpoint.1);
     match tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
         Ok(Ok(mut s)) => {
             let _ = s

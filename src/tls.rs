@@ -2,6 +2,7 @@
 //! (`backend_mode`), and the stream type both sides use, plain or encrypted.
 
 use std::io;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -11,23 +12,54 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::config::{BackendTls, ClientTls, Config};
 
-/// A connection to a client or a server, in the clear or over TLS.
+/// A connection to a client or a server: TCP in the clear or over TLS, or a server's
+/// Unix-domain socket.
 #[derive(Debug)]
 pub enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    Unix(UnixStream),
+}
+
+/// The socket file of a server whose `host` names a Unix-socket directory (an absolute path,
+/// as in libpq): `<host>/.s.PGSQL.<port>`. `None` for a host name or address.
+pub fn socket_path(host: &str, port: u16) -> Option<PathBuf> {
+    host.starts_with('/')
+        .then(|| PathBuf::from(host).join(format!(".s.PGSQL.{port}")))
+}
+
+/// How a server is named in messages and stats: `host:port` (`[v6]:port`), or its socket file.
+pub fn server_addr(host: &str, port: u16) -> String {
+    match socket_path(host, port) {
+        Some(path) => path.display().to_string(),
+        None if host.contains(':') => format!("[{host}]:{port}"),
+        None => format!("{host}:{port}"),
+    }
+}
+
+/// Opens a connection to a server without TLS: its Unix-domain socket when `host` is a
+/// directory, else TCP with `TCP_NODELAY` (request and answer are small and latency-bound).
+pub async fn connect_plain(host: &str, port: u16) -> io::Result<Stream> {
+    if let Some(path) = socket_path(host, port) {
+        return Ok(Stream::Unix(UnixStream::connect(path).await?));
+    }
+    let tcp = TcpStream::connect((host, port)).await?;
+    let _ = tcp.set_nodelay(true);
+    Ok(Stream::Plain(tcp))
 }
 
 impl Stream {
-    /// The TCP socket underneath.
-    pub fn tcp(&self) -> &TcpStream {
+    /// Reads what is already there without waiting: `WouldBlock` when nothing is (for TLS, on
+    /// the socket underneath).
+    pub fn try_read_raw(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(t) => t.get_ref().0,
+            Stream::Plain(s) => s.try_read(buf),
+            Stream::Tls(t) => t.get_ref().0.try_read(buf),
+            Stream::Unix(s) => s.try_read(buf),
         }
     }
 
@@ -46,6 +78,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -59,6 +92,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -66,6 +100,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -73,6 +108,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 
@@ -84,6 +120,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -91,6 +128,7 @@ impl AsyncWrite for Stream {
         match self {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::Tls(t) => t.is_write_vectored(),
+            Stream::Unix(s) => s.is_write_vectored(),
         }
     }
 }
@@ -179,8 +217,17 @@ impl Tls {
         })
     }
 
+    /// Opens a data connection to a server, TLS negotiated as `backend_mode` says. A Unix-domain
+    /// socket is never encrypted, as with libpq: it does not leave the machine.
+    pub async fn connect_server(&self, host: &str, port: u16) -> io::Result<Stream> {
+        match connect_plain(host, port).await? {
+            Stream::Plain(tcp) => self.connect_backend(tcp, host).await,
+            local => Ok(local),
+        }
+    }
+
     /// Negotiates TLS on a fresh server connection (SSLRequest), as `backend_mode` says.
-    pub async fn connect_backend(&self, mut tcp: TcpStream, host: &str) -> io::Result<Stream> {
+    async fn connect_backend(&self, mut tcp: TcpStream, host: &str) -> io::Result<Stream> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let Some(config) = &self.backend else {
             return Ok(Stream::Plain(tcp));
@@ -217,7 +264,19 @@ pub async fn pg_connect(
     pg: &tokio_postgres::Config,
     tls: &Tls,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    // Over a Unix-domain socket there is no TLS to negotiate (libpq ignores sslmode there).
+    let local = pg
+        .get_hosts()
+        .iter()
+        .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
     let client = match &tls.backend {
+        Some(_) if local => {
+            let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            client
+        }
         None => {
             let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
             tokio::spawn(async move {
@@ -290,5 +349,24 @@ impl ServerCertVerifier for AcceptAnyCert {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_absolute_host_names_a_socket_directory() {
+        assert_eq!(
+            socket_path("/var/run/postgresql", 5433),
+            Some(PathBuf::from("/var/run/postgresql/.s.PGSQL.5433"))
+        );
+        assert_eq!(socket_path("127.0.0.1", 5432), None);
+        assert_eq!(socket_path("db.internal", 5432), None);
+        assert_eq!(socket_path("::1", 5432), None);
+        assert_eq!(server_addr("/tmp", 6000), "/tmp/.s.PGSQL.6000");
+        assert_eq!(server_addr("db.internal", 5432), "db.internal:5432");
+        assert_eq!(server_addr("::1", 5432), "[::1]:5432");
     }
 }

@@ -314,3 +314,114 @@ async fn hints_and_session_route_setting() {
     let err = c.simple_query("SET causeway.bogus = 1").await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("42704"));
 }
+
+/// Servers named by their Unix-socket directory (as libpq's `host=/dir`): data connections,
+/// the monitor and cancel requests all go through the socket, logging in with SCRAM as over TCP,
+/// unencrypted even with `backend_mode = "require"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_reached_through_a_unix_socket_directory() {
+    let env = common::start().await;
+    let dir = env.cluster.socket_dir().display().to_string();
+    // TLS is never negotiated on a socket (the test servers have none, so over TCP `require`
+    // would fail every connection, the monitor's included).
+    let config = env
+        .config
+        .replace("host = \"127.0.0.1\"", &format!("host = \"{dir}\""))
+        + "\n[tls]\nbackend_mode = \"require\"\n";
+    assert_eq!(config.matches(&dir).count(), 3, "{config}");
+    let proxy = common::proxy_for(&config).await;
+    let nodes = proxy.shared.cluster.nodes();
+    let primary_sock = format!("{dir}/.s.PGSQL.{}", env.cluster.primary.port);
+    assert_eq!(nodes[0].addr(), primary_sock);
+
+    let c = env.client_via(&proxy).await;
+    // `port` is the server's own setting: inet_server_port() is NULL over a Unix socket.
+    let port_of = |rows: Vec<tokio_postgres::SimpleQueryMessage>| -> Option<String> {
+        rows.into_iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+    };
+    let over_socket = port_of(
+        c.simple_query("SELECT inet_server_port() IS NULL")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        over_socket.as_deref(),
+        Some("t"),
+        "the proxy's server link is not the socket"
+    );
+    c.batch_execute("CREATE TABLE sock (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let mut replica_reads = 0;
+    for id in 0..20 {
+        let wrote = port_of(
+            c.simple_query(&format!(
+                "INSERT INTO sock VALUES ({id}) RETURNING current_setting('port')"
+            ))
+            .await
+            .unwrap(),
+        );
+        assert_eq!(wrote, Some(env.cluster.primary.port.to_string()));
+        // Read-your-writes works through the socket too: the token came back over it and the
+        // monitor reads the replicas' positions over theirs.
+        let rows = c
+            .simple_query(&format!(
+                "SELECT count(*)::text || ':' || current_setting('port') FROM sock WHERE id = {id}"
+            ))
+            .await
+            .unwrap();
+        let seen = port_of(rows).unwrap();
+        let (count, port) = seen.split_once(':').unwrap();
+        assert_eq!(count, "1", "read after write saw no row (on port {port})");
+        if port != env.cluster.primary.port.to_string() {
+            replica_reads += 1;
+        }
+    }
+    env.caught_up().await;
+    for _ in 0..10 {
+        let port = port_of(
+            c.simple_query("SELECT current_setting('port')")
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        if port != env.cluster.primary.port.to_string() {
+            replica_reads += 1;
+        }
+    }
+    assert!(replica_reads > 0, "no read ran on a replica");
+    assert!(
+        nodes[1..]
+            .iter()
+            .all(|n| n.lsn.load(std::sync::atomic::Ordering::Acquire) > 0),
+        "the monitor read no replay position through the replicas' sockets"
+    );
+
+    // A cancel reaches the server through its socket.
+    let token = c.cancel_token();
+    let started = std::time::Instant::now();
+    let sleeper = tokio::spawn(async move {
+        let r = c
+            .simple_query("/* causeway:primary */ SELECT pg_sleep(20)")
+            .await;
+        (c, r)
+    });
+    let mut cancelled = None;
+    while started.elapsed() < std::time::Duration::from_secs(15) {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        if sleeper.is_finished() {
+            cancelled = Some(sleeper.await.unwrap());
+            break;
+        }
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    }
+    let (c, r) = cancelled.expect("the cancel did not reach the server");
+    let code = r.unwrap_err().code().cloned();
+    assert_eq!(code, Some(tokio_postgres::error::SqlState::QUERY_CANCELED));
+    let v = port_of(c.simple_query("SELECT 7").await.unwrap());
+    assert_eq!(v.as_deref(), Some("7"));
+    proxy.stop().await;
+}

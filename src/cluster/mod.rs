@@ -121,10 +121,10 @@ impl Node {
         self.endpoint.load_full()
     }
 
-    /// `host:port`, for connecting and for messages.
+    /// `host:port`, or the socket file of a Unix-socket directory, for messages and stats.
     pub fn addr(&self) -> String {
         let e = self.endpoint.load();
-        format!("{}:{}", e.0, e.1)
+        crate::tls::server_addr(&e.0, e.1)
     }
 
     /// Host name or address.

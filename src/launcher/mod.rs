@@ -249,6 +249,11 @@ impl LocalCluster {
         self.inner.start_server(&mut node.clone(), replica, None)
     }
 
+    /// The directory holding every server's Unix-domain socket (`.s.PGSQL.<port>`).
+    pub fn socket_dir(&self) -> &std::path::Path {
+        self.inner.dir.path()
+    }
+
     /// libpq conninfo for the superuser (trusted on 127.0.0.1).
     pub fn superuser_conninfo(&self, node: &NodeInfo) -> String {
         format!(

@@ -68,17 +68,18 @@ pub(super) fn validate(opts: &ClusterOptions) -> Result<()> {
 pub(super) fn hba_conf(users: &[UserSpec]) -> String {
     let mut text = format!(
         "# written by causeway's launcher\n\
-         local all all trust\n\
+         local all {SUPERUSER} trust\n\
          host all {SUPERUSER} {HOST}/32 trust\n\
          host replication all {HOST}/32 trust\n"
     );
+    // The Unix socket asks the same as TCP, so a proxy reaching the servers through it logs in
+    // the same way.
     for user in users {
-        text.push_str(&format!(
-            "host all \"{}\" {HOST}/32 {}\n",
-            user.name,
-            user.auth.method()
-        ));
+        let (name, method) = (&user.name, user.auth.method());
+        text.push_str(&format!("local all \"{name}\" {method}\n"));
+        text.push_str(&format!("host all \"{name}\" {HOST}/32 {method}\n"));
     }
+    text.push_str("local all all scram-sha-256\n");
     text.push_str(&format!("host all all {HOST}/32 scram-sha-256\n"));
     text
 }

@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
-use tokio::net::TcpStream;
 
 use crate::tls::{Stream, Tls};
 
@@ -79,11 +78,8 @@ impl BackendConn {
     ) -> Result<BackendConn, BackendError> {
         let name = node.name.clone();
         let generation = node.generation.load(std::sync::atomic::Ordering::Acquire);
-        let open = async {
-            let tcp = TcpStream::connect(node.addr()).await?;
-            let _ = tcp.set_nodelay(true);
-            tls.connect_backend(tcp, &node.host()).await
-        };
+        let endpoint = node.endpoint();
+        let open = tls.connect_server(&endpoint.0, endpoint.1);
         let stream = match tokio::time::timeout(timeout, open).await {
             Ok(Ok(s)) => s,
             Ok(Err(source)) => return Err(BackendError::Connect { node: name, source }),
@@ -159,7 +155,7 @@ impl BackendConn {
     pub fn is_stale(&self) -> bool {
         let mut probe = [0u8; 1];
         !matches!(
-            self.transport.get_ref().tcp().try_read(&mut probe),
+            self.transport.get_ref().try_read_raw(&mut probe),
             Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock
         )
     }
