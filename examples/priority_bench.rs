@@ -104,9 +104,19 @@ struct Args {
     /// benchmark itself tunes nothing. Repeatable; applies to both modes.
     #[arg(long)]
     proxy_toml: Vec<String>,
+    /// How the proxy reaches the servers: `tcp` (127.0.0.1) or `unix` (their socket directory,
+    /// as a proxy on the database's machine would). Both modes use the same.
+    #[arg(long, value_enum, default_value = "tcp")]
+    server_link: Link,
     /// Exit with status 1 when a target does not hold.
     #[arg(long)]
     strict: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Link {
+    Tcp,
+    Unix,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -371,6 +381,10 @@ async fn reader(mut client: Client, conninfo: String, w: Window) -> Tally {
 
 fn proxy_config(cluster: &LocalCluster, args: &Args, mode: Mode) -> Result<Config, String> {
     let mut text = causeway::demo::config_for(cluster, "127.0.0.1:0");
+    if args.server_link == Link::Unix {
+        let dir = cluster.socket_dir().display().to_string();
+        text = text.replace("host = \"127.0.0.1\"", &format!("host = \"{dir}\""));
+    }
     // config_for ends inside the last [[replicas]] entry; new table headers close it.
     text.push_str(&format!(
         "\n[pool]\nprimary_max = {}\nacquire_timeout_ms = {}\nmax_waiters = {}\n\n\
@@ -818,8 +832,12 @@ async fn run_all(cluster: &LocalCluster, args: &Args) -> Result<Vec<RunResult>, 
         args.rows
     );
     println!(
-        "proxy     : [pool] primary_max = {}, acquire_timeout_ms = {}, max_waiters = {}; \
-         [priority] enabled = true|false{}",
+        "proxy     : servers over {}, [pool] primary_max = {}, acquire_timeout_ms = {}, \
+         max_waiters = {}; [priority] enabled = true|false{}",
+        match args.server_link {
+            Link::Tcp => "TCP",
+            Link::Unix => "their Unix sockets",
+        },
         args.primary_max,
         args.acquire_timeout_ms,
         args.max_waiters,
