@@ -33,11 +33,29 @@ impl ClientState {
     }
 }
 
+/// Where a client connected from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAddr {
+    Tcp(SocketAddr),
+    /// The Unix-domain socket in `server.listen_unix`.
+    Local,
+}
+
+impl std::fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientAddr::Tcp(a) => a.fmt(f),
+            // As PostgreSQL's own logs name such a client.
+            ClientAddr::Local => f.write_str("[local]"),
+        }
+    }
+}
+
 /// One connected client.
 #[derive(Debug)]
 pub struct ClientInfo {
     pub id: u64,
-    pub addr: SocketAddr,
+    pub addr: ClientAddr,
     pub user: String,
     pub database: String,
     /// Milliseconds since the Unix epoch when the client logged in.
@@ -148,7 +166,7 @@ impl Clients {
     pub fn register(
         &self,
         id: u64,
-        addr: SocketAddr,
+        addr: ClientAddr,
         user: &str,
         database: &str,
     ) -> ClientHandle<'_> {
@@ -214,7 +232,9 @@ mod tests {
     #[test]
     fn registration_tracks_state_and_leaves_on_drop() {
         let clients = Clients::default();
-        let addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let addr = ClientAddr::Tcp("127.0.0.1:5000".parse().unwrap());
+        assert_eq!(addr.to_string(), "127.0.0.1:5000");
+        assert_eq!(ClientAddr::Local.to_string(), "[local]");
         let a = clients.register(1, addr, "app", "app");
         let b = clients.register(2, addr, "app", "other");
         a.info.set_waiting();

@@ -125,6 +125,7 @@ pub fn apply(shared: &Arc<Shared>, new: Config) -> ReloadReport {
     // The effective configuration: restart-only sections stay as they run.
     let mut effective = new;
     effective.server.listen = old.server.listen.clone();
+    effective.server.listen_unix = old.server.listen_unix.clone();
     effective.server.admin_listen = old.server.admin_listen.clone();
     effective.server.monitor_user = old.server.monitor_user.clone();
     effective.server.monitor_database = old.server.monitor_database.clone();

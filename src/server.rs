@@ -2,18 +2,20 @@
 //! greeting) and graceful stop.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::auth::AuthSecrets;
 use crate::cancel::CancelRegistry;
 use crate::catalog::Catalogs;
+use crate::clients::ClientAddr;
 use crate::cluster::{self, Cluster};
 use crate::config::ClientTls;
 use crate::config::Config;
@@ -49,11 +51,15 @@ pub struct Shared {
     pub force_close: CancellationToken,
     /// The configuration file, for reloads.
     pub config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
+    /// The last session id handed out (ids start at 1, across both listeners).
+    session_ids: AtomicU64,
 }
 
 /// A running proxy: its address and the handle that stops it.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The Unix-domain socket clients may use (`server.listen_unix`), if any.
+    pub unix_path: Option<PathBuf>,
     /// Where the admin HTTP endpoint listens, if enabled.
     pub admin_addr: Option<SocketAddr>,
     pub shared: Arc<Shared>,
@@ -99,6 +105,12 @@ impl Running {
 pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
     let listener = TcpListener::bind(&cfg.server.listen).await?;
     let addr = listener.local_addr()?;
+    let unix = match cfg.server.listen_unix.as_str() {
+        "" => None,
+        dir => Some(bind_unix(Path::new(dir), addr.port()).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("server.listen_unix {dir}: {e}"))
+        })?),
+    };
     let shutdown = CancellationToken::new();
     let tls = Arc::new(
         crate::tls::Tls::from_config(&cfg)
@@ -128,6 +140,7 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
         shutdown,
         force_close: CancellationToken::new(),
         config_path: std::sync::Mutex::new(None),
+        session_ids: AtomicU64::new(0),
     });
     let admin_addr = match crate::admin::start(&shared).await {
         Ok(a) => a,
@@ -143,10 +156,23 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
         }
     };
     tracing::info!(%addr, "listening");
+    let unix_path = unix.as_ref().map(|(_, path)| path.clone());
+    if let Some(path) = &unix_path {
+        tracing::info!(path = %path.display(), "listening");
+    }
     tokio::spawn(relay_stop(Arc::downgrade(&shared)));
-    let task = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
+    let accepting = Arc::clone(&shared);
+    let task = tokio::spawn(async move {
+        let local = async {
+            if let Some((listener, path)) = unix {
+                accept_unix(listener, &path, &accepting).await;
+            }
+        };
+        tokio::join!(accept_loop(listener, Arc::clone(&accepting)), local);
+    });
     Ok(Running {
         addr,
+        unix_path,
         admin_addr,
         shared,
         task,
@@ -241,35 +267,87 @@ impl Shared {
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let mut next_id: u64 = 0;
     loop {
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             a = listener.accept() => a,
         };
-        let (socket, peer) = match accepted {
-            Ok(a) => a,
+        match accepted {
+            Ok((socket, peer)) => {
+                let _ = socket.set_nodelay(true);
+                spawn_session(Stream::Plain(socket), ClientAddr::Tcp(peer), &shared);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
             }
-        };
-        next_id += 1;
-        let span = tracing::info_span!("session", client.addr = %peer, session.id = next_id, user = tracing::field::Empty, db = tracing::field::Empty);
-        let shared = Arc::clone(&shared);
-        tokio::spawn(
-            async move {
-                shared.stats.clients_total.fetch_add(1, Ordering::Relaxed);
-                shared.stats.clients_open.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = handle_client(socket, peer, next_id, &shared).await {
-                    tracing::debug!(error = %e, "session ended with an error");
-                }
-                shared.stats.clients_open.fetch_sub(1, Ordering::Relaxed);
-            }
-            .instrument(span),
-        );
+        }
     }
+}
+
+/// Accepts clients on the Unix-domain socket until shutdown, then removes the socket file.
+async fn accept_unix(listener: UnixListener, path: &Path, shared: &Arc<Shared>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((socket, _)) => spawn_session(Stream::Unix(socket), ClientAddr::Local, shared),
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    if let Err(e) = std::fs::remove_file(path) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove the socket file");
+    }
+}
+
+/// Binds `<dir>/.s.PGSQL.<port>`, world-connectable as PostgreSQL's own socket (the directory's
+/// permissions and authentication decide who gets in). A socket file nobody answers on is
+/// left from a proxy that did not stop cleanly and is replaced; a live one is an error.
+fn bind_unix(dir: &Path, port: u16) -> std::io::Result<(UnixListener, PathBuf)> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let path = dir.join(format!(".s.PGSQL.{port}"));
+    if let Ok(meta) = std::fs::symlink_metadata(&path) {
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by a running server", path.display()),
+            ));
+        }
+        std::fs::remove_file(&path)?;
+    }
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))?;
+    Ok((listener, path))
+}
+
+/// Runs one client's session in a task of its own, inside its logging span.
+fn spawn_session(stream: Stream, peer: ClientAddr, shared: &Arc<Shared>) {
+    let id = shared.session_ids.fetch_add(1, Ordering::Relaxed) + 1;
+    let span = tracing::info_span!("session", client.addr = %peer, session.id = id, user = tracing::field::Empty, db = tracing::field::Empty);
+    let shared = Arc::clone(shared);
+    tokio::spawn(
+        async move {
+            shared.stats.clients_total.fetch_add(1, Ordering::Relaxed);
+            shared.stats.clients_open.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = handle_client(stream, peer, id, &shared).await {
+                tracing::debug!(error = %e, "session ended with an error");
+            }
+            shared.stats.clients_open.fetch_sub(1, Ordering::Relaxed);
+        }
+        .instrument(span),
+    );
 }
 
 /// Client encodings the proxy accepts: it relays bytes and classifies them as UTF-8.
@@ -293,17 +371,18 @@ async fn refuse(t: &mut Transport<Stream>, e: &SessionError) {
 }
 
 async fn handle_client(
-    socket: TcpStream,
-    peer: SocketAddr,
+    stream: Stream,
+    peer: ClientAddr,
     id: u64,
     shared: &Arc<Shared>,
 ) -> Result<(), SessionError> {
-    let _ = socket.set_nodelay(true);
     let max_message = shared.cfg.load().server.max_message_bytes;
-    let mut t = Transport::new(Stream::Plain(socket), max_message);
+    // TLS is offered over TCP only, as PostgreSQL does: a Unix socket does not leave the machine.
+    let local = peer == ClientAddr::Local;
+    let mut t = Transport::new(stream, max_message);
     let (minor, params) = loop {
         match t.read_startup().await {
-            Ok(Some(StartupMessage::SslRequest)) if !t.get_ref().is_tls() => {
+            Ok(Some(StartupMessage::SslRequest)) if !t.get_ref().is_tls() && !local => {
                 let Some(acceptor) = shared.tls.acceptor.clone() else {
                     t.queue_bytes(b"N");
                     t.flush().await.map_err(SessionError::ClientIo)?;
@@ -346,7 +425,7 @@ async fn handle_client(
             }
         }
     };
-    if shared.tls.client_mode == ClientTls::Require && !t.get_ref().is_tls() {
+    if shared.tls.client_mode == ClientTls::Require && !t.get_ref().is_tls() && !local {
         let e = SessionError::AuthRejected(
             "SSL connection is required (tls.client_mode = \"require\")".into(),
         );
@@ -497,4 +576,32 @@ async fn greeting_params(
         Some(e) => e.into(),
         None => SessionError::Unsupported("no servers configured".into()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+
+    #[tokio::test]
+    async fn the_socket_file_is_claimed_only_from_a_dead_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let (live, path) = bind_unix(dir.path(), 6543).unwrap();
+        assert_eq!(path, dir.path().join(".s.PGSQL.6543"));
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o777);
+        // Someone answers there: not ours to take.
+        let e = bind_unix(dir.path(), 6543).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+        // Left behind by a proxy that did not stop cleanly: replaced.
+        drop(live);
+        assert!(path.exists());
+        let (_again, _) = bind_unix(dir.path(), 6543).unwrap();
+        // Never deletes something that is not a socket.
+        std::fs::write(dir.path().join(".s.PGSQL.6544"), "data").unwrap();
+        let e = bind_unix(dir.path(), 6544).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+        assert!(dir.path().join(".s.PGSQL.6544").exists());
+    }
 }

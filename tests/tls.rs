@@ -88,8 +88,17 @@ fn conninfo(port: u16, extra: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_use_tls_and_plaintext_is_refused_when_required() {
     let certs = Certs::new();
+    let sockets = certs.path("");
     let env = common::start_with(ClusterOptions::default(), |c| {
         c.push_str(&certs.toml("require"));
+        *c = c.replacen(
+            "\nlisten = \"127.0.0.1:0\"",
+            &format!(
+                "\nlisten = \"127.0.0.1:0\"\nlisten_unix = \"{}\"",
+                sockets.display()
+            ),
+            1,
+        );
     })
     .await;
     let port = env.port();
@@ -131,6 +140,13 @@ async fn clients_use_tls_and_plaintext_is_refused_when_required() {
     let (ok, out) = psql(&conninfo(port, "sslmode=disable"), "SELECT 1").await;
     assert!(!ok, "plaintext accepted: {out}");
     assert!(out.contains("SSL connection is required"), "{out}");
+    // Except on the Unix socket, as with PostgreSQL: it does not leave the machine.
+    let local = format!(
+        "host={} port={port} user=app dbname=app connect_timeout=5",
+        sockets.display()
+    );
+    let (ok, out) = psql(&local, "SELECT 1").await;
+    assert!(ok && out.trim() == "1", "{out}");
     // A CA that did not sign the proxy's certificate: verify-full fails.
     let other = Certs::new();
     let (ok, out) = psql(

@@ -164,3 +164,63 @@ async fn a_client_that_stops_reading_cannot_grow_the_proxy() {
         "the stalled client's server connection is still leased"
     );
 }
+
+/// `server.listen_unix`: clients on this machine connect through `<dir>/.s.PGSQL.<port>`, log
+/// in with SCRAM as over TCP, are listed as `[local]`, and the file goes when the proxy stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_listener_serves_local_clients() {
+    let env = common::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = env.config.replacen(
+        "\nlisten = \"127.0.0.1:0\"",
+        &format!(
+            "\nlisten = \"127.0.0.1:0\"\nlisten_unix = \"{}\"",
+            dir.path().display()
+        ),
+        1,
+    );
+    let proxy = common::proxy_for(&config).await;
+    let path = dir.path().join(format!(".s.PGSQL.{}", proxy.addr.port()));
+    assert_eq!(proxy.unix_path.as_deref(), Some(path.as_path()));
+
+    let local = format!(
+        "host={} port={} user=app password={} dbname=app",
+        dir.path().display(),
+        proxy.addr.port(),
+        common::PASSWORD
+    );
+    let c = common::connect(&local).await;
+    // A write and a read, routed as for any client.
+    c.batch_execute("CREATE TABLE local_t (id int); INSERT INTO local_t VALUES (1)")
+        .await
+        .unwrap();
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM local_t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    let addrs: Vec<String> = proxy
+        .shared
+        .clients
+        .list()
+        .iter()
+        .map(|i| i.addr.to_string())
+        .collect();
+    assert_eq!(addrs, ["[local]"]);
+    // Wrong password: refused as over TCP.
+    let e = common::connect_err(&local.replace(common::PASSWORD, "nope")).await;
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
+        "{e:?}"
+    );
+    // TCP clients are served alongside.
+    let tcp = env.client_via(&proxy).await;
+    tcp.simple_query("SELECT 1").await.unwrap();
+
+    drop(c);
+    drop(tcp);
+    proxy.stop().await;
+    assert!(!path.exists(), "socket file left behind");
+}

@@ -90,6 +90,13 @@ impl Config {
     /// Checks values the schema cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         parse_addr("server.listen", &self.server.listen)?;
+        let unix = &self.server.listen_unix;
+        if !unix.is_empty() && !unix.starts_with('/') {
+            return Err(invalid(
+                "server.listen_unix",
+                format!("{unix:?} is not an absolute directory path"),
+            ));
+        }
         if !self.server.admin_listen.is_empty() {
             let admin = parse_addr("server.admin_listen", &self.server.admin_listen)?;
             if !admin.ip().is_loopback() && self.admin.token.is_empty() {
@@ -382,6 +389,10 @@ port = 5433
         assert!(e.contains("pool.primary_max"), "{e}");
         let e = err_of(&format!("{BASE}\n[server]\nlisten = \"nowhere\"\n"));
         assert!(e.contains("server.listen"), "{e}");
+        let e = err_of(&format!(
+            "{BASE}\n[server]\nlisten_unix = \"run/causeway\"\n"
+        ));
+        assert!(e.contains("server.listen_unix"), "{e}");
     }
 
     #[test]

@@ -112,6 +112,9 @@ impl Default for LoggingConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: String,
+    /// Directory for a Unix-domain socket clients on this machine can use
+    /// (`<dir>/.s.PGSQL.<port of listen>`, as PostgreSQL names it); "" = none.
+    pub listen_unix: String,
     pub admin_listen: String,
     pub max_message_bytes: usize,
     pub connect_timeout_ms: u64,
@@ -138,6 +141,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:6432".into(),
+            listen_unix: String::new(),
             admin_listen: "127.0.0.1:9930".into(),
             max_message_bytes: 64 * 1024 * 1024,
             connect_timeout_ms: 5_000,
