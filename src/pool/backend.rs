@@ -221,13 +221,25 @@ async fn login_on(
                         Some(f)
                     }
                     AuthRequest::SaslContinue(data) => {
-                        let s = scram.as_mut().ok_or(BackendError::Unexpected {
+                        let mut s = scram.take().ok_or(BackendError::Unexpected {
                             node: name.clone(),
                             tag: 'R',
                             during: "SCRAM exchange",
                         })?;
-                        s.update(data).map_err(|e| scram_failed(&name, e))?;
-                        Some(protocol::encode_sasl_response(s.message()))
+                        // Deriving the key is 4096 rounds of HMAC, about a millisecond of CPU:
+                        // on the blocking pool, so the threads relaying everyone else's
+                        // traffic (one, on a small machine) do not stall while a pool grows.
+                        let data = data.to_vec();
+                        let (s, derived) = tokio::task::spawn_blocking(move || {
+                            let r = s.update(&data);
+                            (s, r)
+                        })
+                        .await
+                        .map_err(|e| lost(std::io::Error::other(e).into()))?;
+                        derived.map_err(|e| scram_failed(&name, e))?;
+                        let f = protocol::encode_sasl_response(s.message());
+                        scram = Some(s);
+                        Some(f)
                     }
                     AuthRequest::SaslFinal(data) => {
                         let s = scram.as_mut().ok_or(BackendError::Unexpected {
