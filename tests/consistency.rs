@@ -533,3 +533,70 @@ async fn a_lost_token_keeps_the_keys_readers_on_the_primary() {
         "another session under the key read after the tokenless write"
     );
 }
+
+/// A write whose WAL ends exactly on a page boundary: `pg_current_wal_insert_lsn()` then points
+/// past the next page's header, which a replica's replay position never shows until more WAL
+/// follows. The token is the boundary, so the read after it is served by a replica at once
+/// instead of waiting out `causal_wait_ms` for the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_ending_on_a_wal_page_boundary_is_read_from_a_replica() {
+    let env = with_items(
+        ClusterOptions::default(),
+        "\n[consistency]\ncausal_wait_ms = 3000\n",
+    )
+    .await;
+    let geometry = env.proxy.shared.cluster.wal_geometry();
+    assert_eq!((geometry.page, geometry.segment), (8192, 16 << 20));
+    let c = env.client().await;
+    let admin = env.primary_admin().await;
+    let insert_at = || async {
+        admin
+            .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::int8", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    // A non-transactional logical message is one WAL record of 55 bytes plus its text (record
+    // header 24, long data header 5, message header 24, prefix "p\0"): sized to fill the rest of
+    // the page exactly. Anything else writing WAL in between spoils an attempt; try again.
+    let mut hit = false;
+    for _ in 0..20 {
+        let room = 8192 - insert_at().await % 8192;
+        if room < 400 {
+            admin
+                .batch_execute("SELECT pg_logical_emit_message(false, 'p', repeat('y', 400))")
+                .await
+                .unwrap();
+            continue;
+        }
+        let n = room - 55;
+        c.simple_query(&format!(
+            "SELECT pg_logical_emit_message(false, 'p', repeat('x', {n}))::text"
+        ))
+        .await
+        .unwrap();
+        if insert_at().await % 8192 == 24 {
+            hit = true;
+            break;
+        }
+    }
+    assert!(hit, "no write ended on a page boundary in 20 tries");
+    let started = Instant::now();
+    let rows = c
+        .simple_query("SELECT current_setting('port')")
+        .await
+        .unwrap();
+    let port = rows
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap();
+    assert_ne!(
+        port,
+        env.node_port(0).to_string(),
+        "the read waited {:?} and went to the primary",
+        started.elapsed()
+    );
+}

@@ -25,6 +25,36 @@ pub fn parse(text: &str) -> Result<Lsn, InvalidLsn> {
         .map_err(|_| InvalidLsn(text.into()))
 }
 
+/// A WAL page's header: 24 bytes, 40 on the first page of a segment.
+const PAGE_HEADER: u64 = 24;
+const SEGMENT_HEADER: u64 = 40;
+
+/// The WAL page and segment sizes of a cluster (`wal_block_size`, `wal_segment_size`), read
+/// from the primary; zero while unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WalGeometry {
+    pub page: u64,
+    pub segment: u64,
+}
+
+/// Where the last record before `insert` ended. `pg_current_wal_insert_lsn()` taken right after
+/// a commit whose record ended exactly at a page boundary points past the next page's header,
+/// where nothing is written yet; a replica's replay position stops at the boundary, and would
+/// not reach such a token until more WAL followed. Such a position is moved back to the
+/// boundary; any other is the end of the last record already.
+pub fn record_end(insert: Lsn, wal: WalGeometry) -> Lsn {
+    if wal.page == 0 || wal.segment == 0 {
+        return insert;
+    }
+    if insert % wal.segment == SEGMENT_HEADER {
+        insert - SEGMENT_HEADER
+    } else if insert % wal.page == PAGE_HEADER {
+        insert - PAGE_HEADER
+    } else {
+        insert
+    }
+}
+
 /// PostgreSQL's text form of a pg_lsn.
 pub fn format(lsn: Lsn) -> String {
     PgLsn::from(lsn).to_string()
@@ -64,6 +94,29 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_past_a_fresh_page_header_moves_back_to_the_boundary() {
+        let wal = WalGeometry {
+            page: 8192,
+            segment: 16 << 20,
+        };
+        // Mid-page: the end of the last record already.
+        assert_eq!(record_end(0x3000060, wal), 0x3000060);
+        // Right after a page header: the boundary.
+        assert_eq!(record_end(0x3002018, wal), 0x3002000);
+        // Right after a segment's first (long) page header.
+        assert_eq!(record_end(0x4000028, wal), 0x4000000);
+        // Unknown geometry: as given.
+        assert_eq!(record_end(0x3002018, WalGeometry::default()), 0x3002018);
+        // Other page sizes.
+        let big = WalGeometry {
+            page: 32768,
+            segment: 64 << 20,
+        };
+        assert_eq!(record_end(0x8018, big), 0x8000);
+        assert_eq!(record_end(0x2018, big), 0x2018);
+    }
 
     #[test]
     fn parse_and_format_round_trip() {

@@ -186,6 +186,9 @@ pub struct Cluster {
     pub lsn_advanced: Notify,
     /// The highest commit token seen through this proxy (global consistency scope).
     pub global_token: AtomicU64,
+    /// `wal_block_size` and `wal_segment_size`, as the monitor read them; 0 until then.
+    wal_page: AtomicU64,
+    wal_segment: AtomicU64,
     /// When a write through this proxy was last acknowledged without its token (global scope).
     pub global_unconfirmed: std::sync::Mutex<Option<Instant>>,
     started: Instant,
@@ -221,10 +224,27 @@ impl Cluster {
             rr: AtomicUsize::new(0),
             lsn_advanced: Notify::new(),
             global_token: AtomicU64::new(0),
+            wal_page: AtomicU64::new(0),
+            wal_segment: AtomicU64::new(0),
             global_unconfirmed: std::sync::Mutex::new(None),
             started: Instant::now(),
             tls,
         }
+    }
+
+    /// The WAL page and segment sizes, once the monitor has read them.
+    pub fn wal_geometry(&self) -> lsn::WalGeometry {
+        lsn::WalGeometry {
+            page: self.wal_page.load(Ordering::Relaxed),
+            segment: self.wal_segment.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Records the WAL page and segment sizes a server reported (the same on every node of a
+    /// physical replication cluster).
+    pub fn set_wal_geometry(&self, wal: lsn::WalGeometry) {
+        self.wal_page.store(wal.page, Ordering::Relaxed);
+        self.wal_segment.store(wal.segment, Ordering::Relaxed);
     }
 
     /// Milliseconds since the cluster view was created (the clock of `lsn_read_at_ms`).

@@ -125,15 +125,29 @@ struct Probe {
 impl Probe {
     async fn open(
         node: &Node,
+        cluster: &Cluster,
         cfg: &Config,
-        tls: &crate::tls::Tls,
         timeout: Duration,
     ) -> Result<Self, tokio_postgres::Error> {
-        let client = connect(node, cfg, tls, timeout).await?;
+        let client = connect(node, cfg, &cluster.tls, timeout).await?;
         let statement = client.prepare(PROBE).await?;
+        // Fixed when the cluster was created; commit tokens need them (`lsn::record_end`).
+        let wal = client.query_one(WAL_GEOMETRY, &[]).await?;
+        let size = |i| {
+            wal.try_get::<_, i64>(i)
+                .map(|v| u64::try_from(v).unwrap_or(0))
+        };
+        cluster.set_wal_geometry(super::lsn::WalGeometry {
+            page: size(0)?,
+            segment: size(1)?,
+        });
         Ok(Self { client, statement })
     }
 }
+
+/// The WAL page and segment sizes, in bytes.
+const WAL_GEOMETRY: &str = "SELECT current_setting('wal_block_size')::int8, \
+     pg_size_bytes(current_setting('wal_segment_size'))";
 
 async fn check(
     node: &Node,
@@ -143,7 +157,7 @@ async fn check(
     timeout: Duration,
 ) -> Health {
     if probe.as_ref().is_none_or(|p| p.client.is_closed()) {
-        let open = Probe::open(node, cfg, &cluster.tls, timeout);
+        let open = Probe::open(node, cluster, cfg, timeout);
         match tokio::time::timeout(timeout, open).await {
             Ok(Ok(p)) => *probe = Some(p),
             Ok(Err(e)) => return Health::Unreachable(e.to_string()),

@@ -277,6 +277,7 @@ impl Session {
             self.token_lost(key, now);
             return;
         }
+        let token = crate::cluster::lsn::record_end(token, self.shared.cluster.wal_geometry());
         self.tokens.own = self.tokens.own.max(token);
         self.tokens.last_write = Some(now);
         if let Some(k) = key.as_deref().or(self.tokens.key.as_deref()) {
