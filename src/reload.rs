@@ -205,6 +205,7 @@ mod tests {
     fn restart_only_keys() {
         for k in [
             "server.listen",
+            "server.listen_unix",
             "tls.cert_file",
             "primary.port",
             "users[app].password",

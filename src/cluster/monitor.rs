@@ -131,16 +131,19 @@ impl Probe {
     ) -> Result<Self, tokio_postgres::Error> {
         let client = connect(node, cfg, &cluster.tls, timeout).await?;
         let statement = client.prepare(PROBE).await?;
-        // Fixed when the cluster was created; commit tokens need them (`lsn::record_end`).
-        let wal = client.query_one(WAL_GEOMETRY, &[]).await?;
-        let size = |i| {
-            wal.try_get::<_, i64>(i)
-                .map(|v| u64::try_from(v).unwrap_or(0))
-        };
-        cluster.set_wal_geometry(super::lsn::WalGeometry {
-            page: size(0)?,
-            segment: size(1)?,
-        });
+        // Fixed when the cluster was created; commit tokens use them (`lsn::record_end`). Not
+        // knowing them only leaves tokens as the server gave them, so a failure here is no
+        // reason to call the node unreachable.
+        if let Ok(wal) = client.query_one(WAL_GEOMETRY, &[]).await {
+            let size = |i| {
+                wal.try_get::<_, i64>(i)
+                    .ok()
+                    .and_then(|v| u64::try_from(v).ok())
+            };
+            if let (Some(page), Some(segment)) = (size(0), size(1)) {
+                cluster.set_wal_geometry(super::lsn::WalGeometry { page, segment });
+            }
+        }
         Ok(Self { client, statement })
     }
 }
