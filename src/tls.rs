@@ -1,5 +1,6 @@
-//! TLS: the acceptor clients meet (`[tls] client_mode`), the connector towards PostgreSQL
-//! (`backend_mode`), and the stream type both sides use, plain or encrypted.
+//! Connections and TLS: the acceptor clients meet (`[tls] client_mode`), the connector towards
+//! PostgreSQL (`backend_mode`), and the stream type both sides use: TCP, plain or encrypted, or a
+//! Unix-domain socket.
 
 use std::io;
 use std::path::PathBuf;
