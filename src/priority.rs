@@ -1,7 +1,7 @@
 //! Priority classes for work waiting on a backend: finishing what has started (commits) first,
 //! whole-table analytics last. Pure; derived from the classification and the statement text.
 
-use crate::classify::{Access, Classification, TxEffect};
+use crate::classify::{Access, Classification, TextTraits, TxEffect, traits};
 use crate::pool::queue::Class;
 
 /// Rows a `LIMIT` may name and still count as a point read.
@@ -35,72 +35,25 @@ pub fn class_of(c: &Classification, sql: Option<&str>, in_transaction: bool) -> 
     if in_transaction {
         return Class::Write;
     }
-    match sql {
-        Some(text) => read_class(text),
-        None => Class::Read,
-    }
+    read_class(c.text, sql)
 }
 
-/// Point read, read or analytic, from the shape of the text (a cheap heuristic: the parse tree
-/// is not kept on the hot path). One pass over the words, without allocating.
-fn read_class(sql: &str) -> Class {
-    const AGGREGATES: [&[u8]; 7] = [
-        b"count",
-        b"sum",
-        b"avg",
-        b"min",
-        b"max",
-        b"string_agg",
-        b"array_agg",
-    ];
-    let b = sql.as_bytes();
-    let (mut aggregates, mut filtered, mut grouped, mut joined, mut equality) =
-        (false, false, false, false, false);
-    let mut limit = None;
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        if !(c.is_ascii_alphabetic() || c == b'_') {
-            equality |= c == b'=';
-            i += 1;
-            continue;
-        }
-        let start = i;
-        while b
-            .get(i)
-            .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_')
-        {
-            i += 1;
-        }
-        let word = &b[start..i];
-        let is = |w: &[u8]| word.eq_ignore_ascii_case(w);
-        if is(b"where") {
-            filtered = true;
-        } else if is(b"group") {
-            grouped = true;
-        } else if is(b"join") {
-            joined = true;
-        } else if is(b"limit") {
-            // The last LIMIT counts; one without a literal count (`LIMIT $1`) is unknown.
-            let rest = &b[i..];
-            let digits = rest.trim_ascii_start();
-            let n = digits.iter().take_while(|c| c.is_ascii_digit()).count();
-            limit = std::str::from_utf8(&digits[..n])
-                .ok()
-                .and_then(|d| d.parse::<u64>().ok());
-        } else if b.get(i) == Some(&b'(') && AGGREGATES.iter().any(|a| is(a)) {
-            aggregates = true;
-        }
-    }
-    if (aggregates || grouped) && !filtered {
+/// Point read, read or analytic, from the words of the statement (a cheap heuristic: the parse
+/// tree is not kept on the hot path). The words were read once, with the classification; only
+/// a `LIMIT`'s count is read from the text at hand, since it differs between texts of one shape.
+fn read_class(t: TextTraits, sql: Option<&str>) -> Class {
+    if (t.aggregate || t.grouped) && !t.filtered {
         return Class::Analytic;
     }
-    if let Some(n) = limit
-        && n <= POINT_LIMIT
-        && !grouped
+    if t.limit
+        && !t.grouped
+        && sql
+            .and_then(traits::limit_count)
+            .is_some_and(|n| n <= POINT_LIMIT)
     {
         return Class::PointRead;
     }
-    if filtered && equality && !aggregates && !grouped && !joined {
+    if t.filtered && t.equality && !t.aggregate && !t.grouped && !t.joined {
         return Class::PointRead;
     }
     Class::Read
@@ -111,15 +64,18 @@ mod tests {
     use super::*;
     use crate::classify::{FunctionCatalog, classify};
 
-    fn class(sql: &str, in_tx: bool) -> Class {
-        let cat = FunctionCatalog::from_pg_proc(
+    fn catalog() -> FunctionCatalog {
+        FunctionCatalog::from_pg_proc(
             [("count", 'i'), ("sum", 'i'), ("now", 's')]
                 .iter()
                 .map(|(n, v)| (n.to_string(), *v)),
             &[],
             &[],
-        );
-        class_of(&classify(sql, &cat), Some(sql), in_tx)
+        )
+    }
+
+    fn class(sql: &str, in_tx: bool) -> Class {
+        class_of(&classify(sql, &catalog()), Some(sql), in_tx)
     }
 
     #[test]
@@ -172,5 +128,26 @@ mod tests {
         for (sql, in_tx, want) in cases {
             assert_eq!(class(sql, in_tx), want, "{sql} (in transaction: {in_tx})");
         }
+    }
+
+    #[test]
+    fn the_words_come_from_the_classification_not_the_literals() {
+        let cat = catalog();
+        // A prepared statement's Bind carries no text: the class still follows its words.
+        let prepared = classify("SELECT * FROM t WHERE id = $1", &cat);
+        assert_eq!(class_of(&prepared, None, false), Class::PointRead);
+        let report = classify("SELECT count(*) FROM t", &cat);
+        assert_eq!(class_of(&report, None, false), Class::Analytic);
+        // Keywords inside a string literal are not the statement's.
+        assert_eq!(
+            class("SELECT * FROM t WHERE note = 'group by x join y'", false),
+            Class::PointRead
+        );
+        // A LIMIT's count is read from the text at hand: one shape, two classes.
+        let few = "SELECT * FROM t ORDER BY id LIMIT 5";
+        let many = "SELECT * FROM t ORDER BY id LIMIT 5000";
+        let shared = classify(few, &cat);
+        assert_eq!(class_of(&shared, Some(few), false), Class::PointRead);
+        assert_eq!(class_of(&shared, Some(many), false), Class::Read);
     }
 }

@@ -215,6 +215,7 @@ mod tests {
             statements: 1,
             parse_error: false,
             reason: "test",
+            text: crate::classify::TextTraits::default(),
         }
     }
 

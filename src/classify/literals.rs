@@ -16,7 +16,15 @@ pub fn shape_of(sql: &str) -> Option<String> {
         // Backslash escapes depend on standard_conforming_strings: never guess.
         return None;
     }
-    let mut out = Vec::with_capacity(b.len());
+    // Text between literals is copied in runs; every boundary is an ASCII byte, so the slices
+    // are whole characters.
+    let mut out = String::with_capacity(b.len());
+    let mut copied = 0;
+    let mask = |out: &mut String, start: usize, end: usize, copied: &mut usize| {
+        out.push_str(&sql[*copied..start]);
+        out.push('?');
+        *copied = end;
+    };
     let mut masked = false;
     let mut i = 0;
     let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
@@ -28,6 +36,7 @@ pub fn shape_of(sql: &str) -> Option<String> {
                     // E'..', B'..', X'..', N'..', U&'..': prefixed strings, not handled.
                     return None;
                 }
+                let start = i;
                 i += 1;
                 loop {
                     match b.get(i) {
@@ -38,11 +47,10 @@ pub fn shape_of(sql: &str) -> Option<String> {
                     }
                 }
                 i += 1;
-                out.push(b'?');
+                mask(&mut out, start, i, &mut copied);
                 masked = true;
             }
             b'"' => {
-                let start = i;
                 i += 1;
                 loop {
                     match b.get(i) {
@@ -53,15 +61,12 @@ pub fn shape_of(sql: &str) -> Option<String> {
                     }
                 }
                 i += 1;
-                out.extend_from_slice(&b[start..i]);
             }
             b'-' if b.get(i + 1) == Some(&b'-') => {
-                let end = b[i..]
+                i = b[i..]
                     .iter()
                     .position(|&c| c == b'\n')
                     .map_or(b.len(), |p| i + p);
-                out.extend_from_slice(&b[i..end]);
-                i = end;
             }
             b'/' if b.get(i + 1) == Some(&b'*') => {
                 let rest = &b[i + 2..];
@@ -69,9 +74,7 @@ pub fn shape_of(sql: &str) -> Option<String> {
                 if rest[..close].windows(2).any(|w| w == b"/*") {
                     return None;
                 }
-                let end = i + 2 + close + 2;
-                out.extend_from_slice(&b[i..end]);
-                i = end;
+                i += 2 + close + 2;
             }
             b'$' if i == 0 || !ident(b[i - 1]) => {
                 // `$1` parameters are kept; `$tag$` dollar quoting is not handled.
@@ -79,10 +82,10 @@ pub fn shape_of(sql: &str) -> Option<String> {
                 if digits == 0 {
                     return None;
                 }
-                out.extend_from_slice(&b[i..i + 1 + digits]);
                 i += 1 + digits;
             }
             b'0'..=b'9' if i == 0 || !ident(b[i - 1]) => {
+                let start = i;
                 while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.' || b[i] == b'_')
                 {
                     // Exponent signs belong to the number: 1e-5.
@@ -91,20 +94,18 @@ pub fn shape_of(sql: &str) -> Option<String> {
                     }
                     i += 1;
                 }
-                out.push(b'?');
+                mask(&mut out, start, i, &mut copied);
                 masked = true;
             }
-            _ => {
-                out.push(c);
-                i += 1;
-            }
+            _ => i += 1,
         }
     }
     if !masked {
         // Nothing to share: the exact text is its own key.
         return None;
     }
-    String::from_utf8(out).ok()
+    out.push_str(&sql[copied..]);
+    Some(out)
 }
 
 #[cfg(test)]
@@ -119,6 +120,11 @@ mod tests {
         let b = shape_of("SELECT abalance FROM pgbench_accounts WHERE aid = 98765;").unwrap();
         assert_eq!(a, b);
         assert_eq!(a, "SELECT abalance FROM pgbench_accounts WHERE aid = ?;");
+        // Text around literals is kept whole, multi-byte characters included.
+        assert_eq!(
+            shape_of("SELECT 'été', \"naïve\" FROM t -- ünï\nWHERE x = 1 /* ß */").unwrap(),
+            "SELECT ?, \"naïve\" FROM t -- ünï\nWHERE x = ? /* ß */"
+        );
         assert_eq!(
             shape_of("UPDATE t SET v = v + -1.5e-3, s = 'it''s' WHERE id IN (1,2)").unwrap(),
             "UPDATE t SET v = v + -?, s = ? WHERE id IN (?,?)"

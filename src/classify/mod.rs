@@ -12,6 +12,7 @@ mod functions;
 mod hints;
 pub mod literals;
 mod statement;
+pub mod traits;
 mod walker;
 
 #[cfg(test)]
@@ -21,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 pub use functions::FunctionCatalog;
+pub use traits::TextTraits;
 
 /// Whether a statement may run on a replica.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,6 +171,8 @@ pub struct Classification {
     pub parse_error: bool,
     /// Short machine-friendly reason: the first write's reason, else the first statement's.
     pub reason: &'static str,
+    /// The words the priority heuristics look at (`priority::class_of`).
+    pub text: TextTraits,
 }
 
 /// Pure: classify one query string (may hold several statements separated by ';').
@@ -176,10 +180,15 @@ pub fn classify(sql: &str, catalog: &FunctionCatalog) -> Classification {
     let (hints, has_code) = hints::parse_hints(sql);
     // Blank or comment-only strings skip the fast path: pg_query's `scan_tokens` builds a slice
     // from a null pointer when the scanner yields no token at all (undefined behaviour).
-    if has_code && let Some(o) = fast::try_fast(sql, catalog) {
-        return finish(o, 1, hints);
+    let fast = if has_code {
+        fast::try_fast(sql, catalog)
+    } else {
+        None
+    };
+    match fast {
+        Some(o) => finish(o, 1, hints, sql),
+        None => classify_full(sql, catalog, hints),
     }
-    classify_full(sql, catalog, hints)
 }
 
 /// Full-tree path; also used by the tests to cross-check the fast path.
@@ -197,6 +206,7 @@ fn classify_full(sql: &str, catalog: &FunctionCatalog, hints: Hints) -> Classifi
                 statements: 0,
                 parse_error: true,
                 reason: "parse_error",
+                text: TextTraits::scan(sql),
             };
         }
     };
@@ -210,10 +220,10 @@ fn classify_full(sql: &str, catalog: &FunctionCatalog, hints: Hints) -> Classifi
             },
         )
         .collect();
-    finish(statement::combine(&outcomes), stmts.len(), hints)
+    finish(statement::combine(&outcomes), stmts.len(), hints, sql)
 }
 
-fn finish(o: statement::Outcome, statements: usize, hints: Hints) -> Classification {
+fn finish(o: statement::Outcome, statements: usize, hints: Hints, sql: &str) -> Classification {
     Classification {
         access: o.access,
         tx: o.tx,
@@ -224,6 +234,7 @@ fn finish(o: statement::Outcome, statements: usize, hints: Hints) -> Classificat
         statements,
         parse_error: false,
         reason: o.reason,
+        text: TextTraits::scan(sql),
     }
 }
 

@@ -328,6 +328,7 @@ impl Session {
                 statements: 1,
                 parse_error: false,
                 reason: "function_call",
+                text: crate::classify::TextTraits::default(),
             };
         }
         let mut parts: Vec<Arc<Classification>> = req
@@ -506,10 +507,12 @@ pub(super) fn combine(parts: &[Arc<Classification>]) -> Classification {
         statements: 0,
         parse_error: false,
         reason: "empty",
+        text: crate::classify::TextTraits::default(),
     };
     for (i, c) in parts.iter().enumerate() {
         if i == 0 {
             out.reason = c.reason;
+            out.text = c.text;
             out.hints = c.hints.clone();
             out.proxy = c.proxy.clone();
             out.session = c.session.clone();
