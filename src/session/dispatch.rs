@@ -80,7 +80,7 @@ impl Session {
             return Ok(());
         }
         let fresh = self.lease.is_none();
-        let prio = priority::class_of(&class, req.sql_texts().next(), false);
+        let prio = priority_of(&class, &req, false);
         if fresh && let Err(e) = self.acquire_for(&class, req.force_primary, prio).await {
             if e.is_client_gone() {
                 return Err(e);
@@ -118,7 +118,7 @@ impl Session {
         let in_tx = self.status != TxStatus::Idle;
         // Outside a transaction the statement's class is the one it queued with.
         let exec_class = if in_tx {
-            priority::class_of(&class, req.sql_texts().next(), true)
+            priority_of(&class, &req, true)
         } else {
             prio
         };
@@ -250,7 +250,7 @@ impl Session {
         routing.tx = TxEffect::Begin { read_only };
         routing.proxy = None;
         let started = tokio::time::Instant::now();
-        let prio = priority::class_of(&routing, req.sql_texts().next(), false);
+        let prio = priority_of(&routing, &req, false);
         if let Err(e) = self.acquire_for(&routing, false, prio).await {
             if e.is_client_gone() {
                 return Err(e);
@@ -271,7 +271,7 @@ impl Session {
             });
         }
         self.in_flight = None;
-        let exec_class = priority::class_of(&class_for_token, req.sql_texts().next(), true);
+        let exec_class = priority_of(&class_for_token, &req, true);
         if !self.take_slot(exec_class, &req).await {
             return Ok(());
         }
@@ -493,6 +493,16 @@ impl Session {
         self.emit_synthetic();
         Ok(())
     }
+}
+
+/// The request's priority class. Its text is read again only for a `LIMIT`'s count.
+fn priority_of(class: &Classification, req: &Request, in_transaction: bool) -> Class {
+    let sql = if class.text.limit {
+        req.sql_texts().next()
+    } else {
+        None
+    };
+    priority::class_of(class, sql, in_transaction)
 }
 
 /// Folds the classifications of a request's statements into one.
