@@ -321,9 +321,11 @@ pub fn login_key(user: &str, database: &str) -> Arc<str> {
     format!("{user}\0{database}").into()
 }
 
-/// All pools, created on first use for each (node, user, database).
+/// All pools, created on first use for each (node, user, database). Looked up on every request,
+/// so keys are hashed with foldhash (seeded per map) rather than SipHash: only clients that
+/// logged in as a configured user ever add one.
 pub struct Pools {
-    map: DashMap<(usize, Arc<str>), Arc<Pool>>,
+    map: DashMap<(usize, Arc<str>), Arc<Pool>, foldhash::fast::RandomState>,
     cfg: Arc<arc_swap::ArcSwap<Config>>,
     tls: Arc<crate::tls::Tls>,
 }
@@ -332,7 +334,7 @@ impl Pools {
     /// An empty registry.
     pub fn new(cfg: Arc<arc_swap::ArcSwap<Config>>, tls: Arc<crate::tls::Tls>) -> Self {
         Self {
-            map: DashMap::new(),
+            map: DashMap::with_hasher(foldhash::fast::RandomState::default()),
             cfg,
             tls,
         }
