@@ -105,12 +105,6 @@ impl Running {
 pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
     let listener = TcpListener::bind(&cfg.server.listen).await?;
     let addr = listener.local_addr()?;
-    let unix = match cfg.server.listen_unix.as_str() {
-        "" => None,
-        dir => Some(bind_unix(Path::new(dir), addr.port()).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("server.listen_unix {dir}: {e}"))
-        })?),
-    };
     let shutdown = CancellationToken::new();
     let tls = Arc::new(
         crate::tls::Tls::from_config(&cfg)
@@ -154,6 +148,20 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
                 ),
             ));
         }
+    };
+    // Bound last of all, so that no failure after it leaves the socket file behind.
+    let unix = match cfg.server.listen_unix.as_str() {
+        "" => None,
+        dir => match bind_unix(Path::new(dir), addr.port()) {
+            Ok(bound) => Some(bound),
+            Err(e) => {
+                shared.shutdown.cancel();
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("server.listen_unix {dir}: {e}"),
+                ));
+            }
+        },
     };
     tracing::info!(%addr, "listening");
     let unix_path = unix.as_ref().map(|(_, path)| path.clone());

@@ -224,3 +224,33 @@ async fn a_unix_socket_listener_serves_local_clients() {
     proxy.stop().await;
     assert!(!path.exists(), "socket file left behind");
 }
+
+/// A socket directory that cannot be used stops start-up with the key named, and leaves no
+/// listener behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_socket_directory_stops_start_up() {
+    let config = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = ""
+listen_unix = "/nonexistent/causeway-sockets"
+
+[[users]]
+name = "app"
+password = "pw"
+
+[primary]
+host = "127.0.0.1"
+port = 1
+"#;
+    let cfg = causeway::config::Config::from_toml(config).unwrap();
+    let err = match causeway::server::start(std::sync::Arc::new(cfg)).await {
+        Ok(_) => panic!("started without its socket directory"),
+        Err(e) => e,
+    };
+    assert!(
+        err.to_string()
+            .contains("server.listen_unix /nonexistent/causeway-sockets"),
+        "{err}"
+    );
+}

@@ -43,7 +43,7 @@ pub struct WalGeometry {
 /// not reach such a token until more WAL followed. Such a position is moved back to the
 /// boundary; any other is the end of the last record already.
 pub fn record_end(insert: Lsn, wal: WalGeometry) -> Lsn {
-    if wal.page == 0 || wal.segment == 0 {
+    if wal.page == 0 || wal.segment == 0 || insert < wal.page {
         return insert;
     }
     if insert % wal.segment == SEGMENT_HEADER {
