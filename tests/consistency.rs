@@ -238,13 +238,7 @@ async fn keyed_and_presented_tokens_work_across_connections() {
         .simple_query("SHOW causeway.last_write_lsn")
         .await
         .unwrap();
-    let token = shown
-        .iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-            _ => None,
-        })
-        .unwrap();
+    let token = common::first_text(&shown).unwrap();
     assert!(token.contains('/'), "{token}");
     let d = env.client().await;
     d.batch_execute(&format!("SET causeway.min_lsn = '{token}'"))
@@ -586,13 +580,7 @@ async fn a_write_ending_on_a_wal_page_boundary_is_read_from_a_replica() {
         .simple_query("SELECT current_setting('port')")
         .await
         .unwrap();
-    let port = rows
-        .iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-            _ => None,
-        })
-        .unwrap();
+    let port = common::first_text(&rows).unwrap();
     assert_ne!(
         port,
         env.node_port(0).to_string(),

@@ -336,12 +336,7 @@ async fn servers_reached_through_a_unix_socket_directory() {
 
     let c = env.client_via(&proxy).await;
     // `port` is the server's own setting: inet_server_port() is NULL over a Unix socket.
-    let port_of = |rows: Vec<tokio_postgres::SimpleQueryMessage>| -> Option<String> {
-        rows.into_iter().find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-            _ => None,
-        })
-    };
+    let port_of = |rows: Vec<tokio_postgres::SimpleQueryMessage>| common::first_text(&rows);
     let over_socket = port_of(
         c.simple_query("SELECT inet_server_port() IS NULL")
             .await

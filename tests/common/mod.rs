@@ -164,6 +164,14 @@ pub async fn connect(conninfo: &str) -> tokio_postgres::Client {
     client
 }
 
+/// The first column of the first row a simple query returned, as text.
+pub fn first_text(messages: &[tokio_postgres::SimpleQueryMessage]) -> Option<String> {
+    messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    })
+}
+
 /// Waits for `cond` up to `secs` seconds.
 pub async fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     for _ in 0..secs * 50 {
