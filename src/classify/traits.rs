@@ -89,6 +89,20 @@ struct Tokens<'a> {
     i: usize,
 }
 
+impl Tokens<'_> {
+    /// Past the byte at `i` and the letters, digits and `_` after it.
+    fn skip_word(&mut self) {
+        self.i += 1;
+        while self
+            .b
+            .get(self.i)
+            .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_')
+        {
+            self.i += 1;
+        }
+    }
+}
+
 impl Iterator for Tokens<'_> {
     type Item = Token;
 
@@ -110,25 +124,12 @@ impl Iterator for Tokens<'_> {
                 }
                 c if c.is_ascii_alphabetic() || c == b'_' => {
                     let start = self.i;
-                    while b
-                        .get(self.i)
-                        .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_')
-                    {
-                        self.i += 1;
-                    }
+                    self.skip_word();
                     return Some(Token::Word(start, self.i));
                 }
                 // Digits that follow a letter belong to its word above; others (numbers, `$1`)
                 // are skipped whole so they cannot start a word.
-                c if c.is_ascii_digit() || c == b'$' => {
-                    self.i += 1;
-                    while b
-                        .get(self.i)
-                        .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_')
-                    {
-                        self.i += 1;
-                    }
-                }
+                c if c.is_ascii_digit() || c == b'$' => self.skip_word(),
                 _ => self.i += 1,
             }
         }
