@@ -124,27 +124,12 @@ pub fn route(
     if session.sticky {
         return primary(Reason::StickyWindow);
     }
-    let healthy: Vec<ReplicaView> = replicas
-        .iter()
-        .map(|r| ReplicaView {
-            usable: r.usable && !r.lagging,
-            ..*r
-        })
-        .collect();
-    let caught_up: Vec<ReplicaView> = healthy
-        .iter()
-        .map(|r| ReplicaView {
-            usable: r.usable && r.replayed >= session.min_lsn,
-            ..*r
-        })
-        .collect();
-    if session.min_lsn > 0
-        && healthy.iter().any(|r| r.usable)
-        && !caught_up.iter().any(|r| r.usable)
-    {
+    let healthy = |r: &ReplicaView| r.usable && !r.lagging;
+    let caught_up = |r: &ReplicaView| healthy(r) && r.replayed >= session.min_lsn;
+    if session.min_lsn > 0 && replicas.iter().any(healthy) && !replicas.iter().any(caught_up) {
         return primary(Reason::ReadYourWrites);
     }
-    match choose_replica(&caught_up, policy.strategy, pick) {
+    match pick_replica(replicas, caught_up, policy.strategy, pick) {
         Some(i) => Ok(Decision {
             target: Target::Replica(i),
             reason: if hinted { Reason::Hint } else { read_reason },
@@ -162,7 +147,18 @@ pub fn choose_replica(
     strategy: ReplicaStrategy,
     pick: u64,
 ) -> Option<usize> {
-    let usable = replicas.iter().enumerate().filter(|(_, r)| r.usable);
+    pick_replica(replicas, |r| r.usable, strategy, pick)
+}
+
+/// Picks one of the replicas `eligible` accepts, by strategy. Allocates nothing: it runs for
+/// every read.
+fn pick_replica(
+    replicas: &[ReplicaView],
+    eligible: impl Fn(&ReplicaView) -> bool,
+    strategy: ReplicaStrategy,
+    pick: u64,
+) -> Option<usize> {
+    let usable = replicas.iter().enumerate().filter(|(_, r)| eligible(r));
     match strategy {
         ReplicaStrategy::LeastConnections => {
             // Ties rotate by `pick` so equal replicas share the load.
@@ -173,13 +169,11 @@ pub fn choose_replica(
                 .map(|(i, _)| i)
         }
         ReplicaStrategy::RoundRobin => {
-            let candidates: Vec<usize> = usable.map(|(i, _)| i).collect();
-            if candidates.is_empty() {
+            let count = usable.clone().count();
+            if count == 0 {
                 return None;
             }
-            candidates
-                .get((pick % candidates.len() as u64) as usize)
-                .copied()
+            usable.map(|(i, _)| i).nth((pick % count as u64) as usize)
         }
         ReplicaStrategy::WeightedRandom => {
             let total: u64 = usable.clone().map(|(_, r)| u64::from(r.weight)).sum();
