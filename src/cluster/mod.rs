@@ -249,7 +249,12 @@ impl Cluster {
 
     /// Milliseconds since the cluster view was created (the clock of `lsn_read_at_ms`).
     pub fn now_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis())
+        self.ms_at(Instant::now())
+    }
+
+    /// `at` on the clock of [`Cluster::now_ms`].
+    pub fn ms_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.started).as_millis())
             .unwrap_or(u64::MAX)
             .max(1)
     }

@@ -47,22 +47,26 @@ static TOKEN_PREPARE: LazyLock<Vec<u8>> = LazyLock::new(|| {
     b
 });
 
+/// The replicas as the router sees them.
+type ReplicaViews = smallvec::SmallVec<[ReplicaView; 4]>;
+
 impl Session {
     /// Routes a request outside a transaction; a read whose token no replica has replayed yet
     /// waits up to `consistency.causal_wait_ms`, woken by the monitor, before taking the primary.
+    /// `now`: when the request arrived, the one clock reading its routing needs.
     pub(super) async fn decide(
         &mut self,
         class: &Classification,
+        now: Instant,
     ) -> Result<Decision, SessionError> {
         let shared = Arc::clone(&self.shared);
         let cluster = &shared.cluster;
-        let cfg = shared.cfg.load_full();
         let policy = Policy {
-            strategy: cfg.routing.replica_strategy,
-            fallback: cfg.routing.fallback,
+            strategy: self.cfg.routing.replica_strategy,
+            fallback: self.cfg.routing.fallback,
         };
-        let session = self.read_view(class)?;
-        let wait = Duration::from_millis(cfg.consistency.causal_wait_ms);
+        let session = self.read_view(class, now)?;
+        let wait = Duration::from_millis(self.cfg.consistency.causal_wait_ms);
         let mut blocked_since: Option<Instant> = None;
         // Armed only once a read has to wait, so the common read takes no lock for it.
         let mut advanced = None;
@@ -123,17 +127,21 @@ impl Session {
             && usable.all(|n| n.apply_delay_ms.load(Ordering::Acquire) > left_ms)
     }
 
-    /// The router's view of each replica, lag limits applied.
-    fn replica_views(&self) -> Vec<ReplicaView> {
+    /// The router's view of each replica, lag limits applied. On the stack for up to four
+    /// replicas: it is built for every request routed outside a transaction.
+    fn replica_views(&self) -> ReplicaViews {
         let cluster = &self.shared.cluster;
-        let r = &self.shared.cfg.load().routing;
-        let now_us = now_us();
+        let r = &self.cfg.routing;
+        // The wall clock is read only for a replica with WAL still to replay.
+        let mut now = None;
         cluster
             .replicas()
             .iter()
             .map(|n| {
                 let p = cluster.progress(n);
-                let lagging = (r.max_replica_lag_ms > 0 && p.lag_ms(now_us) > r.max_replica_lag_ms)
+                let lagging = (r.max_replica_lag_ms > 0
+                    && p.lag_bytes() > 0
+                    && p.lag_ms(*now.get_or_insert_with(now_us)) > r.max_replica_lag_ms)
                     || (r.max_replica_lag_bytes > 0 && p.lag_bytes() > r.max_replica_lag_bytes);
                 ReplicaView {
                     usable: n.is_usable() && !n.drained.load(Ordering::Relaxed),
@@ -147,10 +155,9 @@ impl Session {
     }
 
     /// What this session's next read requires.
-    fn read_view(&self, class: &Classification) -> Result<SessionView, SessionError> {
+    fn read_view(&self, class: &Classification, now: Instant) -> Result<SessionView, SessionError> {
         let shared = &self.shared;
-        let c = &shared.cfg.load().consistency;
-        let now = Instant::now();
+        let c = &self.cfg.consistency;
         let hinted = match &class.hints.min_lsn {
             Some(text) => {
                 lsn::parse(text).map_err(|e| SessionError::InvalidParameter(e.to_string()))?
@@ -176,7 +183,7 @@ impl Session {
             global_token: shared.cluster.global_token.load(Ordering::Acquire),
             global_unconfirmed,
             hinted,
-            lsn_fresh: self.lsn_fresh(),
+            lsn_fresh: self.lsn_fresh(now),
             sticky_window: Duration::from_millis(c.sticky_window_ms),
             now,
         });
@@ -188,10 +195,10 @@ impl Session {
     }
 
     /// Whether every usable replica's position was read recently.
-    fn lsn_fresh(&self) -> bool {
+    fn lsn_fresh(&self, now: Instant) -> bool {
         let cluster = &self.shared.cluster;
-        let limit = (self.shared.cfg.load().consistency.lsn_poll_ms * 10).max(200);
-        let now = cluster.now_ms();
+        let limit = (self.cfg.consistency.lsn_poll_ms * 10).max(200);
+        let now = cluster.ms_at(now);
         cluster
             .replicas()
             .iter()
@@ -229,7 +236,7 @@ impl Session {
 
     /// Whether commit positions are needed (LSN modes, keyed or global tokens).
     fn tracks_tokens(&self) -> bool {
-        let c = &self.shared.cfg.load().consistency;
+        let c = &self.cfg.consistency;
         matches!(c.mode, ConsistencyMode::Lsn | ConsistencyMode::LsnSticky)
             || self.tokens.key.is_some()
             || c.scope == crate::config::ConsistencyScope::Global

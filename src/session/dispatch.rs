@@ -81,17 +81,18 @@ impl Session {
         }
         let fresh = self.lease.is_none();
         let prio = priority_of(&class, &req, false);
-        if fresh && let Err(e) = self.acquire_for(&class, req.force_primary, prio).await {
+        if fresh
+            && let Err(e) = self
+                .acquire_for(&class, req.force_primary, prio, started.into_std())
+                .await
+        {
             if e.is_client_gone() {
                 return Err(e);
             }
             self.fail_request(&req, &e);
             return Ok(());
         }
-        if class.pin.is_some()
-            && !self.pinned
-            && self.shared.cfg.load().pool.mode == PoolMode::Transaction
-        {
+        if class.pin.is_some() && !self.pinned && self.cfg.pool.mode == PoolMode::Transaction {
             self.pinned = true;
             self.shared.stats.pins.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(reason = ?class.pin, "session pinned to its backend");
@@ -175,7 +176,7 @@ impl Session {
         if self.slot.is_some() {
             return true;
         }
-        let timeout = self.shared.cfg.load().class_timeouts()[prio as usize];
+        let timeout = self.cfg.class_timeouts()[prio as usize];
         let name = self
             .lease
             .as_ref()
@@ -251,7 +252,10 @@ impl Session {
         routing.proxy = None;
         let started = tokio::time::Instant::now();
         let prio = priority_of(&routing, &req, false);
-        if let Err(e) = self.acquire_for(&routing, false, prio).await {
+        if let Err(e) = self
+            .acquire_for(&routing, false, prio, started.into_std())
+            .await
+        {
             if e.is_client_gone() {
                 return Err(e);
             }
@@ -331,7 +335,8 @@ impl Session {
                 text: crate::classify::TextTraits::default(),
             };
         }
-        let mut parts: Vec<Arc<Classification>> = req
+        // One part per statement text and named statement executed: nearly always one or two.
+        let mut parts: smallvec::SmallVec<[Arc<Classification>; 2]> = req
             .sql_texts()
             .map(|sql| self.classifier.classify(sql))
             .collect();
@@ -364,6 +369,7 @@ impl Session {
         class: &Classification,
         force_primary: bool,
         prio: Class,
+        now: std::time::Instant,
     ) -> Result<(), SessionError> {
         let shared = Arc::clone(&self.shared);
         let cluster = &shared.cluster;
@@ -374,14 +380,14 @@ impl Session {
                     target: Target::Primary,
                     reason: Reason::ReadOnlyRetry,
                 }
-            } else if shared.cfg.load().pool.mode == PoolMode::Session {
+            } else if self.cfg.pool.mode == PoolMode::Session {
                 // One backend for the whole session, as a server would be: the primary.
                 Decision {
                     target: Target::Primary,
                     reason: Reason::SessionPin,
                 }
             } else {
-                self.decide(class).await?
+                self.decide(class, now).await?
             };
             let node = match decision.target {
                 Target::Primary => cluster.primary(),

@@ -111,6 +111,11 @@ struct Timing {
 /// Per-client state.
 pub struct Session {
     shared: Arc<Shared>,
+    /// The configuration as of the current request: refreshed from `cfg_source` once per turn
+    /// of the session's loop (a pointer comparison), so the request path reads it for free.
+    cfg: Arc<crate::config::Config>,
+    cfg_source:
+        arc_swap::Cache<Arc<arc_swap::ArcSwap<crate::config::Config>>, Arc<crate::config::Config>>,
     client: Transport<Stream>,
     user: String,
     /// The login's key into the pools.
@@ -192,7 +197,10 @@ impl Session {
         info: Arc<crate::clients::ClientInfo>,
     ) -> Self {
         let settings = settings::Settings::from_startup(startup);
+        let mut cfg_source = arc_swap::Cache::new(Arc::clone(&shared.cfg));
         Self {
+            cfg: Arc::clone(cfg_source.load()),
+            cfg_source,
             shared,
             client,
             user: info.user.clone(),
@@ -265,6 +273,7 @@ impl Session {
         let info = Arc::clone(&self.info);
         let mut stopping = false;
         loop {
+            self.refresh_config();
             if stopping && self.lease.is_none() {
                 // Shutting down: a client between transactions is told at once.
                 return Err(SessionError::Shutdown);
@@ -448,11 +457,17 @@ impl Session {
         }
     }
 
+    /// Takes up a reloaded configuration; costs one atomic load when nothing changed.
+    fn refresh_config(&mut self) {
+        let current = self.cfg_source.load();
+        if !Arc::ptr_eq(current, &self.cfg) {
+            self.cfg = Arc::clone(current);
+        }
+    }
+
     /// Whether the client must keep its backend even between statements.
     fn holds_backend(&self) -> bool {
-        self.status != TxStatus::Idle
-            || self.pinned
-            || self.shared.cfg.load().pool.mode == PoolMode::Session
+        self.status != TxStatus::Idle || self.pinned || self.cfg.pool.mode == PoolMode::Session
     }
 
     async fn flush_client(&mut self) -> Result<(), SessionError> {

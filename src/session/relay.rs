@@ -381,7 +381,7 @@ impl Session {
             && !self.copy_in
             && self.status == TxStatus::Idle
             && !self.pinned
-            && self.shared.cfg.load().pool.mode == PoolMode::Transaction
+            && self.cfg.pool.mode == PoolMode::Transaction
         {
             self.release_lease(false);
         }

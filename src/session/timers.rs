@@ -37,7 +37,7 @@ impl Session {
     /// The next timeout to watch: a client idle inside a transaction, or a request its server
     /// is slow to answer.
     pub(super) fn next_timer(&self) -> Option<(Instant, Timer)> {
-        let cfg = self.shared.cfg.load();
+        let cfg = &self.cfg;
         if self.copy_in {
             return None;
         }
