@@ -184,7 +184,8 @@ async fn execution_slots_serve_commits_first() {
             r
         })
     };
-    let busy = run("busy", "/* causeway:primary */ SELECT pg_sleep(0.6)");
+    // The slot stays taken long enough for both others to queue even on a loaded machine.
+    let busy = run("busy", "/* causeway:primary */ SELECT pg_sleep(1.5)");
     tokio::time::sleep(Duration::from_millis(150)).await;
     let analytic = run(
         "analytic",

@@ -641,6 +641,21 @@ fn classifier_cache_counts_and_reuses() {
 }
 
 #[test]
+fn texts_without_literals_are_cached_by_text_and_the_others_by_shape() {
+    let cl = Classifier::new(100, catalog());
+    for sql in ["COMMIT", "SELECT v FROM t", "SELECT v FROM t WHERE id = 1"] {
+        cl.classify(sql);
+    }
+    cl.classify("SELECT v FROM t WHERE id = 2");
+    assert_eq!((cl.hits(), cl.misses()), (1, 3));
+    let inner = cl.inner.read().unwrap();
+    // Found on the first lookup, without masking the text again.
+    assert!(inner.cache.get("COMMIT").is_some());
+    assert!(inner.cache.get("SELECT v FROM t").is_some());
+    assert_eq!((inner.cache.len(), inner.shapes.len()), (2, 1));
+}
+
+#[test]
 fn classifier_catalog_replacement_clears_cache() {
     let cl = Classifier::new(100, FunctionCatalog::builtin_only(&[], &[]));
     assert_eq!(cl.classify("SELECT my_fn()").access, W);
