@@ -54,7 +54,13 @@ pub struct Pool {
     pub node: Arc<Node>,
     login: Login,
     settings: PoolSettings,
-    idle: Mutex<Vec<BackendConn>>,
+    /// Boxed, so handing a connection between the idle list, a lease and a session moves a
+    /// pointer rather than the whole connection state.
+    #[expect(
+        clippy::vec_box,
+        reason = "the boxes leave the list: each checkout moves a pointer, not the connection"
+    )]
+    idle: Mutex<Vec<Box<BackendConn>>>,
     permits: Arc<PermitQueue>,
     /// Connections open (idle and leased).
     pub open: AtomicUsize,
@@ -119,7 +125,7 @@ impl Pool {
         })
     }
 
-    async fn connect(&self) -> Result<BackendConn, PoolError> {
+    async fn connect(&self) -> Result<Box<BackendConn>, PoolError> {
         let conn = BackendConn::connect(
             &self.node,
             &self.login,
@@ -134,17 +140,17 @@ impl Pool {
         {
             *p = Some(conn.params.clone());
         }
-        Ok(conn)
+        Ok(Box::new(conn))
     }
 
     /// The newest usable idle connection; expired or dead ones are closed on the way.
-    fn take_idle(&self) -> Option<BackendConn> {
+    fn take_idle(&self) -> Option<Box<BackendConn>> {
         let now = Instant::now();
         loop {
             let conn = self.idle.lock().ok()?.pop()?;
             // A connection used moments ago is trusted without a probe (a system call); one
             // that sat idle is checked for a close or message the server sent meanwhile.
-            let rested = now.duration_since(conn.last_used) >= PROBE_AFTER_IDLE;
+            let rested = reached(now, conn.last_used, PROBE_AFTER_IDLE);
             if self.expired(&conn, now) || (rested && conn.is_stale()) {
                 self.open.fetch_sub(1, Ordering::Relaxed);
                 continue;
@@ -155,11 +161,11 @@ impl Pool {
 
     fn expired(&self, conn: &BackendConn, now: Instant) -> bool {
         conn.generation != self.node.generation.load(Ordering::Acquire)
-            || now.duration_since(conn.created) >= self.settings.max_lifetime
-            || now.duration_since(conn.last_used) >= self.settings.idle_timeout
+            || reached(now, conn.created, self.settings.max_lifetime)
+            || reached(now, conn.last_used, self.settings.idle_timeout)
     }
 
-    fn put_idle(&self, mut conn: BackendConn) {
+    fn put_idle(&self, mut conn: Box<BackendConn>) {
         conn.last_used = Instant::now();
         // Past the size (the pool shrank on reload): close instead of keeping it.
         let oversize = self.open.load(Ordering::Relaxed) > self.permits.permits();
@@ -221,7 +227,7 @@ impl Pool {
     /// Closes idle connections past their idle timeout or lifetime; opens up to `min_idle`.
     async fn maintain(self: &Arc<Self>) {
         let now = Instant::now();
-        let expired: Vec<BackendConn> = match self.idle.lock() {
+        let expired: Vec<Box<BackendConn>> = match self.idle.lock() {
             Ok(mut idle) => {
                 let (old, keep): (Vec<_>, Vec<_>) =
                     idle.drain(..).partition(|c| self.expired(c, now));
@@ -245,10 +251,16 @@ impl Pool {
     }
 }
 
+/// Whether `since + span` is past at `now` (a span too long for the clock never is). Two
+/// comparisons, where `duration_since` would compute a whole difference.
+fn reached(now: Instant, since: Instant, span: Duration) -> bool {
+    since.checked_add(span).is_some_and(|at| now >= at)
+}
+
 /// A checked-out connection. Dropping it returns the connection clean (rolling back an open
 /// transaction under a timeout) or discards it.
 pub struct Lease {
-    conn: Option<BackendConn>,
+    conn: Option<Box<BackendConn>>,
     pool: Arc<Pool>,
     permit: Option<Permit>,
 }
