@@ -116,8 +116,9 @@ fn auto_workers(cores: usize) -> usize {
 }
 
 /// Logs to stderr in the configured format; `CAUSEWAY_LOG` (a tracing filter such as
-/// `causeway=debug`) overrides `logging.level`. Each line carries its session span: client
-/// address, session id, user and database.
+/// `causeway=debug`) overrides `logging.level`. At debug and trace each line a session logs
+/// carries its span (client address, session id, user and database); the lines it logs at info
+/// and above name the session and client address themselves.
 fn init_tracing(logging: &LoggingConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAUSEWAY_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&logging.level))

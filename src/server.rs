@@ -340,10 +340,13 @@ fn bind_unix(dir: &Path, port: u16) -> std::io::Result<(UnixListener, PathBuf)> 
     Ok((listener, path))
 }
 
-/// Runs one client's session in a task of its own, inside its logging span.
+/// Runs one client's session in a task of its own, inside its logging span. The span is at
+/// debug level: entering it on every poll of a busy session is a measurable share of the
+/// per-request work, so at the default level it is off and the few lines a session logs at
+/// info or above name the client themselves.
 fn spawn_session(stream: Stream, peer: ClientAddr, shared: &Arc<Shared>) {
     let id = shared.session_ids.fetch_add(1, Ordering::Relaxed) + 1;
-    let span = tracing::info_span!("session", client.addr = %peer, session.id = id, user = tracing::field::Empty, db = tracing::field::Empty);
+    let span = tracing::debug_span!("session", client.addr = %peer, session.id = id, user = tracing::field::Empty, db = tracing::field::Empty);
     let shared = Arc::clone(shared);
     tokio::spawn(
         async move {
@@ -557,7 +560,7 @@ async fn admin_console(
     t.queue(&protocol::backend_key_data(0, 0));
     t.queue(&protocol::ready_for_query(TxStatus::Idle));
     t.flush().await.map_err(SessionError::ClientIo)?;
-    tracing::info!("admin console session");
+    tracing::info!(user, "admin console session");
     crate::admin::console::serve(t, Arc::clone(shared)).await
 }
 

@@ -455,7 +455,13 @@ impl Session {
                 .stats
                 .retried_reads
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::info!(node = %node.name, %reason, "read re-run after backend failure");
+            tracing::info!(
+                session.id = self.info.id,
+                client.addr = %self.info.addr,
+                node = %node.name,
+                %reason,
+                "read re-run after backend failure"
+            );
             let mut req = f.request;
             req.attempt += 1;
             self.requeue_front(req);

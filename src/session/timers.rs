@@ -73,7 +73,12 @@ impl Session {
                 // Ask the server to cancel, as a client would; a live server answers 57014.
                 let target = self.cancel.lock().ok().and_then(|t| t.clone());
                 if let Some(t) = target {
-                    tracing::info!(addr = %t.addr(), "query timeout: cancelling the request");
+                    tracing::info!(
+                        session.id = self.info.id,
+                        client.addr = %self.info.addr,
+                        server = %t.addr(),
+                        "query timeout: cancelling the request"
+                    );
                     tokio::spawn(crate::cancel::send_cancel(t));
                 }
                 self.cancel_sent = Some(Instant::now());
