@@ -52,7 +52,7 @@ impl Session {
                 (SessionAction::Forward(e), _) => {
                     effect = e;
                     // The proxy carries this state itself: no need to pin the session.
-                    class.pin = None;
+                    Arc::make_mut(&mut class).pin = None;
                 }
             }
         }
@@ -228,7 +228,7 @@ impl Session {
         &mut self,
         begin: Request,
         req: Request,
-        class: Classification,
+        class: Arc<Classification>,
         effect: Option<Effect>,
     ) -> Result<(), SessionError> {
         let ends = match class.tx {
@@ -245,8 +245,8 @@ impl Session {
             self.client.queue(&protocol::ready_for_query(self.status));
             return Ok(());
         }
-        let class_for_token = class.clone();
-        let mut routing = class;
+        let mut routing = Classification::clone(&class);
+        let class_for_token = class;
         let read_only = routing.tx == TxEffect::SetReadOnly;
         routing.tx = TxEffect::Begin { read_only };
         routing.proxy = None;
@@ -265,7 +265,7 @@ impl Session {
         }
         if let Some(lease) = self.lease.as_mut() {
             let conn = lease.conn();
-            for f in &begin.frames {
+            for f in begin.frames.iter() {
                 conn.transport.queue(f);
             }
             conn.statements.unnamed = None;
@@ -320,9 +320,11 @@ impl Session {
     }
 
     /// The combined classification of every statement the request runs.
-    fn classify(&self, req: &Request) -> Classification {
+    /// The request's classification: the cached one itself for a single statement, so the
+    /// common request copies nothing.
+    fn classify(&self, req: &Request) -> Arc<Classification> {
         if req.is_function_call() {
-            return Classification {
+            return Arc::new(Classification {
                 access: Access::Write,
                 tx: TxEffect::None,
                 pin: None,
@@ -333,14 +335,14 @@ impl Session {
                 parse_error: false,
                 reason: "function_call",
                 text: crate::classify::TextTraits::default(),
-            };
+            });
         }
         // One part per statement text and named statement executed: nearly always one or two.
         let mut parts: smallvec::SmallVec<[Arc<Classification>; 2]> = req
             .sql_texts()
             .map(|sql| self.classifier.classify(sql))
             .collect();
-        for f in &req.frames {
+        for f in req.frames.iter() {
             let named = match f.tag {
                 tag::FE_BIND => protocol::parse_bind(f.body()).ok().map(|b| b.statement),
                 tag::FE_DESCRIBE => protocol::parse_describe(f.body())
@@ -360,7 +362,10 @@ impl Session {
                 parts.push(self.classifier.classify(sql));
             }
         }
-        combine(&parts)
+        match parts.as_slice() {
+            [one] => Arc::clone(one),
+            _ => Arc::new(combine(&parts)),
+        }
     }
 
     /// Routes and takes a backend; a replica that cannot be reached is banned and another tried.
@@ -468,7 +473,7 @@ impl Session {
             statements: &mut self.statements,
             unnamed: &mut self.unnamed,
         };
-        for frame in &req.frames {
+        for frame in req.frames.iter() {
             translate::translate(frame, conn, &mut self.replies, &mut names)?;
         }
         for frame in &req.trailing {

@@ -131,7 +131,7 @@ impl Session {
     /// Closes and Syncs outside a transaction: statement names are the proxy's to forget, and
     /// portals do not outlive a transaction.
     pub(super) fn answer_housekeeping(&mut self, req: &Request) {
-        for f in &req.frames {
+        for f in req.frames.iter() {
             match f.tag {
                 tag::FE_CLOSE => {
                     if let Ok(c) = protocol::parse_close(f.body())
@@ -263,7 +263,7 @@ impl Session {
     /// Queues the replies a server would send for this request, given the outcome.
     pub(super) fn answer_locally(&mut self, req: &Request, outcome: LocalOutcome) {
         let mut failed = false;
-        for f in &req.frames {
+        for f in req.frames.iter() {
             let reply: Vec<Frame> = match (f.tag, &outcome) {
                 (_, Err(_)) if failed => {
                     if f.tag == tag::FE_SYNC {

@@ -1,12 +1,15 @@
 //! A unit of client work: one simple Query (or FunctionCall), or an extended-protocol batch
 //! up to and including its Sync or Flush.
 
+use std::sync::Arc;
+
 use crate::protocol::{self, Frame, tag};
 
-/// One client request, kept as the client's original frames.
+/// One client request, kept as the client's original frames. Cheap to clone: a request that
+/// may have to run again (a read on a replica) is kept while it runs.
 #[derive(Debug, Clone)]
 pub struct Request {
-    pub frames: Vec<Frame>,
+    pub frames: Arc<[Frame]>,
     /// COPY data the client pipelined after the request, before the server asked for it.
     pub trailing: Vec<Frame>,
     /// Times this request was already re-run after a backend failure.
@@ -18,11 +21,15 @@ pub struct Request {
 impl Request {
     /// A simple Query or FunctionCall.
     pub fn single(frame: Frame) -> Self {
-        Self::extended(vec![frame])
+        Self::with(Arc::new([frame]))
     }
 
     /// An extended-protocol batch.
     pub fn extended(frames: Vec<Frame>) -> Self {
+        Self::with(frames.into())
+    }
+
+    fn with(frames: Arc<[Frame]>) -> Self {
         Self {
             frames,
             trailing: Vec::new(),

@@ -37,7 +37,7 @@ impl Session {
     /// the client has been told, as a server would tell it.
     pub(super) async fn verify_shapes(&mut self, req: &Request) -> Result<bool, SessionError> {
         let mut todo: Vec<(StatementKey, Vec<u8>)> = Vec::new();
-        for f in &req.frames {
+        for f in req.frames.iter() {
             if f.tag != tag::FE_BIND {
                 continue;
             }
