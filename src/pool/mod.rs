@@ -436,3 +436,19 @@ impl Pools {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_span_is_reached_at_its_end_and_one_past_the_clock_never() {
+        let t0 = Instant::now();
+        let span = Duration::from_millis(200);
+        assert!(!reached(t0, t0, span));
+        assert!(!reached(t0 + span - Duration::from_nanos(1), t0, span));
+        assert!(reached(t0 + span, t0, span));
+        assert!(reached(t0 + span * 2, t0, span));
+        assert!(!reached(t0 + span, t0, Duration::MAX));
+    }
+}
