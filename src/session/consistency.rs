@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::{Expect, Session};
 use crate::classify::{Access, Classification, TxEffect};
+use crate::cluster::Node;
 use crate::cluster::lsn::{self, Lsn};
 use crate::config::{ConsistencyMode, ReplicaStrategy};
 use crate::consistency::{Inputs, requirement};
@@ -53,11 +54,13 @@ type ReplicaViews = smallvec::SmallVec<[ReplicaView; 4]>;
 impl Session {
     /// Routes a request outside a transaction; a read whose token no replica has replayed yet
     /// waits up to `consistency.causal_wait_ms`, woken by the monitor, before taking the primary.
-    /// `now`: when the request arrived, the one clock reading its routing needs.
+    /// `now`: when the request arrived, the one clock reading its routing needs. `replicas`: the
+    /// list a `Target::Replica` index will be looked up in.
     pub(super) async fn decide(
         &mut self,
         class: &Classification,
         now: Instant,
+        replicas: &[Arc<Node>],
     ) -> Result<Decision, SessionError> {
         let shared = Arc::clone(&self.shared);
         let cluster = &shared.cluster;
@@ -65,13 +68,13 @@ impl Session {
             strategy: self.cfg.routing.replica_strategy,
             fallback: self.cfg.routing.fallback,
         };
-        let session = self.read_view(class, now)?;
+        let session = self.read_view(class, now, replicas)?;
         let wait = Duration::from_millis(self.cfg.consistency.causal_wait_ms);
         let mut blocked_since: Option<Instant> = None;
         // Armed only once a read has to wait, so the common read takes no lock for it.
         let mut advanced = None;
         loop {
-            let views = self.replica_views();
+            let views = self.replica_views(replicas);
             // Only reads advance the rotation, so interleaved writes do not skew it.
             let pick = match policy.strategy {
                 _ if class.access == Access::Write => 0,
@@ -85,7 +88,7 @@ impl Session {
             if decision.reason == Reason::ReadYourWrites {
                 let since = *blocked_since.get_or_insert_with(Instant::now);
                 let left = wait.saturating_sub(since.elapsed());
-                if !left.is_zero() && !self.replicas_far_behind(left) {
+                if !left.is_zero() && !replicas_far_behind(replicas, left) {
                     let Some(wake) = advanced.take() else {
                         // Registered, then checked again: an advance in between is not lost.
                         let mut wake = Box::pin(cluster.lsn_advanced.notified());
@@ -94,7 +97,7 @@ impl Session {
                         continue;
                     };
                     // Read the replicas' positions now instead of at the next poll tick.
-                    for n in cluster.replicas().iter().filter(|n| n.is_usable()) {
+                    for n in replicas.iter().filter(|n| n.is_usable()) {
                         n.poll_now.notify_one();
                     }
                     if tokio::time::timeout(left, wake).await.is_ok() {
@@ -116,26 +119,14 @@ impl Session {
         }
     }
 
-    /// Whether every usable replica applies commits later than the time left to wait (as seen
-    /// by the monitor when it last advanced), so waiting would only delay a read that ends on
-    /// the primary anyway.
-    fn replicas_far_behind(&self, left: Duration) -> bool {
-        let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
-        let replicas = self.shared.cluster.replicas();
-        let mut usable = replicas.iter().filter(|n| n.is_usable()).peekable();
-        usable.peek().is_some()
-            && usable.all(|n| n.apply_delay_ms.load(Ordering::Acquire) > left_ms)
-    }
-
     /// The router's view of each replica, lag limits applied. On the stack for up to four
     /// replicas: it is built for every request routed outside a transaction.
-    fn replica_views(&self) -> ReplicaViews {
+    fn replica_views(&self, replicas: &[Arc<Node>]) -> ReplicaViews {
         let cluster = &self.shared.cluster;
         let r = &self.cfg.routing;
         // The wall clock is read only for a replica with WAL still to replay.
         let mut now = None;
-        cluster
-            .replicas()
+        replicas
             .iter()
             .map(|n| {
                 let p = cluster.progress(n);
@@ -155,7 +146,12 @@ impl Session {
     }
 
     /// What this session's next read requires.
-    fn read_view(&self, class: &Classification, now: Instant) -> Result<SessionView, SessionError> {
+    fn read_view(
+        &self,
+        class: &Classification,
+        now: Instant,
+        replicas: &[Arc<Node>],
+    ) -> Result<SessionView, SessionError> {
         let shared = &self.shared;
         let c = &self.cfg.consistency;
         let hinted = match &class.hints.min_lsn {
@@ -183,7 +179,7 @@ impl Session {
             global_token: shared.cluster.global_token.load(Ordering::Acquire),
             global_unconfirmed,
             hinted,
-            lsn_fresh: self.lsn_fresh(now),
+            lsn_fresh: self.lsn_fresh(now, replicas),
             sticky_window: Duration::from_millis(c.sticky_window_ms),
             now,
         });
@@ -195,12 +191,10 @@ impl Session {
     }
 
     /// Whether every usable replica's position was read recently.
-    fn lsn_fresh(&self, now: Instant) -> bool {
-        let cluster = &self.shared.cluster;
+    fn lsn_fresh(&self, now: Instant, replicas: &[Arc<Node>]) -> bool {
         let limit = (self.cfg.consistency.lsn_poll_ms * 10).max(200);
-        let now = cluster.ms_at(now);
-        cluster
-            .replicas()
+        let now = self.shared.cluster.ms_at(now);
+        replicas
             .iter()
             .filter(|n| n.is_usable())
             .all(|n| now.saturating_sub(n.lsn_read_at_ms.load(Ordering::Acquire)) <= limit)
@@ -310,6 +304,15 @@ impl Session {
             *g = Some(now);
         }
     }
+}
+
+/// Whether every usable replica applies commits later than the time left to wait (as seen
+/// by the monitor when it last advanced), so waiting would only delay a read that ends on
+/// the primary anyway.
+fn replicas_far_behind(replicas: &[Arc<Node>], left: Duration) -> bool {
+    let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+    let mut usable = replicas.iter().filter(|n| n.is_usable()).peekable();
+    usable.peek().is_some() && usable.all(|n| n.apply_delay_ms.load(Ordering::Acquire) > left_ms)
 }
 
 fn now_us() -> i64 {

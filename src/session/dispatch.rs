@@ -392,7 +392,7 @@ impl Session {
                     reason: Reason::SessionPin,
                 }
             } else {
-                self.decide(class, now).await?
+                self.decide(class, now, &replicas).await?
             };
             let node = match decision.target {
                 Target::Primary => cluster.primary(),
