@@ -319,9 +319,8 @@ impl Session {
         }
     }
 
-    /// The combined classification of every statement the request runs.
-    /// The request's classification: the cached one itself for a single statement, so the
-    /// common request copies nothing.
+    /// The combined classification of every statement the request runs; for a single statement
+    /// the cached one itself, so the common request copies nothing.
     fn classify(&self, req: &Request) -> Arc<Classification> {
         if req.is_function_call() {
             return Arc::new(Classification {
