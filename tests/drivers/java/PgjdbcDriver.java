@@ -300,6 +300,21 @@ public final class PgjdbcDriver {
                 if (!Integer.valueOf(primaryPort).equals(port)) {
                     problems.append(how).append(": a read-write transaction ran on ").append(port).append("; ");
                 }
+                // setReadOnly(true) (Spring's @Transactional(readOnly = true)) makes pgjdbc open
+                // the transaction with BEGIN READ ONLY, sent through the extended protocol in the
+                // same batch as the first query: the whole transaction may run on a replica.
+                c.setReadOnly(true);
+                port = one(c, "SELECT inet_server_port()");
+                Object again = one(c, "SELECT inet_server_port()");
+                c.commit();
+                c.setReadOnly(false);
+                if (Integer.valueOf(primaryPort).equals(port)) {
+                    problems.append(how).append(": a read-only transaction ran on the primary; ");
+                }
+                if (!port.equals(again)) {
+                    problems.append(how).append(": a read-only transaction moved from ").append(port)
+                        .append(" to ").append(again).append("; ");
+                }
             }
         }
         check(problems.length() == 0, problems.toString());
