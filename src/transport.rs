@@ -108,6 +108,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
         self.wbuf.extend_from_slice(bytes);
     }
 
+    /// The buffer of bytes queued for the next flush, for encoders that write in place.
+    pub fn write_buffer(&mut self) -> &mut BytesMut {
+        &mut self.wbuf
+    }
+
     /// Bytes queued and not yet flushed.
     pub fn pending_write(&self) -> usize {
         self.wbuf.len()

@@ -9,6 +9,62 @@ use bytes::Bytes;
 /// (query text and parameter types).
 pub type StatementKey = Bytes;
 
+/// The name a statement has on one backend: `causeway_<n>`, held inline so that naming a
+/// statement in a Bind (every execution of a prepared statement) allocates nothing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct BackendName {
+    len: u8,
+    buf: [u8; BackendName::CAPACITY],
+}
+
+impl BackendName {
+    const PREFIX: &'static [u8] = b"causeway_";
+    /// The prefix and the 20 digits of the largest `u64`.
+    const CAPACITY: usize = 9 + 20;
+
+    fn new(id: u64) -> Self {
+        let mut buf = [0u8; Self::CAPACITY];
+        buf[..Self::PREFIX.len()].copy_from_slice(Self::PREFIX);
+        let mut digits = [0u8; 20];
+        let mut n = id;
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let tail = &digits[at..];
+        let len = Self::PREFIX.len() + tail.len();
+        buf[Self::PREFIX.len()..len].copy_from_slice(tail);
+        Self {
+            len: len as u8,
+            buf,
+        }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever written.
+        std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for BackendName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for BackendName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A bounded, least-recently-used map from statement key to the name it has on this backend.
 /// Entries are scoped by the session settings in force when they were prepared: a statement
 /// parsed under one client's search_path must not serve a client with another.
@@ -27,7 +83,7 @@ pub struct StatementCache {
 
 #[derive(Debug)]
 struct Entry {
-    name: String,
+    name: BackendName,
     last_used: u64,
     /// Result columns the server described for it here, once known.
     shape: Option<Vec<u8>>,
@@ -53,18 +109,18 @@ impl StatementCache {
     }
 
     /// The backend name of a prepared statement, marking it recently used.
-    pub fn get(&mut self, key: &StatementKey) -> Option<&str> {
+    pub fn get(&mut self, key: &StatementKey) -> Option<BackendName> {
         self.tick += 1;
         let tick = self.tick;
         self.map.get_mut(&(self.scope, key.clone())).map(|e| {
             e.last_used = tick;
-            e.name.as_str()
+            e.name
         })
     }
 
     /// Records a statement about to be prepared; returns its new name and, when the cache was
     /// full, the name of the statement to close first.
-    pub fn insert(&mut self, key: StatementKey) -> (String, Option<String>) {
+    pub fn insert(&mut self, key: StatementKey) -> (BackendName, Option<BackendName>) {
         let evicted = if self.map.len() >= self.capacity {
             self.evict_oldest()
         } else {
@@ -72,11 +128,11 @@ impl StatementCache {
         };
         self.next_id += 1;
         self.tick += 1;
-        let name = format!("causeway_{}", self.next_id);
+        let name = BackendName::new(self.next_id);
         self.map.insert(
             (self.scope, key),
             Entry {
-                name: name.clone(),
+                name,
                 last_used: self.tick,
                 shape: None,
             },
@@ -120,7 +176,7 @@ impl StatementCache {
         self.token_prepared = false;
     }
 
-    fn evict_oldest(&mut self) -> Option<String> {
+    fn evict_oldest(&mut self) -> Option<BackendName> {
         let key = self
             .map
             .iter()
@@ -143,10 +199,10 @@ mod tests {
         assert!(ev.is_none());
         let (nb, _) = c.insert(b.clone());
         assert_ne!(na, nb);
-        assert_eq!(c.get(&a), Some(na.as_str()));
+        assert_eq!(c.get(&a), Some(na));
         // b is now the least recently used and is evicted by a third statement
         let (_, ev) = c.insert(Bytes::from_static(b"select 3\0\0\0"));
-        assert_eq!(ev.as_deref(), Some(nb.as_str()));
+        assert_eq!(ev, Some(nb));
         assert!(c.get(&b).is_none());
         assert_eq!(c.len(), 2);
         c.remove(&a);
@@ -157,5 +213,16 @@ mod tests {
         assert!(c.get(&a).is_none());
         c.set_scope(0);
         assert!(c.get(&a).is_some());
+    }
+
+    #[test]
+    fn backend_names_spell_their_number() {
+        assert_eq!(BackendName::new(0).as_str(), "causeway_0");
+        assert_eq!(BackendName::new(7).as_str(), "causeway_7");
+        assert_eq!(BackendName::new(1234567890).as_str(), "causeway_1234567890");
+        assert_eq!(
+            BackendName::new(u64::MAX).as_str(),
+            format!("causeway_{}", u64::MAX)
+        );
     }
 }

@@ -1,13 +1,13 @@
 //! Zero-copy views of client messages (parsed from `Frame::body()`) and encoders for the
 //! client-side messages the proxy itself sends to backends.
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::protocol::error::ProtocolError;
 use crate::protocol::frame::Frame;
 use crate::protocol::startup::{CANCEL_REQUEST_CODE, PROTOCOL_3_0};
 use crate::protocol::tag;
-use crate::protocol::wire::{Builder, Reader, i16_count};
+use crate::protocol::wire::{Builder, Reader, cstr_len, i16_count, i32_len, put_cstr};
 
 /// Simple-protocol Query.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -226,10 +226,24 @@ pub fn encode_parse(name: &str, sql: &str, param_types: &[u8]) -> Frame {
 
 /// Bind with the same portal and parameters as `bind` but a different statement name.
 pub fn encode_bind_renamed(bind: &Bind<'_>, statement: &str) -> Frame {
-    let cap = bind.portal.len() + statement.len() + bind.rest.len() + 2;
-    let mut b = Builder::tagged(tag::FE_BIND, cap);
-    b.cstr(bind.portal).cstr(statement).bytes(bind.rest);
-    b.finish()
+    let mut buf = BytesMut::new();
+    put_bind_renamed(&mut buf, bind, statement);
+    Frame {
+        tag: tag::FE_BIND,
+        bytes: buf.freeze(),
+    }
+}
+
+/// [`encode_bind_renamed`] written straight into `dst` (a connection's write buffer), so
+/// executing a prepared statement costs no allocation of its own.
+pub fn put_bind_renamed(dst: &mut BytesMut, bind: &Bind<'_>, statement: &str) {
+    let body = cstr_len(bind.portal) + cstr_len(statement) + bind.rest.len();
+    dst.reserve(body + 5);
+    dst.put_u8(tag::FE_BIND);
+    dst.put_i32(i32_len(body + 4));
+    put_cstr(dst, bind.portal);
+    put_cstr(dst, statement);
+    dst.put_slice(bind.rest);
 }
 
 /// Describe of a statement (`b'S'`) or portal (`b'P'`).

@@ -127,13 +127,9 @@ impl Builder {
         self
     }
 
-    /// Writes `s` NUL-terminated, cut at any interior NUL so caller text can never forge
-    /// extra fields or messages in the peer's parser.
+    /// Writes `s` NUL-terminated (see [`put_cstr`]).
     pub(crate) fn cstr(&mut self, s: &str) -> &mut Self {
-        let raw = s.as_bytes();
-        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-        self.buf.put_slice(raw.get(..end).unwrap_or_default());
-        self.buf.put_u8(0);
+        put_cstr(&mut self.buf, s);
         self
     }
 
@@ -164,6 +160,25 @@ impl Builder {
         self.patch_len();
         self.buf.freeze()
     }
+}
+
+/// `s` up to any interior NUL: what [`put_cstr`] writes before its terminator.
+fn cstr_bytes(s: &str) -> &[u8] {
+    let raw = s.as_bytes();
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    raw.get(..end).unwrap_or_default()
+}
+
+/// Bytes [`put_cstr`] writes for `s`, terminator included.
+pub(crate) fn cstr_len(s: &str) -> usize {
+    cstr_bytes(s).len() + 1
+}
+
+/// Writes `s` NUL-terminated, cut at any interior NUL so caller text can never forge extra
+/// fields or messages in the peer's parser.
+pub(crate) fn put_cstr(dst: &mut BytesMut, s: &str) {
+    dst.put_slice(cstr_bytes(s));
+    dst.put_u8(0);
 }
 
 /// Lengths above i32::MAX cannot be expressed on the wire; such sizes are far beyond any limit

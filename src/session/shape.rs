@@ -76,7 +76,7 @@ impl Session {
                 return Ok(true);
             };
             let conn = lease.conn();
-            let prepared = conn.statements.get(&key).map(str::to_string);
+            let prepared = conn.statements.get(&key);
             let name = match prepared {
                 Some(name) => match conn.statements.shape(&key) {
                     Some(known) if known == expected.as_slice() => continue,

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use super::{ClientStatement, Expect};
 use crate::error::SessionError;
 use crate::pool::BackendConn;
-use crate::pool::statements::StatementKey;
+use crate::pool::statements::{BackendName, StatementKey};
 use crate::protocol::{self, Frame, tag};
 
 /// The client's statement names, borrowed for translation.
@@ -29,9 +29,9 @@ pub(super) fn ensure_prepared(
     conn: &mut BackendConn,
     replies: &mut VecDeque<Expect>,
     key: &StatementKey,
-) -> Option<String> {
+) -> Option<BackendName> {
     if let Some(name) = conn.statements.get(key) {
-        return Some(name.to_string());
+        return Some(name);
     }
     let (sql, types) = split_key(key)?;
     let (name, evicted) = conn.statements.insert(key.clone());
@@ -129,9 +129,9 @@ pub(super) fn translate(
                     .get(b.statement)
                     .and_then(|s| ensure_prepared(conn, replies, &s.key))
                 {
-                    Some(name) => conn
-                        .transport
-                        .queue(&protocol::encode_bind_renamed(&b, &name)),
+                    Some(name) => {
+                        protocol::put_bind_renamed(conn.transport.write_buffer(), &b, &name)
+                    }
                     // Unknown to the proxy: let the server report it.
                     None => conn.transport.queue(frame),
                 }
