@@ -68,9 +68,14 @@ impl std::fmt::Debug for BackendName {
 /// A bounded, least-recently-used map from statement key to the name it has on this backend.
 /// Entries are scoped by the session settings in force when they were prepared: a statement
 /// parsed under one client's search_path must not serve a client with another.
+///
+/// Every Bind of a prepared statement looks its whole text up here, so keys are hashed with
+/// foldhash (seeded per map) rather than SipHash. Keys are client text, but the map holds at
+/// most `capacity` entries, so even keys made to collide cost no more per lookup than the
+/// eviction scan a full cache already does per insert.
 #[derive(Debug)]
 pub struct StatementCache {
-    map: HashMap<(u64, StatementKey), Entry>,
+    map: HashMap<(u64, StatementKey), Entry, foldhash::fast::RandomState>,
     scope: u64,
     tick: u64,
     next_id: u64,
@@ -93,7 +98,7 @@ impl StatementCache {
     /// An empty cache holding at most `capacity` statements.
     pub fn new(capacity: usize) -> Self {
         Self {
-            map: HashMap::new(),
+            map: HashMap::with_hasher(foldhash::fast::RandomState::default()),
             scope: 0,
             tick: 0,
             next_id: 0,
