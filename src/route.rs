@@ -202,6 +202,12 @@ mod tests {
         Classification {
             access,
             tx,
+            last_tx: if tx.bounds_block() {
+                tx
+            } else {
+                TxEffect::None
+            },
+            copy_from: false,
             pin: None,
             hints: Hints::default(),
             proxy: None,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use causeway::launcher::ClusterOptions;
 use causeway::route::Reason;
 use common::{Env, raw};
+use tokio::io::AsyncWriteExt;
 use tokio_postgres::SimpleQueryMessage;
 
 /// A cluster whose replicas apply WAL `delay_ms` late, and a proxy with extra config lines.
@@ -587,4 +588,191 @@ async fn a_write_ending_on_a_wal_page_boundary_is_read_from_a_replica() {
         "the read waited {:?} and went to the primary",
         started.elapsed()
     );
+}
+
+/// Reads row `id` through `c` after the monitor has had time to see the replicas replay the
+/// write's WAL up to (not including) its commit: a token taken before the commit would now
+/// let a replica serve the read, and it would miss the row.
+async fn read_back(c: &tokio_postgres::Client, id: i32) -> (i64, u16) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let msgs = c
+        .simple_query(&format!(
+            "SELECT count(*), inet_server_port() FROM items WHERE id = {id}"
+        ))
+        .await
+        .unwrap();
+    let row = msgs
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some((r.get(0).unwrap(), r.get(1).unwrap())),
+            _ => None,
+        })
+        .unwrap();
+    (row.0.parse().unwrap(), row.1.parse().unwrap())
+}
+
+/// The same through a raw connection: the count of row `id`.
+async fn raw_read_back(s: &mut tokio::net::TcpStream, id: i32) -> String {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sql = format!("SELECT count(*) FROM items WHERE id = {id}");
+    let replies = raw::roundtrip(s, &raw::query(&sql)).await;
+    let row = replies.iter().find(|(t, _)| *t == b'D').expect("a row");
+    // DataRow: i16 column count, i32 length, the text.
+    String::from_utf8_lossy(&row.1[6..]).into_owned()
+}
+
+/// Whatever shape the work that wrote takes (the write and BEGIN or COMMIT in one string or
+/// one extended batch, a portal executed by a later request, pipelined requests, a key hint
+/// inside a transaction, a write a replica refused and the primary ran, COPY after a write),
+/// the token the read waits for is taken after the commit. The replicas apply commits 1 s
+/// late, so a token taken any earlier would let a replica serve the read without the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_follows_the_commit_however_the_write_is_sent() {
+    let env = delayed(1500, "\n[routing]\nread_only_functions = [\"bump\"]\n").await;
+    env.owner()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION bump(i int) RETURNS int LANGUAGE sql VOLATILE
+               AS 'INSERT INTO items VALUES (i, ''bump'') RETURNING i'",
+        )
+        .await
+        .unwrap();
+    env.caught_up().await;
+    let raw_proxy = common::trust_proxy(&env).await;
+    let mut stale = Vec::new();
+
+    // BEGIN and the write in one string; COMMIT on its own.
+    let a = env.client().await;
+    a.batch_execute("BEGIN; INSERT INTO items VALUES (1, 'begin+write')")
+        .await
+        .unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    if read_back(&a, 1).await.0 != 1 {
+        stale.push("BEGIN; INSERT, then COMMIT");
+    }
+
+    // Each case starts with the replicas caught up, so only its own commit is pending.
+    env.caught_up().await;
+    // The same through the extended protocol, as pgjdbc sends it with autocommit off.
+    let mut s = raw::login(raw_proxy.addr).await;
+    let mut batch = Vec::new();
+    for sql in ["BEGIN", "INSERT INTO items VALUES (2, 'extended')"] {
+        batch.extend(raw::parse("", sql));
+        batch.extend(raw::bind(""));
+        batch.extend(raw::execute());
+    }
+    batch.extend(raw::sync());
+    raw::roundtrip(&mut s, &batch).await;
+    let mut commit = raw::parse("", "COMMIT");
+    commit.extend(raw::bind(""));
+    commit.extend(raw::execute());
+    commit.extend(raw::sync());
+    raw::roundtrip(&mut s, &commit).await;
+    if raw_read_back(&mut s, 2).await != "1" {
+        stale.push("extended BEGIN + INSERT batch, then COMMIT");
+    }
+
+    env.caught_up().await;
+    // A lone BEGIN (deferred by the proxy), then the write and COMMIT in one string.
+    let a = env.client().await;
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("INSERT INTO items VALUES (3, 'write+commit'); COMMIT")
+        .await
+        .unwrap();
+    if read_back(&a, 3).await.0 != 1 {
+        stale.push("BEGIN, then INSERT; COMMIT");
+    }
+
+    env.caught_up().await;
+    // The write and a COMMIT (of nothing) in one string outside a transaction.
+    let a = env.client().await;
+    a.batch_execute("INSERT INTO items VALUES (4, 'autocommit'); COMMIT")
+        .await
+        .unwrap();
+    if read_back(&a, 4).await.0 != 1 {
+        stale.push("INSERT; COMMIT outside a transaction");
+    }
+
+    env.caught_up().await;
+    // A key hint on a write inside a transaction: another session under the key sees it.
+    let a = env.client().await;
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("/* causeway:key=user:9 */ INSERT INTO items VALUES (5, 'keyed')")
+        .await
+        .unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    let b = env.client().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = b
+        .simple_query("/* causeway:key=user:9 */ SELECT count(*) FROM items WHERE id = 5")
+        .await
+        .unwrap();
+    if common::first_text(&seen).as_deref() != Some("1") {
+        stale.push("key hint on a write inside a transaction, read by another session");
+    }
+
+    env.caught_up().await;
+    // A write a replica refused (a function wrongly listed as read-only) runs on the primary.
+    let a = env.client().await;
+    let ran: i32 = a.query_one("SELECT bump(6)", &[]).await.unwrap().get(0);
+    assert_eq!(ran, 6);
+    if read_back(&a, 6).await.0 != 1 {
+        stale.push("a write re-run on the primary after a replica refused it");
+    }
+
+    env.caught_up().await;
+    // A portal bound by one request and executed by the next.
+    let mut s = raw::login(raw_proxy.addr).await;
+    raw::roundtrip(&mut s, &raw::query("BEGIN")).await;
+    let mut bind = raw::parse("", "INSERT INTO items VALUES (7, 'portal')");
+    bind.extend(raw::bind(""));
+    bind.extend(raw::msg(b'H', &[]));
+    s.write_all(&bind).await.unwrap();
+    raw::read_until(&mut s, |t| t == b'2' || t == b'E').await;
+    let mut exec = raw::execute();
+    exec.extend(raw::sync());
+    raw::roundtrip(&mut s, &exec).await;
+    raw::roundtrip(&mut s, &raw::query("COMMIT")).await;
+    if raw_read_back(&mut s, 7).await != "1" {
+        stale.push("Execute of a portal bound by an earlier request");
+    }
+
+    env.caught_up().await;
+    // COMMIT and an autocommit write pipelined: the write gets a token of its own.
+    let a = env.client().await;
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("INSERT INTO items VALUES (8, 'before')")
+        .await
+        .unwrap();
+    let (committed, wrote) = tokio::join!(
+        a.batch_execute("COMMIT"),
+        a.batch_execute("SELECT pg_sleep(1.2); INSERT INTO items VALUES (9, 'pipelined')")
+    );
+    committed.unwrap();
+    wrote.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    if read_back(&a, 9).await.0 != 1 {
+        stale.push("COMMIT and an autocommit INSERT pipelined");
+    }
+
+    env.caught_up().await;
+    // A write and a COPY in one string: the token waits for the COPY to end.
+    let mut s = raw::login(raw_proxy.addr).await;
+    s.write_all(&raw::query(
+        "DELETE FROM items WHERE id < 0; COPY items FROM STDIN",
+    ))
+    .await
+    .unwrap();
+    let started = raw::read_until(&mut s, |t| t == b'G' || t == b'E' || t == b'Z').await;
+    assert_eq!(started.last().map(|m| m.0), Some(b'G'), "{started:?}");
+    let mut data = raw::msg(b'd', b"10\tcopied\n");
+    data.extend(raw::msg(b'c', &[]));
+    let done = raw::roundtrip(&mut s, &data).await;
+    if done.iter().any(|(t, _)| *t == b'E') {
+        stale.push("a write and COPY FROM STDIN in one string (the COPY failed)");
+    } else if raw_read_back(&mut s, 10).await != "1" {
+        stale.push("a write and COPY FROM STDIN in one string");
+    }
+
+    assert!(stale.is_empty(), "stale reads after: {stale:#?}");
 }

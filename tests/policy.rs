@@ -27,12 +27,19 @@ async fn replica_refusing_a_write_is_retried_on_the_primary() {
     env.caught_up().await;
     let c = env.client().await;
     for round in 0..2 {
+        // Each call writes, so the session's next read waits for the replicas to replay it
+        // (read-your-writes) and would otherwise go straight to the primary: let them catch
+        // up, so every call is sent to a replica first.
+        env.caught_up().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let simple = c.simple_query("SELECT bump()").await.unwrap();
         assert!(
             simple
                 .iter()
                 .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
         );
+        env.caught_up().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let port: i32 = c.query_one("SELECT bump()", &[]).await.unwrap().get(0);
         assert_eq!(port as u16, env.node_port(0), "round {round}");
     }

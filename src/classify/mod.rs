@@ -51,6 +51,16 @@ pub enum TxEffect {
     Rollback,
 }
 
+impl TxEffect {
+    /// BEGIN, COMMIT or ROLLBACK: opens or ends a transaction block.
+    pub fn bounds_block(self) -> bool {
+        matches!(
+            self,
+            TxEffect::Begin { .. } | TxEffect::Commit | TxEffect::Rollback
+        )
+    }
+}
+
 /// Session state a statement leaves on its backend connection that cannot follow the client to another connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PinReason {
@@ -157,6 +167,11 @@ pub struct Classification {
     pub access: Access,
     /// First non-None transaction effect among the statements.
     pub tx: TxEffect,
+    /// The last statement that opens or ends a transaction block (BEGIN, COMMIT or ROLLBACK),
+    /// `None` if there is none: whether the string leaves a transaction open.
+    pub last_tx: TxEffect,
+    /// Some statement is a COPY FROM, after which the server reads data from the client.
+    pub copy_from: bool,
     /// First session pin among the statements.
     pub pin: Option<PinReason>,
     /// Leading-comment directives.
@@ -199,6 +214,8 @@ fn classify_full(sql: &str, catalog: &FunctionCatalog, hints: Hints) -> Classifi
             return Classification {
                 access: Access::Write,
                 tx: TxEffect::None,
+                last_tx: TxEffect::None,
+                copy_from: false,
                 pin: None,
                 hints,
                 proxy: None,
@@ -220,13 +237,26 @@ fn classify_full(sql: &str, catalog: &FunctionCatalog, hints: Hints) -> Classifi
             },
         )
         .collect();
-    finish(statement::combine(&outcomes), stmts.len(), hints, sql)
+    let mut c = finish(statement::combine(&outcomes), stmts.len(), hints, sql);
+    c.last_tx = outcomes
+        .iter()
+        .map(|o| o.tx)
+        .rfind(|t| t.bounds_block())
+        .unwrap_or(TxEffect::None);
+    c.copy_from = outcomes.iter().any(|o| o.reason == statement::COPY_FROM);
+    c
 }
 
 fn finish(o: statement::Outcome, statements: usize, hints: Hints, sql: &str) -> Classification {
     Classification {
         access: o.access,
         tx: o.tx,
+        last_tx: if o.tx.bounds_block() {
+            o.tx
+        } else {
+            TxEffect::None
+        },
+        copy_from: o.reason == statement::COPY_FROM,
         pin: o.pin,
         hints,
         proxy: o.proxy,

@@ -10,6 +10,9 @@ use super::{Access, PinReason, ProxyCommand, RouteMode, SessionCommand, TxEffect
 /// `CURSOR_OPT_HOLD` from PostgreSQL's parsenodes.h.
 const CURSOR_OPT_HOLD: i32 = 0x20;
 
+/// The reason of a COPY FROM, after which the server reads the client's data.
+pub(crate) const COPY_FROM: &str = "copy_from";
+
 /// What one statement means for routing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Outcome {
@@ -191,7 +194,7 @@ fn explain(e: &pb::ExplainStmt, catalog: &FunctionCatalog) -> Outcome {
 /// is as read-only as its query.
 fn copy(c: &pb::CopyStmt, catalog: &FunctionCatalog) -> Outcome {
     if c.is_from {
-        return Outcome::write("copy_from");
+        return Outcome::write(COPY_FROM);
     }
     if c.is_program || !c.filename.is_empty() {
         return Outcome::write("copy_to_file");

@@ -863,3 +863,41 @@ fn shapes_share_only_value_free_classifications() {
     assert!(!Arc::ptr_eq(&a, &b));
     assert!(a.pin.is_some() && b.pin.is_some());
 }
+
+#[test]
+fn the_last_transaction_boundary_and_copy_are_kept_across_statements() {
+    let cat = catalog();
+    let cases = [
+        ("INSERT INTO t VALUES (1)", TxEffect::None, false),
+        ("BEGIN", TxEffect::Begin { read_only: false }, false),
+        (
+            "BEGIN; INSERT INTO t VALUES (1)",
+            TxEffect::Begin { read_only: false },
+            false,
+        ),
+        ("INSERT INTO t VALUES (1); COMMIT", TxEffect::Commit, false),
+        (
+            "BEGIN; INSERT INTO t VALUES (1); COMMIT",
+            TxEffect::Commit,
+            false,
+        ),
+        (
+            "COMMIT; BEGIN READ ONLY",
+            TxEffect::Begin { read_only: true },
+            false,
+        ),
+        (
+            "BEGIN; SET TRANSACTION READ ONLY",
+            TxEffect::Begin { read_only: false },
+            false,
+        ),
+        ("ROLLBACK; SELECT 1", TxEffect::Rollback, false),
+        ("DELETE FROM t; COPY t FROM STDIN", TxEffect::None, true),
+        ("COPY t FROM STDIN", TxEffect::None, true),
+        ("COPY t TO STDOUT", TxEffect::None, false),
+    ];
+    for (sql, last_tx, copy_from) in cases {
+        let c = run(sql, &cat);
+        assert_eq!((c.last_tx, c.copy_from), (last_tx, copy_from), "{sql}");
+    }
+}

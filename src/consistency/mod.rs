@@ -150,22 +150,25 @@ pub fn requirement(i: Inputs<'_>) -> Requirement {
     let unconfirmed = within(i.session.unconfirmed_write)
         || within(i.key_unconfirmed)
         || (i.scope == ConsistencyScope::Global && within(i.global_unconfirmed));
-    let tokens = || {
-        let mut t = i.session.own.max(i.key_token);
+    let global = || {
         if i.scope == ConsistencyScope::Global {
-            t = t.max(i.global_token);
+            i.global_token
+        } else {
+            0
         }
-        t
     };
+    let tokens = || i.session.own.max(i.key_token).max(global());
     match i.mode {
         // Tokens a client presents are honoured in every mode: it asked for them.
         ConsistencyMode::None => Requirement {
             min_lsn: presented,
             primary: false,
         },
+        // The session's own writes keep its reads on the primary for the window; writes under
+        // its key or, in global scope, anyone's are known by their tokens, as in `lsn`.
         ConsistencyMode::Sticky => Requirement {
-            min_lsn: presented,
-            primary: recent_write,
+            min_lsn: i.key_token.max(global()).max(presented),
+            primary: recent_write || unconfirmed,
         },
         ConsistencyMode::Lsn => Requirement {
             min_lsn: tokens().max(presented),
@@ -294,6 +297,34 @@ mod tests {
             120,
             "presented tokens hold in every mode"
         );
+    }
+
+    #[test]
+    fn sticky_mode_follows_key_and_global_writes_by_their_tokens() {
+        let now = Instant::now();
+        let s = SessionTokens::default();
+        let mut i = inputs(ConsistencyMode::Sticky, &s, now);
+        assert_eq!(
+            requirement(i),
+            Requirement {
+                min_lsn: 0,
+                primary: false
+            }
+        );
+        // Another session wrote under this session's key: its token holds here too.
+        i.key_token = 70;
+        assert_eq!(requirement(i).min_lsn, 70);
+        i.scope = ConsistencyScope::Global;
+        i.global_token = 90;
+        assert_eq!(requirement(i).min_lsn, 90);
+        // A write under the key lost its token: only the primary is sure to have it.
+        i.key_unconfirmed = Some(now);
+        assert!(requirement(i).primary);
+        let lost = SessionTokens {
+            unconfirmed_write: Some(now),
+            ..Default::default()
+        };
+        assert!(requirement(inputs(ConsistencyMode::Sticky, &lost, now)).primary);
     }
 
     #[test]

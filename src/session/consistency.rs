@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use super::{Expect, Session};
+use super::{Expect, Request, Session};
 use crate::classify::{Access, Classification, TxEffect};
 use crate::cluster::Node;
 use crate::cluster::lsn::{self, Lsn};
@@ -50,6 +50,34 @@ static TOKEN_PREPARE: LazyLock<Vec<u8>> = LazyLock::new(|| {
 
 /// The replicas as the router sees them.
 type ReplicaViews = smallvec::SmallVec<[ReplicaView; 4]>;
+
+/// Writes sent to the primary and the part of them a commit token covers. Writes are counted
+/// in the order they are sent, so a token knows which ones it covers even when requests are
+/// pipelined behind it.
+#[derive(Debug, Default)]
+pub(super) struct Unsealed {
+    /// Writes sent so far.
+    pub(super) sent: u64,
+    /// Of those, how many a token (or, without tokens, the sticky clock) covers.
+    sealed: u64,
+    /// Key hints of the writes not yet covered.
+    pub(super) keys: Vec<String>,
+}
+
+impl Unsealed {
+    /// Some write is not covered yet.
+    pub(super) fn pending(&self) -> bool {
+        self.sent > self.sealed
+    }
+
+    /// The first `upto` writes are covered.
+    pub(super) fn seal(&mut self, upto: u64) {
+        self.sealed = self.sealed.max(upto);
+        if !self.pending() {
+            self.keys.clear();
+        }
+    }
+}
 
 impl Session {
     /// Routes a request outside a transaction; a read whose token no replica has replayed yet
@@ -200,32 +228,99 @@ impl Session {
             .all(|n| now.saturating_sub(n.lsn_read_at_ms.load(Ordering::Acquire)) <= limit)
     }
 
-    /// Whether this request, sent on the current (primary) backend, ends a write that needs a
-    /// commit token; also keeps track of writes inside a transaction.
-    pub(super) fn needs_token(&mut self, class: &Classification) -> bool {
+    /// Notes what a request about to run on the current backend means for read-your-writes,
+    /// and appends the token query to it when it ends the work that wrote.
+    ///
+    /// What counts is what the primary runs: a statement classed as a write, a request re-run
+    /// there because a replica refused it as a write, and an Execute of a portal bound by an
+    /// earlier request (its statement is not in this one). The token query is only appended
+    /// when the request is expected to leave no transaction open; whether it did is the
+    /// server's to say (the token's own ReadyForQuery), and writes no valid token covered are
+    /// sealed at the next ReadyForQuery outside a transaction ([`Session::seal_at_ready`]).
+    pub(super) fn track_writes(&mut self, class: &Classification, req: &Request) {
         let on_primary = self
             .lease
             .as_ref()
             .is_some_and(|l| l.node().role == crate::cluster::Role::Primary);
-        if !on_primary {
+        if !on_primary || !req.executes() {
+            return;
+        }
+        if class.access == Access::Write || req.force_primary || req.executes_earlier_portal() {
+            self.unsealed.sent += 1;
+            if let Some(k) = &class.hints.key
+                && !self.unsealed.keys.contains(k)
+            {
+                self.unsealed.keys.push(k.clone());
+            }
+            if !self.tracks_tokens() {
+                self.tokens.last_write = Some(Instant::now());
+            }
+        }
+        if !self.unsealed.pending() || !self.tracks_tokens() {
+            return;
+        }
+        // The client's view: with requests pipelined it may lag, which only costs a round trip.
+        let in_tx = self.status != TxStatus::Idle;
+        let leaves_tx_closed = match class.last_tx {
+            TxEffect::Commit | TxEffect::Rollback => true,
+            TxEffect::Begin { .. } => false,
+            _ => !in_tx,
+        };
+        // After COPY FROM the server reads data, and a batch without Sync is not over: both
+        // take their token at their ReadyForQuery.
+        if leaves_tx_closed && !class.copy_from && req.ends_with_ready() {
+            self.pending_token = true;
+        }
+    }
+
+    /// At a ReadyForQuery for the client: outside a transaction, writes still unsealed get
+    /// their token now, before the client sees this ReadyForQuery (true: the caller holds it
+    /// back and the token query has been queued). Without tokens (sticky mode) the window
+    /// starts here, when the writes are committed.
+    pub(super) fn seal_at_ready(&mut self, status: TxStatus) -> bool {
+        if status != TxStatus::Idle || !self.unsealed.pending() {
             return false;
         }
-        let in_tx = self.status != TxStatus::Idle;
-        if class.access == Access::Write {
-            self.tx_wrote |= in_tx;
+        if self
+            .replies
+            .iter()
+            .any(|e| matches!(e, Expect::Token { .. }))
+        {
+            return false;
         }
-        let wrote = match class.tx {
-            TxEffect::Commit => std::mem::take(&mut self.tx_wrote),
-            TxEffect::Rollback => {
-                self.tx_wrote = false;
-                false
-            }
-            _ => !in_tx && class.access == Access::Write,
-        };
-        if wrote && !self.tracks_tokens() {
+        if !self.tracks_tokens() {
             self.tokens.last_write = Some(Instant::now());
+            self.unsealed.seal(self.unsealed.sent);
+            return false;
         }
-        wrote && self.tracks_tokens()
+        if !self.replies.is_empty() {
+            // Pipelined requests follow: the last of them takes the token.
+            return false;
+        }
+        self.queue_token_query();
+        true
+    }
+
+    /// The token query's ReadyForQuery. Run outside a transaction, its position is at or past
+    /// every commit before it; run inside one (the request left a transaction open after all),
+    /// it may precede the commit still to come, so it is dropped and the writes stay unsealed.
+    pub(super) fn token_answered(
+        &mut self,
+        status: TxStatus,
+        lsn: Lsn,
+        keys: Vec<String>,
+        covers: u64,
+    ) {
+        if status != TxStatus::Idle {
+            for k in keys {
+                if !self.unsealed.keys.contains(&k) {
+                    self.unsealed.keys.push(k);
+                }
+            }
+            return;
+        }
+        self.unsealed.seal(covers);
+        self.record_token(lsn, &keys);
     }
 
     /// Whether commit positions are needed (LSN modes, keyed or global tokens).
@@ -238,7 +333,7 @@ impl Session {
 
     /// Queues the token query behind the request, on the same backend and in the same write.
     /// It is prepared once per connection (named, so the client's unnamed statement survives).
-    pub(super) fn queue_token_query(&mut self, key: Option<String>) {
+    pub(super) fn queue_token_query(&mut self) {
         if let Some(lease) = self.lease.as_mut() {
             let conn = lease.conn();
             if conn.statements.token_prepared {
@@ -247,7 +342,11 @@ impl Session {
                 conn.transport.queue_bytes(&TOKEN_PREPARE);
                 conn.statements.token_prepared = true;
             }
-            self.replies.push_back(Expect::Token { key, lsn: 0 });
+            self.replies.push_back(Expect::Token {
+                keys: std::mem::take(&mut self.unsealed.keys),
+                covers: self.unsealed.sent,
+                lsn: 0,
+            });
         }
     }
 
@@ -272,16 +371,16 @@ impl Session {
     /// Records a commit token: the session's, its key's, the proxy's; tells the client.
     /// Without a token (the query failed), the session's reads stay on the primary for the
     /// sticky window instead, the one place sure to have the write.
-    pub(super) fn record_token(&mut self, token: Lsn, key: Option<String>) {
+    fn record_token(&mut self, token: Lsn, keys: &[String]) {
         let now = Instant::now();
         if token == 0 {
-            self.token_lost(key, now);
+            self.token_lost(keys, now);
             return;
         }
         let token = crate::cluster::lsn::record_end(token, self.shared.cluster.wal_geometry());
         self.tokens.own = self.tokens.own.max(token);
         self.tokens.last_write = Some(now);
-        if let Some(k) = key.as_deref().or(self.tokens.key.as_deref()) {
+        for k in keys.iter().chain(self.tokens.key.as_ref()) {
             self.shared.keys.record(k, token, now);
         }
         self.shared
@@ -295,9 +394,10 @@ impl Session {
     /// A write was acknowledged without its token (the token query failed, or the server went
     /// away right after the commit). The session's reads, the reads under its key and, in global
     /// scope, every read keep to the primary for the sticky window: only it surely has the write.
-    pub(super) fn token_lost(&mut self, key: Option<String>, now: Instant) {
+    pub(super) fn token_lost(&mut self, keys: &[String], now: Instant) {
         self.tokens.unconfirmed_write = Some(now);
-        if let Some(k) = key.as_deref().or(self.tokens.key.as_deref()) {
+        self.tokens.last_write = Some(now);
+        for k in keys.iter().chain(self.tokens.key.as_ref()) {
             self.shared.keys.record_unconfirmed(k, now);
         }
         if let Ok(mut g) = self.shared.cluster.global_unconfirmed.lock() {

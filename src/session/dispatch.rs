@@ -126,17 +126,7 @@ impl Session {
         if !self.take_slot(exec_class, &req).await {
             return Ok(());
         }
-        // Only work that runs counts as a write (a prepared INSERT is not one yet).
-        if req.executes() && self.needs_token(&class) {
-            let key = class.hints.key.clone();
-            if class.reason == "copy_from" || !req.ends_with_ready() {
-                // The server reads COPY data next, or the batch is not closed yet: ask for the
-                // token once ReadyForQuery says the work is over.
-                self.token_after_ready = Some(key);
-            } else {
-                self.pending_token = Some(key);
-            }
-        }
+        self.track_writes(&class, &req);
         self.in_flight = rerunnable.then(|| InFlight {
             request: req.clone(),
             client_mark: self.client.pending_write(),
@@ -279,9 +269,7 @@ impl Session {
         if !self.take_slot(exec_class, &req).await {
             return Ok(());
         }
-        if req.executes() {
-            self.needs_token(&class_for_token);
-        }
+        self.track_writes(&class_for_token, &req);
         self.count_request(&req, &class_for_token, exec_class, started);
         self.send(&req, effect).await
     }
@@ -326,6 +314,8 @@ impl Session {
             return Arc::new(Classification {
                 access: Access::Write,
                 tx: TxEffect::None,
+                last_tx: TxEffect::None,
+                copy_from: false,
                 pin: None,
                 hints: Hints::default(),
                 proxy: None,
@@ -341,8 +331,16 @@ impl Session {
             .sql_texts()
             .map(|sql| self.classifier.classify(sql))
             .collect();
+        // The unnamed statement is this request's own once it parses one (its text is among
+        // the texts above); before that it is the one an earlier request left.
+        let mut unnamed_parsed = false;
         for f in req.frames.iter() {
             let named = match f.tag {
+                tag::FE_PARSE => {
+                    unnamed_parsed |=
+                        protocol::parse_parse(f.body()).is_ok_and(|p| p.name.is_empty());
+                    None
+                }
                 tag::FE_BIND => protocol::parse_bind(f.body()).ok().map(|b| b.statement),
                 tag::FE_DESCRIBE => protocol::parse_describe(f.body())
                     .ok()
@@ -351,9 +349,7 @@ impl Session {
                 _ => None,
             };
             let key = match named {
-                Some("") if !req.frames.iter().any(|f| f.tag == tag::FE_PARSE) => {
-                    self.unnamed.as_ref()
-                }
+                Some("") if !unnamed_parsed => self.unnamed.as_ref(),
                 Some(name) if !name.is_empty() => self.statements.get(name).map(|s| &s.key),
                 _ => None,
             };
@@ -478,8 +474,8 @@ impl Session {
         for frame in &req.trailing {
             conn.transport.queue(frame);
         }
-        if let Some(key) = self.pending_token.take() {
-            self.queue_token_query(key);
+        if std::mem::take(&mut self.pending_token) {
+            self.queue_token_query();
         }
         let Some(lease) = self.lease.as_mut() else {
             return Ok(());
@@ -520,6 +516,8 @@ pub(super) fn combine(parts: &[Arc<Classification>]) -> Classification {
     let mut out = Classification {
         access: Access::Read,
         tx: TxEffect::None,
+        last_tx: TxEffect::None,
+        copy_from: false,
         pin: None,
         hints: Hints::default(),
         proxy: None,
@@ -547,6 +545,10 @@ pub(super) fn combine(parts: &[Arc<Classification>]) -> Classification {
         if out.tx == TxEffect::None {
             out.tx = c.tx;
         }
+        if c.last_tx != TxEffect::None {
+            out.last_tx = c.last_tx;
+        }
+        out.copy_from |= c.copy_from;
         out.pin = out.pin.or(c.pin);
         out.statements += c.statements;
         out.parse_error |= c.parse_error;

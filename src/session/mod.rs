@@ -66,8 +66,10 @@ enum Expect {
     /// A reply the proxy produces itself at this point in the stream.
     Synthetic(Frame),
     /// The commit-token query the proxy appended after a write: its answer is kept, not shown.
+    /// `covers`: the writes sent before it (see [`Unsealed`]); `keys`: their key hints.
     Token {
-        key: Option<String>,
+        keys: Vec<String>,
+        covers: u64,
         lsn: u64,
     },
 }
@@ -163,12 +165,10 @@ pub struct Session {
     error_since_ready: bool,
     /// Read-your-writes state: own token, key, presented token.
     tokens: crate::consistency::SessionTokens,
-    /// The open transaction wrote on the primary.
-    tx_wrote: bool,
-    /// Append the token query to the request being sent (with the statement's key hint).
-    pending_token: Option<Option<String>>,
-    /// Ask for the token once the current request's ReadyForQuery arrives (after COPY).
-    token_after_ready: Option<Option<String>>,
+    /// Writes sent to the primary that no commit token covers yet.
+    unsealed: consistency::Unsealed,
+    /// Append the token query to the request being sent.
+    pending_token: bool,
     /// A new token is to be reported to the client with its next reply.
     announce_token: bool,
     /// The write's ReadyForQuery, held until its token is recorded.
@@ -236,9 +236,8 @@ impl Session {
             tx_committed: false,
             error_since_ready: false,
             tokens: Default::default(),
-            tx_wrote: false,
-            pending_token: None,
-            token_after_ready: None,
+            unsealed: Default::default(),
+            pending_token: false,
             announce_token: false,
             ready_after_token: None,
         }
@@ -522,8 +521,7 @@ impl Session {
         self.busy_since = None;
         self.cancel_sent = None;
         self.copy_sync_owed = false;
-        self.pending_token = None;
-        self.token_after_ready = None;
+        self.pending_token = false;
         self.slot = None;
         if let Ok(mut slot) = self.cancel.lock() {
             *slot = None;

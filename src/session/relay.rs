@@ -51,8 +51,8 @@ impl Session {
                     let (forward, effect) = match self.replies.pop_front() {
                         Some(Expect::Query { forward, effect }) => (forward, effect),
                         Some(Expect::Sync { effect }) => (true, effect),
-                        Some(Expect::Token { key, lsn }) => {
-                            self.record_token(lsn, key);
+                        Some(Expect::Token { keys, covers, lsn }) => {
+                            self.token_answered(status, lsn, keys, covers);
                             if let Some(ready) = self.ready_after_token.take() {
                                 self.client.queue(&ready);
                             }
@@ -79,7 +79,7 @@ impl Session {
                         // A write is acknowledged only once its token is recorded: another
                         // session reading under the same key must find the token in place.
                         let token_next = matches!(self.replies.front(), Some(Expect::Token { .. }))
-                            || (self.replies.is_empty() && self.token_after_ready.is_some());
+                            || self.seal_at_ready(status);
                         if token_next {
                             self.ready_after_token = Some(frame);
                         } else {
@@ -87,11 +87,6 @@ impl Session {
                         }
                     }
                     self.emit_synthetic();
-                    if self.replies.is_empty()
-                        && let Some(key) = self.token_after_ready.take()
-                    {
-                        self.queue_token_query(key);
-                    }
                     if self.replies.is_empty() {
                         // The statement is over: its execution slot goes to the next waiter.
                         self.slot = None;
@@ -411,14 +406,23 @@ impl Session {
         lease.conn().broken = true;
         let fatal_forwarded = std::mem::take(&mut self.backend_fatal_forwarded);
         if let Some(ready) = self.ready_after_token.take() {
-            // The write completed but its token is lost: acknowledge it, and keep the reads
-            // that must see it on the primary for the sticky window instead.
+            // The write completed but its token is lost: acknowledge it.
             self.client.queue(&ready);
-            let key = self.replies.iter().find_map(|e| match e {
-                Expect::Token { key, .. } => Some(key.clone()),
-                _ => None,
-            });
-            self.token_lost(key.flatten(), std::time::Instant::now());
+        }
+        let mut token_owed = false;
+        let mut keys = Vec::new();
+        for e in &mut self.replies {
+            if let Expect::Token { keys: k, .. } = e {
+                token_owed = true;
+                keys.append(k);
+            }
+        }
+        if token_owed || self.unsealed.pending() {
+            // Whether the writes not yet covered by a token committed is unknown: keep the
+            // reads that must see them on the primary for the sticky window instead.
+            keys.append(&mut self.unsealed.keys);
+            self.unsealed.seal(self.unsealed.sent);
+            self.token_lost(&keys, std::time::Instant::now());
         }
         let node = std::sync::Arc::clone(lease.node());
         node.errors.fetch_add(1, Ordering::Relaxed);

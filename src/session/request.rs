@@ -72,6 +72,12 @@ impl Request {
         })
     }
 
+    /// Whether it executes a portal bound by an earlier request, so what runs is not in it.
+    pub fn executes_earlier_portal(&self) -> bool {
+        self.frames.iter().any(|f| f.tag == tag::FE_EXECUTE)
+            && !self.frames.iter().any(|f| f.tag == tag::FE_BIND)
+    }
+
     /// Whether this is one simple Query message.
     pub fn is_simple_query(&self) -> bool {
         self.frames.len() == 1 && self.frames.first().is_some_and(|f| f.tag == tag::FE_QUERY)
