@@ -313,6 +313,26 @@ async fn hints_and_session_route_setting() {
     assert_eq!(row.get::<_, i32>(0), primary);
     let err = c.simple_query("SET causeway.bogus = 1").await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("42704"));
+    // Among other statements a causeway.* setting is refused, never silently left out; the
+    // string does not run at all.
+    let err = c
+        .simple_query("SET causeway.route = 'primary'; INSERT INTO t VALUES (701, 'x')")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("0A000"), "{err}");
+    let shown = c.simple_query("SHOW causeway.route").await.unwrap();
+    assert!(
+        matches!(&shown[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("auto"))
+    );
+    let n: i64 = c
+        .query_one(
+            "/* causeway:primary */ SELECT count(*) FROM t WHERE id = 701",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
 }
 
 /// Servers named by their Unix-socket directory (as libpq's `host=/dir`): data connections,

@@ -120,6 +120,9 @@ pub enum ProxyCommand {
         /// Variable name without the prefix.
         name: String,
     },
+    /// One of the above among other statements in one string: the proxy answers these itself,
+    /// so the string is refused rather than sent with the setting silently left out.
+    Misplaced,
 }
 
 /// Session-state statements the proxy tracks itself so they can follow the client to any

@@ -386,6 +386,8 @@ pub(crate) fn combine(outcomes: &[Outcome]) -> Outcome {
     if let [single] = outcomes {
         combined.proxy = single.proxy.clone();
         combined.session = single.session.clone();
+    } else if outcomes.iter().any(|o| o.proxy.is_some()) {
+        combined.proxy = Some(ProxyCommand::Misplaced);
     }
     combined
 }

@@ -491,8 +491,10 @@ fn proxy_commands() {
         ("SHOW causeway.last_write_lsn", Some(Show { name: "last_write_lsn".into(), })),
         ("SHOW CAUSEWAY.Route", Some(Show { name: "route".into(), })),
         ("/* causeway:primary */ SET causeway.route = 'replica'", Some(SetRoute(RouteMode::Replica))),
-        ("SET causeway.route = 'replica'; SELECT 1", None),
-        ("SHOW causeway.route; SHOW causeway.route", None),
+        ("SET causeway.route = 'replica'; SELECT 1", Some(Misplaced)),
+        ("SHOW causeway.route; SHOW causeway.route", Some(Misplaced)),
+        ("SELECT 1; SET causeway.consistency_key = 'k'", Some(Misplaced)),
+        ("SELECT 1; SHOW search_path", None),
         ("SET causewayx.route = 'replica'", None),
         ("SHOW search_path", None),
     ];

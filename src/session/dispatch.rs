@@ -535,7 +535,8 @@ pub(super) fn combine(parts: &[Arc<Classification>]) -> Classification {
             out.proxy = c.proxy.clone();
             out.session = c.session.clone();
         } else {
-            out.proxy = None;
+            out.proxy = (out.proxy.is_some() || c.proxy.is_some())
+                .then_some(crate::classify::ProxyCommand::Misplaced);
             out.session = None;
         }
         if c.access == Access::Write && out.access == Access::Read {

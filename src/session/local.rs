@@ -196,6 +196,12 @@ impl Session {
             ProxyCommand::Show { name } if name == "stats" => {
                 Ok(("SHOW", Some(self.stats_table())))
             }
+            ProxyCommand::Misplaced => Err((
+                crate::error::sqlstate::FEATURE_NOT_SUPPORTED,
+                "SET, RESET and SHOW of causeway.* settings must be sent as a statement of their \
+                 own, not among others in one string"
+                    .to_string(),
+            )),
             ProxyCommand::SetVar { name, .. } | ProxyCommand::Show { name } => Err((
                 UNDEFINED_OBJECT,
                 format!("unrecognized configuration parameter \"causeway.{name}\""),
