@@ -337,8 +337,8 @@ impl Session {
         for f in req.frames.iter() {
             let named = match f.tag {
                 tag::FE_PARSE => {
-                    unnamed_parsed |=
-                        protocol::parse_parse(f.body()).is_ok_and(|p| p.name.is_empty());
+                    // The name comes first: the unnamed statement's is empty.
+                    unnamed_parsed |= f.body().first() == Some(&0);
                     None
                 }
                 tag::FE_BIND => protocol::parse_bind(f.body()).ok().map(|b| b.statement),
