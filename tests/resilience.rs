@@ -258,3 +258,48 @@ async fn reads_running_on_a_killed_replica_are_rerun() {
     }
     assert!(env.proxy.shared.stats.retried_reads.load(Ordering::Relaxed) > 0);
 }
+
+/// A Flush-ended write leaves the server inside an implicit transaction until Sync. A client
+/// that leaves there must not hand that transaction to the next client, whose statement would
+/// commit it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_an_unsynced_batch_leaves_a_clean_backend() {
+    use common::raw::{bind, execute, login, msg, parse, query, read_until};
+    use tokio::io::AsyncWriteExt;
+    let env = common::start_with(Default::default(), |cfg| {
+        *cfg = cfg.replace("[primary]", "[pool]\nprimary_max = 1\n\n[primary]");
+    })
+    .await;
+    let admin = env.primary_admin().await;
+    admin
+        .batch_execute("CREATE TABLE u (id int); GRANT ALL ON u TO app")
+        .await
+        .unwrap();
+    let proxy = common::trust_proxy(&env).await;
+    let mut a = login(proxy.addr).await;
+    let mut bytes = parse("", "INSERT INTO u VALUES (1)");
+    bytes.extend(bind(""));
+    bytes.extend(execute());
+    bytes.extend(msg(b'H', &[]));
+    a.write_all(&bytes).await.unwrap();
+    let got = read_until(&mut a, |t| t == b'C' || t == b'E').await;
+    assert_eq!(got.last().map(|m| m.0), Some(b'C'), "{got:?}");
+    a.write_all(&msg(b'X', &[])).await.unwrap();
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The only primary connection is free again for another client, and clean.
+    let mut b = login(proxy.addr).await;
+    b.write_all(&query("INSERT INTO u VALUES (2)"))
+        .await
+        .unwrap();
+    let got = read_until(&mut b, |t| t == b'Z').await;
+    assert!(got.iter().all(|m| m.0 != b'E'), "{got:?}");
+    let rows: Vec<i32> = admin
+        .query("SELECT id FROM u ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, vec![2], "the unsynced insert must not be committed");
+}

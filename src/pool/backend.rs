@@ -40,6 +40,9 @@ pub struct BackendConn {
     pub status: TxStatus,
     /// Set when the connection can no longer be trusted (I/O error, protocol desync).
     pub broken: bool,
+    /// An extended-protocol message went out since the last ReadyForQuery: the server may hold
+    /// an implicit transaction that only a Sync ends, which `status` does not show.
+    pub unsynced: bool,
     /// Statements prepared on this connection by the proxy.
     pub statements: StatementCache,
     /// Client settings last replayed on this connection.
@@ -291,6 +294,7 @@ async fn login_on(
                     last_used: now,
                     status: TxStatus::Idle,
                     broken: false,
+                    unsynced: false,
                     statements: StatementCache::new(STATEMENT_CACHE_CAPACITY),
                     applied: Applied::default(),
                     generation: 0,

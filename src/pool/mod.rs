@@ -298,7 +298,9 @@ impl Drop for Lease {
             return;
         };
         let pool = Arc::clone(&self.pool);
-        if conn.broken {
+        // Unsynced, the server sits in an implicit transaction whose locks and writes the next
+        // client's statement would commit: nothing cheap undoes that, so the connection goes.
+        if conn.broken || conn.unsynced {
             pool.open.fetch_sub(1, Ordering::Relaxed);
             return;
         }

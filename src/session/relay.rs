@@ -33,6 +33,7 @@ impl Session {
                         && let Ok(s) = protocol::parse_ready_for_query(frame.body())
                     {
                         l.conn().status = s;
+                        l.conn().unsynced = false;
                     }
                     let req = self.rerun.take();
                     self.release_lease(false);
@@ -62,6 +63,7 @@ impl Session {
                     };
                     if let Some(l) = self.lease.as_mut() {
                         l.conn().status = status;
+                        l.conn().unsynced = false;
                     }
                     self.settle_effects(status, effect);
                     self.copy_in = false;

@@ -73,6 +73,12 @@ pub(super) fn translate(
     replies: &mut VecDeque<Expect>,
     names: &mut Names<'_>,
 ) -> Result<(), SessionError> {
+    if matches!(
+        frame.tag,
+        tag::FE_PARSE | tag::FE_BIND | tag::FE_DESCRIBE | tag::FE_EXECUTE | tag::FE_CLOSE
+    ) {
+        conn.unsynced = true;
+    }
     match frame.tag {
         tag::FE_QUERY | tag::FE_FUNCTION_CALL => {
             conn.transport.queue(frame);
