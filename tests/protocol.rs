@@ -270,3 +270,58 @@ async fn pool_exhaustion_times_out_with_53300_naming_the_pool() {
         .await
         .unwrap();
 }
+
+/// Everything a client sent before Terminate runs, as on a server, even when the client closes
+/// its socket at once and never reads a reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_before_terminate_all_run() {
+    use common::raw::{bind, execute, login, msg, parse, query, sync};
+    use tokio::io::AsyncWriteExt;
+    let env = with_table().await;
+    let owner = env.owner().await;
+    let proxy = common::trust_proxy(&env).await;
+    let mut s = login(proxy.addr).await;
+    let mut bytes = query("INSERT INTO items VALUES (1, 'simple')");
+    bytes.extend(query(
+        "INSERT INTO items SELECT 2, 'slow' FROM pg_sleep(0.3)",
+    ));
+    bytes.extend(parse("", "INSERT INTO items VALUES (3, 'extended')"));
+    bytes.extend(bind(""));
+    bytes.extend(execute());
+    bytes.extend(sync());
+    bytes.extend(msg(b'X', &[]));
+    // Anything after Terminate is not read, as by a server.
+    bytes.extend(query("INSERT INTO items VALUES (4, 'after')"));
+    s.write_all(&bytes).await.unwrap();
+    drop(s);
+    let count = "SELECT count(*) FROM items";
+    let mut n = 0;
+    for _ in 0..100 {
+        n = owner.query_one(count, &[]).await.unwrap().get::<_, i64>(0);
+        if n == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(n, 3, "requests queued before Terminate were dropped");
+    let ids: Vec<i32> = owner
+        .query("SELECT id FROM items ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, vec![1, 2, 3]);
+    // Terminate in the middle of COPY data: the COPY fails, as on a server, and the session
+    // ends instead of waiting for data that will never come.
+    let mut s = login(proxy.addr).await;
+    let mut bytes = query("COPY items (id, name) FROM STDIN");
+    bytes.extend(msg(b'd', b"5\tcopied\n"));
+    bytes.extend(msg(b'X', &[]));
+    s.write_all(&bytes).await.unwrap();
+    let got = common::raw::read_until(&mut s, |_| false).await;
+    let tags: String = got.iter().map(|m| m.0 as char).collect();
+    assert_eq!(tags, "GEZ", "then the connection closes");
+    let n: i64 = owner.query_one(count, &[]).await.unwrap().get(0);
+    assert_eq!(n, 3);
+}

@@ -274,6 +274,13 @@ pub fn encode_query(sql: &str) -> Frame {
     b.finish()
 }
 
+/// CopyFail with the reason the server reports.
+pub fn encode_copy_fail(reason: &str) -> Frame {
+    let mut b = Builder::tagged(tag::FE_COPY_FAIL, reason.len() + 1);
+    b.cstr(reason);
+    b.finish()
+}
+
 /// Sync.
 pub fn encode_sync() -> Frame {
     Frame::new(tag::FE_SYNC, &[])

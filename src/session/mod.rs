@@ -183,6 +183,9 @@ pub struct Session {
     copy_sync_owed: bool,
     /// A lone BEGIN already acknowledged to the client, not yet sent to any backend.
     deferred_begin: Option<Request>,
+    /// The client said Terminate: nothing more is read from it, what it sent before still runs,
+    /// then the session ends.
+    terminating: bool,
 }
 
 impl Session {
@@ -227,6 +230,7 @@ impl Session {
             busy_since: None,
             cancel_sent: None,
             deferred_begin: None,
+            terminating: false,
             copy_sync_owed: false,
             backend_fatal_forwarded: false,
             held: Vec::new(),
@@ -284,6 +288,9 @@ impl Session {
                 self.queued_bytes = self.queued_bytes.saturating_sub(req.size());
                 self.dispatch(req).await?;
             }
+            if self.terminating && self.copy_in {
+                self.abort_copy();
+            }
             self.flush_client().await?;
             if let Some(lease) = self.lease.as_mut()
                 && lease.conn().transport.pending_write() > 0
@@ -292,8 +299,16 @@ impl Session {
                 self.backend_failed(Some(e)).await?;
                 continue;
             }
+            if self.terminating
+                && self.queue.is_empty()
+                && self.replies.is_empty()
+                && self.rerun.is_none()
+            {
+                // Everything the client sent before Terminate has run.
+                return Ok(());
+            }
             let timer = self.next_timer();
-            let read_client = self.queued_bytes < MAX_QUEUED_BYTES;
+            let read_client = !self.terminating && self.queued_bytes < MAX_QUEUED_BYTES;
             let lease = self.lease.as_mut();
             let watch_backend = lease.is_some();
             tokio::select! {
@@ -327,11 +342,7 @@ impl Session {
                 r = self.client.fill(), if read_client => {
                     match r {
                         Ok(0) => return Ok(()),
-                        Ok(_) => {
-                            if !self.on_client_input().await? {
-                                return Ok(());
-                            }
-                        }
+                        Ok(_) => self.on_client_input().await?,
                         Err(e) => return Err(SessionError::ClientIo(e)),
                     }
                     self.note_activity();
@@ -350,8 +361,8 @@ impl Session {
         }
     }
 
-    /// Frames everything the client sent; returns false when the client said Terminate.
-    async fn on_client_input(&mut self) -> Result<bool, SessionError> {
+    /// Frames everything the client sent, up to a Terminate.
+    async fn on_client_input(&mut self) -> Result<(), SessionError> {
         while let Some(frame) = self.client.try_frame()? {
             tracing::trace!(tag = %(frame.tag as char), copy_in = self.copy_in, "client frame");
             if self.copy_in
@@ -401,7 +412,11 @@ impl Session {
                     frames.push(frame);
                     self.enqueue(Request::extended(frames));
                 }
-                tag::FE_TERMINATE => return Ok(false),
+                tag::FE_TERMINATE => {
+                    // As a server does: everything sent before it runs, nothing after is read.
+                    self.terminating = true;
+                    break;
+                }
                 tag::FE_COPY_DATA | tag::FE_COPY_DONE | tag::FE_COPY_FAIL => {
                     // Sent ahead of CopyInResponse: it follows its COPY in order. Otherwise
                     // copy mode already ended and, as PostgreSQL does, it is dropped.
@@ -430,7 +445,19 @@ impl Session {
                 self.backend_failed(Some(e)).await?;
             }
         }
-        Ok(true)
+        Ok(())
+    }
+
+    /// Fails a COPY whose data the client will never finish (it said Terminate), so the server
+    /// answers instead of waiting. A server that already had CopyDone ignores it.
+    fn abort_copy(&mut self) {
+        self.copy_in = false;
+        if let Some(lease) = self.lease.as_mut() {
+            lease
+                .conn()
+                .transport
+                .queue(&protocol::encode_copy_fail("client terminated during COPY"));
+        }
     }
 
     fn enqueue(&mut self, req: Request) {
@@ -489,7 +516,13 @@ impl Session {
             f.retryable = false;
             f.rerunnable = false;
         }
-        self.client.flush().await.map_err(SessionError::ClientIo)?;
+        if let Err(e) = self.client.flush().await {
+            if !self.terminating {
+                return Err(SessionError::ClientIo(e));
+            }
+            // Gone after Terminate: its replies go nowhere, but its requests still run.
+            self.client.truncate_write(0);
+        }
         if let Some(f) = self.in_flight.as_mut() {
             f.client_mark = 0;
         }
