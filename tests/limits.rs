@@ -127,6 +127,52 @@ async fn query_timeout_cancels_a_slow_statement() {
     c.simple_query("SELECT 1").await.unwrap();
 }
 
+/// The query timeout measures the server's work, not the client's upload: a COPY whose data
+/// takes longer than the limit to arrive is not cancelled when it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_timeout_does_not_count_a_slow_copy_upload() {
+    use futures_util::SinkExt;
+    let env = common::start_with(ClusterOptions::default(), |c| {
+        *c = c.replacen(
+            "\nlisten = \"127.0.0.1:0\"",
+            "\nlisten = \"127.0.0.1:0\"\nquery_timeout_ms = 500",
+            1,
+        );
+    })
+    .await;
+    let owner = env.owner().await;
+    // Work the server does after CopyDone, well inside the limit.
+    owner
+        .batch_execute(
+            "CREATE TABLE up (id int);
+             CREATE FUNCTION up_slow() RETURNS trigger LANGUAGE plpgsql AS
+               $$BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END$$;
+             CREATE TRIGGER up_slow AFTER INSERT ON up
+               FOR EACH STATEMENT EXECUTE FUNCTION up_slow()",
+        )
+        .await
+        .unwrap();
+    let c = env.client().await;
+    let sink = c.copy_in("COPY up FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    for chunk in 0..4 {
+        sink.send(bytes::Bytes::from(format!("{chunk}\n")))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(sink.finish().await.unwrap(), 4);
+    let n: i64 = owner
+        .query_one("SELECT count(*) FROM up", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 4);
+    // The query timeout still applies to the server's own work.
+    let err = c.simple_query("SELECT pg_sleep(10)").await.unwrap_err();
+    assert_eq!(code(&err), "57014", "{err}");
+}
+
 /// Postmaster and children of a node, for SIGSTOP/SIGCONT.
 fn processes_of(data_dir: &std::path::Path) -> Vec<i32> {
     let pid_file = std::fs::read_to_string(data_dir.join("postmaster.pid")).unwrap();

@@ -373,6 +373,7 @@ impl Session {
             {
                 if frame.tag != tag::FE_COPY_DATA {
                     self.copy_in = false;
+                    self.restart_query_clock();
                 }
                 if let Some(lease) = self.lease.as_mut() {
                     lease.conn().transport.queue(&frame);
@@ -452,6 +453,7 @@ impl Session {
     /// answers instead of waiting. A server that already had CopyDone ignores it.
     fn abort_copy(&mut self) {
         self.copy_in = false;
+        self.restart_query_clock();
         if let Some(lease) = self.lease.as_mut() {
             lease
                 .conn()

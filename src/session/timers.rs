@@ -66,6 +66,15 @@ impl Session {
         None
     }
 
+    /// Starts the query timeout afresh once the client has finished a COPY upload: the limit
+    /// is for the server's work, and the upload ran at the client's pace with no timer.
+    pub(super) fn restart_query_clock(&mut self) {
+        if self.busy_since.is_some() {
+            self.busy_since = Some(Instant::now());
+            self.cancel_sent = None;
+        }
+    }
+
     pub(super) async fn on_timer(&mut self, kind: Timer) -> Result<(), SessionError> {
         match kind {
             Timer::IdleInTransaction => Err(SessionError::IdleInTransactionTimeout),
