@@ -303,3 +303,75 @@ async fn client_leaving_an_unsynced_batch_leaves_a_clean_backend() {
         .collect();
     assert_eq!(rows, vec![2], "the unsynced insert must not be committed");
 }
+
+async fn backend_pid(admin: &tokio_postgres::Client, like: &str) -> i32 {
+    for _ in 0..100 {
+        let rows = admin
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE query LIKE $1 AND pid <> pg_backend_pid()",
+                &[&like],
+            )
+            .await
+            .unwrap();
+        if let Some(r) = rows.first() {
+            return r.get(0);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no backend running {like}");
+}
+
+/// A batch ended by Flush whose server is given up on gets an error at once, as a server's own
+/// failure would give; what the client sent up to its Sync is skipped and the Sync answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_batch_on_an_abandoned_server_gets_an_error_then_ready() {
+    use common::raw::{bind, error_code, execute, login, msg, parse, query, read_until, sync};
+    use tokio::io::AsyncWriteExt;
+    let env = common::start_with(Default::default(), |c| {
+        *c = c.replacen(
+            "\nlisten = \"127.0.0.1:0\"",
+            "\nlisten = \"127.0.0.1:0\"\nquery_timeout_ms = 300",
+            1,
+        );
+    })
+    .await;
+    let admin = env.primary_admin().await;
+    admin
+        .batch_execute("CREATE TABLE f (t text); GRANT ALL ON f TO app")
+        .await
+        .unwrap();
+    let proxy = common::trust_proxy(&env).await;
+    let mut s = login(proxy.addr).await;
+    let mut bytes = parse("", "INSERT INTO f SELECT pg_sleep(3)::text /*frozen*/");
+    bytes.extend(bind(""));
+    bytes.extend(execute());
+    bytes.extend(msg(b'H', &[]));
+    // Sent before the client's Sync, so skipped as a server would after an error.
+    bytes.extend(query("INSERT INTO f VALUES ('skipped')"));
+    s.write_all(&bytes).await.unwrap();
+    let pid = backend_pid(&admin, "%/*frozen*/%").await;
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .arg(sig)
+            .arg(pid.to_string())
+            .status()
+            .unwrap()
+    };
+    signal("-STOP");
+    let got = read_until(&mut s, |t| t == b'E' || t == b'Z').await;
+    signal("-CONT");
+    let last = got.last().unwrap();
+    assert_eq!(last.0, b'E', "{got:?}");
+    assert_eq!(error_code(&last.1), "08006");
+    s.write_all(&sync()).await.unwrap();
+    let got = read_until(&mut s, |t| t == b'Z').await;
+    assert_eq!(
+        got.iter().map(|m| m.0).collect::<Vec<_>>(),
+        vec![b'Z'],
+        "{got:?}"
+    );
+    s.write_all(&query("SELECT count(*) FROM f")).await.unwrap();
+    let got = read_until(&mut s, |t| t == b'Z').await;
+    let row = got.iter().find(|m| m.0 == b'D').expect("a row");
+    assert!(row.1.ends_with(b"0"), "{got:?}");
+}

@@ -574,7 +574,23 @@ impl Session {
         if req.ends_with_ready() {
             self.client.queue(&protocol::ready_for_query(self.status));
         } else {
-            self.skip_until_sync = true;
+            self.skip_to_sync();
         }
+    }
+
+    /// After an error in a batch with no Sync yet, does what a server does: drops everything the
+    /// client sent up to its next Sync, queued or still to come, and answers that Sync with
+    /// ReadyForQuery.
+    fn skip_to_sync(&mut self) {
+        self.batch.clear();
+        while let Some(req) = self.queue.pop_front() {
+            self.queued_bytes = self.queued_bytes.saturating_sub(req.size());
+            let synced = req.frames.iter().any(|f| f.tag == tag::FE_SYNC);
+            if synced {
+                self.client.queue(&protocol::ready_for_query(self.status));
+                return;
+            }
+        }
+        self.skip_until_sync = true;
     }
 }

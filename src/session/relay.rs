@@ -406,6 +406,7 @@ impl Session {
             return Ok(());
         };
         lease.conn().broken = true;
+        let unsynced = lease.conn().unsynced;
         let fatal_forwarded = std::mem::take(&mut self.backend_fatal_forwarded);
         if let Some(ready) = self.ready_after_token.take() {
             // The write completed but its token is lost: acknowledge it.
@@ -480,6 +481,13 @@ impl Session {
             .iter()
             .filter(|e| matches!(e, Expect::Sync { .. } | Expect::Query { forward: true, .. }))
             .count();
+        // Extended messages after the last Sync (a batch ended by Flush): the client waits for
+        // their replies, not for a ReadyForQuery.
+        let unsynced_tail = match self.replies.back() {
+            Some(Expect::Sync { .. } | Expect::Query { .. } | Expect::Token { .. }) => false,
+            Some(_) => true,
+            None => unsynced,
+        };
         self.replies.clear();
         self.copy_in = false;
         self.rerun = None;
@@ -503,6 +511,18 @@ impl Session {
                 self.client
                     .queue(&protocol::ready_for_query(TxStatus::Idle));
             }
+        }
+        if unsynced_tail {
+            // As after a server's own error: the client is told, and what it sends up to its
+            // Sync is skipped.
+            if pending_ready > 0 || !fatal_forwarded {
+                self.client.queue(&protocol::error_response(
+                    "ERROR",
+                    sqlstate::CONNECTION_FAILURE,
+                    &msg,
+                ));
+            }
+            self.skip_to_sync();
         }
         Ok(())
     }
