@@ -375,3 +375,41 @@ async fn flush_batch_on_an_abandoned_server_gets_an_error_then_ready() {
     let row = got.iter().find(|m| m.0 == b'D').expect("a row");
     assert!(row.1.ends_with(b"0"), "{got:?}");
 }
+
+/// An extended-protocol COPY whose server dies after CopyInResponse: the client's data goes
+/// nowhere, but it gets an error and a ReadyForQuery for its closing Sync instead of a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_copy_whose_server_dies_gets_an_error_and_ready() {
+    use common::raw::{bind, execute, login, msg, parse, read_until, sync};
+    use tokio::io::AsyncWriteExt;
+    let env = common::start().await;
+    let admin = env.primary_admin().await;
+    admin
+        .batch_execute("CREATE TABLE cp (id int); GRANT ALL ON cp TO app")
+        .await
+        .unwrap();
+    let proxy = common::trust_proxy(&env).await;
+    let mut s = login(proxy.addr).await;
+    let mut bytes = parse("", "COPY cp FROM STDIN /*dyingcopy*/");
+    bytes.extend(bind(""));
+    bytes.extend(execute());
+    bytes.extend(sync());
+    s.write_all(&bytes).await.unwrap();
+    let got = read_until(&mut s, |t| t == b'G' || t == b'E').await;
+    assert_eq!(got.last().map(|m| m.0), Some(b'G'), "{got:?}");
+    let pid = backend_pid(&admin, "%/*dyingcopy*/%").await;
+    std::process::Command::new("kill")
+        .arg("-KILL")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut bytes = msg(b'd', b"1\n");
+    bytes.extend(msg(b'c', &[]));
+    bytes.extend(sync());
+    let _ = s.write_all(&bytes).await;
+    let got = read_until(&mut s, |t| t == b'Z').await;
+    let tags: Vec<u8> = got.iter().map(|m| m.0).collect();
+    assert!(tags.contains(&b'E'), "{got:?}");
+    assert_eq!(tags.last(), Some(&b'Z'), "{got:?}");
+}

@@ -490,6 +490,8 @@ impl Session {
         };
         self.replies.clear();
         self.copy_in = false;
+        // The Sync a COPY owed the server is now the one the client's skip ends at.
+        self.copy_sync_owed = false;
         self.rerun = None;
         if in_transaction {
             // The transaction is gone; carrying on would let a later COMMIT look successful.
