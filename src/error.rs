@@ -18,6 +18,7 @@ pub mod sqlstate {
     pub const INVALID_PARAMETER_VALUE: &str = "22023";
     pub const READ_ONLY_TRANSACTION: &str = "25006";
     pub const QUERY_CANCELED: &str = "57014";
+    pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
     pub const INTERNAL_ERROR: &str = "XX000";
 }
 
@@ -109,6 +110,9 @@ pub enum SessionError {
     /// A statement prepared again on another backend now returns different columns.
     #[error("cached plan must not change result type")]
     PlanChanged,
+    /// Extended-protocol messages held for routing until their Sync outgrew the bound.
+    #[error("more than {limit} bytes of extended-protocol messages without a Sync")]
+    BatchTooLarge { limit: usize },
 }
 
 impl SessionError {
@@ -133,6 +137,7 @@ impl SessionError {
             SessionError::IdleInTransactionTimeout => IDLE_IN_TRANSACTION_TIMEOUT,
             SessionError::TooManyClients(_) => TOO_MANY_CONNECTIONS,
             SessionError::PlanChanged => FEATURE_NOT_SUPPORTED,
+            SessionError::BatchTooLarge { .. } => PROGRAM_LIMIT_EXCEEDED,
             SessionError::InvalidParameter(_) => INVALID_PARAMETER_VALUE,
         }
     }

@@ -165,6 +165,55 @@ async fn a_client_that_stops_reading_cannot_grow_the_proxy() {
     );
 }
 
+/// Extended-protocol messages are held until their Sync decides where the batch runs; a client
+/// that never sends one is refused with 54000 at a bound instead of growing the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_messages_without_sync_cannot_grow_the_proxy() {
+    let env = common::start().await;
+    let proxy = common::proxy_for(
+        &env.config
+            .replace("method = \"scram-sha-256\"", "method = \"trust\"")
+            .replacen(
+                "\nlisten = \"127.0.0.1:0\"",
+                "\nlisten = \"127.0.0.1:0\"\nmax_message_bytes = 4194304",
+                1,
+            ),
+    )
+    .await;
+    let parse = common::raw::parse("", &format!("SELECT '{}'", "x".repeat(1 << 20)));
+    // Just past the bound (4 MiB): the client is told why, then the connection closes.
+    let mut s = login(proxy.addr).await;
+    for _ in 0..4 {
+        s.write_all(&parse).await.unwrap();
+    }
+    let msgs = read_until_ready(&mut s).await;
+    let (tag, body) = msgs.last().expect("an error reply");
+    assert_eq!(*tag, b'E');
+    assert_eq!(error_code(body), "54000");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the connection stayed open");
+    // Far past it: memory stays bounded.
+    let before = rss_kib();
+    let mut s = login(proxy.addr).await;
+    for _ in 0..200 {
+        if s.write_all(&parse).await.is_err() {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grown = rss_kib().saturating_sub(before);
+    assert!(grown < 32 * 1024, "proxy memory grew by {grown} KiB");
+    // A batch whose one message is large but allowed still runs.
+    let mut s = login(proxy.addr).await;
+    let mut bytes = common::raw::parse("", &format!("SELECT length('{}')", "x".repeat(3 << 20)));
+    bytes.extend(common::raw::bind(""));
+    bytes.extend(common::raw::execute());
+    bytes.extend(common::raw::sync());
+    let msgs = common::raw::roundtrip(&mut s, &bytes).await;
+    assert!(msgs.iter().any(|m| m.0 == b'D'), "{msgs:?}");
+}
+
 /// `server.listen_unix`: clients on this machine connect through `<dir>/.s.PGSQL.<port>`, log
 /// in with SCRAM as over TCP, are listed as `[local]`, and the file goes when the proxy stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

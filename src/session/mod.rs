@@ -137,6 +137,8 @@ pub struct Session {
     unnamed: Option<StatementKey>,
     /// Extended-protocol messages received since the last Sync or Flush.
     batch: Vec<Frame>,
+    /// Bytes held in `batch`.
+    batch_bytes: usize,
     queue: VecDeque<Request>,
     queued_bytes: usize,
     copy_in: bool,
@@ -218,6 +220,7 @@ impl Session {
             statements: HashMap::new(),
             unnamed: None,
             batch: Vec::new(),
+            batch_bytes: 0,
             queue: VecDeque::new(),
             queued_bytes: 0,
             copy_in: false,
@@ -388,7 +391,7 @@ impl Session {
                 | tag::FE_EXECUTE
                 | tag::FE_CLOSE => {
                     if !self.skip_until_sync {
-                        self.batch.push(frame);
+                        self.hold_in_batch(frame)?;
                     }
                 }
                 tag::FE_SYNC if self.copy_sync_owed && self.batch.is_empty() => {
@@ -410,6 +413,7 @@ impl Session {
                         continue;
                     }
                     let mut frames = std::mem::take(&mut self.batch);
+                    self.batch_bytes = 0;
                     frames.push(frame);
                     self.enqueue(Request::extended(frames));
                 }
@@ -460,6 +464,22 @@ impl Session {
                 .transport
                 .queue(&protocol::encode_copy_fail("client terminated during COPY"));
         }
+    }
+
+    /// Holds an extended-protocol message until its batch's Sync or Flush, which routing waits
+    /// for. The batch cannot be sent before then, so past the bound (the larger of the queue
+    /// bound and `server.max_message_bytes`, so one message of allowed size always fits) the
+    /// client is refused rather than buffered without end.
+    fn hold_in_batch(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let limit = MAX_QUEUED_BYTES.max(self.cfg.server.max_message_bytes);
+        self.batch_bytes += frame.bytes.len();
+        if self.batch_bytes > limit {
+            self.batch.clear();
+            self.batch_bytes = 0;
+            return Err(SessionError::BatchTooLarge { limit });
+        }
+        self.batch.push(frame);
+        Ok(())
     }
 
     fn enqueue(&mut self, req: Request) {
@@ -583,6 +603,7 @@ impl Session {
     /// ReadyForQuery.
     fn skip_to_sync(&mut self) {
         self.batch.clear();
+        self.batch_bytes = 0;
         while let Some(req) = self.queue.pop_front() {
             self.queued_bytes = self.queued_bytes.saturating_sub(req.size());
             let synced = req.frames.iter().any(|f| f.tag == tag::FE_SYNC);
