@@ -110,6 +110,9 @@ pub enum SessionError {
     /// A statement prepared again on another backend now returns different columns.
     #[error("cached plan must not change result type")]
     PlanChanged,
+    /// The client did not finish its startup and authentication in `server.login_timeout_ms`.
+    #[error("canceling authentication due to timeout")]
+    LoginTimeout,
     /// Extended-protocol messages held for routing until their Sync outgrew the bound.
     #[error("more than {limit} bytes of extended-protocol messages without a Sync")]
     BatchTooLarge { limit: usize },
@@ -138,6 +141,7 @@ impl SessionError {
             SessionError::TooManyClients(_) => TOO_MANY_CONNECTIONS,
             SessionError::PlanChanged => FEATURE_NOT_SUPPORTED,
             SessionError::BatchTooLarge { .. } => PROGRAM_LIMIT_EXCEEDED,
+            SessionError::LoginTimeout => QUERY_CANCELED,
             SessionError::InvalidParameter(_) => INVALID_PARAMETER_VALUE,
         }
     }

@@ -388,11 +388,20 @@ async fn handle_client(
     shared: &Arc<Shared>,
 ) -> Result<(), SessionError> {
     let max_message = shared.cfg.load().server.max_message_bytes;
+    // Waiting on the client is bounded until it has logged in: an idle socket must not hold a
+    // slot of max_client_connections.
+    let login_deadline = tokio::time::Instant::now()
+        + std::time::Duration::from_millis(shared.cfg.load().server.login_timeout_ms);
     // TLS is offered over TCP only, as PostgreSQL does: a Unix socket does not leave the machine.
     let local = peer == ClientAddr::Local;
     let mut t = Transport::new(stream, max_message);
     let (minor, params) = loop {
-        match t.read_startup().await {
+        let startup = tokio::time::timeout_at(login_deadline, t.read_startup()).await;
+        let Ok(startup) = startup else {
+            // Like PostgreSQL before a startup packet: close without a word.
+            return Err(SessionError::LoginTimeout);
+        };
+        match startup {
             Ok(Some(StartupMessage::SslRequest)) if !t.get_ref().is_tls() && !local => {
                 let Some(acceptor) = shared.tls.acceptor.clone() else {
                     t.queue_bytes(b"N");
@@ -413,7 +422,10 @@ async fn handle_client(
                         ),
                     ));
                 }
-                let tls = acceptor.accept(tcp).await.map_err(SessionError::ClientIo)?;
+                let tls = tokio::time::timeout_at(login_deadline, acceptor.accept(tcp))
+                    .await
+                    .map_err(|_| SessionError::LoginTimeout)?
+                    .map_err(SessionError::ClientIo)?;
                 t = Transport::new(
                     Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))),
                     max_message,
@@ -479,7 +491,9 @@ async fn handle_client(
         refuse(&mut t, &e).await;
         return Err(e);
     }
-    if let Err(e) = shared.auth.authenticate(&mut t, &user).await {
+    let authenticated =
+        tokio::time::timeout_at(login_deadline, shared.auth.authenticate(&mut t, &user)).await;
+    if let Err(e) = authenticated.unwrap_or(Err(SessionError::LoginTimeout)) {
         if !e.is_client_gone() {
             refuse(&mut t, &e).await;
         }

@@ -58,6 +58,55 @@ async fn client_connection_limits_refuse_with_53300() {
     assert!(message(&err).contains("max_client_connections"), "{err:?}");
 }
 
+/// Sockets that never finish logging in are closed at `server.login_timeout_ms` and give
+/// their places under `max_client_connections` back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_log_in_are_cut_at_the_login_timeout() {
+    use common::raw::{error_code, read_until, startup};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = common::start_with(ClusterOptions::default(), |c| {
+        *c = c.replacen(
+            "\nlisten = \"127.0.0.1:0\"",
+            "\nlisten = \"127.0.0.1:0\"\nmax_client_connections = 2\nlogin_timeout_ms = 500",
+            1,
+        );
+    })
+    .await;
+    // One sends nothing; one starts up and never answers the password request.
+    let mut silent = tokio::net::TcpStream::connect(env.proxy.addr)
+        .await
+        .unwrap();
+    let mut stalled = tokio::net::TcpStream::connect(env.proxy.addr)
+        .await
+        .unwrap();
+    stalled
+        .write_all(&startup(&[("user", "app"), ("database", "app")]))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let msgs = read_until(&mut stalled, |t| t == b'E').await;
+    let (tag, body) = msgs.last().unwrap();
+    assert_eq!(*tag, b'E', "{msgs:?}");
+    assert_eq!(error_code(body), "57014");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the silent socket was never closed");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // Their places are free again.
+    assert!(
+        common::eventually(5, || env
+            .proxy
+            .shared
+            .stats
+            .clients_open
+            .load(Ordering::Relaxed)
+            == 0)
+        .await
+    );
+    let c = env.client().await;
+    c.simple_query("SELECT 1").await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_in_transaction_client_is_cut_and_rolled_back() {
     let env = common::start_with(ClusterOptions::default(), |c| {

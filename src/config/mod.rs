@@ -218,6 +218,7 @@ impl Config {
             ("pool.max_lifetime_ms", p.max_lifetime_ms),
             ("pool.reset_timeout_ms", p.reset_timeout_ms),
             ("server.connect_timeout_ms", self.server.connect_timeout_ms),
+            ("server.login_timeout_ms", self.server.login_timeout_ms),
             (
                 "server.health_check_interval_ms",
                 self.server.health_check_interval_ms,

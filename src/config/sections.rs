@@ -118,6 +118,9 @@ pub struct ServerConfig {
     pub admin_listen: String,
     pub max_message_bytes: usize,
     pub connect_timeout_ms: u64,
+    /// A client must finish its startup and authentication within this long, or it is
+    /// disconnected (PostgreSQL's authentication_timeout).
+    pub login_timeout_ms: u64,
     pub health_check_interval_ms: u64,
     pub health_check_timeout_ms: u64,
     /// User the health monitor logs in as; defaults to the first `[[users]]` entry.
@@ -145,6 +148,7 @@ impl Default for ServerConfig {
             admin_listen: "127.0.0.1:9930".into(),
             max_message_bytes: 64 * 1024 * 1024,
             connect_timeout_ms: 5_000,
+            login_timeout_ms: 60_000,
             health_check_interval_ms: 1_000,
             health_check_timeout_ms: 2_000,
             monitor_user: None,
