@@ -60,6 +60,42 @@ async fn copy_in_out_and_fail() {
         .unwrap();
     let err = sink.finish().await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("22P02"));
+    // A query sent in the middle of COPY data ends the COPY with the server's error (it
+    // closes that connection: protocol synchronization is lost), as without the proxy, and is
+    // not run; the session carries on with another server connection.
+    {
+        use common::raw::{login, msg, query};
+        use tokio::io::AsyncWriteExt;
+        let proxy = common::trust_proxy(&env).await;
+        let mut s = login(proxy.addr).await;
+        s.write_all(&query("COPY items FROM STDIN")).await.unwrap();
+        let started = common::raw::read_until(&mut s, |t| t == b'G' || t == b'Z').await;
+        assert_eq!(started.last().map(|m| m.0), Some(b'G'));
+        let mut bytes = msg(
+            b'd',
+            b"5000	copied
+",
+        );
+        bytes.extend(query("INSERT INTO items VALUES (5001, 'not run')"));
+        s.write_all(&bytes).await.unwrap();
+        let got = tokio::time::timeout(
+            Duration::from_secs(10),
+            common::raw::read_until(&mut s, |t| t == b'Z'),
+        )
+        .await
+        .expect("the COPY ends instead of hanging");
+        let err = got.iter().find(|m| m.0 == b'E').expect("an error");
+        assert_eq!(common::raw::error_code(&err.1), "08P01");
+        let after = common::raw::roundtrip(&mut s, &query("SELECT 1")).await;
+        assert!(after.iter().any(|m| m.0 == b'D'), "{after:?}");
+        let owner = env.owner().await;
+        let n: i64 = owner
+            .query_one("SELECT count(*) FROM items WHERE id >= 5000", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "neither the COPY nor the query ran");
+    }
     // CopyFail: dropping the sink without finishing aborts the COPY.
     {
         let sink = c

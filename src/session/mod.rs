@@ -368,11 +368,11 @@ impl Session {
     async fn on_client_input(&mut self) -> Result<(), SessionError> {
         while let Some(frame) = self.client.try_frame()? {
             tracing::trace!(tag = %(frame.tag as char), copy_in = self.copy_in, "client frame");
+            // During COPY FROM STDIN the server takes every message but Sync and Flush (which
+            // it ignores there) and Terminate (the session's to handle); one that is not COPY
+            // data ends the COPY with the server's own error (08P01) and is not run.
             if self.copy_in
-                && matches!(
-                    frame.tag,
-                    tag::FE_COPY_DATA | tag::FE_COPY_DONE | tag::FE_COPY_FAIL
-                )
+                && !matches!(frame.tag, tag::FE_SYNC | tag::FE_FLUSH | tag::FE_TERMINATE)
             {
                 if frame.tag != tag::FE_COPY_DATA {
                     self.copy_in = false;
