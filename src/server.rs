@@ -53,6 +53,8 @@ pub struct Shared {
     pub config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
     /// The last session id handed out (ids start at 1, across both listeners).
     session_ids: AtomicU64,
+    /// Startup settings a server accepted, by login and settings fingerprint.
+    pub checked_settings: dashmap::DashSet<(Arc<str>, u64)>,
 }
 
 /// A running proxy: its address and the handle that stops it.
@@ -135,6 +137,7 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
         force_close: CancellationToken::new(),
         config_path: std::sync::Mutex::new(None),
         session_ids: AtomicU64::new(0),
+        checked_settings: dashmap::DashSet::new(),
     });
     let admin_addr = match crate::admin::start(&shared).await {
         Ok(a) => a,
@@ -523,6 +526,11 @@ async fn handle_client(
             return Err(e);
         }
     };
+    if let Err(e) = crate::session::check_startup_settings(shared, &user, &database, &params).await
+    {
+        refuse(&mut t, &e).await;
+        return Err(e);
+    }
     for (k, v) in &server_params {
         let value = match k.as_str() {
             "application_name" => param("application_name").unwrap_or_default(),

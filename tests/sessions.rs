@@ -177,6 +177,28 @@ async fn startup_parameters_are_session_settings() {
         assert_eq!(first_value(&b, "SHOW application_name").await, "causeway");
         assert_eq!(first_value(&b, "SELECT v FROM marker").await, "public");
     }
+    // A parameter the server refuses refuses the login, as the server would, instead of
+    // failing later and leaving the parameters after it (search_path) unset.
+    for bad in [
+        "-c no_such_setting=1 -c search_path=s1",
+        "-c statement_timeout=soon",
+    ] {
+        let url = format!("{} options='{bad}'", env.conninfo());
+        let err = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("login with {bad} was accepted"));
+        let code = err.code().map(|c| c.code().to_string());
+        assert!(
+            matches!(code.as_deref(), Some("42704" | "22023")),
+            "{bad}: {err}"
+        );
+    }
+    // Refused parameters leave no trace on the pooled connections.
+    for _ in 0..3 {
+        assert_eq!(first_value(&b, "SELECT v FROM marker").await, "public");
+        assert_eq!(first_value(&b, "SHOW statement_timeout").await, "0");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@ mod timers;
 mod translate;
 
 pub use request::Request;
+pub use settings::check_startup_settings;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

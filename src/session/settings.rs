@@ -5,8 +5,13 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 
+use std::sync::Arc;
+
 use crate::classify::SessionCommand;
+use crate::error::{BackendError, SessionError};
 use crate::pool::Applied;
+use crate::pool::queue::Class;
+use crate::server::Shared;
 
 /// Startup parameters that are not session settings.
 const NOT_SETTINGS: &[&str] = &[
@@ -120,6 +125,59 @@ impl Settings {
         }
         Some(sql)
     }
+}
+
+/// Most (login, settings) pairs remembered as accepted; past it the memory starts over.
+const MAX_CHECKED: usize = 10_000;
+
+/// Startup parameters are replayed with `set_config` on every server connection the client is
+/// given, after its login. One the server refuses would fail there, on the client's first
+/// statement, and leave the parameters after it unset (a `search_path` among them). So each
+/// login's set of startup parameters is tried once, in a transaction that is rolled back, and
+/// a refusal refuses the login with the server's error, as the server itself would. Without
+/// any server to try them on, the login goes ahead.
+pub async fn check_startup_settings(
+    shared: &Arc<Shared>,
+    user: &str,
+    database: &str,
+    startup: &[(String, String)],
+) -> Result<(), SessionError> {
+    let settings = Settings::from_startup(startup);
+    let Some(sql) = settings.replay_sql(Applied::default()) else {
+        return Ok(());
+    };
+    let login = crate::pool::login_key(user, database);
+    let key = (login, settings.fingerprint);
+    if shared.checked_settings.contains(&key) {
+        return Ok(());
+    }
+    for node in &shared.cluster.nodes() {
+        let Some(pool) = shared.pools.get(node, &key.0) else {
+            continue;
+        };
+        let Ok(mut lease) = pool.acquire(Class::Write).await else {
+            continue;
+        };
+        let conn = lease.conn();
+        // A simple query ends the unnamed statement.
+        conn.statements.unnamed = None;
+        let tried = conn.simple_query(&format!("BEGIN;{sql}")).await;
+        if conn.simple_query("ROLLBACK").await.is_err() {
+            conn.broken = true;
+        }
+        match tried {
+            Ok(()) => {
+                if shared.checked_settings.len() >= MAX_CHECKED {
+                    shared.checked_settings.clear();
+                }
+                shared.checked_settings.insert(key);
+                return Ok(());
+            }
+            Err(e @ BackendError::Login { .. }) => return Err(e.into()),
+            Err(_) => conn.broken = true,
+        }
+    }
+    Ok(())
 }
 
 fn is_identifier(name: &str) -> bool {
