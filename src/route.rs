@@ -208,6 +208,7 @@ mod tests {
                 TxEffect::None
             },
             copy_from: false,
+            by_value: false,
             pin: None,
             hints: Hints::default(),
             proxy: None,

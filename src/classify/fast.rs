@@ -7,7 +7,8 @@
 //! walker would for the shapes accepted here; anything else returns `None` and takes the full path:
 //! - `WITH` (possible data-modifying CTEs) and `RETURNING` (summary does not walk PG18 RETURNING);
 //! - `SELECT … INTO` (temp-table pin needs the tree) and more than one statement;
-//! - `set_config` (its pin depends on the third argument).
+//! - `set_config` (its pin depends on the third argument), and dotted function names (a schema,
+//!   or a dot inside a quoted name: only the tree tells).
 //!
 //! Locking clauses are found lexically: `FOR` is a reserved word, so `FOR UPDATE`, `FOR SHARE`,
 //! `FOR NO KEY UPDATE` and `FOR KEY SHARE` can only be a locking clause in these statements.
@@ -92,7 +93,8 @@ pub(crate) fn try_fast(sql: &str, catalog: &FunctionCatalog) -> Option<Outcome> 
         if f.context != Context::Call as i32 {
             continue;
         }
-        if f.function_name.eq_ignore_ascii_case("set_config") {
+        // A dotted name may be a schema or part of a quoted name: the parse tree tells.
+        if f.function_name.eq_ignore_ascii_case("set_config") || f.function_name.contains('.') {
             return None;
         }
         if let Verdict::Write { reason, pin } = catalog.verdict(&f.function_name) {

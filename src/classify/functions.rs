@@ -80,10 +80,22 @@ impl FunctionCatalog {
         matches!(self.verdict(name), Verdict::Write { .. })
     }
 
-    /// Full lookup used by the classifier (see the module docs for the precedence).
+    /// Lookup of a possibly schema-qualified name (see the module docs for the precedence).
     pub(crate) fn verdict(&self, name: &str) -> Verdict {
-        let name = normalize(name);
-        let name = name.as_ref();
+        self.verdict_of(&normalize(name))
+    }
+
+    /// Lookup of a function's own name, as the parser gives it (no schema, quotes removed):
+    /// a dot in it is part of the name.
+    pub(crate) fn verdict_bare(&self, name: &str) -> Verdict {
+        if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.verdict_of(&name.to_ascii_lowercase())
+        } else {
+            self.verdict_of(name)
+        }
+    }
+
+    fn verdict_of(&self, name: &str) -> Verdict {
         if self.write.contains(name) {
             return write("write_function", None);
         }

@@ -1,8 +1,9 @@
 //! Statement shapes: the text with its literal values masked, so statements that differ only
 //! in constants (`... WHERE aid = 123` and `... WHERE aid = 456`, as the simple protocol
-//! sends them) share one cached classification. Classification never depends on a literal's
-//! value, only on the tokens around it; the cache only takes shapes whose classification
-//! carries no values (no session command, proxy command or pin).
+//! sends them) share one cached classification. The cache only takes shapes whose
+//! classification carries nothing read from a literal's value: no session command, proxy
+//! command or pin, and no fact the classifier took from a value (`by_value`: EXPLAIN's
+//! options, `set_config`'s third argument).
 //!
 //! The masking is deliberately conservative: anything it cannot lex with certainty (backslashes,
 //! prefixed strings such as `E'..'`, dollar quoting, nested comments) gives no shape, and the
@@ -63,9 +64,10 @@ pub fn shape_of(sql: &str) -> Option<String> {
                 i += 1;
             }
             b'-' if b.get(i + 1) == Some(&b'-') => {
+                // PostgreSQL ends a line comment at either line break.
                 i = b[i..]
                     .iter()
-                    .position(|&c| c == b'\n')
+                    .position(|&c| c == b'\n' || c == b'\r')
                     .map_or(b.len(), |p| i + p);
             }
             b'/' if b.get(i + 1) == Some(&b'*') => {
@@ -85,14 +87,27 @@ pub fn shape_of(sql: &str) -> Option<String> {
                 i += 1 + digits;
             }
             b'0'..=b'9' if i == 0 || !ident(b[i - 1]) => {
+                // Only plain decimal numbers: digits, a fraction, an exponent (1.5e-3). Anything
+                // glued on (0x1F, 1_000, 1e-abs, 12abc) lexes differently across PostgreSQL
+                // versions, so no shape is guessed for it.
                 let start = i;
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.' || b[i] == b'_')
-                {
-                    // Exponent signs belong to the number: 1e-5.
-                    if (b[i] == b'e' || b[i] == b'E') && matches!(b.get(i + 1), Some(b'+' | b'-')) {
-                        i += 1;
-                    }
+                let digits =
+                    |b: &[u8], i: usize| b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
+                i += digits(b, i);
+                if b.get(i) == Some(&b'.') {
                     i += 1;
+                    i += digits(b, i);
+                }
+                if matches!(b.get(i), Some(b'e' | b'E')) {
+                    let sign = usize::from(matches!(b.get(i + 1), Some(b'+' | b'-')));
+                    let exp = digits(b, i + 1 + sign);
+                    if exp == 0 {
+                        return None;
+                    }
+                    i += 1 + sign + exp;
+                }
+                if b.get(i).is_some_and(|&c| ident(c) || c == b'.') {
+                    return None;
                 }
                 mask(&mut out, start, i, &mut copied);
                 masked = true;
@@ -113,6 +128,27 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::shape_of;
+
+    #[test]
+    fn only_plain_numbers_are_masked_and_line_comments_end_at_either_break() {
+        assert_eq!(
+            shape_of("SELECT 1.5e-3, 2., 7E+2").unwrap(),
+            "SELECT ?, ?, ?"
+        );
+        for glued in [
+            "SELECT 0x1F",
+            "SELECT 1_000",
+            "SELECT 1e-abs(1)",
+            "SELECT 12abc",
+            "SELECT 1.2.3",
+        ] {
+            assert_eq!(shape_of(glued), None, "{glued}");
+        }
+        assert_eq!(
+            shape_of("SELECT 1 -- note\r, 2").unwrap(),
+            "SELECT ? -- note\r, ?"
+        );
+    }
 
     #[test]
     fn literals_are_masked_and_the_rest_kept() {

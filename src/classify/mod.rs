@@ -175,6 +175,10 @@ pub struct Classification {
     pub last_tx: TxEffect,
     /// Some statement is a COPY FROM, after which the server reads data from the client.
     pub copy_from: bool,
+    /// Some fact was read from a literal's value (EXPLAIN's options, `set_config`'s
+    /// `is_local`): texts of the same shape may classify differently, so this one is cached
+    /// by its exact text only.
+    pub by_value: bool,
     /// First session pin among the statements.
     pub pin: Option<PinReason>,
     /// Leading-comment directives.
@@ -219,6 +223,7 @@ fn classify_full(sql: &str, catalog: &FunctionCatalog, hints: Hints) -> Classifi
                 tx: TxEffect::None,
                 last_tx: TxEffect::None,
                 copy_from: false,
+                by_value: false,
                 pin: None,
                 hints,
                 proxy: None,
@@ -260,6 +265,7 @@ fn finish(o: statement::Outcome, statements: usize, hints: Hints, sql: &str) -> 
             TxEffect::None
         },
         copy_from: o.reason == statement::COPY_FROM,
+        by_value: o.by_value,
         pin: o.pin,
         hints,
         proxy: o.proxy,
@@ -297,7 +303,7 @@ impl Inner {
 /// Whether a classification holds nothing taken from literal values, so every statement of
 /// the same shape classifies the same.
 fn shareable(c: &Classification) -> bool {
-    c.session.is_none() && c.proxy.is_none() && c.pin.is_none() && !c.parse_error
+    c.session.is_none() && c.proxy.is_none() && c.pin.is_none() && !c.parse_error && !c.by_value
 }
 
 /// Thread-safe cached front over [`classify`], keyed by the exact statement text.

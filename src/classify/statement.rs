@@ -22,6 +22,8 @@ pub(crate) struct Outcome {
     pub(crate) proxy: Option<ProxyCommand>,
     pub(crate) session: Option<SessionCommand>,
     pub(crate) reason: &'static str,
+    /// Some fact came from a literal's value.
+    pub(crate) by_value: bool,
 }
 
 impl Outcome {
@@ -34,6 +36,7 @@ impl Outcome {
             proxy: None,
             session: None,
             reason,
+            by_value: false,
         }
     }
 
@@ -75,6 +78,7 @@ impl Outcome {
             None => Self::read(default),
         };
         o.pin = w.pin;
+        o.by_value = w.by_value;
         o
     }
 }
@@ -179,13 +183,19 @@ fn explain(e: &pb::ExplainStmt, catalog: &FunctionCatalog) -> Outcome {
         Some(N::DefElem(d)) => d.defname.eq_ignore_ascii_case("analyze") && !def_is_false(d),
         _ => false,
     });
+    // `ANALYZE 0` and `ANALYZE 1` differ only in a literal.
+    let by_value = !e.options.is_empty();
     if !analyze {
-        return Outcome::read("explain");
+        return Outcome {
+            by_value,
+            ..Outcome::read("explain")
+        };
     }
     let o = inner_query(&e.query, catalog, "explain_analyze");
     Outcome {
         tx: TxEffect::None,
         proxy: None,
+        by_value: by_value || o.by_value,
         ..o
     }
 }
@@ -370,6 +380,7 @@ pub(crate) fn combine(outcomes: &[Outcome]) -> Outcome {
         if o.access == Access::Write && write_reason.is_none() {
             write_reason = Some(o.reason);
         }
+        combined.by_value |= o.by_value;
     }
     // A read-write transaction opened by the string itself belongs on the primary.
     let opens_rw = outcomes.len() > 1

@@ -903,3 +903,62 @@ fn the_last_transaction_boundary_and_copy_are_kept_across_statements() {
         assert_eq!((c.last_tx, c.copy_from), (last_tx, copy_from), "{sql}");
     }
 }
+
+/// Pairs of texts with one shape where the first classifies as a read (or unpinned) and the
+/// second must not: the cache must never hand the first's classification to the second.
+#[test]
+fn the_shape_cache_never_hands_a_read_to_a_write() {
+    let rows = [
+        ("now", 's'),
+        ("abs", 'i'),
+        ("nextval", 'v'),
+        ("set_config", 'v'),
+        ("audit.now", 'v'),
+    ];
+    let cat =
+        || FunctionCatalog::from_pg_proc(rows.iter().map(|(n, v)| (n.to_string(), *v)), &[], &[]);
+    let pairs = [
+        // EXPLAIN's options are literals: ANALYZE 1 executes the DELETE.
+        (
+            "EXPLAIN (ANALYZE 0) DELETE FROM t WHERE id = 5",
+            "EXPLAIN (ANALYZE 1) DELETE FROM t WHERE id = 5",
+        ),
+        (
+            "EXPLAIN (ANALYZE 'off') UPDATE t SET a = 1",
+            "EXPLAIN (ANALYZE 'on') UPDATE t SET a = 1",
+        ),
+        // A lone carriage return ends a line comment, so the quotes after it are code.
+        (
+            "SELECT 'a' --\r, '\n' AS b, 1 AS c --'",
+            "SELECT 'a' --\r, '\n' AS b, 1; DELETE FROM t --'",
+        ),
+        // Not a number with an exponent: `e` is a hex digit, `-` an operator.
+        ("SELECT 0x1e-abs(1)", "SELECT 0x1e-nextval(1)"),
+        ("SELECT 1e-abs(1)", "SELECT 1e-nextval(1)"),
+    ];
+    for (read, write) in pairs {
+        let direct = classify(write, &cat());
+        assert_eq!(direct.access, Access::Write, "{write}");
+        let cached = Classifier::new(100, cat());
+        cached.classify(read);
+        assert_eq!(*cached.classify(write), direct, "{write} after {read}");
+    }
+    // set_config's third argument decides the session pin.
+    let cached = Classifier::new(100, cat());
+    cached.classify("SELECT set_config('search_path', 'x', 'true')");
+    assert_eq!(
+        cached
+            .classify("SELECT set_config('search_path', 'x', 'false')")
+            .pin,
+        Some(PinReason::SessionSet)
+    );
+    // A dot inside a quoted function name is part of the name, not a schema.
+    assert_eq!(
+        classify("SELECT \"audit.now\"()", &cat()).access,
+        Access::Write
+    );
+    assert_eq!(
+        classify("SELECT pg_catalog.now()", &cat()).access,
+        Access::Read
+    );
+}

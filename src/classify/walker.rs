@@ -18,6 +18,8 @@ pub(crate) struct Walker<'c> {
     pub(crate) write: Option<&'static str>,
     /// Session state the walked tree leaves behind.
     pub(crate) pin: Option<PinReason>,
+    /// Some fact came from a literal's value (see [`super::Classification::by_value`]).
+    pub(crate) by_value: bool,
 }
 
 impl<'c> Walker<'c> {
@@ -27,6 +29,7 @@ impl<'c> Walker<'c> {
             catalog,
             write: None,
             pin: None,
+            by_value: false,
         }
     }
 
@@ -414,10 +417,13 @@ impl<'c> Walker<'c> {
 
     /// Applies the catalog verdict for one call of `name` (unqualified).
     fn call(&mut self, name: &str, args: &[pb::Node]) {
-        if let Verdict::Write { reason, pin } = self.catalog.verdict(name) {
+        if let Verdict::Write { reason, pin } = self.catalog.verdict_bare(name) {
             self.mark(reason);
             if let Some(p) = pin {
                 self.pin(p);
+            }
+            if name.eq_ignore_ascii_case("set_config") {
+                self.by_value = true;
             }
             if name.eq_ignore_ascii_case("set_config") && !is_literal_true(args.get(2)) {
                 // is_local = false keeps the setting for the whole session; a parameter or any

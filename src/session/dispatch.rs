@@ -316,6 +316,7 @@ impl Session {
                 tx: TxEffect::None,
                 last_tx: TxEffect::None,
                 copy_from: false,
+                by_value: false,
                 pin: None,
                 hints: Hints::default(),
                 proxy: None,
@@ -518,6 +519,7 @@ pub(super) fn combine(parts: &[Arc<Classification>]) -> Classification {
         tx: TxEffect::None,
         last_tx: TxEffect::None,
         copy_from: false,
+        by_value: false,
         pin: None,
         hints: Hints::default(),
         proxy: None,
@@ -550,6 +552,7 @@ pub(super) fn combine(parts: &[Arc<Classification>]) -> Classification {
             out.last_tx = c.last_tx;
         }
         out.copy_from |= c.copy_from;
+        out.by_value |= c.by_value;
         out.pin = out.pin.or(c.pin);
         out.statements += c.statements;
         out.parse_error |= c.parse_error;
