@@ -29,7 +29,7 @@ pub struct ReloadReport {
 /// Loads `path` and applies it; on a load or validation error nothing changes.
 pub fn reload_file(shared: &Arc<Shared>, path: &Path) -> Result<ReloadReport, String> {
     let new = Config::load(path).map_err(|e| e.to_string())?;
-    Ok(apply(shared, new))
+    apply(shared, new)
 }
 
 /// Scalar leaves of a configuration as (dotted key, value), for comparing two of them.
@@ -100,8 +100,10 @@ fn restart_only(key: &str) -> bool {
 }
 
 /// Applies `new`: the parts that can change live, with the rest kept from the running
-/// configuration.
-pub fn apply(shared: &Arc<Shared>, new: Config) -> ReloadReport {
+/// configuration. That combination is checked as a whole first (a token removed while the
+/// admin endpoint still listens on a public address, say); if it does not hold, nothing
+/// changes.
+pub fn apply(shared: &Arc<Shared>, new: Config) -> Result<ReloadReport, String> {
     let old = shared.cfg.load_full();
     let before = leaves(&old);
     let after = leaves(&new);
@@ -138,7 +140,12 @@ pub fn apply(shared: &Arc<Shared>, new: Config) -> ReloadReport {
     effective.logging = old.logging.clone();
     effective.priority = old.priority.clone();
     effective.pool.mode = old.pool.mode;
-    effective.pool.min_idle = old.pool.min_idle;
+    // Pools may shrink live; the running min_idle then applies up to their new size.
+    effective.pool.min_idle = old
+        .pool
+        .min_idle
+        .min(effective.pool.primary_max)
+        .min(effective.pool.replica_max);
     effective.pool.acquire_timeout_ms = old.pool.acquire_timeout_ms;
     effective.pool.idle_timeout_ms = old.pool.idle_timeout_ms;
     effective.pool.max_lifetime_ms = old.pool.max_lifetime_ms;
@@ -156,6 +163,9 @@ pub fn apply(shared: &Arc<Shared>, new: Config) -> ReloadReport {
             r.max_active = o.max_active;
         }
     }
+    effective.validate().map_err(|e| {
+        format!("{e} (with the settings that change only on restart kept as they run)")
+    })?;
     let effective = Arc::new(effective);
 
     let (added, retired) = shared.cluster.set_replicas(&effective);
@@ -194,7 +204,7 @@ pub fn apply(shared: &Arc<Shared>, new: Config) -> ReloadReport {
     if !report.needs_restart.is_empty() {
         tracing::warn!(keys = ?report.needs_restart, "these changes keep their running value until a restart");
     }
-    report
+    Ok(report)
 }
 
 #[cfg(test)]

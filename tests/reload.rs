@@ -159,3 +159,106 @@ async fn reload_changes_pools_replicas_and_routing_without_dropping_clients() {
         "replica_max back to its default"
     );
 }
+
+fn parsed(text: &str) -> causeway::config::Config {
+    causeway::config::Config::from_toml(text).unwrap_or_else(|e| panic!("config: {e}\n{text}"))
+}
+
+/// Pools shrunk by a reload below the `min_idle` they run with (restart-only) keep their new
+/// size: maintenance does not open and close server connections in a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_shrunk_below_the_running_min_idle_stay_calm() {
+    let env = common::start_with(Default::default(), |c| {
+        c.push_str("\n[pool]\nmin_idle = 2\n")
+    })
+    .await;
+    let c = env.client().await;
+    c.batch_execute("CREATE TABLE calm (v int)").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let next = env.config.replace(
+        "min_idle = 2",
+        "min_idle = 1\nprimary_max = 1\nreplica_max = 1",
+    );
+    let report = causeway::reload::apply(&env.proxy.shared, parsed(&next)).unwrap();
+    assert!(report.needs_restart.iter().any(|k| k == "pool.min_idle"));
+    // The connection comes back past the new size and is closed: fewer than min_idle open.
+    c.batch_execute("INSERT INTO calm VALUES (1)")
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let admin = env.primary_admin().await;
+    let sessions = || async {
+        admin
+            .query_one(
+                "SELECT sessions FROM pg_stat_database WHERE datname = 'app'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let before = sessions().await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let opened = sessions().await - before;
+    assert!(opened < 3, "{opened} server logins in 3 s after the reload");
+}
+
+/// The running configuration is checked as a whole: a reload that drops `admin.token` while
+/// the admin endpoint still listens on a public address (its address changes only on restart)
+/// is refused, and the endpoint keeps asking for the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_cannot_leave_a_public_admin_endpoint_without_its_token() {
+    let env = common::start_with(Default::default(), |c| {
+        *c = c
+            .replace(
+                "admin_listen = \"127.0.0.1:0\"",
+                "admin_listen = \"0.0.0.0:0\"",
+            )
+            .replace("[admin]\n", "[admin]\ntoken = \"s3cret\"\n");
+    })
+    .await;
+    let admin = env.proxy.admin_addr.unwrap();
+    assert!(!admin.ip().is_loopback(), "{admin}");
+    let next = env
+        .config
+        .replace(
+            "admin_listen = \"0.0.0.0:0\"",
+            "admin_listen = \"127.0.0.1:0\"",
+        )
+        .replace("token = \"s3cret\"\n", "");
+    let refused = causeway::reload::apply(&env.proxy.shared, parsed(&next)).unwrap_err();
+    assert!(refused.contains("admin.token"), "{refused}");
+    let r = http::post(admin, "/replicas/replica1/drain").await;
+    assert_eq!(r.status, 401, "{} {}", r.status, r.body);
+}
+
+/// A replica removed by a reload while a session was routing a read to it gets no new pool:
+/// the session routes again over the replicas in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_replica_gets_no_new_pool() {
+    let env = common::start().await;
+    let shared = std::sync::Arc::clone(&env.proxy.shared);
+    let c = env.client().await;
+    c.simple_query("SELECT 1").await.unwrap();
+    // What a session holds while it routes a read.
+    let replica2 = shared
+        .cluster
+        .replicas_owned()
+        .iter()
+        .find(|n| n.name == "replica2")
+        .cloned()
+        .unwrap();
+    let report = causeway::reload::apply(&shared, parsed(&without_replica2(&env.config))).unwrap();
+    assert_eq!(report.replicas_retired, ["replica2"]);
+    let login = causeway::pool::login_key("app", "app");
+    assert!(shared.pools.get(&replica2, &login).is_none());
+    assert!(shared.pools.all().iter().all(|p| p.node.id != replica2.id));
+    for _ in 0..10 {
+        let port: i32 = c
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_ne!(port as u16, replica2.port());
+    }
+}

@@ -165,18 +165,23 @@ impl Pool {
             || reached(now, conn.last_used, self.settings.idle_timeout)
     }
 
-    fn put_idle(&self, mut conn: Box<BackendConn>) {
+    /// Keeps a connection for reuse; false when it was closed instead.
+    fn put_idle(&self, mut conn: Box<BackendConn>) -> bool {
         conn.last_used = Instant::now();
         // Past the size (the pool shrank on reload): close instead of keeping it.
         let oversize = self.open.load(Ordering::Relaxed) > self.permits.permits();
         if oversize || self.expired(&conn, conn.last_used) {
             self.open.fetch_sub(1, Ordering::Relaxed);
-            return;
+            return false;
         }
         match self.idle.lock() {
-            Ok(mut idle) => idle.push(conn),
+            Ok(mut idle) => {
+                idle.push(conn);
+                true
+            }
             Err(_) => {
                 self.open.fetch_sub(1, Ordering::Relaxed);
+                false
             }
         }
     }
@@ -238,15 +243,20 @@ impl Pool {
         };
         self.open.fetch_sub(expired.len(), Ordering::Relaxed);
         drop(expired);
-        while self.open.load(Ordering::Relaxed) < self.settings.min_idle && self.node.is_usable() {
+        // A pool shrunk by a reload below the min_idle it started with keeps its new size.
+        let target = self.settings.min_idle.min(self.permits.permits());
+        while self.open.load(Ordering::Relaxed) < target && self.node.is_usable() {
             let Some(permit) = self.permits.try_acquire() else {
                 break;
             };
-            match self.connect().await {
+            let kept = match self.connect().await {
                 Ok(conn) => self.put_idle(conn),
-                Err(_) => break,
-            }
+                Err(_) => false,
+            };
             drop(permit);
+            if !kept {
+                break;
+            }
         }
     }
 }
@@ -319,7 +329,9 @@ impl Drop for Lease {
             let reset =
                 tokio::time::timeout(pool.settings.reset_timeout, conn.simple_query("ROLLBACK"));
             match reset.await {
-                Ok(Ok(())) if conn.status == TxStatus::Idle => pool.put_idle(conn),
+                Ok(Ok(())) if conn.status == TxStatus::Idle => {
+                    pool.put_idle(conn);
+                }
                 _ => {
                     pool.open.fetch_sub(1, Ordering::Relaxed);
                 }
@@ -355,7 +367,11 @@ impl Pools {
     }
 
     /// The pool for `node` and this login (see [`login_key`]), created if needed.
+    /// `None` for a node that was retired: a pool made for it now would outlive it.
     pub fn get(&self, node: &Arc<Node>, login: &Arc<str>) -> Option<Arc<Pool>> {
+        if node.retired.load(Ordering::Acquire) {
+            return None;
+        }
         let key = (node.id, Arc::clone(login));
         if let Some(p) = self.map.get(&key) {
             return Some(Arc::clone(p.value()));
@@ -388,11 +404,19 @@ impl Pools {
             password,
             database: database.to_string(),
         };
-        let pool = self
-            .map
-            .entry(key)
-            .or_insert_with(|| Arc::new(Pool::new(Arc::clone(node), creds, settings)));
-        Some(Arc::clone(pool.value()))
+        let pool = Arc::clone(
+            self.map
+                .entry(key)
+                .or_insert_with(|| Arc::new(Pool::new(Arc::clone(node), creds, settings)))
+                .value(),
+        );
+        if node.retired.load(Ordering::Acquire) {
+            // Retired while the pool was being made (the flag is set before its pools are
+            // closed): close this one too.
+            self.retire_node(node.id);
+            return None;
+        }
+        Some(pool)
     }
 
     /// Closes and forgets the pools of a node that left the configuration: waiters are told,
@@ -430,6 +454,12 @@ impl Pools {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {
                         for pool in pools.all() {
+                            if pool.node.retired.load(Ordering::Acquire) {
+                                // A promoted replica followed as the primary leaves its
+                                // replica pools behind: they go here.
+                                pools.retire_node(pool.node.id);
+                                continue;
+                            }
                             pool.maintain().await;
                         }
                     }

@@ -374,7 +374,7 @@ impl Session {
     ) -> Result<(), SessionError> {
         let shared = Arc::clone(&self.shared);
         let cluster = &shared.cluster;
-        let replicas = cluster.replicas_owned();
+        let mut replicas = cluster.replicas_owned();
         for _ in 0..=replicas.len() {
             let decision = if force_primary {
                 Decision {
@@ -397,7 +397,17 @@ impl Session {
                     None => cluster.primary(),
                 },
             };
+            if node.retired.load(Ordering::Acquire) {
+                // A reload removed it (or it was promoted) while this read was routed: route
+                // again over the servers in force now.
+                replicas = cluster.replicas_owned();
+                continue;
+            }
             let Some(pool) = shared.pools.get(node, &self.login) else {
+                if node.retired.load(Ordering::Acquire) {
+                    replicas = cluster.replicas_owned();
+                    continue;
+                }
                 return Err(SessionError::AuthRejected(format!(
                     "user \"{}\" is not configured",
                     self.user
