@@ -74,6 +74,7 @@ fn restart_only(key: &str) -> bool {
         "server.admin_listen",
         "server.monitor_",
         "server.health_check_",
+        "server.connect_timeout_ms",
         "tls.",
         "primary.",
         "users",
@@ -133,6 +134,8 @@ pub fn apply(shared: &Arc<Shared>, new: Config) -> Result<ReloadReport, String> 
     effective.server.monitor_database = old.server.monitor_database.clone();
     effective.server.health_check_interval_ms = old.server.health_check_interval_ms;
     effective.server.health_check_timeout_ms = old.server.health_check_timeout_ms;
+    // Pools keep the timeout they were made with.
+    effective.server.connect_timeout_ms = old.server.connect_timeout_ms;
     effective.tls = old.tls.clone();
     effective.primary = old.primary.clone();
     effective.users = old.users.clone();
