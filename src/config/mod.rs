@@ -197,6 +197,20 @@ impl Config {
                 "must be between 0 and 1",
             ));
         }
+        if self.server.max_client_connections == 0 {
+            return Err(invalid(
+                "server.max_client_connections",
+                "must be at least 1",
+            ));
+        }
+        for (i, u) in self.users.iter().enumerate() {
+            if u.max_connections == Some(0) {
+                return Err(invalid(
+                    format!("users[{i}].max_connections"),
+                    "must be at least 1 (leave it out for no limit)",
+                ));
+            }
+        }
         let p = &self.pool;
         for (key, v) in [
             ("pool.primary_max", p.primary_max),
@@ -388,6 +402,13 @@ port = 5433
         assert!(e.contains("users"), "{e}");
         let e = err_of(&format!("{BASE}\n[pool]\nprimary_max = 0\n"));
         assert!(e.contains("pool.primary_max"), "{e}");
+        let e = err_of(&format!("{BASE}\n[server]\nmax_client_connections = 0\n"));
+        assert!(e.contains("server.max_client_connections"), "{e}");
+        let e = err_of(&BASE.replace(
+            "password = \"pw\"",
+            "password = \"pw\"\nmax_connections = 0",
+        ));
+        assert!(e.contains("users[0].max_connections"), "{e}");
         let e = err_of(&format!("{BASE}\n[server]\nlisten = \"nowhere\"\n"));
         assert!(e.contains("server.listen"), "{e}");
         let e = err_of(&format!(
