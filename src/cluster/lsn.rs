@@ -1,5 +1,6 @@
 //! WAL positions and replica lag, on one tested type so the arithmetic cannot be turned around.
 
+use std::collections::VecDeque;
 use std::str::FromStr;
 
 use tokio_postgres::types::PgLsn;
@@ -91,6 +92,77 @@ impl Progress {
     }
 }
 
+/// Where a replay position falls in the primary's [`History`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behind {
+    /// No reading of the primary yet.
+    Unknown,
+    /// Not behind: no reading is past the position.
+    No,
+    /// The primary first got past the position at this time.
+    Since(u64),
+    /// The primary was past the position already at its oldest reading, taken at this time:
+    /// behind for at least that long.
+    BeforeSpan(u64),
+}
+
+/// Readings of the primary's WAL position over time, one per change of position, so that a
+/// replica's replay position can be placed in time. Bounded: past `capacity` readings the
+/// oldest are dropped.
+#[derive(Debug)]
+pub struct History {
+    /// (ms on the caller's clock, position), oldest first; both only grow.
+    readings: VecDeque<(u64, Lsn)>,
+    capacity: usize,
+}
+
+impl History {
+    /// An empty history of at most `capacity` readings, allocated now so that recording never
+    /// allocates.
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            readings: VecDeque::with_capacity(capacity),
+            capacity,
+        }
+    }
+
+    /// Records that the primary was at `lsn` at `at_ms`. An unchanged position adds nothing; a
+    /// position below the last one is another server's WAL (a new primary), so what was
+    /// recorded before is forgotten.
+    pub fn record(&mut self, at_ms: u64, lsn: Lsn) {
+        if lsn == 0 {
+            return;
+        }
+        match self.readings.back() {
+            Some(&(_, last)) if lsn == last => return,
+            Some(&(_, last)) if lsn < last => self.readings.clear(),
+            _ => {}
+        }
+        if self.readings.len() == self.capacity {
+            self.readings.pop_front();
+        }
+        self.readings.push_back((at_ms, lsn));
+    }
+
+    /// Forgets every reading (the primary changed).
+    pub fn clear(&mut self) {
+        self.readings.clear();
+    }
+
+    /// Where `replayed` falls: when the primary was first seen past it. A binary search; no
+    /// allocation.
+    pub fn behind(&self, replayed: Lsn) -> Behind {
+        let first_past = self.readings.partition_point(|&(_, lsn)| lsn <= replayed);
+        match self.readings.get(first_past) {
+            None if self.readings.is_empty() => Behind::Unknown,
+            None => Behind::No,
+            Some(&(at_ms, _)) if first_past == 0 => Behind::BeforeSpan(at_ms),
+            Some(&(at_ms, _)) => Behind::Since(at_ms),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +228,69 @@ mod tests {
         };
         assert_eq!(never.lag_bytes(), 10);
         assert_eq!(never.lag_ms(5), 0);
+    }
+
+    #[test]
+    fn history_places_a_replay_position_in_time() {
+        let mut h = History::new(16);
+        assert_eq!(h.behind(100), Behind::Unknown, "empty");
+        for (at, lsn) in [(10, 100), (20, 200), (30, 300), (40, 400)] {
+            h.record(at, lsn);
+        }
+        // At or ahead of the latest reading.
+        assert_eq!(h.behind(400), Behind::No);
+        assert_eq!(h.behind(450), Behind::No);
+        // Behind by some readings: the first reading past the position.
+        assert_eq!(h.behind(399), Behind::Since(40));
+        assert_eq!(h.behind(300), Behind::Since(40));
+        assert_eq!(h.behind(250), Behind::Since(30));
+        assert_eq!(h.behind(100), Behind::Since(20));
+        // Behind the whole history.
+        assert_eq!(h.behind(99), Behind::BeforeSpan(10));
+        assert_eq!(h.behind(0), Behind::BeforeSpan(10));
+    }
+
+    #[test]
+    fn history_keeps_changes_only_and_restarts_on_a_lower_position() {
+        let mut h = History::new(16);
+        h.record(10, 100);
+        h.record(20, 100);
+        h.record(25, 0);
+        assert_eq!(
+            h.behind(99),
+            Behind::BeforeSpan(10),
+            "the first time at 100 counts"
+        );
+        h.record(30, 200);
+        // A new primary whose WAL ends below the old one's.
+        h.record(40, 150);
+        assert_eq!(h.behind(120), Behind::BeforeSpan(40));
+        assert_eq!(h.behind(150), Behind::No);
+        h.clear();
+        assert_eq!(h.behind(150), Behind::Unknown);
+    }
+
+    #[test]
+    fn history_drops_its_oldest_readings_when_full() {
+        let mut h = History::new(4);
+        let allocated = h.readings.capacity();
+        for i in 1..=10u64 {
+            h.record(i * 10, i * 100);
+        }
+        // Readings 7..=10 are left, stored across the end of the ring.
+        assert_eq!(h.readings.len(), 4);
+        assert_eq!(h.behind(1000), Behind::No);
+        assert_eq!(h.behind(950), Behind::Since(100));
+        assert_eq!(h.behind(800), Behind::Since(90));
+        assert_eq!(h.behind(700), Behind::Since(80));
+        assert_eq!(h.behind(699), Behind::BeforeSpan(70));
+        assert_eq!(h.behind(100), Behind::BeforeSpan(70));
+        let (front, back) = h.readings.as_slices();
+        assert!(!front.is_empty() && !back.is_empty(), "wrapped");
+        assert_eq!(
+            h.readings.capacity(),
+            allocated,
+            "no allocation after new()"
+        );
     }
 }
