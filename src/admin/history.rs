@@ -79,7 +79,7 @@ impl History {
                     let (lag_ms, lag_bytes) = match node.role {
                         Role::Replica if node.lsn.load(Ordering::Acquire) != 0 => {
                             let p = shared.cluster.progress(node);
-                            (Some(p.lag_ms(now_us)), Some(p.lag_bytes()))
+                            (Some(shared.cluster.lag_ms(&p)), Some(p.lag_bytes()))
                         }
                         _ => (None, None),
                     };

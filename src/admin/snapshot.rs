@@ -225,10 +225,6 @@ impl Snapshot {
         let cluster = &shared.cluster;
         let stats = &shared.stats;
         let pools = shared.pools.all();
-        let now_us = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
-
         let mut backends = Vec::new();
         let mut queues = Vec::new();
         for node in &cluster.nodes() {
@@ -238,7 +234,7 @@ impl Snapshot {
             let (lag_bytes, lag_ms) = match node.role {
                 Role::Replica if raw_lsn != 0 => {
                     let p = cluster.progress(node);
-                    (Some(p.lag_bytes()), Some(p.lag_ms(now_us)))
+                    (Some(p.lag_bytes()), Some(cluster.lag_ms(&p)))
                 }
                 _ => (None, None),
             };

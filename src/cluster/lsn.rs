@@ -79,16 +79,33 @@ impl Progress {
         self.primary.saturating_sub(self.replayed)
     }
 
-    /// Milliseconds since the last transaction the replica replayed, while it has WAL to
-    /// replay; 0 when it is caught up.
-    pub fn lag_ms(&self, now_us: i64) -> u64 {
+    /// How long ago, in ms, the primary was at the position this replica has replayed, given
+    /// where that position falls in the primary's history (`now_ms` on the history's clock);
+    /// 0 when it is caught up.
+    ///
+    /// The age of the last replayed commit (`now_us`, wall clock) is an upper bound of that lag
+    /// (the primary wrote the commit before reaching any later position) but no estimate of
+    /// it: during a long transaction it grows while the replica keeps up. It is used only where
+    /// the history cannot place the replica: none yet, or a position older than all of it.
+    pub fn lag_ms(&self, behind: Behind, now_ms: u64, now_us: i64) -> u64 {
         if self.lag_bytes() == 0 {
             return 0;
         }
-        match self.replayed_at_us {
-            Some(at) => u64::try_from((now_us - at).max(0) / 1000).unwrap_or(0),
-            None => 0,
+        match behind {
+            Behind::No => 0,
+            Behind::Since(at_ms) => now_ms.saturating_sub(at_ms),
+            Behind::BeforeSpan(oldest_ms) => now_ms
+                .saturating_sub(oldest_ms)
+                .max(self.commit_age_ms(now_us)),
+            Behind::Unknown => self.commit_age_ms(now_us),
         }
+    }
+
+    /// Milliseconds since the last transaction the replica replayed was committed; 0 if none.
+    fn commit_age_ms(&self, now_us: i64) -> u64 {
+        self.replayed_at_us.map_or(0, |at| {
+            u64::try_from((now_us - at).max(0) / 1000).unwrap_or(0)
+        })
     }
 }
 
@@ -209,7 +226,7 @@ mod tests {
             replayed_at_us: Some(1_000_000),
         };
         assert_eq!(behind.lag_bytes(), 600);
-        assert_eq!(behind.lag_ms(1_250_000), 250);
+        assert_eq!(behind.lag_ms(Behind::Since(5_000), 5_250, 0), 250);
         let ahead = Progress {
             primary: 400,
             replayed: 1000,
@@ -217,17 +234,38 @@ mod tests {
         };
         assert_eq!(ahead.lag_bytes(), 0);
         assert_eq!(
-            ahead.lag_ms(9_000_000),
+            ahead.lag_ms(Behind::BeforeSpan(0), 9_000, 9_000_000),
             0,
             "caught up means no lag, however old"
         );
+    }
+
+    #[test]
+    fn lag_is_the_age_of_the_primary_reading_first_past_the_replica() {
+        let p = Progress {
+            primary: 1000,
+            replayed: 400,
+            // The last commit is 60 s old: a long transaction is being replayed.
+            replayed_at_us: Some(1_000_000),
+        };
+        let now_us = 61_000_000;
+        assert_eq!(p.lag_ms(Behind::No, 10_000, now_us), 0);
+        assert_eq!(p.lag_ms(Behind::Since(9_990), 10_000, now_us), 10);
+        // Older than all the history: at least its span, and the commit's age bounds it above.
+        assert_eq!(p.lag_ms(Behind::BeforeSpan(2_000), 10_000, now_us), 60_000);
+        assert_eq!(
+            p.lag_ms(Behind::BeforeSpan(2_000), 10_000, 5_000_000),
+            8_000
+        );
+        // No history: the commit's age, as before there was one.
+        assert_eq!(p.lag_ms(Behind::Unknown, 10_000, now_us), 60_000);
         let never = Progress {
             primary: 10,
             replayed: 0,
             replayed_at_us: None,
         };
-        assert_eq!(never.lag_bytes(), 10);
-        assert_eq!(never.lag_ms(5), 0);
+        assert_eq!(never.lag_ms(Behind::Unknown, 5, 5), 0);
+        assert_eq!(never.lag_ms(Behind::BeforeSpan(1), 5, 5), 4);
     }
 
     #[test]

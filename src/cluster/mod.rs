@@ -169,6 +169,13 @@ impl Node {
     }
 }
 
+/// Readings of the primary's WAL position kept for replica lag: 8192 of 16 bytes, 128 KiB. The
+/// monitor adds one per poll that finds the position moved, so under steady writes at the
+/// default 10 ms poll they span about 80 s, well past any sensible `max_replica_lag_ms` (30 s
+/// by default); a quieter primary moves less often and they span longer. A replica behind all
+/// of them is at least that far behind (see `lsn::Behind::BeforeSpan`).
+const PRIMARY_HISTORY: usize = 8192;
+
 /// The primary and its replicas.
 #[derive(Debug)]
 pub struct Cluster {
@@ -191,6 +198,9 @@ pub struct Cluster {
     wal_segment: AtomicU64,
     /// When a write through this proxy was last acknowledged without its token (global scope).
     pub global_unconfirmed: std::sync::Mutex<Option<Instant>>,
+    /// The primary's WAL position each time the monitor saw it change, on the `now_ms` clock:
+    /// replica lag in time is read from it.
+    primary_history: Mutex<lsn::History>,
     started: Instant,
     /// TLS towards the servers, for the monitor's connections.
     pub tls: Arc<crate::tls::Tls>,
@@ -227,6 +237,7 @@ impl Cluster {
             wal_page: AtomicU64::new(0),
             wal_segment: AtomicU64::new(0),
             global_unconfirmed: std::sync::Mutex::new(None),
+            primary_history: Mutex::new(lsn::History::new(PRIMARY_HISTORY)),
             started: Instant::now(),
             tls,
         }
@@ -267,6 +278,32 @@ impl Cluster {
             replayed: replica.lsn.load(Ordering::Acquire),
             replayed_at_us: (at != 0).then_some(at),
         }
+    }
+
+    /// Records a reading of the primary's WAL position, taken at `at_ms` (`now_ms` clock).
+    pub fn record_primary(&self, at_ms: u64, lsn: lsn::Lsn) {
+        self.history().record(at_ms, lsn);
+    }
+
+    /// A replica's lag in time, in ms: how long ago the primary was at the position the replica
+    /// has replayed (see [`lsn::Progress::lag_ms`]). A short lock and a binary search, only for
+    /// a replica with WAL left to replay.
+    pub fn lag_ms(&self, p: &lsn::Progress) -> u64 {
+        if p.lag_bytes() == 0 {
+            return 0;
+        }
+        let behind = self.history().behind(p.replayed);
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        p.lag_ms(behind, self.now_ms(), now_us)
+    }
+
+    /// The history, whether or not a holder panicked: every update leaves it consistent.
+    fn history(&self) -> std::sync::MutexGuard<'_, lsn::History> {
+        self.primary_history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The primary.
@@ -322,6 +359,9 @@ impl Cluster {
             .endpoint
             .store(Arc::new((promoted.host(), promoted.port())));
         self.primary.generation.fetch_add(1, Ordering::AcqRel);
+        // The new primary's WAL continues from its own replay position: no reading of the old
+        // one places a replica on it.
+        self.history().clear();
         self.primary.lsn.store(0, Ordering::Release);
         self.primary.unban();
         true

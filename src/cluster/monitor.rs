@@ -1,7 +1,8 @@
 //! Monitor: one task per node keeps a connection open and reads, every `lsn_poll_ms`, the
 //! node's role (`pg_is_in_recovery()`) and WAL position (replayed on a replica, current on the
-//! primary). Unreachable nodes and replicas that stopped being replicas are banned; sessions
-//! waiting for a replica to catch up are woken when a replay position advances.
+//! primary, whose changes also go into the cluster's history for replica lag). Unreachable
+//! nodes and replicas that stopped being replicas are banned; sessions waiting for a replica
+//! to catch up are woken when a replay position advances.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -185,10 +186,14 @@ async fn check(
         .flatten()
         .map_or(0, u64::from);
     let replayed_at = row.try_get::<_, Option<i64>>(2).ok().flatten().unwrap_or(0);
+    let read_at_ms = cluster.now_ms();
+    if node.role == Role::Primary {
+        // Before the position is published: any primary position a reader sees is placed.
+        cluster.record_primary(read_at_ms, lsn);
+    }
     let before = node.lsn.swap(lsn, Ordering::AcqRel);
     node.replayed_at_us.store(replayed_at, Ordering::Release);
-    node.lsn_read_at_ms
-        .store(cluster.now_ms(), Ordering::Release);
+    node.lsn_read_at_ms.store(read_at_ms, Ordering::Release);
     if node.role == Role::Replica && lsn > before {
         if replayed_at != 0 {
             let now_us = std::time::SystemTime::now()

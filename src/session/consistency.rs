@@ -152,15 +152,13 @@ impl Session {
     fn replica_views(&self, replicas: &[Arc<Node>]) -> ReplicaViews {
         let cluster = &self.shared.cluster;
         let r = &self.cfg.routing;
-        // The wall clock is read only for a replica with WAL still to replay.
-        let mut now = None;
         replicas
             .iter()
             .map(|n| {
                 let p = cluster.progress(n);
                 let lagging = (r.max_replica_lag_ms > 0
                     && p.lag_bytes() > 0
-                    && p.lag_ms(*now.get_or_insert_with(now_us)) > r.max_replica_lag_ms)
+                    && cluster.lag_ms(&p) > r.max_replica_lag_ms)
                     || (r.max_replica_lag_bytes > 0 && p.lag_bytes() > r.max_replica_lag_bytes);
                 ReplicaView {
                     usable: n.is_usable() && !n.drained.load(Ordering::Relaxed),
@@ -413,12 +411,6 @@ fn replicas_far_behind(replicas: &[Arc<Node>], left: Duration) -> bool {
     let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
     let mut usable = replicas.iter().filter(|n| n.is_usable()).peekable();
     usable.peek().is_some() && usable.all(|n| n.apply_delay_ms.load(Ordering::Acquire) > left_ms)
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
 /// The first column of a DataRow as text.
