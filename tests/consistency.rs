@@ -346,6 +346,83 @@ async fn replica_past_the_lag_limit_is_not_used() {
     }
 }
 
+/// A long transaction writes WAL for seconds without a commit: the replicas replay it as it
+/// comes, so they are not lagging however old their last replayed commit is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_replaying_a_long_transaction_keep_serving_reads() {
+    let env = delayed(0, "\n[routing]\nmax_replica_lag_ms = 1000\n").await;
+    let owner = env.owner().await;
+    owner
+        .batch_execute("CREATE TABLE bulk (id int, pad text)")
+        .await
+        .unwrap();
+    env.caught_up().await;
+    let reader = env.client().await;
+    reader.simple_query("SELECT 1").await.unwrap();
+
+    // About 4.5 s of steady WAL, no commit until the end.
+    let bulk = tokio::spawn(async move {
+        owner
+            .batch_execute(
+                "DO $$ BEGIN FOR i IN 1..100 LOOP \
+                 INSERT INTO bulk SELECT g, repeat('x', 200) FROM generate_series(1, 1000) g; \
+                 PERFORM pg_sleep(0.04); END LOOP; END $$",
+            )
+            .await
+            .unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+
+    // The replicas really are current: what the primary had written 400 ms ago is replayed.
+    let primary = env.primary_admin().await;
+    let lsn: String = primary
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for r in &env.cluster.replicas {
+        let rc = common::connect(&env.cluster.superuser_conninfo(r)).await;
+        let ok: bool = rc
+            .query_one(
+                "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                &[&lsn],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(ok, "{} is really behind: test inconclusive", r.name);
+    }
+
+    // By now the last replayed commit is over 2 s old, past the 1 s limit.
+    let before = env.routed();
+    let mut reported = Vec::new();
+    for _ in 0..20 {
+        reader.simple_query("SELECT 1").await.unwrap();
+        let stats = causeway::admin::snapshot::Snapshot::collect(&env.proxy.shared);
+        reported.extend(stats.backends.iter().filter_map(|b| b.lag_ms));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = env.routed();
+    assert!(
+        !bulk.is_finished(),
+        "the transaction ended before the reads: inconclusive"
+    );
+    bulk.await.unwrap();
+    let on_primary = after[0] - before[0];
+    eprintln!("routed before {before:?}, after {after:?}; replica lag seen: {reported:?}");
+    assert!(
+        on_primary <= 1,
+        "{on_primary} of 20 plain reads went to the primary while the replicas were current \
+         (routed before {before:?}, after {after:?})"
+    );
+    let worst = reported.iter().max().copied().unwrap_or(0);
+    assert!(
+        worst < 1000,
+        "replica lag reported as {worst} ms: {reported:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn global_scope_and_none_mode() {
     let env = delayed(400, "\n[consistency]\nscope = \"global\"\n").await;
