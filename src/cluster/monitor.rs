@@ -192,19 +192,29 @@ async fn check(
         cluster.record_primary(read_at_ms, lsn);
     }
     let before = node.lsn.swap(lsn, Ordering::AcqRel);
-    node.replayed_at_us.store(replayed_at, Ordering::Release);
+    let replayed_before = node.replayed_at_us.swap(replayed_at, Ordering::AcqRel);
     node.lsn_read_at_ms.store(read_at_ms, Ordering::Release);
     if node.role == Role::Replica && lsn > before {
-        if replayed_at != 0 {
-            let now_us = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
-            let delay_ms = u64::try_from((now_us - replayed_at).max(0) / 1000).unwrap_or(0);
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        if let Some(delay_ms) = apply_delay_ms(replayed_before, replayed_at, now_us) {
             node.apply_delay_ms.store(delay_ms, Ordering::Release);
         }
         cluster.lsn_advanced.notify_waiters();
     }
     judge(node.role, in_recovery)
+}
+
+/// How late a replica applied a commit, in ms: the age of its last replayed commit, measured
+/// only when that commit is new since the previous reading (`before`). Replay through a long
+/// transaction's WAL moves the position but replays no commit, and the old commit's age says
+/// nothing of how late the replica applies WAL: the last measure stands.
+fn apply_delay_ms(before: i64, replayed_at: i64, now_us: i64) -> Option<u64> {
+    if replayed_at == 0 || replayed_at == before {
+        return None;
+    }
+    Some(u64::try_from((now_us - replayed_at).max(0) / 1000).unwrap_or(0))
 }
 
 /// Opens a monitoring connection as the configured monitor user.
@@ -236,5 +246,16 @@ mod tests {
         assert_eq!(judge(Role::Primary, false), Health::Ok);
         assert!(matches!(judge(Role::Replica, false), Health::WrongRole(_)));
         assert!(matches!(judge(Role::Primary, true), Health::WrongRole(_)));
+    }
+
+    #[test]
+    fn apply_delay_is_measured_on_a_newly_replayed_commit_only() {
+        // A commit made at 1.000 s, seen replayed at 1.250 s.
+        assert_eq!(apply_delay_ms(0, 1_000_000, 1_250_000), Some(250));
+        assert_eq!(apply_delay_ms(900_000, 1_000_000, 1_250_000), Some(250));
+        // The position moved through a long transaction's WAL, the last commit is the same.
+        assert_eq!(apply_delay_ms(1_000_000, 1_000_000, 9_000_000), None);
+        // No commit replayed yet.
+        assert_eq!(apply_delay_ms(0, 0, 9_000_000), None);
     }
 }
