@@ -212,7 +212,8 @@ impl Session {
         Ok(SessionView {
             route_mode: self.route_mode,
             min_lsn: req.min_lsn,
-            sticky: req.primary,
+            // A write no token covers yet (it is on its way): only the primary surely has it.
+            sticky: req.primary || (self.unsealed.pending() && c.mode != ConsistencyMode::None),
         })
     }
 
@@ -277,6 +278,14 @@ impl Session {
     /// starts here, when the writes are committed.
     pub(super) fn seal_at_ready(&mut self, status: TxStatus) -> bool {
         if status != TxStatus::Idle || !self.unsealed.pending() {
+            return false;
+        }
+        let on_primary = self
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.node().role == crate::cluster::Role::Primary);
+        if !on_primary {
+            // Only the primary knows the position; its next ReadyForQuery takes the token.
             return false;
         }
         if self
