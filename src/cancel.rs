@@ -16,6 +16,9 @@ pub struct CancelTarget {
     pub endpoint: Arc<(String, u16)>,
     pub pid: i32,
     pub secret: i32,
+    /// A cancel was sent (or is on its way) for this backend: it may still land after the
+    /// query it was meant for, so the connection must not serve anyone else.
+    pub cancelled: bool,
 }
 
 impl CancelTarget {
@@ -68,13 +71,34 @@ impl CancelRegistry {
 
     /// Forwards a cancel for the client holding `key`; unknown keys are ignored, as PostgreSQL does.
     pub async fn cancel(&self, key: (i32, i32)) {
-        let target = self
-            .map
-            .get(&key)
-            .and_then(|slot| slot.lock().ok().and_then(|t| t.clone()));
+        let target = self.map.get(&key).and_then(|slot| take_for_cancel(&slot));
         if let Some(t) = target {
             send_cancel(t).await;
         }
+    }
+}
+
+/// The backend in `slot`, marked as cancelled (see [`CancelTarget::cancelled`]), to send a
+/// cancel to; `None` when the client holds no backend.
+pub fn take_for_cancel(slot: &CancelSlot) -> Option<CancelTarget> {
+    let mut t = slot.lock().ok()?;
+    let t = t.as_mut()?;
+    t.cancelled = true;
+    Some(t.clone())
+}
+
+/// Empties `slot` as its backend goes back; true when a cancel was sent for that backend.
+pub fn clear_slot(slot: &CancelSlot) -> bool {
+    match slot.lock() {
+        Ok(mut t) => t.take().is_some_and(|t| t.cancelled),
+        Err(_) => false,
+    }
+}
+
+impl CancelRegistry {
+    #[cfg(test)]
+    fn contains(&self, key: &(i32, i32)) -> bool {
+        self.map.contains_key(key)
     }
 }
 
@@ -106,7 +130,7 @@ mod tests {
         assert_ne!(a.key, b.key);
         let k = a.key;
         drop(a);
-        assert!(!r.map.contains_key(&k));
-        assert!(r.map.contains_key(&b.key));
+        assert!(!r.contains(&k));
+        assert!(r.contains(&b.key));
     }
 }

@@ -413,3 +413,66 @@ async fn extended_copy_whose_server_dies_gets_an_error_and_ready() {
     assert!(tags.contains(&b'E'), "{got:?}");
     assert_eq!(tags.last(), Some(&b'Z'), "{got:?}");
 }
+
+/// Transaction pooling with one server connection: client A sends cancels with its own key
+/// while its short queries run, and client B, which never cancels, shares that connection.
+/// A cancel lands on the backend it was meant for or nowhere: B never sees 57014.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_never_lands_on_another_clients_query() {
+    use std::sync::atomic::AtomicBool;
+    let env = common::start_with(
+        causeway::launcher::ClusterOptions {
+            replicas: 0,
+            ..Default::default()
+        },
+        |c| c.push_str("\n[pool]\nprimary_max = 1\nreplica_max = 1\n"),
+    )
+    .await;
+    let a = env.client().await;
+    let b = env.client().await;
+    let a_token = a.cancel_token();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (b_ok, b_cancelled) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let a_task = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = a.simple_query("SELECT 1").await;
+            }
+        })
+    };
+    let canceller = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = a_token.cancel_query(tokio_postgres::NoTls).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let b_task = {
+        let (stop, b_ok, b_cancelled) = (stop.clone(), b_ok.clone(), b_cancelled.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match b.simple_query("SELECT pg_sleep(0.02)").await {
+                    Ok(_) => b_ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) if e.code().map(|c| c.code()) == Some("57014") => {
+                        b_cancelled.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(e) => panic!("B: {e}"),
+                };
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::Relaxed);
+    b_task.await.unwrap();
+    a_task.await.unwrap();
+    canceller.await.unwrap();
+    assert!(b_ok.load(Ordering::Relaxed) > 0);
+    assert_eq!(
+        b_cancelled.load(Ordering::Relaxed),
+        0,
+        "client A's cancels cancelled client B's queries"
+    );
+}

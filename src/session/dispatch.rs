@@ -435,6 +435,7 @@ impl Session {
                             endpoint: node.endpoint(),
                             pid: conn.pid,
                             secret: conn.secret,
+                            cancelled: false,
                         });
                     }
                     self.lease = Some(lease);

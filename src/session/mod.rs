@@ -579,8 +579,10 @@ impl Session {
         self.copy_sync_owed = false;
         self.pending_token = false;
         self.slot = None;
-        if let Ok(mut slot) = self.cancel.lock() {
-            *slot = None;
+        if crate::cancel::clear_slot(&self.cancel) {
+            // A cancel sent for this backend can still land after its query: were the
+            // connection handed on, it would cancel another client's work.
+            lease.conn().broken = true;
         }
     }
 

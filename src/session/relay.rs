@@ -437,9 +437,7 @@ impl Session {
         if node.role == crate::cluster::Role::Replica {
             node.ban(format!("connection lost: {reason}"));
         }
-        if let Ok(mut slot) = self.cancel.lock() {
-            *slot = None;
-        }
+        crate::cancel::clear_slot(&self.cancel);
         let in_flight = self.in_flight.take();
         tracing::debug!(
             node = %node.name,

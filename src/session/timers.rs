@@ -80,7 +80,7 @@ impl Session {
             Timer::IdleInTransaction => Err(SessionError::IdleInTransactionTimeout),
             Timer::Cancel => {
                 // Ask the server to cancel, as a client would; a live server answers 57014.
-                let target = self.cancel.lock().ok().and_then(|t| t.clone());
+                let target = crate::cancel::take_for_cancel(&self.cancel);
                 if let Some(t) = target {
                     tracing::info!(
                         session.id = self.info.id,
