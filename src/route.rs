@@ -209,6 +209,7 @@ mod tests {
             },
             copy_from: false,
             by_value: false,
+            chain: false,
             pin: None,
             hints: Hints::default(),
             proxy: None,

@@ -833,6 +833,43 @@ async fn the_token_follows_the_commit_however_the_write_is_sent() {
     }
 
     env.caught_up().await;
+    // COMMIT, a write and a command the proxy answers itself, pipelined in one packet: the
+    // write takes its token before the backend goes back to the pool.
+    env.caught_up().await;
+    let mut s = raw::login(raw_proxy.addr).await;
+    raw::roundtrip(&mut s, &raw::query("BEGIN")).await;
+    raw::roundtrip(&mut s, &raw::query("SELECT 1")).await;
+    let mut pipeline = raw::query("COMMIT");
+    pipeline.extend(raw::query("INSERT INTO items VALUES (11, 'pipelined')"));
+    pipeline.extend(raw::query("SHOW causeway.last_write_lsn"));
+    s.write_all(&pipeline).await.unwrap();
+    for _ in 0..3 {
+        raw::read_until(&mut s, |t| t == b'Z').await;
+    }
+    if raw_read_back(&mut s, 11).await != "1" {
+        stale.push("COMMIT, a write and SHOW causeway.last_write_lsn pipelined");
+    }
+
+    // COMMIT AND CHAIN commits the write while a new transaction opens: another session
+    // under the key sees it.
+    env.caught_up().await;
+    let a = env.client().await;
+    let b = env.client().await;
+    for c in [&a, &b] {
+        c.batch_execute("SET causeway.consistency_key = 'chain'")
+            .await
+            .unwrap();
+    }
+    a.batch_execute("BEGIN; INSERT INTO items VALUES (12, 'chain')")
+        .await
+        .unwrap();
+    a.batch_execute("COMMIT AND CHAIN").await.unwrap();
+    let seen = read_back(&b, 12).await.0;
+    a.batch_execute("COMMIT").await.unwrap();
+    if seen != 1 {
+        stale.push("COMMIT AND CHAIN, read under the key by another session");
+    }
+
     // A write and a COPY in one string: the token waits for the COPY to end.
     let mut s = raw::login(raw_proxy.addr).await;
     s.write_all(&raw::query(
@@ -852,4 +889,22 @@ async fn the_token_follows_the_commit_however_the_write_is_sent() {
     }
 
     assert!(stale.is_empty(), "stale reads after: {stale:#?}");
+}
+
+/// Sticky mode follows writes under a key hint by their tokens: another session reading under
+/// the same key sees the write at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_mode_follows_a_key_hint_on_a_write() {
+    let env = delayed(1000, "\n[consistency]\nmode = \"sticky\"\n").await;
+    let a = env.client().await;
+    a.batch_execute("/* causeway:key=user:7 */ INSERT INTO items VALUES (1, 'k')")
+        .await
+        .unwrap();
+    let b = env.client().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = b
+        .simple_query("/* causeway:key=user:7 */ SELECT count(*) FROM items WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(common::first_text(&seen).as_deref(), Some("1"));
 }

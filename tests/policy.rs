@@ -50,6 +50,22 @@ async fn replica_refusing_a_write_is_retried_on_the_primary() {
         .get(0);
     assert_eq!(n, 4, "each call ran exactly once");
     assert!(env.proxy.shared.stats.routed(Reason::ReadOnlyRetry) >= 4);
+
+    // An extended batch ended by Flush has no ReadyForQuery to re-run after: the client gets
+    // the replica's 25006 and its Sync is answered, never a hang.
+    use common::raw;
+    use tokio::io::AsyncWriteExt;
+    let proxy = common::trust_proxy(&env).await;
+    let mut s = raw::login(proxy.addr).await;
+    let mut batch = raw::parse("", "SELECT bump()");
+    batch.extend(raw::bind(""));
+    batch.extend(raw::execute());
+    batch.extend(raw::msg(b'H', &[]));
+    s.write_all(&batch).await.unwrap();
+    let first = raw::read_until(&mut s, |t| t == b'C' || t == b'E').await;
+    s.write_all(&raw::sync()).await.unwrap();
+    let ready = raw::read_until(&mut s, |t| t == b'Z').await;
+    assert!(!first.is_empty() && !ready.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -316,3 +316,31 @@ async fn session_pooling_keeps_one_backend() {
     }
     assert_eq!(first_value(&a, "SHOW search_path").await, "pg_catalog");
 }
+
+/// COMMIT AND CHAIN right after a BEGIN the proxy has not sent yet opens the chained
+/// transaction: a ROLLBACK then undoes what ran in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_and_chain_after_a_deferred_begin_keeps_the_transaction() {
+    let env = small_pools().await;
+    let owner = env.owner().await;
+    owner
+        .batch_execute("CREATE TABLE chained (id int)")
+        .await
+        .unwrap();
+    let a = env.client().await;
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("COMMIT AND CHAIN").await.unwrap();
+    a.batch_execute("INSERT INTO chained VALUES (1)")
+        .await
+        .unwrap();
+    a.batch_execute("ROLLBACK").await.unwrap();
+    let n: i64 = owner
+        .query_one("SELECT count(*) FROM chained", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        n, 0,
+        "the INSERT in the chained transaction survived its ROLLBACK"
+    );
+}

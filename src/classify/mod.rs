@@ -179,6 +179,9 @@ pub struct Classification {
     /// `is_local`): texts of the same shape may classify differently, so this one is cached
     /// by its exact text only.
     pub by_value: bool,
+    /// Some statement is COMMIT AND CHAIN or ROLLBACK AND CHAIN: the block it ends is followed
+    /// at once by a new one.
+    pub chain: bool,
     /// First session pin among the statements.
     pub pin: Option<PinReason>,
     /// Leading-comment directives.
@@ -224,6 +227,7 @@ fn classify_full(sql: &str, catalog: &FunctionCatalog, hints: Hints) -> Classifi
                 last_tx: TxEffect::None,
                 copy_from: false,
                 by_value: false,
+                chain: false,
                 pin: None,
                 hints,
                 proxy: None,
@@ -266,6 +270,7 @@ fn finish(o: statement::Outcome, statements: usize, hints: Hints, sql: &str) -> 
         },
         copy_from: o.reason == statement::COPY_FROM,
         by_value: o.by_value,
+        chain: o.chain,
         pin: o.pin,
         hints,
         proxy: o.proxy,

@@ -24,6 +24,8 @@ pub(crate) struct Outcome {
     pub(crate) reason: &'static str,
     /// Some fact came from a literal's value.
     pub(crate) by_value: bool,
+    /// COMMIT AND CHAIN or ROLLBACK AND CHAIN: the block ends and a new one opens at once.
+    pub(crate) chain: bool,
 }
 
 impl Outcome {
@@ -37,6 +39,7 @@ impl Outcome {
             session: None,
             reason,
             by_value: false,
+            chain: false,
         }
     }
 
@@ -222,8 +225,14 @@ fn transaction(t: &pb::TransactionStmt) -> Outcome {
             let read_only = transaction_read_only(&t.options).unwrap_or(false);
             Outcome::read("begin").with_tx(TxEffect::Begin { read_only })
         }
-        Ok(K::TransStmtCommit) => Outcome::read("commit").with_tx(TxEffect::Commit),
-        Ok(K::TransStmtRollback) => Outcome::read("rollback").with_tx(TxEffect::Rollback),
+        Ok(K::TransStmtCommit) => Outcome {
+            chain: t.chain,
+            ..Outcome::read("commit").with_tx(TxEffect::Commit)
+        },
+        Ok(K::TransStmtRollback) => Outcome {
+            chain: t.chain,
+            ..Outcome::read("rollback").with_tx(TxEffect::Rollback)
+        },
         Ok(K::TransStmtSavepoint | K::TransStmtRelease | K::TransStmtRollbackTo) => {
             Outcome::read("savepoint")
         }
@@ -381,6 +390,7 @@ pub(crate) fn combine(outcomes: &[Outcome]) -> Outcome {
             write_reason = Some(o.reason);
         }
         combined.by_value |= o.by_value;
+        combined.chain |= o.chain;
     }
     // A read-write transaction opened by the string itself belongs on the primary.
     let opens_rw = outcomes.len() > 1

@@ -268,7 +268,7 @@ impl Session {
         // After COPY FROM the server reads data, and a batch without Sync is not over: both
         // take their token at their ReadyForQuery.
         if leaves_tx_closed && !class.copy_from && req.ends_with_ready() {
-            self.pending_token = true;
+            self.pending_token = Some(class.chain && class.last_tx == TxEffect::Commit);
         }
     }
 
@@ -304,7 +304,31 @@ impl Session {
             // Pipelined requests follow: the last of them takes the token.
             return false;
         }
-        self.queue_token_query();
+        self.queue_token_query(false);
+        true
+    }
+
+    /// Before the backend goes back to its pool: writes still unsealed (their ReadyForQuery
+    /// came while the proxy still owed the client answers of its own) take their token now, on
+    /// this connection (true: the token query is queued, keep the backend); without tokens the
+    /// sticky window starts here.
+    pub(super) fn seal_before_release(&mut self) -> bool {
+        if !self.unsealed.pending() {
+            return false;
+        }
+        if !self.tracks_tokens() {
+            self.tokens.last_write = Some(Instant::now());
+            self.unsealed.seal(self.unsealed.sent);
+            return false;
+        }
+        let on_primary = self
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.node().role == crate::cluster::Role::Primary);
+        if !on_primary {
+            return false;
+        }
+        self.queue_token_query(false);
         true
     }
 
@@ -317,8 +341,10 @@ impl Session {
         lsn: Lsn,
         keys: Vec<String>,
         covers: u64,
+        after_chain: bool,
     ) {
-        if status != TxStatus::Idle {
+        let chained = after_chain && status == TxStatus::InTransaction;
+        if status != TxStatus::Idle && !chained {
             for k in keys {
                 if !self.unsealed.keys.contains(&k) {
                     self.unsealed.keys.push(k);
@@ -335,12 +361,13 @@ impl Session {
         let c = &self.cfg.consistency;
         matches!(c.mode, ConsistencyMode::Lsn | ConsistencyMode::LsnSticky)
             || self.tokens.key.is_some()
+            || !self.unsealed.keys.is_empty()
             || c.scope == crate::config::ConsistencyScope::Global
     }
 
     /// Queues the token query behind the request, on the same backend and in the same write.
     /// It is prepared once per connection (named, so the client's unnamed statement survives).
-    pub(super) fn queue_token_query(&mut self) {
+    pub(super) fn queue_token_query(&mut self, after_chain: bool) {
         if let Some(lease) = self.lease.as_mut() {
             let conn = lease.conn();
             if conn.statements.token_prepared {
@@ -353,6 +380,7 @@ impl Session {
                 keys: std::mem::take(&mut self.unsealed.keys),
                 covers: self.unsealed.sent,
                 lsn: 0,
+                after_chain,
             });
         }
     }

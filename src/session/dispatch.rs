@@ -226,9 +226,11 @@ impl Session {
             TxEffect::Rollback => Some("ROLLBACK"),
             _ => None,
         };
+        // COMMIT AND CHAIN opens the next transaction like the deferred BEGIN's: sent on.
         if let Some(done) = ends
             && req.is_simple_query()
             && class.statements == 1
+            && !class.chain
         {
             self.status = TxStatus::Idle;
             self.client.queue(&protocol::command_complete(done));
@@ -317,6 +319,7 @@ impl Session {
                 last_tx: TxEffect::None,
                 copy_from: false,
                 by_value: false,
+                chain: false,
                 pin: None,
                 hints: Hints::default(),
                 proxy: None,
@@ -486,8 +489,8 @@ impl Session {
         for frame in &req.trailing {
             conn.transport.queue(frame);
         }
-        if std::mem::take(&mut self.pending_token) {
-            self.queue_token_query();
+        if let Some(after_chain) = self.pending_token.take() {
+            self.queue_token_query(after_chain);
         }
         let Some(lease) = self.lease.as_mut() else {
             return Ok(());
@@ -531,6 +534,7 @@ pub(super) fn combine(parts: &[Arc<Classification>]) -> Classification {
         last_tx: TxEffect::None,
         copy_from: false,
         by_value: false,
+        chain: false,
         pin: None,
         hints: Hints::default(),
         proxy: None,
@@ -564,6 +568,7 @@ pub(super) fn combine(parts: &[Arc<Classification>]) -> Classification {
         }
         out.copy_from |= c.copy_from;
         out.by_value |= c.by_value;
+        out.chain |= c.chain;
         out.pin = out.pin.or(c.pin);
         out.statements += c.statements;
         out.parse_error |= c.parse_error;

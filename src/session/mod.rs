@@ -72,6 +72,9 @@ enum Expect {
         keys: Vec<String>,
         covers: u64,
         lsn: u64,
+        /// Behind COMMIT AND CHAIN: run inside the chained transaction, it still follows the
+        /// commit.
+        after_chain: bool,
     },
 }
 
@@ -170,8 +173,8 @@ pub struct Session {
     tokens: crate::consistency::SessionTokens,
     /// Writes sent to the primary that no commit token covers yet.
     unsealed: consistency::Unsealed,
-    /// Append the token query to the request being sent.
-    pending_token: bool,
+    /// Append the token query to the request being sent; `Some(true)` behind COMMIT AND CHAIN.
+    pending_token: Option<bool>,
     /// A new token is to be reported to the client with its next reply.
     announce_token: bool,
     /// The write's ReadyForQuery, held until its token is recorded.
@@ -245,7 +248,7 @@ impl Session {
             error_since_ready: false,
             tokens: Default::default(),
             unsealed: Default::default(),
-            pending_token: false,
+            pending_token: None,
             announce_token: false,
             ready_after_token: None,
         }
@@ -577,7 +580,7 @@ impl Session {
         self.busy_since = None;
         self.cancel_sent = None;
         self.copy_sync_owed = false;
-        self.pending_token = false;
+        self.pending_token = None;
         self.slot = None;
         if crate::cancel::clear_slot(&self.cancel) {
             // A cancel sent for this backend can still land after its query: were the

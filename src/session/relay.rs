@@ -52,8 +52,13 @@ impl Session {
                     let (forward, effect) = match self.replies.pop_front() {
                         Some(Expect::Query { forward, effect }) => (forward, effect),
                         Some(Expect::Sync { effect }) => (true, effect),
-                        Some(Expect::Token { keys, covers, lsn }) => {
-                            self.token_answered(status, lsn, keys, covers);
+                        Some(Expect::Token {
+                            keys,
+                            covers,
+                            lsn,
+                            after_chain,
+                        }) => {
+                            self.token_answered(status, lsn, keys, covers, after_chain);
                             if let Some(ready) = self.ready_after_token.take() {
                                 self.client.queue(&ready);
                             }
@@ -342,7 +347,13 @@ impl Session {
             .as_ref()
             .is_some_and(|l| l.node().role == crate::cluster::Role::Replica);
         let mut req =
-            if fields.code == sqlstate::READ_ONLY_TRANSACTION && from_replica && f.retryable {
+            // Only a request that ends with a Sync or Query can be re-run: the failed attempt's
+            // output is skipped up to its ReadyForQuery, which a batch ended by Flush never gets.
+            if fields.code == sqlstate::READ_ONLY_TRANSACTION
+                && from_replica
+                && f.retryable
+                && f.request.ends_with_ready()
+            {
                 let mut req = f.request.clone();
                 req.force_primary = true;
                 req
@@ -380,6 +391,9 @@ impl Session {
             && !self.pinned
             && self.cfg.pool.mode == PoolMode::Transaction
         {
+            if self.seal_before_release() {
+                return;
+            }
             self.release_lease(false);
         }
     }
