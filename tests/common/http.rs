@@ -30,10 +30,29 @@ impl Response {
 
 /// Sends `method path` with an optional bearer token and reads the whole response.
 pub async fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Response {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<_> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    request_with(addr, method, path, &headers).await
+}
+
+/// Sends `method path` with extra headers, as a browser would; a `Host` among them replaces
+/// the default (the address itself).
+pub async fn request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Response {
     let mut s = TcpStream::connect(addr).await.expect("connect admin");
-    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    let mut extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        extra.insert_str(0, &format!("Host: {addr}\r\n"));
+    }
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await.expect("send");
     let mut raw = Vec::new();
