@@ -266,6 +266,97 @@ async fn a_drained_replica_gets_no_reads_until_undrained() {
     assert_eq!(backend(&stats(addr).await, "replica1")["drained"], false);
 }
 
+async fn one_replica() -> common::Env {
+    let opts = ClusterOptions {
+        replicas: 1,
+        ..Default::default()
+    };
+    common::start_with(opts, |_| {}).await
+}
+
+fn drained(s: &Value) -> &Value {
+    &backend(s, "replica1")["drained"]
+}
+
+/// A page in the operator's browser may POST to the endpoint without a preflight; its
+/// `Origin` or `Sec-Fetch-Site` gives it away, and nothing changes. Tools that send no
+/// `Origin`, and the endpoint's own origin, still drain.
+#[tokio::test]
+async fn a_post_from_another_origin_changes_nothing() {
+    let env = one_replica().await;
+    let addr = admin(&env);
+    let attacker = [("Origin", "http://attacker.example")];
+    let cross_site = [
+        ("Origin", "http://attacker.example"),
+        ("Sec-Fetch-Site", "cross-site"),
+    ];
+    let fetch_site_only = [("Sec-Fetch-Site", "cross-site")];
+    // Another web app on this machine is another origin too.
+    let next_door = [
+        ("Origin", "http://127.0.0.1:8080"),
+        ("Sec-Fetch-Site", "same-site"),
+    ];
+    for headers in [&attacker[..], &cross_site, &fetch_site_only, &next_door] {
+        for path in ["/replicas/replica1/drain", "/reload"] {
+            let r = http::request_with(addr, "POST", path, headers).await;
+            assert_eq!(r.status, 403, "POST {path} with {headers:?}: {}", r.body);
+        }
+        assert_eq!(drained(&stats(addr).await), false, "{headers:?}");
+    }
+
+    let own = format!("http://{addr}");
+    let same_origin = [("Origin", own.as_str()), ("Sec-Fetch-Site", "same-origin")];
+    let r = http::request_with(addr, "POST", "/replicas/replica1/drain", &same_origin).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(drained(&stats(addr).await), true);
+    let r = http::post(addr, "/replicas/replica1/undrain").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(drained(&stats(addr).await), false);
+}
+
+/// A DNS-rebound page reaches the endpoint under the attacker's host name and is refused;
+/// the dashboard opened at 127.0.0.1 or localhost loads, and so do its own fetches.
+#[tokio::test]
+async fn a_foreign_host_is_refused_and_the_dashboard_still_loads() {
+    let env = one_replica().await;
+    let addr = admin(&env);
+    let port = addr.port();
+    for host in [
+        "attacker.example".to_string(),
+        format!("attacker.example:{port}"),
+        format!("127.0.0.1.nip.io:{port}"),
+    ] {
+        for path in ["/stats", "/", "/history", "/metrics"] {
+            let r = http::request_with(addr, "GET", path, &[("Host", &host)]).await;
+            assert_eq!(r.status, 403, "GET {path} for Host {host}: {}", r.body);
+        }
+    }
+
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+        // What Chromium sends when the page is opened, then with the page's fetches.
+        let opened = [
+            ("Host", host.as_str()),
+            ("Sec-Fetch-Site", "none"),
+            ("Sec-Fetch-Mode", "navigate"),
+        ];
+        let page = http::request_with(addr, "GET", "/", &opened).await;
+        assert_eq!(page.status, 200, "page at {host}: {}", page.body);
+        assert!(page.body.contains("<title>Causeway</title>"), "{host}");
+        let referer = format!("http://{host}/");
+        let fetched = [
+            ("Host", host.as_str()),
+            ("Sec-Fetch-Site", "same-origin"),
+            ("Sec-Fetch-Mode", "cors"),
+            ("Referer", referer.as_str()),
+        ];
+        for path in ["/stats", "/history"] {
+            let r = http::request_with(addr, "GET", path, &fetched).await;
+            assert_eq!(r.status, 200, "{path} from the page at {host}: {}", r.body);
+            r.json();
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_token_guards_everything_but_health() {
     let env = common::start_with(ClusterOptions::default(), |c| {
@@ -302,6 +393,13 @@ async fn the_token_guards_everything_but_health() {
     );
     assert_eq!(http::get(addr, "/health").await.status, 200);
     assert!(wait_ready(addr).await, "never ready");
+    // Authenticated requests may come under any name (a proxy in front, a DNS name).
+    let named = [
+        ("Host", "admin.example.com"),
+        ("Authorization", "Bearer s3cret"),
+    ];
+    let r = http::request_with(addr, "GET", "/stats", &named).await;
+    assert_eq!(r.status, 200, "{}", r.body);
 
     // A non-loopback admin address needs a token, and start-up says so.
     let open = env.config.replace(

@@ -2,8 +2,10 @@
 //! ten minutes, per second), `/metrics` (Prometheus), `/` (a dashboard), `/health`, `/ready`, and draining replicas. With
 //! `admin.token` set, every route but `/health` and `/ready` wants `Authorization: Bearer …`
 //! (the dashboard page also takes `?token=`, which its script then sends as that header).
+//! Requests a browser was tricked into sending are refused first (see [`guard`]).
 
 pub mod console;
+pub mod guard;
 pub mod history;
 pub mod metrics;
 pub mod snapshot;
@@ -32,6 +34,8 @@ struct AdminState {
     shared: Arc<Shared>,
     registry: Registry,
     history: Arc<history::History>,
+    /// The bound address, a name requests may use besides loopback ones.
+    listen: SocketAddr,
 }
 
 /// Binds the admin listener and serves it until the proxy shuts down.
@@ -46,6 +50,7 @@ pub async fn start(shared: &Arc<Shared>) -> std::io::Result<Option<SocketAddr>> 
         shared: Arc::clone(shared),
         registry: metrics::registry(Arc::clone(shared)),
         history: Arc::new(history::History::default()),
+        listen: addr,
     });
     state.history.spawn_sampler(Arc::clone(shared));
     let protected = Router::new()
@@ -64,6 +69,10 @@ pub async fn start(shared: &Arc<Shared>) -> std::io::Result<Option<SocketAddr>> 
         .route("/health", get(health))
         .route("/ready", get(ready))
         .merge(protected)
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            guard::refuse_browser_attacks,
+        ))
         .with_state(state);
     let stop = shared.shutdown.clone();
     tokio::spawn(async move {
