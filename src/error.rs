@@ -40,6 +40,10 @@ pub enum BackendError {
     },
     #[error("{node} asked for an unsupported authentication method ({method})")]
     UnsupportedAuth { node: String, method: String },
+    /// The server's authentication messages came out of order, so it may not be the server:
+    /// it ended SCRAM without proving it knows the password, say.
+    #[error("{node} broke the authentication exchange ({what}); login refused")]
+    AuthOutOfOrder { node: String, what: &'static str },
     #[error("connection to {node} lost: {source}")]
     Lost {
         node: String,
@@ -156,9 +160,9 @@ fn backend_sqlstate(e: &BackendError) -> &str {
     match e {
         // The server's own verdict (missing database, too many connections...) passes through.
         BackendError::Login { code, .. } if code.len() == 5 => code,
-        BackendError::Login { .. } | BackendError::UnsupportedAuth { .. } => {
-            sqlstate::CONNECTION_EXCEPTION
-        }
+        BackendError::Login { .. }
+        | BackendError::UnsupportedAuth { .. }
+        | BackendError::AuthOutOfOrder { .. } => sqlstate::CONNECTION_EXCEPTION,
         _ => sqlstate::CONNECTION_FAILURE,
     }
 }

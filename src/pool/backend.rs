@@ -183,6 +183,7 @@ async fn login_on(
     transport.queue_bytes(&startup);
     transport.flush().await.map_err(|e| lost(e.into()))?;
     let mut scram: Option<ScramSha256> = None;
+    let mut phase = AuthPhase::Pending;
     let mut params = Vec::new();
     let mut key = (0, 0);
     loop {
@@ -199,6 +200,9 @@ async fn login_on(
             tag::BE_AUTHENTICATION => {
                 let req =
                     protocol::parse_authentication(frame.body()).map_err(|e| lost(e.into()))?;
+                let next = phase
+                    .after(&req)
+                    .map_err(|what| out_of_order(&name, what))?;
                 let reply = match req {
                     AuthRequest::Ok => None,
                     AuthRequest::CleartextPassword => {
@@ -263,6 +267,8 @@ async fn login_on(
                 if let Some(f) = reply {
                     transport.send(&f).await.map_err(|e| lost(e.into()))?;
                 }
+                // Only now: a SASLFinal moves on once its signature verified, not before.
+                phase = next;
             }
             tag::BE_PARAMETER_STATUS => {
                 if let Ok((k, v)) = protocol::parse_parameter_status(frame.body()) {
@@ -283,6 +289,7 @@ async fn login_on(
             }
             tag::BE_NOTICE_RESPONSE => {}
             tag::BE_READY_FOR_QUERY => {
+                phase.ready().map_err(|what| out_of_order(&name, what))?;
                 let now = Instant::now();
                 return Ok(BackendConn {
                     transport,
@@ -311,10 +318,114 @@ async fn login_on(
     }
 }
 
+/// Where a login stands in authentication, which decides what the server may send next.
+/// A server that has not proved it knows the password (SCRAM's server signature) must not be
+/// able to end the exchange early: that is how an impostor on the path would log us in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthPhase {
+    /// No SASL yet: the first request, or a password sent and the verdict awaited. Trust,
+    /// password and md5 logins go straight from here to AuthenticationOk.
+    Pending,
+    /// SCRAM started: AuthenticationOk now needs a verified SASLFinal first.
+    Scram,
+    /// The server's SCRAM signature verified.
+    ScramVerified,
+    /// AuthenticationOk received: parameters, key data and ReadyForQuery follow.
+    Authenticated,
+}
+
+impl AuthPhase {
+    /// The phase after the authentication message `req`, or why `req` is out of order.
+    fn after(self, req: &AuthRequest) -> Result<AuthPhase, &'static str> {
+        use AuthPhase::*;
+        match (self, req) {
+            (Authenticated, _) => Err("authentication request after AuthenticationOk"),
+            (_, AuthRequest::Unsupported(_)) => Ok(self),
+            (Pending, AuthRequest::Ok) | (ScramVerified, AuthRequest::Ok) => Ok(Authenticated),
+            (Pending, AuthRequest::CleartextPassword | AuthRequest::Md5 { .. }) => Ok(Pending),
+            (Pending, AuthRequest::Sasl { .. }) => Ok(Scram),
+            (Pending, AuthRequest::SaslContinue(_) | AuthRequest::SaslFinal(_)) => {
+                Err("SASL continuation before SASL started")
+            }
+            (Scram, AuthRequest::SaslContinue(_)) => Ok(Scram),
+            (Scram, AuthRequest::SaslFinal(_)) => Ok(ScramVerified),
+            (Scram, AuthRequest::Ok) => Err("AuthenticationOk before SASL final"),
+            (Scram, _) => Err("new authentication request before SASL final"),
+            (ScramVerified, _) => Err("authentication request after SASL final"),
+        }
+    }
+
+    /// Whether ReadyForQuery may end the login now.
+    fn ready(self) -> Result<(), &'static str> {
+        match self {
+            AuthPhase::Authenticated => Ok(()),
+            AuthPhase::Scram => Err("ReadyForQuery before SASL final"),
+            AuthPhase::Pending | AuthPhase::ScramVerified => {
+                Err("ReadyForQuery before AuthenticationOk")
+            }
+        }
+    }
+}
+
+fn out_of_order(node: &str, what: &'static str) -> BackendError {
+    BackendError::AuthOutOfOrder {
+        node: node.to_string(),
+        what,
+    }
+}
+
 fn scram_failed(node: &str, e: std::io::Error) -> BackendError {
     BackendError::Login {
         node: node.to_string(),
         code: "28P01".into(),
         message: format!("SCRAM exchange failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AuthPhase::{self, *};
+    use crate::protocol::AuthRequest;
+
+    fn sasl() -> AuthRequest<'static> {
+        AuthRequest::Sasl {
+            mechanisms: vec!["SCRAM-SHA-256"],
+        }
+    }
+
+    #[test]
+    fn authentication_ok_needs_a_verified_sasl_final_once_sasl_started() {
+        let cases: [(AuthPhase, AuthRequest, Option<AuthPhase>); 16] = [
+            // Trust, password and md5: AuthenticationOk right away stays legitimate.
+            (Pending, AuthRequest::Ok, Some(Authenticated)),
+            (Pending, AuthRequest::CleartextPassword, Some(Pending)),
+            (Pending, AuthRequest::Md5 { salt: [0; 4] }, Some(Pending)),
+            (Pending, sasl(), Some(Scram)),
+            (Pending, AuthRequest::SaslContinue(b""), None),
+            (Pending, AuthRequest::SaslFinal(b""), None),
+            // SCRAM: only the exchange itself until SASLFinal.
+            (Scram, AuthRequest::SaslContinue(b""), Some(Scram)),
+            (Scram, AuthRequest::SaslFinal(b""), Some(ScramVerified)),
+            (Scram, AuthRequest::Ok, None),
+            (Scram, AuthRequest::CleartextPassword, None),
+            (Scram, sasl(), None),
+            (ScramVerified, AuthRequest::Ok, Some(Authenticated)),
+            (ScramVerified, AuthRequest::SaslContinue(b""), None),
+            (ScramVerified, AuthRequest::CleartextPassword, None),
+            // Nothing more to answer once in.
+            (Authenticated, AuthRequest::CleartextPassword, None),
+            (Authenticated, AuthRequest::Ok, None),
+        ];
+        for (phase, req, want) in cases {
+            assert_eq!(phase.after(&req).ok(), want, "{phase:?} then {req:?}");
+        }
+    }
+
+    #[test]
+    fn ready_for_query_only_after_authentication_ok() {
+        assert!(Authenticated.ready().is_ok());
+        for phase in [Pending, Scram, ScramVerified] {
+            assert!(phase.ready().is_err(), "{phase:?}");
+        }
     }
 }
