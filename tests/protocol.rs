@@ -1,5 +1,6 @@
 //! Wire-protocol behaviour through the proxy: COPY, pipelining, errors and recovery, named
-//! statements on any backend, authentication, pool limits.
+//! statements on any backend, authentication (the proxy's own login to a server included,
+//! against a fake server), pool limits.
 
 mod common;
 
@@ -262,6 +263,155 @@ async fn authentication_methods_and_wrong_passwords() {
             assert_eq!(err.code().map(|c| c.code()), Some("28P01"));
         }
         proxy.stop().await;
+    }
+}
+
+/// The orders in which a server (or an impostor on the path) may answer the proxy's login.
+#[derive(Clone, Copy, Debug)]
+enum FakeLogin {
+    /// AuthenticationOk at once, as under `trust`.
+    Trust,
+    /// The SCRAM exchange as PostgreSQL runs it.
+    Scram,
+    /// SCRAM asked for, then AuthenticationOk with no exchange at all.
+    SaslThenOk,
+    /// SCRAM asked for, then ReadyForQuery without even AuthenticationOk.
+    SaslThenReady,
+    /// SCRAM up to the client's proof, then AuthenticationOk instead of SASLFinal.
+    OkBeforeFinal,
+    /// The whole exchange, with a server signature that does not verify.
+    ForgedFinal,
+    /// The whole exchange, then ReadyForQuery without AuthenticationOk.
+    FinalThenReady,
+}
+
+/// Serves one proxy login on a port of its own, answering as `script` says.
+async fn fake_server(script: FakeLogin) -> (u16, tokio::task::JoinHandle<()>) {
+    use causeway::protocol::parse_sasl_initial;
+    use common::raw::msg;
+    use pgwire::api::auth::sasl::scram::{ScramSecret, ScramServerAuth, gen_salted_password};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn read(s: &mut tokio::net::TcpStream, tagged: bool) -> Vec<u8> {
+        if tagged {
+            assert_eq!(s.read_u8().await.unwrap(), b'p');
+        }
+        let len = s.read_u32().await.unwrap() as usize;
+        let mut body = vec![0; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        body
+    }
+    let auth = |code: i32, data: &[u8]| msg(b'R', &[&code.to_be_bytes()[..], data].concat());
+    let mut ready = auth(0, &[]);
+    ready.extend(msg(
+        b'K',
+        &[7i32.to_be_bytes(), 9i32.to_be_bytes()].concat(),
+    ));
+    ready.extend(msg(b'Z', b"I"));
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        read(&mut s, false).await;
+        if let FakeLogin::Trust = script {
+            let _ = s.write_all(&ready).await;
+            return tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        s.write_all(&auth(10, b"SCRAM-SHA-256\0\0")).await.unwrap();
+        let initial = read(&mut s, true).await;
+        let reply = match script {
+            FakeLogin::SaslThenOk => ready,
+            FakeLogin::SaslThenReady => msg(b'Z', b"I"),
+            _ => {
+                let (_, first) = parse_sasl_initial(&initial).unwrap();
+                let salt = b"fake-server-salt".to_vec();
+                let secret = ScramSecret::SaltedPassword {
+                    salted_password: gen_salted_password(common::PASSWORD, &salt, 4096),
+                    salt,
+                };
+                let (server_first, waiting) = ScramServerAuth::new()
+                    .on_client_first_message_with_secret(first, secret)
+                    .unwrap();
+                s.write_all(&auth(11, server_first.as_bytes()))
+                    .await
+                    .unwrap();
+                let client_final = read(&mut s, true).await;
+                // The client's proof checks out: this server does know the password.
+                let mut server_final = waiting.on_client_final_message(&client_final).unwrap();
+                if let FakeLogin::ForgedFinal = script {
+                    let first = if server_final.as_bytes()[2] == b'A' {
+                        "B"
+                    } else {
+                        "A"
+                    };
+                    server_final.replace_range(2..3, first);
+                }
+                let mut out = auth(12, server_final.as_bytes());
+                match script {
+                    FakeLogin::OkBeforeFinal => ready,
+                    FakeLogin::FinalThenReady => {
+                        out.extend(msg(b'Z', b"I"));
+                        out
+                    }
+                    _ => {
+                        out.extend(ready);
+                        out
+                    }
+                }
+            }
+        };
+        let _ = s.write_all(&reply).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    });
+    (port, server)
+}
+
+/// Once SCRAM starts, the proxy logs in only after the server's signature proved that it
+/// knows the password; an impostor ending the exchange early is refused, naming the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_login_requires_the_servers_scram_proof() {
+    use causeway::{cluster::Cluster, config::Config, pool, tls::Tls};
+    use std::sync::Arc;
+    for (script, accepted) in [
+        (FakeLogin::Trust, true),
+        (FakeLogin::Scram, true),
+        (FakeLogin::SaslThenOk, false),
+        (FakeLogin::SaslThenReady, false),
+        (FakeLogin::OkBeforeFinal, false),
+        (FakeLogin::ForgedFinal, false),
+        (FakeLogin::FinalThenReady, false),
+    ] {
+        let (port, server) = fake_server(script).await;
+        let cfg = Config::from_toml(&format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[auth]\nmethod = \"trust\"\n\
+             [[users]]\nname = \"app\"\npassword = \"{}\"\n\
+             [primary]\nhost = \"127.0.0.1\"\nport = {port}\n",
+            common::PASSWORD
+        ))
+        .unwrap();
+        let tls = Arc::new(Tls::from_config(&cfg).unwrap());
+        let cluster = Cluster::from_config(&cfg, Arc::clone(&tls));
+        let login = pool::Login {
+            user: "app".into(),
+            password: common::PASSWORD.into(),
+            database: "app".into(),
+        };
+        let node = cluster.primary();
+        let r =
+            pool::BackendConn::connect(node, &login, Duration::from_secs(5), 1 << 20, &tls).await;
+        server.abort();
+        match r {
+            Ok(conn) => {
+                assert!(accepted, "{script:?}: login accepted");
+                assert_eq!((conn.pid, conn.secret), (7, 9));
+            }
+            Err(e) => {
+                eprintln!("{script:?}: {e}");
+                assert!(!accepted, "{script:?}: {e}");
+                assert!(e.to_string().contains(&node.name), "{script:?}: {e}");
+            }
+        }
     }
 }
 
