@@ -237,11 +237,7 @@ impl Session {
     /// server's to say (the token's own ReadyForQuery), and writes no valid token covered are
     /// sealed at the next ReadyForQuery outside a transaction ([`Session::seal_at_ready`]).
     pub(super) fn track_writes(&mut self, class: &Classification, req: &Request) {
-        let on_primary = self
-            .lease
-            .as_ref()
-            .is_some_and(|l| l.node().role == crate::cluster::Role::Primary);
-        if !on_primary || !req.executes() {
+        if !self.on_primary() || !req.executes() {
             return;
         }
         if class.access == Access::Write || req.force_primary || req.executes_earlier_portal() {
@@ -280,11 +276,7 @@ impl Session {
         if status != TxStatus::Idle || !self.unsealed.pending() {
             return false;
         }
-        let on_primary = self
-            .lease
-            .as_ref()
-            .is_some_and(|l| l.node().role == crate::cluster::Role::Primary);
-        if !on_primary {
+        if !self.on_primary() {
             // Only the primary knows the position; its next ReadyForQuery takes the token.
             return false;
         }
@@ -321,11 +313,7 @@ impl Session {
             self.unsealed.seal(self.unsealed.sent);
             return false;
         }
-        let on_primary = self
-            .lease
-            .as_ref()
-            .is_some_and(|l| l.node().role == crate::cluster::Role::Primary);
-        if !on_primary {
+        if !self.on_primary() {
             return false;
         }
         self.queue_token_query(false);
@@ -354,6 +342,13 @@ impl Session {
         }
         self.unsealed.seal(covers);
         self.record_token(lsn, &keys);
+    }
+
+    /// Whether the backend held is the primary's.
+    fn on_primary(&self) -> bool {
+        self.lease
+            .as_ref()
+            .is_some_and(|l| l.node().role == crate::cluster::Role::Primary)
     }
 
     /// Whether commit positions are needed (LSN modes, keyed or global tokens).
