@@ -1,7 +1,10 @@
 //! Cancel keys: the proxy hands each client its own key and forwards a CancelRequest to the
 //! backend that is running that client's query right now.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
 
 use dashmap::DashMap;
 use rand::Rng;
@@ -28,8 +31,70 @@ impl CancelTarget {
     }
 }
 
-/// The slot a session updates whenever it takes or gives back a backend.
-pub type CancelSlot = Arc<Mutex<Option<CancelTarget>>>;
+/// What a session shares with the cancel path: the backend its query runs on (updated
+/// whenever it takes or gives one back), and a way to stop a query still waiting for one.
+#[derive(Debug, Default)]
+pub struct CancelCell {
+    target: Mutex<Option<CancelTarget>>,
+    /// The session is waiting for a backend for a query the client sent.
+    waiting: AtomicBool,
+    /// Wakes that wait when a cancel arrives.
+    cancelled: Notify,
+}
+
+/// A session's [`CancelCell`].
+pub type CancelSlot = Arc<CancelCell>;
+
+impl CancelCell {
+    /// The backend the client's queries now run on.
+    pub fn set(&self, t: CancelTarget) {
+        if let Ok(mut slot) = self.target.lock() {
+            *slot = Some(t);
+        }
+    }
+
+    /// The backend, marked as cancelled (see [`CancelTarget::cancelled`]), to send a cancel
+    /// to; `None` when the client holds no backend.
+    pub fn take_for_cancel(&self) -> Option<CancelTarget> {
+        let mut t = self.target.lock().ok()?;
+        let t = t.as_mut()?;
+        t.cancelled = true;
+        Some(t.clone())
+    }
+
+    /// Empties the cell as its backend goes back; true when a cancel was sent for it.
+    pub fn clear(&self) -> bool {
+        match self.target.lock() {
+            Ok(mut t) => t.take().is_some_and(|t| t.cancelled),
+            Err(_) => false,
+        }
+    }
+
+    /// Runs `wait` (a wait for a backend) unless the client cancels its query first: `None`
+    /// then, as a server would answer a cancel with 57014.
+    pub async fn unless_cancelled<F: Future>(&self, wait: F) -> Option<F::Output> {
+        let notified = self.cancelled.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        self.waiting.store(true, Ordering::SeqCst);
+        let out = tokio::select! {
+            biased;
+            () = &mut notified => None,
+            r = wait => Some(r),
+        };
+        self.waiting.store(false, Ordering::SeqCst);
+        out
+    }
+
+    /// A cancel for this client: to its backend, or to its wait for one.
+    fn cancel(&self) -> Option<CancelTarget> {
+        let t = self.take_for_cancel();
+        if t.is_none() && self.waiting.load(Ordering::SeqCst) {
+            self.cancelled.notify_waiters();
+        }
+        t
+    }
+}
 
 /// Client key -> that client's current backend.
 #[derive(Default)]
@@ -57,7 +122,7 @@ impl CancelRegistry {
         let mut rng = rand::rng();
         loop {
             let key = (rng.random_range(1..i32::MAX), rng.random());
-            let slot: CancelSlot = Arc::new(Mutex::new(None));
+            let slot: CancelSlot = Arc::new(CancelCell::default());
             if let dashmap::Entry::Vacant(v) = self.map.entry(key) {
                 v.insert(Arc::clone(&slot));
                 return CancelKey {
@@ -71,27 +136,10 @@ impl CancelRegistry {
 
     /// Forwards a cancel for the client holding `key`; unknown keys are ignored, as PostgreSQL does.
     pub async fn cancel(&self, key: (i32, i32)) {
-        let target = self.map.get(&key).and_then(|slot| take_for_cancel(&slot));
+        let target = self.map.get(&key).and_then(|slot| slot.cancel());
         if let Some(t) = target {
             send_cancel(t).await;
         }
-    }
-}
-
-/// The backend in `slot`, marked as cancelled (see [`CancelTarget::cancelled`]), to send a
-/// cancel to; `None` when the client holds no backend.
-pub fn take_for_cancel(slot: &CancelSlot) -> Option<CancelTarget> {
-    let mut t = slot.lock().ok()?;
-    let t = t.as_mut()?;
-    t.cancelled = true;
-    Some(t.clone())
-}
-
-/// Empties `slot` as its backend goes back; true when a cancel was sent for that backend.
-pub fn clear_slot(slot: &CancelSlot) -> bool {
-    match slot.lock() {
-        Ok(mut t) => t.take().is_some_and(|t| t.cancelled),
-        Err(_) => false,
     }
 }
 

@@ -117,6 +117,9 @@ pub enum SessionError {
     /// The client did not finish its startup and authentication in `server.login_timeout_ms`.
     #[error("canceling authentication due to timeout")]
     LoginTimeout,
+    /// The client cancelled its query while it waited for a server connection.
+    #[error("canceling statement due to user request")]
+    QueryCanceled,
     /// Extended-protocol messages held for routing until their Sync outgrew the bound.
     #[error("more than {limit} bytes of extended-protocol messages without a Sync")]
     BatchTooLarge { limit: usize },
@@ -145,7 +148,7 @@ impl SessionError {
             SessionError::TooManyClients(_) => TOO_MANY_CONNECTIONS,
             SessionError::PlanChanged => FEATURE_NOT_SUPPORTED,
             SessionError::BatchTooLarge { .. } => PROGRAM_LIMIT_EXCEEDED,
-            SessionError::LoginTimeout => QUERY_CANCELED,
+            SessionError::LoginTimeout | SessionError::QueryCanceled => QUERY_CANCELED,
             SessionError::InvalidParameter(_) => INVALID_PARAMETER_VALUE,
         }
     }

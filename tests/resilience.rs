@@ -476,3 +476,36 @@ async fn a_cancel_never_lands_on_another_clients_query() {
         "client A's cancels cancelled client B's queries"
     );
 }
+
+/// A cancel sent while the query still waits for a pool connection stops it there, with the
+/// 57014 a server gives: it does not run once a connection frees up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_cancelled_while_queued_for_a_connection_does_not_run() {
+    let env = common::start_with(
+        causeway::launcher::ClusterOptions {
+            replicas: 0,
+            ..Default::default()
+        },
+        |c| c.push_str("\n[pool]\nprimary_max = 1\nreplica_max = 1\n"),
+    )
+    .await;
+    let holder = env.client().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder.simple_query("SELECT 1").await.unwrap();
+    let b = env.client().await;
+    let token = b.cancel_token();
+    let waiter = tokio::spawn(async move { b.simple_query("SELECT 42").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(3), waiter)
+        .await
+        .expect("the cancelled query is answered at once, not when a connection frees up")
+        .unwrap();
+    let code = r
+        .as_ref()
+        .err()
+        .and_then(|e| e.code())
+        .map(|c| c.code().to_string());
+    assert_eq!(code.as_deref(), Some("57014"), "{r:?}");
+    holder.batch_execute("COMMIT").await.unwrap();
+}

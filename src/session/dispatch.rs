@@ -417,7 +417,10 @@ impl Session {
                 )));
             };
             self.info.set_waiting();
-            let acquired = pool.acquire(prio).await;
+            let Some(acquired) = self.cancel.unless_cancelled(pool.acquire(prio)).await else {
+                self.info.set_idle();
+                return Err(SessionError::QueryCanceled);
+            };
             if acquired.is_err() {
                 self.info.set_idle();
             }
@@ -433,14 +436,12 @@ impl Session {
                         "routed"
                     );
                     let conn = lease.conn();
-                    if let Ok(mut slot) = self.cancel.lock() {
-                        *slot = Some(CancelTarget {
-                            endpoint: node.endpoint(),
-                            pid: conn.pid,
-                            secret: conn.secret,
-                            cancelled: false,
-                        });
-                    }
+                    self.cancel.set(CancelTarget {
+                        endpoint: node.endpoint(),
+                        pid: conn.pid,
+                        secret: conn.secret,
+                        cancelled: false,
+                    });
                     self.lease = Some(lease);
                     self.replay_settings();
                     return Ok(());

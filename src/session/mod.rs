@@ -582,7 +582,7 @@ impl Session {
         self.copy_sync_owed = false;
         self.pending_token = None;
         self.slot = None;
-        if crate::cancel::clear_slot(&self.cancel) {
+        if self.cancel.clear() {
             // A cancel sent for this backend can still land after its query: were the
             // connection handed on, it would cancel another client's work.
             lease.conn().broken = true;

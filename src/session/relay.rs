@@ -451,7 +451,7 @@ impl Session {
         if node.role == crate::cluster::Role::Replica {
             node.ban(format!("connection lost: {reason}"));
         }
-        crate::cancel::clear_slot(&self.cancel);
+        self.cancel.clear();
         let in_flight = self.in_flight.take();
         tracing::debug!(
             node = %node.name,

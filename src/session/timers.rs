@@ -80,7 +80,7 @@ impl Session {
             Timer::IdleInTransaction => Err(SessionError::IdleInTransactionTimeout),
             Timer::Cancel => {
                 // Ask the server to cancel, as a client would; a live server answers 57014.
-                let target = crate::cancel::take_for_cancel(&self.cancel);
+                let target = self.cancel.take_for_cancel();
                 if let Some(t) = target {
                     tracing::info!(
                         session.id = self.info.id,
