@@ -598,6 +598,9 @@ async fn a_lost_token_keeps_the_keys_readers_on_the_primary() {
         .await
         .unwrap();
     tokenless_write(&env, &writer, 31).await;
+    // The DO block pinned the writer to the one primary connection: it leaves, and the
+    // connection closes with it.
+    drop(writer);
     let (n, port) = count(&reader, 31).await;
     assert_eq!(
         (n, port),

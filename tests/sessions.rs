@@ -344,3 +344,112 @@ async fn commit_and_chain_after_a_deferred_begin_keeps_the_transaction() {
         "the INSERT in the chained transaction survived its ROLLBACK"
     );
 }
+
+/// Session state set in ways the proxy must see through never reaches another client sharing
+/// the backend: SET and RESET through the extended protocol (a prepared RESET that never ran
+/// included), DISCARD ALL through it, state changed inside a DO block, and changes a savepoint
+/// or COMMIT AND CHAIN leaves the backend holding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_never_crosses_to_another_client() {
+    const TENANT: &str = "SELECT coalesce(current_setting('app.tenant', true), '')";
+    let env = small_pools().await;
+    let client = || async {
+        let c = env.client().await;
+        c.batch_execute("SET causeway.route = 'primary'")
+            .await
+            .unwrap();
+        c
+    };
+    let mut leaks = Vec::new();
+
+    // SET through the extended protocol keeps each client's own value.
+    let (a, b) = (client().await, client().await);
+    a.execute("SET app.tenant = '42'", &[]).await.unwrap();
+    b.execute("SET app.tenant = '7'", &[]).await.unwrap();
+    if first_value(&a, TENANT).await != "42" || first_value(&b, TENANT).await != "7" {
+        leaks.push("SET through the extended protocol");
+    }
+    drop((a, b));
+
+    // A RESET only prepared, never executed, changes nothing.
+    let (a, b) = (client().await, client().await);
+    a.batch_execute("SET app.tenant = '42'").await.unwrap();
+    let _prepared = a.prepare("RESET app.tenant").await.unwrap();
+    if first_value(&b, TENANT).await == "42" || first_value(&a, TENANT).await != "42" {
+        leaks.push("a prepared RESET that never ran");
+    }
+    drop((a, b));
+
+    // DISCARD ALL through the extended protocol, by a client pinned by a temp table.
+    let a = client().await;
+    a.batch_execute("CREATE TEMP TABLE marker (v text); INSERT INTO marker VALUES ('a-secret')")
+        .await
+        .unwrap();
+    let _ = a.execute("DISCARD ALL", &[]).await;
+    let b = client().await;
+    let seen = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        first_value(&b, "SELECT v FROM marker"),
+    )
+    .await;
+    if seen.as_deref().is_ok_and(|v| v != "public") {
+        leaks.push("DISCARD ALL through the extended protocol");
+    }
+    drop((a, b));
+
+    // State changed inside DO blocks: the client keeps its backend, which closes with it.
+    for (change, check, clean) in [
+        (
+            "DO $$BEGIN PERFORM set_config('app.tenant', '42', false); END$$",
+            TENANT,
+            "",
+        ),
+        (
+            "DO $$BEGIN EXECUTE 'SET ROLE reader'; END$$",
+            "SELECT current_user::text",
+            "app",
+        ),
+        (
+            "DO $$BEGIN CREATE TEMP TABLE marker AS SELECT 'a-secret'::text AS v; END$$",
+            "SELECT v FROM marker",
+            "public",
+        ),
+    ] {
+        let a = client().await;
+        a.batch_execute(change).await.unwrap();
+        drop(a);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let b = client().await;
+        if first_value(&b, check).await != clean {
+            leaks.push(change);
+        }
+    }
+
+    // A RESET undone by ROLLBACK TO SAVEPOINT, and one rolled back after COMMIT AND CHAIN.
+    for steps in [
+        &[
+            "BEGIN",
+            "SET app.tenant = '42'",
+            "SAVEPOINT s",
+            "RESET app.tenant",
+            "ROLLBACK TO SAVEPOINT s",
+            "COMMIT",
+        ][..],
+        &[
+            "BEGIN",
+            "SET app.tenant = '42'",
+            "COMMIT AND CHAIN",
+            "RESET app.tenant",
+            "ROLLBACK",
+        ][..],
+    ] {
+        let (a, b) = (client().await, client().await);
+        for s in steps {
+            a.batch_execute(s).await.unwrap();
+        }
+        if first_value(&b, TENANT).await == "42" {
+            leaks.push(steps[2]);
+        }
+    }
+    assert!(leaks.is_empty(), "state crossed clients after: {leaks:#?}");
+}

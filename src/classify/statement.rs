@@ -138,7 +138,9 @@ pub(crate) fn classify_stmt(stmt: &N, catalog: &FunctionCatalog) -> Outcome {
         N::NotifyStmt(_) => Outcome::write("notify"),
         N::LockStmt(_) => Outcome::write("lock"),
         N::CallStmt(_) => Outcome::write("call"),
-        N::DoStmt(_) => Outcome::write("do"),
+        // A DO block may change anything a function can (settings, role, temp tables, locks)
+        // where the classifier cannot see: the session keeps its backend.
+        N::DoStmt(_) => Outcome::write("do").with_pin(PinReason::SessionSet),
         N::TruncateStmt(_) => Outcome::write("truncate"),
         N::VacuumStmt(_)
         | N::ClusterStmt(_)

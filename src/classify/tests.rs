@@ -208,7 +208,7 @@ fn writes() {
         ("EXPLAIN ANALYZE SELECT * FROM t FOR UPDATE", W, Tx::None, None, "for_update"),
         ("EXPLAIN ANALYZE CREATE TABLE x AS SELECT 1", W, Tx::None, None, "ddl"),
         ("CALL p()", W, Tx::None, None, "call"),
-        ("DO $$BEGIN PERFORM 1; END$$", W, Tx::None, None, "do"),
+        ("DO $$BEGIN PERFORM 1; END$$", W, Tx::None, Some(P::SessionSet), "do"),
         ("LOCK TABLE t IN ACCESS EXCLUSIVE MODE", W, Tx::None, None, "lock"),
         ("NOTIFY ch, 'x'", W, Tx::None, None, "notify"),
         ("UNLISTEN ch", W, Tx::None, None, "unlisten"),

@@ -41,7 +41,10 @@ impl Session {
             return Ok(());
         }
         let mut effect = None;
-        if let Some(cmd) = class.session.clone() {
+        if class.session.is_some() && !req.executes() {
+            // Only prepared (Parse, Describe): nothing changes until an Execute runs it.
+            Arc::make_mut(&mut class).pin = None;
+        } else if let Some(cmd) = class.session.clone() {
             match self.session_command(&req, &cmd) {
                 (SessionAction::Answered, outcome) => {
                     if let Some(outcome) = outcome {
@@ -61,6 +64,11 @@ impl Session {
         }
         if let Some(begin) = self.deferred_begin.take() {
             return self.dispatch_after_begin(begin, req, class, effect).await;
+        }
+        if self.status != TxStatus::Idle && (class.reason == "savepoint" || class.chain) {
+            // Session changes in this transaction may be partly undone (ROLLBACK TO) or
+            // committed early (AND CHAIN): what the backend keeps is no longer known.
+            self.tx_uncertain = true;
         }
         if self.must_leave_lingering_replica(&class, &req) {
             // An extended batch ended with Flush holds a replica: close its implicit

@@ -209,13 +209,34 @@ impl Session {
         }
     }
 
+    /// The text of the statement a request runs: its own, or that of the prepared statement
+    /// it binds (an Execute of a statement prepared earlier carries no text).
+    fn statement_text(&self, req: &Request) -> String {
+        if let Some(sql) = req.sql_texts().next() {
+            return sql.to_string();
+        }
+        let bound = req.frames.iter().find_map(|f| {
+            let b = (f.tag == tag::FE_BIND)
+                .then(|| protocol::parse_bind(f.body()).ok())
+                .flatten()?;
+            let key = if b.statement.is_empty() {
+                self.unnamed.as_ref()
+            } else {
+                self.statements.get(b.statement).map(|s| &s.key)
+            };
+            key.and_then(super::translate::split_key)
+                .map(|(sql, _)| sql.to_string())
+        });
+        bound.unwrap_or_default()
+    }
+
     /// Decides whether a session command is answered here or sent on.
     pub(super) fn session_command(
         &mut self,
         req: &Request,
         cmd: &SessionCommand,
     ) -> (SessionAction, Option<LocalOutcome>) {
-        let sql = req.sql_texts().next().unwrap_or_default().to_string();
+        let sql = self.statement_text(req);
         let forward = |cmd: &SessionCommand| {
             (
                 SessionAction::Forward(Some(Effect {

@@ -167,6 +167,9 @@ pub struct Session {
     tx_effects: Vec<Effect>,
     /// A COMMIT completed since those changes were made.
     tx_committed: bool,
+    /// The open transaction ran ROLLBACK TO SAVEPOINT or COMMIT/ROLLBACK AND CHAIN: which of
+    /// its session changes the backend keeps is not known.
+    tx_uncertain: bool,
     /// An ErrorResponse arrived since the last ReadyForQuery.
     error_since_ready: bool,
     /// Read-your-writes state: own token, key, presented token.
@@ -245,6 +248,7 @@ impl Session {
             settings,
             tx_effects: Vec::new(),
             tx_committed: false,
+            tx_uncertain: false,
             error_since_ready: false,
             tokens: Default::default(),
             unsealed: Default::default(),

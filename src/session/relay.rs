@@ -238,11 +238,18 @@ impl Session {
     /// at COMMIT inside one; a failed statement or a rolled-back transaction changes nothing.
     fn settle_effects(&mut self, status: TxStatus, effect: Option<Box<Effect>>) {
         let failed = std::mem::take(&mut self.error_since_ready);
-        if status == TxStatus::Idle && !self.tx_effects.is_empty() {
-            let effects = std::mem::take(&mut self.tx_effects);
-            if std::mem::take(&mut self.tx_committed) {
-                for e in effects {
-                    self.record_effect(e);
+        if status == TxStatus::Idle {
+            let uncertain = std::mem::take(&mut self.tx_uncertain);
+            if !self.tx_effects.is_empty() {
+                let effects = std::mem::take(&mut self.tx_effects);
+                if std::mem::take(&mut self.tx_committed) {
+                    for e in effects {
+                        self.record_effect(e);
+                    }
+                }
+                if uncertain && let Some(l) = self.lease.as_mut() {
+                    // Reset before anyone uses it again, this client included.
+                    l.conn().set_applied(crate::pool::Applied::UNKNOWN);
                 }
             }
         }
