@@ -26,19 +26,38 @@ async fn env_with(pool_lines: &str) -> Env {
     env
 }
 
-/// Runs `sql` on a fresh client in the background, recording `name` when it completes.
+/// When a statement ran, by the server's clock: the last column of its first row (each
+/// statement these tests order returns `clock_timestamp()` last). The server's clock, not the
+/// moment a client task got to record its answer, which a loaded machine can reorder.
+fn ran_at(msgs: &[tokio_postgres::SimpleQueryMessage]) -> String {
+    msgs.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(r.len() - 1).map(str::to_string),
+            _ => None,
+        })
+        .expect("a row with the time it ran")
+}
+
+/// Names in the order their statements ran on the server.
+fn in_order(recorded: &Mutex<Vec<(String, &'static str)>>) -> Vec<&'static str> {
+    let mut v = recorded.lock().unwrap().clone();
+    v.sort();
+    v.into_iter().map(|(_, name)| name).collect()
+}
+
+/// Runs `sql` on a fresh client in the background, recording `name` with the time it ran.
 async fn spawn_recorded(
     env: &Env,
-    order: &Arc<Mutex<Vec<&'static str>>>,
+    order: &Arc<Mutex<Vec<(String, &'static str)>>>,
     name: &'static str,
     sql: &'static str,
 ) -> tokio::task::JoinHandle<Result<(), tokio_postgres::Error>> {
     let c = env.client().await;
     let order = Arc::clone(order);
     tokio::spawn(async move {
-        let r = c.batch_execute(sql).await;
-        order.lock().unwrap().push(name);
-        r
+        let msgs = c.simple_query(sql).await?;
+        order.lock().unwrap().push((ran_at(&msgs), name));
+        Ok(())
     })
 }
 
@@ -57,7 +76,7 @@ async fn commit_overtakes_analytic(priority: bool) -> Vec<&'static str> {
         &env,
         &order,
         "analytic",
-        "/* causeway:primary */ SELECT count(*) FROM items",
+        "/* causeway:primary */ SELECT count(*), clock_timestamp()::text FROM items",
     )
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -65,14 +84,14 @@ async fn commit_overtakes_analytic(priority: bool) -> Vec<&'static str> {
         &env,
         &order,
         "commit",
-        "UPDATE items SET v = 0 WHERE id = 2",
+        "UPDATE items SET v = 0 WHERE id = 2 RETURNING clock_timestamp()::text",
     )
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     holder.batch_execute("COMMIT").await.unwrap();
     analytic.await.unwrap().unwrap();
     commit.await.unwrap().unwrap();
-    order.lock().unwrap().clone()
+    in_order(&order)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,7 +119,13 @@ async fn overload_refuses_the_lowest_class_at_once() {
         .await
         .unwrap();
     let order = Arc::new(Mutex::new(Vec::new()));
-    let write = spawn_recorded(&env, &order, "write", "UPDATE items SET v = 0 WHERE id = 2").await;
+    let write = spawn_recorded(
+        &env,
+        &order,
+        "write",
+        "UPDATE items SET v = 0 WHERE id = 2 RETURNING clock_timestamp()::text",
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The one waiting place is taken by a higher class: an analytic request is refused at once.
     let c = env.client().await;
@@ -179,22 +204,28 @@ async fn execution_slots_serve_commits_first() {
         let order = Arc::clone(&order);
         let c = clients.next().unwrap();
         tokio::spawn(async move {
-            let r = c.batch_execute(sql).await;
-            order.lock().unwrap().push(name);
-            r
+            let msgs = c.simple_query(sql).await?;
+            order.lock().unwrap().push((ran_at(&msgs), name));
+            Ok::<_, tokio_postgres::Error>(())
         })
     };
     // The slot stays taken long enough for both others to queue even on a loaded machine.
-    let busy = run("busy", "/* causeway:primary */ SELECT pg_sleep(1.5)");
+    let busy = run(
+        "busy",
+        "/* causeway:primary */ SELECT pg_sleep(1.5), clock_timestamp()::text",
+    );
     tokio::time::sleep(Duration::from_millis(150)).await;
     let analytic = run(
         "analytic",
-        "/* causeway:primary */ SELECT count(*) FROM items",
+        "/* causeway:primary */ SELECT count(*), clock_timestamp()::text FROM items",
     );
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let commit = run("commit", "UPDATE items SET v = 0 WHERE id = 3");
+    let commit = run(
+        "commit",
+        "UPDATE items SET v = 0 WHERE id = 3 RETURNING clock_timestamp()::text",
+    );
     for h in [busy, analytic, commit] {
         h.await.unwrap().unwrap();
     }
-    assert_eq!(*order.lock().unwrap(), vec!["busy", "commit", "analytic"]);
+    assert_eq!(in_order(&order), vec!["busy", "commit", "analytic"]);
 }
