@@ -273,31 +273,19 @@ impl Session {
     /// back and the token query has been queued). Without tokens (sticky mode) the window
     /// starts here, when the writes are committed.
     pub(super) fn seal_at_ready(&mut self, status: TxStatus) -> bool {
-        if status != TxStatus::Idle || !self.unsealed.pending() {
-            return false;
-        }
-        if !self.on_primary() {
-            // Only the primary knows the position; its next ReadyForQuery takes the token.
-            return false;
-        }
-        if self
-            .replies
-            .iter()
-            .any(|e| matches!(e, Expect::Token { .. }))
+        if status != TxStatus::Idle
+            || self
+                .replies
+                .iter()
+                .any(|e| matches!(e, Expect::Token { .. }))
         {
             return false;
         }
-        if !self.tracks_tokens() {
-            self.tokens.last_write = Some(Instant::now());
-            self.unsealed.seal(self.unsealed.sent);
-            return false;
-        }
-        if !self.replies.is_empty() {
+        if !self.replies.is_empty() && self.tracks_tokens() {
             // Pipelined requests follow: the last of them takes the token.
             return false;
         }
-        self.queue_token_query(false);
-        true
+        self.seal()
     }
 
     /// Before the backend goes back to its pool: writes still unsealed (their ReadyForQuery
@@ -305,6 +293,12 @@ impl Session {
     /// this connection (true: the token query is queued, keep the backend); without tokens the
     /// sticky window starts here.
     pub(super) fn seal_before_release(&mut self) -> bool {
+        self.seal()
+    }
+
+    /// Seals the writes sent so far: queues the token query on the primary's backend (true),
+    /// or, without tokens, starts the sticky window.
+    fn seal(&mut self) -> bool {
         if !self.unsealed.pending() {
             return false;
         }
@@ -314,6 +308,7 @@ impl Session {
             return false;
         }
         if !self.on_primary() {
+            // Only the primary knows the position; its next ReadyForQuery takes the token.
             return false;
         }
         self.queue_token_query(false);
