@@ -551,6 +551,23 @@ async fn token_statement_is_prepared_once_and_recovers_when_dropped() {
     assert_eq!(tokens() - before, 1, "the token query was prepared again");
     assert_eq!(count(&a, 12).await.0, 1);
     assert_eq!(prepared(&a).await, 1);
+
+    // DEALLOCATE ALL is not transactional: on a pinned session it drops the token statement
+    // even in a transaction that rolls back, and the next write prepares it again.
+    a.batch_execute("PREPARE mine AS SELECT 1").await.unwrap();
+    for sql in ["BEGIN", "DEALLOCATE ALL", "ROLLBACK"] {
+        a.batch_execute(sql).await.unwrap();
+    }
+    let before = tokens();
+    a.execute("INSERT INTO items VALUES (13, 'r')", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        tokens() - before,
+        1,
+        "token after a rolled-back DEALLOCATE ALL"
+    );
+    assert_eq!(prepared(&a).await, 1);
 }
 
 /// With asynchronous commit a COMMIT returns before its WAL is written, so the server's write

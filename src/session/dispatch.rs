@@ -506,7 +506,12 @@ impl Session {
         };
         let conn = lease.conn();
         if let Some(e) = effect {
-            if !matches!(e.cmd, SessionCommand::Deallocate { .. }) {
+            if matches!(e.cmd, SessionCommand::Deallocate { .. }) {
+                // Prepared statements are not transactional: a DEALLOCATE takes effect even in
+                // a transaction that later rolls back, so forget them now (the proxy's names
+                // are never reused, so forgetting one that survives costs only a re-Parse).
+                conn.statements.clear();
+            } else {
                 // From here until the proxy confirms the change, the backend's settings are
                 // its own: statements prepared meanwhile are not shared.
                 conn.set_applied(Applied::UNKNOWN);
