@@ -1,0 +1,260 @@
+//! Client start-up: TLS refusal, cancel requests, protocol negotiation, authentication and
+//! the greeting, up to the session (or the admin console) taking over.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::Shared;
+use crate::clients::ClientAddr;
+use crate::config::ClientTls;
+use crate::error::SessionError;
+use crate::protocol::{self, StartupMessage, TxStatus};
+use crate::session::Session;
+use crate::tls::Stream;
+use crate::transport::Transport;
+/// Client encodings the proxy accepts: it relays bytes and classifies them as UTF-8.
+fn is_utf8_encoding(name: &str) -> bool {
+    // asyncpg sends the value quoted ('utf-8'), which PostgreSQL accepts too.
+    let n = name
+        .trim()
+        .trim_matches('\'')
+        .to_ascii_lowercase()
+        .replace(['-', '_'], "");
+    n == "utf8" || n == "unicode"
+}
+
+async fn refuse(t: &mut Transport<Stream>, e: &SessionError) {
+    t.queue(&protocol::error_response(
+        "FATAL",
+        e.sqlstate(),
+        &e.to_string(),
+    ));
+    t.shutdown().await;
+}
+
+pub(super) async fn handle_client(
+    stream: Stream,
+    peer: ClientAddr,
+    id: u64,
+    shared: &Arc<Shared>,
+) -> Result<(), SessionError> {
+    let max_message = shared.cfg.load().server.max_message_bytes;
+    // Waiting on the client is bounded until it has logged in: an idle socket must not hold a
+    // slot of max_client_connections.
+    let login_deadline = tokio::time::Instant::now()
+        + std::time::Duration::from_millis(shared.cfg.load().server.login_timeout_ms);
+    // TLS is offered over TCP only, as PostgreSQL does: a Unix socket does not leave the machine.
+    let local = peer == ClientAddr::Local;
+    let mut t = Transport::new(stream, max_message);
+    let (minor, params) = loop {
+        let startup = tokio::time::timeout_at(login_deadline, t.read_startup()).await;
+        let Ok(startup) = startup else {
+            // Like PostgreSQL before a startup packet: close without a word.
+            return Err(SessionError::LoginTimeout);
+        };
+        match startup {
+            Ok(Some(StartupMessage::SslRequest)) if !t.get_ref().is_tls() && !local => {
+                let Some(acceptor) = shared.tls.acceptor.clone() else {
+                    t.queue_bytes(b"N");
+                    t.flush().await.map_err(SessionError::ClientIo)?;
+                    continue;
+                };
+                t.queue_bytes(b"S");
+                t.flush().await.map_err(SessionError::ClientIo)?;
+                let (stream, buffered) = t.into_inner();
+                let Stream::Plain(tcp) = stream else {
+                    return Ok(());
+                };
+                if buffered > 0 {
+                    // Bytes sent before the handshake could be injected by anyone on the path.
+                    return Err(SessionError::ClientProtocol(
+                        protocol::ProtocolError::Malformed(
+                            "data received after SSLRequest before the TLS handshake",
+                        ),
+                    ));
+                }
+                let tls = tokio::time::timeout_at(login_deadline, acceptor.accept(tcp))
+                    .await
+                    .map_err(|_| SessionError::LoginTimeout)?
+                    .map_err(SessionError::ClientIo)?;
+                t = Transport::new(
+                    Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))),
+                    max_message,
+                );
+            }
+            Ok(Some(StartupMessage::SslRequest | StartupMessage::GssEncRequest)) => {
+                t.queue_bytes(b"N");
+                t.flush().await.map_err(SessionError::ClientIo)?;
+            }
+            Ok(Some(StartupMessage::Cancel { pid, secret })) => {
+                shared.cancels.cancel((pid, secret)).await;
+                return Ok(());
+            }
+            Ok(Some(StartupMessage::Startup { minor, params, .. })) => break (minor, params),
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                let e = SessionError::from(e);
+                refuse(&mut t, &e).await;
+                return Err(e);
+            }
+        }
+    };
+    if shared.tls.client_mode == ClientTls::Require && !t.get_ref().is_tls() && !local {
+        let e = SessionError::AuthRejected(
+            "SSL connection is required (tls.client_mode = \"require\")".into(),
+        );
+        refuse(&mut t, &e).await;
+        return Err(e);
+    }
+    let limit = shared.cfg.load().server.max_client_connections;
+    if limit > 0 && shared.stats.clients_open.load(Ordering::Acquire) > limit as u64 {
+        let e = SessionError::TooManyClients(format!(
+            "server.max_client_connections ({limit}) reached"
+        ));
+        refuse(&mut t, &e).await;
+        return Err(e);
+    }
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let Some(user) = param("user") else {
+        let e = SessionError::AuthRejected(
+            "no PostgreSQL user name specified in startup packet".into(),
+        );
+        refuse(&mut t, &e).await;
+        return Err(e);
+    };
+    let database = param("database").unwrap_or_else(|| user.clone());
+    tracing::Span::current().record("user", user.as_str());
+    tracing::Span::current().record("db", database.as_str());
+    if minor > 0 {
+        let unknown: Vec<&str> = params
+            .iter()
+            .filter(|(k, _)| k.starts_with("_pq_."))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        t.queue(&protocol::negotiate_protocol_version(0, &unknown));
+    }
+    if let Some(enc) = param("client_encoding")
+        && !is_utf8_encoding(&enc)
+    {
+        let e = SessionError::Unsupported(format!(
+            "client_encoding \"{enc}\" is not supported by the proxy; use UTF8"
+        ));
+        refuse(&mut t, &e).await;
+        return Err(e);
+    }
+    let authenticated =
+        tokio::time::timeout_at(login_deadline, shared.auth.authenticate(&mut t, &user)).await;
+    if let Err(e) = authenticated.unwrap_or(Err(SessionError::LoginTimeout)) {
+        if !e.is_client_gone() {
+            refuse(&mut t, &e).await;
+        }
+        return Err(e);
+    }
+    let registered = shared.clients.register(id, peer, &user, &database);
+    if let Some(limit) = shared
+        .cfg
+        .load()
+        .user(&user)
+        .and_then(|u| u.max_connections)
+        && shared.clients.count_user(&user) > limit
+    {
+        drop(registered);
+        let e =
+            SessionError::TooManyClients(format!("user \"{user}\" has max_connections = {limit}"));
+        refuse(&mut t, &e).await;
+        return Err(e);
+    }
+    if database == crate::admin::console::DATABASE {
+        return admin_console(t, shared, &user).await;
+    }
+    let server_params = match greeting_params(shared, &user, &database).await {
+        Ok(p) => p,
+        Err(e) => {
+            refuse(&mut t, &e).await;
+            return Err(e);
+        }
+    };
+    if let Err(e) = crate::session::check_startup_settings(shared, &user, &database, &params).await
+    {
+        refuse(&mut t, &e).await;
+        return Err(e);
+    }
+    for (k, v) in &server_params {
+        let value = match k.as_str() {
+            "application_name" => param("application_name").unwrap_or_default(),
+            "client_encoding" => "UTF8".to_string(),
+            _ => v.clone(),
+        };
+        t.queue(&protocol::parameter_status(k, &value));
+    }
+    let key = shared.cancels.register();
+    t.queue(&protocol::backend_key_data(key.key.0, key.key.1));
+    let classifier = shared.catalogs.classifier(&database, &user).await;
+    t.queue(&protocol::ready_for_query(TxStatus::Idle));
+    t.flush().await.map_err(SessionError::ClientIo)?;
+    tracing::debug!("client ready");
+    let session = Session::new(
+        Arc::clone(shared),
+        t,
+        classifier,
+        Arc::clone(&key.slot),
+        &params,
+        Arc::clone(&registered.info),
+    );
+    session.run().await
+}
+
+/// Opens the admin console for an admin user; anyone else is refused.
+async fn admin_console(
+    mut t: Transport<Stream>,
+    shared: &Arc<Shared>,
+    user: &str,
+) -> Result<(), SessionError> {
+    if !shared.cfg.load().admin.users.iter().any(|u| u == user) {
+        let e = SessionError::AuthRejected(format!(
+            "user \"{user}\" may not use the admin console (see admin.users)"
+        ));
+        refuse(&mut t, &e).await;
+        return Err(e);
+    }
+    for (k, v) in [
+        ("server_version", "15.0 (causeway admin console)"),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+    ] {
+        t.queue(&protocol::parameter_status(k, v));
+    }
+    t.queue(&protocol::backend_key_data(0, 0));
+    t.queue(&protocol::ready_for_query(TxStatus::Idle));
+    t.flush().await.map_err(SessionError::ClientIo)?;
+    tracing::info!(user, "admin console session");
+    crate::admin::console::serve(t, Arc::clone(shared)).await
+}
+
+/// Server parameters to greet a client with: from the primary's pool, else any replica's.
+async fn greeting_params(
+    shared: &Arc<Shared>,
+    user: &str,
+    database: &str,
+) -> Result<Vec<(String, String)>, SessionError> {
+    let mut last = None;
+    let login = crate::pool::login_key(user, database);
+    for node in &shared.cluster.nodes() {
+        let Some(pool) = shared.pools.get(node, &login) else {
+            return Err(SessionError::AuthRejected(format!(
+                "user \"{user}\" is not configured"
+            )));
+        };
+        match pool.server_params().await {
+            Ok(p) => return Ok(p),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => e.into(),
+        None => SessionError::Unsupported("no servers configured".into()),
+    })
+}
