@@ -256,18 +256,14 @@ impl State {
         best.map(|(class, _)| class)
     }
 
-    /// The class whose tail is the least urgent waiter (newest among the lowest effective
-    /// class), with that effective class.
-    fn worst(&self, now: Instant) -> Option<(Class, Class)> {
-        let mut worst: Option<(Class, (Class, u64))> = None;
-        for (class, q) in Class::ALL.into_iter().zip(&self.queues) {
-            let Some(e) = q.back() else { continue };
-            let key = self.key(class, e, now);
-            if worst.is_none_or(|(_, w)| key > w) {
-                worst = Some((class, key));
-            }
-        }
-        worst.map(|(class, (effective, _))| (class, effective))
+    /// Who makes room in a full queue: the newest waiter of the least urgent class queued.
+    /// Classes as they arrived, not as aged: aging orders the grants so that nothing starves,
+    /// it does not let a long-waiting report keep a commit out.
+    fn eviction_candidate(&self) -> Option<Class> {
+        Class::ALL
+            .into_iter()
+            .rev()
+            .find(|&class| !self.queues[class as usize].is_empty())
     }
 
     /// The best waiting read or analytic class, if any.
@@ -560,9 +556,13 @@ impl PermitQueue {
         let now = Instant::now();
         if s.cfg.max_waiters != 0 && s.waiting >= s.cfg.max_waiters {
             // FIFO mode has no priorities to keep flowing, so a full queue refuses newcomers.
-            let worst = if s.cfg.priority { s.worst(now) } else { None };
+            let worst = if s.cfg.priority {
+                s.eviction_candidate()
+            } else {
+                None
+            };
             let victim = match worst {
-                Some((victim, effective)) if effective > class => victim,
+                Some(victim) if victim > class => victim,
                 _ => {
                     s.stats[class as usize].refusals += 1;
                     return Err(AcquireError::Refused);
@@ -761,9 +761,8 @@ mod tests {
         s.push(Class::Read, at(50));
         assert_eq!(s.best(at(99)), Some(Class::Read));
         assert_eq!(s.best(at(100)), Some(Class::Analytic));
-        // The eviction candidate ages too: the newest of the least urgent.
-        assert_eq!(s.worst(at(100)), Some((Class::Read, Class::Read)));
-        assert_eq!(s.worst(at(150)), Some((Class::Analytic, Class::Read)));
+        // Eviction goes by the class a waiter came with, however long it has waited.
+        assert_eq!(s.eviction_candidate(), Some(Class::Analytic));
 
         // After three steps it is a Write, ahead of a newer Write.
         let mut s = state();
@@ -780,7 +779,6 @@ mod tests {
         s.push(Class::Analytic, at(10));
         s.push(Class::Commit, t0);
         assert_eq!(s.best(at(1_000)), Some(Class::Analytic));
-        assert_eq!(s.worst(at(1_000)).map(|w| w.0), Some(Class::Commit));
     }
 
     #[tokio::test]
@@ -888,6 +886,26 @@ mod tests {
         assert_eq!(stats.class(Class::Read).refusals, 2);
         assert_eq!(stats.class(Class::Read).evictions, 1);
         assert_eq!(stats.total().refusals, 3);
+    }
+
+    /// Aging decides who is served first, not who keeps a place in a full queue: a report that
+    /// has waited long enough to outrank writes is still the one a commit evicts.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_evicts_an_aged_report_for_a_commit() {
+        let aging = Duration::from_millis(100);
+        let q = queue(1, true, aging, 2);
+        let held = q.try_acquire().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let a1 = enqueue(&q, Class::Analytic, "a1", &log);
+        let a2 = enqueue(&q, Class::Analytic, "a2", &log);
+        tokio::time::sleep(aging * 5).await;
+        let c = enqueue(&q, Class::Commit, "c", &log);
+        assert_eq!(a2.await.unwrap(), Err(AcquireError::Refused));
+        drop(held);
+        c.await.unwrap().unwrap();
+        a1.await.unwrap().unwrap();
+        // The older report, aged past commits, is served first.
+        assert_eq!(*log.lock().unwrap(), ["a1", "c"]);
     }
 
     #[tokio::test]
