@@ -239,6 +239,19 @@ async fn transactions_stay_on_one_backend() {
         assert_eq!(err.code().map(|c| c.code()), Some("25006"), "{begin}");
         ro.simple_query("ROLLBACK").await.unwrap();
     }
+    // A hot standby refuses SERIALIZABLE, so those read-only transactions run on the primary.
+    for begin in [
+        "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY",
+        "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE",
+        "BEGIN; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY",
+    ] {
+        for stmt in begin.split("; ") {
+            ro.simple_query(stmt).await.unwrap();
+        }
+        let ran = port(ro.simple_query("SELECT inet_server_port()").await.unwrap());
+        assert_eq!(ran, primary, "{begin}");
+        ro.simple_query("COMMIT").await.unwrap();
+    }
 
     // The transaction API of tokio-postgres (extended protocol).
     let mut c2 = env.client().await;

@@ -224,7 +224,10 @@ fn transaction(t: &pb::TransactionStmt) -> Outcome {
     use pb::TransactionStmtKind as K;
     match K::try_from(t.kind) {
         Ok(K::TransStmtBegin | K::TransStmtStart) => {
-            let read_only = transaction_read_only(&t.options).unwrap_or(false);
+            // A hot standby refuses SERIALIZABLE, read-only or not: such transactions run on
+            // the primary.
+            let read_only = transaction_read_only(&t.options).unwrap_or(false)
+                && !transaction_serializable(&t.options);
             Outcome::read("begin").with_tx(TxEffect::Begin { read_only })
         }
         Ok(K::TransStmtCommit) => Outcome {
@@ -244,6 +247,24 @@ fn transaction(t: &pb::TransactionStmt) -> Outcome {
     }
 }
 
+/// Whether the last `transaction_isolation` option is SERIALIZABLE.
+fn transaction_serializable(options: &[pb::Node]) -> bool {
+    let level = options.iter().rev().find_map(|o| match &o.node {
+        Some(N::DefElem(d)) if d.defname == "transaction_isolation" => {
+            match d.arg.as_ref().and_then(|a| a.node.as_ref()) {
+                Some(N::AConst(c)) => match &c.val {
+                    Some(pb::a_const::Val::Sval(s)) => Some(s.sval.to_ascii_lowercase()),
+                    _ => None,
+                },
+                Some(N::String(s)) => Some(s.sval.to_ascii_lowercase()),
+                _ => None,
+            }
+        }
+        _ => None,
+    });
+    level.as_deref() == Some("serializable")
+}
+
 /// Value of the last `transaction_read_only` option, if any.
 fn transaction_read_only(options: &[pb::Node]) -> Option<bool> {
     options.iter().rev().find_map(|o| match &o.node {
@@ -257,7 +278,9 @@ fn variable_set(v: &pb::VariableSetStmt) -> Outcome {
     let kind = K::try_from(v.kind).unwrap_or(K::Undefined);
     if v.name.eq_ignore_ascii_case("transaction") {
         return match transaction_read_only(&v.args) {
-            Some(true) => Outcome::read("set_transaction").with_tx(TxEffect::SetReadOnly),
+            Some(true) if !transaction_serializable(&v.args) => {
+                Outcome::read("set_transaction").with_tx(TxEffect::SetReadOnly)
+            }
             _ => Outcome::read("set_transaction"),
         };
     }
