@@ -153,6 +153,15 @@ impl SessionError {
         }
     }
 
+    /// The server routine PostgreSQL names (field R) when it raises the same error, where
+    /// drivers depend on it.
+    pub fn routine(&self) -> Option<&'static str> {
+        match self {
+            SessionError::PlanChanged => Some("RevalidateCachedQuery"),
+            _ => None,
+        }
+    }
+
     /// Whether the client connection is unusable afterwards (so no reply can be sent).
     pub fn is_client_gone(&self) -> bool {
         matches!(self, SessionError::ClientIo(_))

@@ -5,6 +5,7 @@
 mod common;
 
 use common::{connect, raw};
+use tokio::io::AsyncWriteExt;
 use tokio_postgres::SimpleQueryMessage;
 
 const SETUP: &str = "
@@ -288,12 +289,56 @@ async fn stale_shared_plan_is_reprepared() {
         msg.as_deref(),
         Some("cached plan must not change result type")
     );
+    // Named as the server names it: asyncpg re-prepares on this routine only.
+    let routine = err.as_db_error().and_then(|e| e.routine());
+    assert_eq!(routine, Some("RevalidateCachedQuery"));
     // Re-preparing is the cure, as with a server.
     let sa = a
         .prepare("/* causeway:primary */ SELECT * FROM marker")
         .await
         .unwrap();
     assert_eq!(a.query(&sa, &[]).await.unwrap()[0].get::<_, i32>(1), 7);
+}
+
+/// asyncpg prepares with Flush, not Sync. Meeting a shared copy whose plan went stale, such a
+/// prepare is run again on a fresh connection like any other, instead of waiting forever for a
+/// ReadyForQuery that a Flush never brings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_shared_plan_is_reprepared_for_a_prepare_ended_by_flush() {
+    let env = small_pools().await;
+    let proxy = common::trust_proxy(&env).await;
+    let sql = "/* causeway:primary */ SELECT * FROM marker";
+    let mut a = raw::login(proxy.addr).await;
+    let mut first = raw::parse("a", sql);
+    first.extend(raw::sync());
+    raw::roundtrip(&mut a, &first).await;
+    env.primary_admin()
+        .await
+        .batch_execute("ALTER TABLE public.marker ADD COLUMN n int DEFAULT 7")
+        .await
+        .unwrap();
+
+    let mut b = raw::login(proxy.addr).await;
+    let mut prepare = raw::parse("b", sql);
+    prepare.extend(raw::describe_statement("b"));
+    prepare.extend(raw::flush());
+    b.write_all(&prepare).await.unwrap();
+    let msgs = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        raw::read_until(&mut b, |t| t == b'T' || t == b'E'),
+    )
+    .await
+    .expect("a prepare ended by Flush got no answer");
+    let tags: Vec<char> = msgs.iter().map(|(t, _)| *t as char).collect();
+    assert_eq!(tags, ['1', 't', 'T'], "{msgs:?}");
+    let columns = i16::from_be_bytes([msgs[2].1[0], msgs[2].1[1]]);
+    assert_eq!(columns, 2, "described with the new column");
+    let mut run = raw::bind("b");
+    run.extend(raw::execute());
+    run.extend(raw::sync());
+    let msgs = raw::roundtrip(&mut b, &run).await;
+    let tags: Vec<char> = msgs.iter().map(|(t, _)| *t as char).collect();
+    assert_eq!(tags, ['2', 'D', 'C', 'Z'], "{msgs:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

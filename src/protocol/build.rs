@@ -12,25 +12,51 @@ pub use crate::protocol::frontend::{parse_password, parse_sasl_initial};
 const TEXT_OID: i32 = 25;
 
 /// Builds the shared ErrorResponse/NoticeResponse layout.
-fn error_like(tag: u8, severity: &str, sqlstate: &str, message: &str) -> Frame {
-    let mut b = Builder::tagged(tag, severity.len() * 2 + sqlstate.len() + message.len() + 9);
+fn error_like(
+    tag: u8,
+    severity: &str,
+    sqlstate: &str,
+    message: &str,
+    routine: Option<&str>,
+) -> Frame {
+    let extra = routine.map_or(0, |r| r.len() + 2);
+    let mut b = Builder::tagged(
+        tag,
+        severity.len() * 2 + sqlstate.len() + message.len() + 9 + extra,
+    );
     // S is the localized severity, V the fixed one; we never localize, so both are equal.
     b.u8(b'S').cstr(severity);
     b.u8(b'V').cstr(severity);
     b.u8(b'C').cstr(sqlstate);
     b.u8(b'M').cstr(message);
+    if let Some(r) = routine {
+        b.u8(b'R').cstr(r);
+    }
     b.u8(0);
     b.finish()
 }
 
 /// ErrorResponse with fields S, V, C and M; `severity` is `"ERROR"` or `"FATAL"`.
 pub fn error_response(severity: &str, sqlstate: &str, message: &str) -> Frame {
-    error_like(tag::BE_ERROR_RESPONSE, severity, sqlstate, message)
+    error_like(tag::BE_ERROR_RESPONSE, severity, sqlstate, message, None)
+}
+
+/// ErrorResponse that also names the server routine (field R) PostgreSQL reports for the same
+/// error. Some drivers recognise an error by it: asyncpg re-prepares a statement on 0A000 only
+/// when the routine is `RevalidateCachedQuery`.
+pub fn error_response_from(severity: &str, sqlstate: &str, message: &str, routine: &str) -> Frame {
+    error_like(
+        tag::BE_ERROR_RESPONSE,
+        severity,
+        sqlstate,
+        message,
+        Some(routine),
+    )
 }
 
 /// NoticeResponse with severity NOTICE.
 pub fn notice_response(sqlstate: &str, message: &str) -> Frame {
-    error_like(tag::BE_NOTICE_RESPONSE, "NOTICE", sqlstate, message)
+    error_like(tag::BE_NOTICE_RESPONSE, "NOTICE", sqlstate, message, None)
 }
 
 /// ReadyForQuery with the given transaction status.

@@ -468,11 +468,11 @@ impl Session {
     /// Sends the client an error for a request the proxy could not run, keeping the protocol
     /// in step (ReadyForQuery for Query/Sync, skip-until-Sync for a batch without one).
     fn fail_request(&mut self, req: &Request, e: &SessionError) {
-        self.client.queue(&protocol::error_response(
-            "ERROR",
-            e.sqlstate(),
-            &e.to_string(),
-        ));
+        let message = e.to_string();
+        self.client.queue(&match e.routine() {
+            Some(r) => protocol::error_response_from("ERROR", e.sqlstate(), &message, r),
+            None => protocol::error_response("ERROR", e.sqlstate(), &message),
+        });
         if req.ends_with_ready() {
             self.client.queue(&protocol::ready_for_query(self.status));
         } else {

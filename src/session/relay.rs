@@ -373,6 +373,12 @@ impl Session {
                 let req = f.request.clone();
                 if let Some(l) = self.lease.as_mut() {
                     l.conn().broken = true;
+                    if !req.ends_with_ready() {
+                        // A batch ended by Flush (asyncpg prepares so) brings no ReadyForQuery:
+                        // a Sync of the proxy's own ends the failed attempt's implicit
+                        // transaction, and its ReadyForQuery closes the attempt.
+                        l.conn().transport.queue(&protocol::encode_sync());
+                    }
                 }
                 req
             } else {

@@ -77,21 +77,27 @@ impl Session {
             };
             let conn = lease.conn();
             let prepared = conn.statements.get(&key);
-            let name = match prepared {
+            let stale = match prepared {
                 Some(name) => match conn.statements.shape(&key) {
                     Some(known) if known == expected.as_slice() => continue,
-                    Some(_) => {
-                        self.fail_request(req, &SessionError::PlanChanged);
-                        self.release_if_idle();
-                        return Ok(false);
-                    }
+                    // Prepared here before a change the client may already have seen (it
+                    // prepared again after DDL): prepare it afresh, and compare that.
+                    Some(_) => Some(name),
                     // Prepared here by someone who never asked: describe it.
-                    None => name,
+                    None => None,
                 },
-                None => {
+                None => None,
+            };
+            let name = match (prepared, stale) {
+                (Some(name), None) => name,
+                (_, stale) => {
                     let Some((sql, types)) = super::translate::split_key(&key) else {
                         continue;
                     };
+                    if let Some(old) = stale {
+                        conn.statements.remove(&key);
+                        conn.transport.queue(&protocol::encode_close(b'S', &old));
+                    }
                     let (name, evicted) = conn.statements.insert(key.clone());
                     if let Some(old) = evicted {
                         conn.transport.queue(&protocol::encode_close(b'S', &old));

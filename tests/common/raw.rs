@@ -60,6 +60,18 @@ pub fn execute() -> Vec<u8> {
     msg(b'E', &body)
 }
 
+/// Describe of a prepared statement.
+pub fn describe_statement(name: &str) -> Vec<u8> {
+    let mut body = vec![b'S'];
+    body.extend_from_slice(&cstrs(&[name]));
+    msg(b'D', &body)
+}
+
+/// Flush.
+pub fn flush() -> Vec<u8> {
+    msg(b'H', &[])
+}
+
 /// Sync.
 pub fn sync() -> Vec<u8> {
     msg(b'S', &[])

@@ -227,6 +227,24 @@ async def case_replica_read():
         check(port == PRIMARY_PORT, f"a read-write transaction ran on {port}")
 
 
+async def case_schema_change():
+    # A migration adds a column under a cached statement. PostgreSQL answers the next execution
+    # with 0A000 from RevalidateCachedQuery, which asyncpg takes as its cue to re-prepare and
+    # retry; the proxy, re-preparing on another server, must raise the same error to get that.
+    async with connect() as conn:
+        for i in range(3):
+            t = f"drv_shape_{i}"
+            await conn.execute(
+                f"DROP TABLE IF EXISTS {t}; CREATE TABLE {t} (a int); INSERT INTO {t} VALUES (1)"
+            )
+            row = await conn.fetchrow(f"SELECT * FROM {t} WHERE a = $1", 1)
+            check(tuple(row) == (1,), f"before the change, run {i}: {row}")
+            await conn.execute(f"ALTER TABLE {t} ADD COLUMN b int DEFAULT 2")
+            row = await conn.fetchrow(f"SELECT * FROM {t} WHERE a = $1", 1)
+            check(tuple(row) == (1, 2), f"after the change, run {i}: {row}")
+            await conn.execute(f"DROP TABLE {t}")
+
+
 CASES = [
     ("connect", case_connect),
     ("simple_query", case_simple_query),
@@ -238,6 +256,7 @@ CASES = [
     ("listen_notify", case_listen_notify),
     ("cancel", case_cancel),
     ("replica_read", case_replica_read),
+    ("schema_change", case_schema_change),
 ]
 
 
