@@ -20,6 +20,7 @@ pub mod sqlstate {
     pub const QUERY_CANCELED: &str = "57014";
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
     pub const INTERNAL_ERROR: &str = "XX000";
+    pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
 }
 
 /// Failures talking to a PostgreSQL server.

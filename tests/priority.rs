@@ -61,6 +61,33 @@ async fn spawn_recorded(
     })
 }
 
+/// `cfg` with `max_active = n` on the primary; replicas keep theirs unlimited.
+fn primary_max_active(cfg: &str, n: usize) -> String {
+    let mut out = String::new();
+    let mut in_primary = false;
+    for line in cfg.lines() {
+        if line.starts_with('[') {
+            in_primary = line == "[primary]";
+        }
+        if in_primary && line.starts_with("port = ") {
+            out.push_str(&format!("max_active = {n}\n"));
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// `v` of row `id`, read on the primary.
+async fn value(env: &Env, id: i32) -> i32 {
+    env.owner()
+        .await
+        .query_one("SELECT v FROM items WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 async fn commit_overtakes_analytic(priority: bool) -> Vec<&'static str> {
     let env = env_with(&format!(
         "[pool]\nprimary_max = 1\n\n[priority]\nenabled = {priority}\naging_ms = 10000"
@@ -176,24 +203,7 @@ async fn overload_refuses_the_lowest_class_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn execution_slots_serve_commits_first() {
     let env = env_with("[pool]\nprimary_max = 5").await;
-    let cfg = env.config.replace("port = ", "max_active = 1\nport = ");
-    // Only the [primary] gets the bound: replicas keep theirs unlimited.
-    let cfg = {
-        let mut out = String::new();
-        let mut in_primary = false;
-        for line in cfg.lines() {
-            if line.starts_with('[') {
-                in_primary = line == "[primary]";
-            }
-            if line == "max_active = 1" && !in_primary {
-                continue;
-            }
-            out.push_str(line);
-            out.push('\n');
-        }
-        out
-    };
-    let proxy = common::proxy_for(&cfg).await;
+    let proxy = common::proxy_for(&primary_max_active(&env.config, 1)).await;
     let order = Arc::new(Mutex::new(Vec::new()));
     let mut clients = Vec::new();
     for _ in 0..3 {
@@ -228,4 +238,100 @@ async fn execution_slots_serve_commits_first() {
         h.await.unwrap().unwrap();
     }
     assert_eq!(in_order(&order), vec!["busy", "commit", "analytic"]);
+}
+
+/// A statement refused an execution slot inside a transaction aborts the transaction, as a
+/// server's error would: what follows is refused with 25P02 and COMMIT rolls back, so the
+/// statements before it are never committed without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_refused_a_slot_aborts_its_transaction() {
+    let env = env_with("[pool]\nprimary_max = 4\nacquire_timeout_ms = 400").await;
+    let proxy = common::proxy_for(&primary_max_active(&env.config, 1)).await;
+    let a = env.client_via(&proxy).await;
+    let busy = env.client_via(&proxy).await;
+    a.batch_execute("BEGIN").await.unwrap();
+    a.batch_execute("UPDATE items SET v = -1 WHERE id = 1")
+        .await
+        .unwrap();
+    let sleeper = tokio::spawn(async move {
+        busy.batch_execute("/* causeway:primary */ SELECT pg_sleep(1.5)")
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = a
+        .batch_execute("UPDATE items SET v = -1 WHERE id = 2")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("53300"), "{err}");
+    sleeper.await.unwrap().unwrap();
+    let err = a.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("25P02"), "{err}");
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(value(&env, 1).await, 1, "the transaction was rolled back");
+    // The session goes on normally.
+    a.batch_execute("UPDATE items SET v = -2 WHERE id = 2")
+        .await
+        .unwrap();
+    assert_eq!(value(&env, 2).await, -2);
+}
+
+/// A COMMIT does not wait for an execution slot: the statements holding the slots may be
+/// waiting for the locks it releases, and the proxy's wait is one the server cannot see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_never_waits_for_a_slot() {
+    let env = env_with("[pool]\nprimary_max = 4\nacquire_timeout_ms = 5000").await;
+    let proxy = common::proxy_for(&primary_max_active(&env.config, 2)).await;
+    let a = env.client_via(&proxy).await;
+    a.batch_execute("BEGIN; UPDATE items SET v = v + 1 WHERE id = 3")
+        .await
+        .unwrap();
+    let mut blocked = Vec::new();
+    for _ in 0..2 {
+        let c = env.client_via(&proxy).await;
+        blocked.push(tokio::spawn(async move {
+            c.batch_execute("UPDATE items SET v = v + 10 WHERE id = 3")
+                .await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::timeout(Duration::from_secs(3), a.batch_execute("COMMIT"))
+        .await
+        .expect("COMMIT waited behind statements waiting for its locks")
+        .unwrap();
+    for h in blocked {
+        h.await.unwrap().unwrap();
+    }
+    assert_eq!(value(&env, 3).await, 24);
+}
+
+/// When the first statement after a deferred BEGIN cannot get a connection, the transaction
+/// has failed before reaching a server: later statements are refused with 25P02 until the
+/// client ends it, instead of running (and committing) on their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_that_never_got_a_connection_stays_failed() {
+    let env = env_with("[pool]\nprimary_max = 1\nacquire_timeout_ms = 300").await;
+    let holder = env.client().await;
+    holder
+        .batch_execute("BEGIN; UPDATE items SET v = v WHERE id = 10")
+        .await
+        .unwrap();
+    let a = env.client().await;
+    a.batch_execute("BEGIN").await.unwrap();
+    let err = a
+        .batch_execute("UPDATE items SET v = -1 WHERE id = 4")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("53300"), "{err}");
+    holder.batch_execute("COMMIT").await.unwrap();
+    let err = a
+        .batch_execute("UPDATE items SET v = -1 WHERE id = 5")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("25P02"), "{err}");
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(value(&env, 5).await, 5, "nothing ran after the failure");
+    a.batch_execute("UPDATE items SET v = -1 WHERE id = 5")
+        .await
+        .unwrap();
+    assert_eq!(value(&env, 5).await, -1);
 }

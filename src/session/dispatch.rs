@@ -9,7 +9,7 @@ use super::{Effect, Expect, InFlight, Request, Session, translate};
 use crate::cancel::CancelTarget;
 use crate::classify::{Access, Classification, Hints, SessionCommand, TxEffect};
 use crate::config::PoolMode;
-use crate::error::{PoolError, SessionError};
+use crate::error::{PoolError, SessionError, sqlstate};
 use crate::pool::Applied;
 use crate::pool::queue::Class;
 use crate::priority;
@@ -18,6 +18,11 @@ use crate::route::{Decision, Reason, Target};
 
 /// Requests timed at once per session; a client pipelining more is timed for the first ones.
 const MAX_TIMINGS: usize = 64;
+
+/// Run on the server to abort its transaction when the proxy fails one of its statements.
+const ABORT_STATEMENT: &str = "DO $causeway$ BEGIN RAISE EXCEPTION \
+    'causeway: a statement of this transaction failed in the proxy; transaction aborted' \
+    USING ERRCODE = 'P0001'; END $causeway$";
 
 impl Session {
     /// Sends one request on the current backend, taking one first if the client has none.
@@ -38,6 +43,11 @@ impl Session {
         if let Some(cmd) = &class.proxy {
             let outcome = self.proxy_command(cmd);
             self.answer_locally(&req, outcome);
+            return Ok(());
+        }
+        if self.lease.is_none() && self.status == TxStatus::Failed {
+            // The transaction failed in the proxy before it reached a server.
+            self.answer_aborted(&req, &class);
             return Ok(());
         }
         let mut effect = None;
@@ -131,7 +141,10 @@ impl Session {
         } else {
             prio
         };
-        if !self.take_slot(exec_class, &req).await {
+        // Ending a transaction never waits for a slot: the statements filling the slots may
+        // be waiting for the very locks this COMMIT or ROLLBACK releases.
+        let ends_tx = in_tx && matches!(class.tx, TxEffect::Commit | TxEffect::Rollback);
+        if !ends_tx && !self.take_slot(exec_class, &req).await? {
             return Ok(());
         }
         self.track_writes(&class, &req);
@@ -166,13 +179,13 @@ impl Session {
 
     /// Waits for an execution slot on the backend's server when it bounds `max_active`; the
     /// slot is held until the request's ReadyForQuery. False: refused or timed out, and the
-    /// client has been told.
-    async fn take_slot(&mut self, prio: Class, req: &Request) -> bool {
+    /// client has been told (inside a transaction, which the failure aborts).
+    async fn take_slot(&mut self, prio: Class, req: &Request) -> Result<bool, SessionError> {
         let Some(slots) = self.lease.as_ref().and_then(|l| l.node().slots.clone()) else {
-            return true;
+            return Ok(true);
         };
         if self.slot.is_some() {
-            return true;
+            return Ok(true);
         }
         let timeout = self.cfg.class_timeouts()[prio as usize];
         let name = self
@@ -183,7 +196,7 @@ impl Session {
         match slots.acquire(prio, timeout).await {
             Ok(permit) => {
                 self.slot = Some(permit);
-                true
+                Ok(true)
             }
             Err(e) => {
                 let pool = format!("{name} execution slots");
@@ -195,11 +208,56 @@ impl Session {
                     crate::pool::queue::AcquireError::Refused => PoolError::Refused { pool },
                     crate::pool::queue::AcquireError::Closed => PoolError::Closed { pool },
                 };
+                self.abort_server_transaction().await?;
                 self.fail_request(req, &SessionError::Pool(err));
                 self.release_if_idle();
-                false
+                Ok(false)
             }
         }
+    }
+
+    /// A statement the proxy fails itself inside a transaction aborts it, as the server's own
+    /// error would: otherwise the client's next statements would run, and its COMMIT commit
+    /// the transaction without the failed one. A statement that raises an error runs on the
+    /// server in its place (nothing of it is shown), so what follows gets 25P02, ROLLBACK TO
+    /// SAVEPOINT recovers, and COMMIT rolls back.
+    pub(super) async fn abort_server_transaction(&mut self) -> Result<(), SessionError> {
+        if self.status == TxStatus::Idle {
+            return Ok(());
+        }
+        self.status = TxStatus::Failed;
+        self.in_flight = None;
+        let Some(lease) = self.lease.as_mut() else {
+            return Ok(());
+        };
+        let conn = lease.conn();
+        conn.transport
+            .queue(&protocol::encode_query(ABORT_STATEMENT));
+        self.replies.push_back(Expect::Abort);
+        if let Err(e) = conn.transport.flush().await {
+            return self.backend_failed(Some(e)).await;
+        }
+        Ok(())
+    }
+
+    /// Answers a request of a transaction that failed in the proxy before any server saw it:
+    /// as a server answers in a failed transaction, COMMIT and ROLLBACK end it (rolled back)
+    /// and everything else is refused with 25P02.
+    fn answer_aborted(&mut self, req: &Request, class: &Classification) {
+        let ends = class.statements == 1
+            && !class.chain
+            && matches!(class.tx, TxEffect::Commit | TxEffect::Rollback);
+        let outcome = if ends {
+            self.status = TxStatus::Idle;
+            Ok(("ROLLBACK", None))
+        } else {
+            Err((
+                sqlstate::IN_FAILED_SQL_TRANSACTION,
+                "current transaction is aborted, commands ignored until end of transaction block"
+                    .to_string(),
+            ))
+        };
+        self.answer_locally(req, outcome);
     }
 
     /// A lone `BEGIN` is answered at once and sent later with the first statement of the
@@ -276,7 +334,7 @@ impl Session {
         }
         self.in_flight = None;
         let exec_class = priority_of(&class_for_token, &req, true);
-        if !self.take_slot(exec_class, &req).await {
+        if !self.take_slot(exec_class, &req).await? {
             return Ok(());
         }
         self.track_writes(&class_for_token, &req);

@@ -67,6 +67,9 @@ enum Expect {
     },
     /// A reply the proxy produces itself at this point in the stream.
     Synthetic(Frame),
+    /// The statement the proxy runs to abort the server's transaction after failing one of
+    /// its statements itself (see `Session::abort_server_transaction`): nothing of it is shown.
+    Abort,
     /// The commit-token query the proxy appended after a write: its answer is kept, not shown.
     /// `covers`: the writes sent before it (see [`Unsealed`]); `keys`: their key hints.
     Token {

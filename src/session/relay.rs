@@ -64,6 +64,7 @@ impl Session {
                             }
                             (false, None)
                         }
+                        Some(Expect::Abort) => (false, None),
                         _ => (true, None),
                     };
                     if let Some(l) = self.lease.as_mut() {
@@ -307,7 +308,7 @@ impl Session {
     fn forwarding_query(&self) -> bool {
         !matches!(
             self.replies.front(),
-            Some(Expect::Query { forward: false, .. } | Expect::Token { .. })
+            Some(Expect::Query { forward: false, .. } | Expect::Token { .. } | Expect::Abort)
         )
     }
 
@@ -321,6 +322,8 @@ impl Session {
                 self.token_failed();
                 return false;
             }
+            // The abort the proxy asked for: the client has its own error already.
+            Some(Expect::Abort) => return false,
             Some(Expect::Sync { .. }) | None => return true,
             _ => {}
         }

@@ -154,6 +154,7 @@ impl Session {
                 l.conn().statements.set_shape(&key, described.clone());
             }
             if shape.as_ref() != Some(&expected) {
+                self.abort_server_transaction().await?;
                 self.fail_request(req, &SessionError::PlanChanged);
                 self.release_if_idle();
                 return Ok(false);
