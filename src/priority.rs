@@ -13,7 +13,7 @@ pub fn class_of(c: &Classification, sql: Option<&str>, in_transaction: bool) -> 
         match hint.to_ascii_lowercase().as_str() {
             "commit" => return Class::Commit,
             "write" => return Class::Write,
-            "point_read" => return Class::PointRead,
+            "point_read" | "point-read" => return Class::PointRead,
             "read" => return Class::Read,
             "analytic" => return Class::Analytic,
             _ => {}
@@ -108,6 +108,11 @@ mod tests {
                 "/* causeway:priority=commit */ SELECT 1",
                 false,
                 Class::Commit,
+            ),
+            (
+                "/* causeway:priority=point-read */ SELECT count(*) FROM t",
+                false,
+                Class::PointRead,
             ),
             ("SELECT * FROM t", false, Class::Read),
             ("SELECT * FROM wherever", false, Class::Read),

@@ -335,3 +335,27 @@ async fn a_transaction_that_never_got_a_connection_stays_failed() {
         .unwrap();
     assert_eq!(value(&env, 5).await, -1);
 }
+
+/// Only the statements of a read-write transaction are class `write`: in a read-only one, on
+/// a replica, a report is still `analytic` (its execution-slot priority and latency class).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_of_a_read_only_transaction_keep_their_read_class() {
+    use causeway::pool::queue::Class;
+    let env = env_with("[pool]\nprimary_max = 4").await;
+    let counts = |class: Class| -> u64 {
+        env.proxy.shared.cluster.nodes()[1..]
+            .iter()
+            .map(|n| n.latency[class as usize].snapshot().count())
+            .sum()
+    };
+    let (write, analytic) = (counts(Class::Write), counts(Class::Analytic));
+    let c = env.client().await;
+    c.batch_execute("BEGIN READ ONLY").await.unwrap();
+    c.batch_execute("SELECT count(*) FROM items").await.unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(counts(Class::Write) - write, 0, "nothing of it is a write");
+    assert!(
+        counts(Class::Analytic) > analytic,
+        "the report stays analytic"
+    );
+}

@@ -137,7 +137,7 @@ impl Session {
         let in_tx = self.status != TxStatus::Idle;
         // Outside a transaction the statement's class is the one it queued with.
         let exec_class = if in_tx {
-            priority_of(&class, &req, true)
+            priority_of(&class, &req, self.read_write_tx())
         } else {
             prio
         };
@@ -214,6 +214,16 @@ impl Session {
                 Ok(false)
             }
         }
+    }
+
+    /// Whether the open transaction can write: not on a replica, where every transaction is
+    /// read-only and its statements keep their own read classes.
+    fn read_write_tx(&self) -> bool {
+        self.status != TxStatus::Idle
+            && self
+                .lease
+                .as_ref()
+                .is_none_or(|l| l.node().role != crate::cluster::Role::Replica)
     }
 
     /// A statement the proxy fails itself inside a transaction aborts it, as the server's own
@@ -333,7 +343,7 @@ impl Session {
             });
         }
         self.in_flight = None;
-        let exec_class = priority_of(&class_for_token, &req, true);
+        let exec_class = priority_of(&class_for_token, &req, self.read_write_tx());
         if !self.take_slot(exec_class, &req).await? {
             return Ok(());
         }
