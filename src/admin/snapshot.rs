@@ -261,8 +261,8 @@ impl Snapshot {
                         acquired: c.acquired,
                         queued: c.queued,
                         max_wait_ms: ms(c.max_wait_us),
-                        wait_p50_ms: c.wait_us.percentile(0.5).map(ms),
-                        wait_p99_ms: c.wait_us.percentile(0.99).map(ms),
+                        wait_p50_ms: c.wait_percentile_us(0.5).map(ms),
+                        wait_p99_ms: c.wait_percentile_us(0.99).map(ms),
                         refusals: c.refusals,
                         timeouts: c.timeouts,
                     });

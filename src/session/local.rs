@@ -56,8 +56,7 @@ impl Session {
             for class in Class::ALL {
                 let c = stats.class(class);
                 let ms = |q: f64| {
-                    c.wait_us
-                        .percentile(q)
+                    c.wait_percentile_us(q)
                         .map_or_else(String::new, |us| format!("{:.3}", us as f64 / 1000.0))
                 };
                 rows.push(vec![

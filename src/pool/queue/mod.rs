@@ -586,11 +586,12 @@ impl PermitQueue {
         let mut s = self.lock();
         match slot.status() {
             Status::Waiting => {
-                s.remove(class, seq);
+                let arrived = s.remove(class, seq).map(|e| e.arrived);
                 slot.status.store(Status::Left as u8, Ordering::Release);
                 let stats = &mut s.stats[class as usize];
                 if timed_out {
-                    stats.timeouts += 1;
+                    let waited = arrived.map(|at| Instant::now().saturating_duration_since(at));
+                    stats.record_timeout(waited.unwrap_or_default());
                 } else {
                     stats.cancellations += 1;
                 }
@@ -939,6 +940,20 @@ mod tests {
         assert_eq!(stats.class(Class::Analytic).queued, 1);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_timed_out_wait_counts_toward_the_longest_wait() {
+        let q = queue(1, true, Duration::ZERO, 0);
+        let held = q.try_acquire().unwrap();
+        let err = q.acquire(Class::Write, Duration::from_secs(3)).await;
+        assert_eq!(err.unwrap_err(), AcquireError::Timeout);
+        let write = q.stats().class(Class::Write).clone();
+        assert_eq!((write.timeouts, write.acquired), (1, 0));
+        assert!(write.max_wait_us >= 3_000_000, "{}", write.max_wait_us);
+        // Percentiles are of granted waits only: none yet.
+        assert_eq!(write.wait_percentile_us(0.99), None);
+        drop(held);
+    }
+
     #[tokio::test]
     async fn dropped_waiter_leaves_the_queue() {
         let q = queue(1, true, Duration::ZERO, 0);
@@ -1096,6 +1111,19 @@ mod tests {
         assert!(write.wait_us.percentile(0.5).unwrap() >= 4_095);
         assert_eq!(stats.total().wait_us.count(), 2);
         assert_eq!((stats.permits, stats.in_use), (1, 0));
+    }
+
+    #[test]
+    fn percentiles_never_exceed_the_longest_wait() {
+        let mut c = ClassStats::default();
+        // 2.964 s falls in the bucket [2^21, 2^22) µs, whose upper bound is 4.19 s.
+        c.record_wait(Duration::from_millis(2_964));
+        assert_eq!(c.wait_us.percentile(0.99), Some((1 << 22) - 1));
+        assert_eq!(c.wait_percentile_us(0.99), Some(2_964_000));
+        assert_eq!(c.wait_percentile_us(0.5), Some(2_964_000));
+        c.record_wait(Duration::ZERO);
+        c.record_wait(Duration::ZERO);
+        assert_eq!(c.wait_percentile_us(0.5), Some(0));
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub struct ClassStats {
     pub acquired: u64,
     /// Of those, how many had to queue.
     pub queued: u64,
-    /// Longest wait before a grant, in µs.
+    /// Longest wait, in µs, of a request that was granted a permit or timed out.
     pub max_wait_us: u64,
     /// Requests refused because the queue was full, evictions included.
     pub refusals: u64,
@@ -74,11 +74,25 @@ pub struct ClassStats {
 
 impl ClassStats {
     pub(super) fn record_wait(&mut self, waited: Duration) {
-        let us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+        let us = micros(waited);
         self.acquired += 1;
         self.queued += 1;
         self.max_wait_us = self.max_wait_us.max(us);
         self.wait_us.record(us);
+    }
+
+    /// A wait that hit its timeout: the longest waits are often these.
+    pub(super) fn record_timeout(&mut self, waited: Duration) {
+        self.timeouts += 1;
+        self.max_wait_us = self.max_wait_us.max(micros(waited));
+    }
+
+    /// Quantile `q` of the granted waits in µs (see [`WaitHistogram::percentile`]), never more
+    /// than the longest wait seen: a bucket's upper bound can be nearly twice its waits.
+    pub fn wait_percentile_us(&self, q: f64) -> Option<u64> {
+        self.wait_us
+            .percentile(q)
+            .map(|us| us.min(self.max_wait_us))
     }
 
     fn merge(&mut self, other: &ClassStats) {
@@ -92,6 +106,10 @@ impl ClassStats {
         self.cancellations += other.cancellations;
         self.wait_us.merge(&other.wait_us);
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// A snapshot of a queue's counters.
