@@ -1,5 +1,6 @@
 //! Errors per layer, each knowing which side failed and which SQLSTATE the client sees.
 
+use crate::pool::queue::AcquireError;
 use crate::protocol::ProtocolError;
 use crate::transport::TransportError;
 
@@ -84,6 +85,28 @@ pub enum PoolError {
     Refused { pool: String },
 }
 
+/// Failures to obtain an execution slot on a server that bounds `max_active`.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    #[error("timed out after {waited_ms} ms waiting for an execution slot on server {server}")]
+    Timeout { server: String, waited_ms: u64 },
+    #[error("too many clients waiting for an execution slot on server {server}; try again")]
+    Refused { server: String },
+    #[error("execution slots of server {server} are closed")]
+    Closed { server: String },
+}
+
+impl SlotError {
+    /// Why a wait for an execution slot on `server` failed, after at most `waited_ms`.
+    pub fn from_acquire(e: AcquireError, server: String, waited_ms: u64) -> Self {
+        match e {
+            AcquireError::Timeout => SlotError::Timeout { server, waited_ms },
+            AcquireError::Refused => SlotError::Refused { server },
+            AcquireError::Closed => SlotError::Closed { server },
+        }
+    }
+}
+
 /// Everything that can end or interrupt a client session, mapped to a deliberate SQLSTATE.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -97,6 +120,8 @@ pub enum SessionError {
     AuthRejected(String),
     #[error(transparent)]
     Pool(#[from] PoolError),
+    #[error(transparent)]
+    Slot(#[from] SlotError),
     #[error(transparent)]
     Backend(#[from] BackendError),
     #[error("no replica is available for reads and routing.fallback is \"error\"")]
@@ -139,6 +164,10 @@ impl SessionError {
                 TOO_MANY_CONNECTIONS
             }
             SessionError::Pool(PoolError::Closed { .. }) => CANNOT_CONNECT_NOW,
+            SessionError::Slot(SlotError::Timeout { .. } | SlotError::Refused { .. }) => {
+                TOO_MANY_CONNECTIONS
+            }
+            SessionError::Slot(SlotError::Closed { .. }) => CANNOT_CONNECT_NOW,
             SessionError::Pool(PoolError::Backend(e)) | SessionError::Backend(e) => {
                 backend_sqlstate(e)
             }
@@ -206,5 +235,14 @@ mod tests {
         let lost = SessionError::Backend(BackendError::ConnectTimeout { node: "r".into() });
         assert_eq!(lost.sqlstate(), "08006");
         assert_eq!(SessionError::NoReplica.sqlstate(), "57P03");
+        let slot = SessionError::Slot(SlotError::Timeout {
+            server: "primary".into(),
+            waited_ms: 5,
+        });
+        assert_eq!(slot.sqlstate(), "53300");
+        assert!(
+            slot.to_string()
+                .contains("execution slot on server primary")
+        );
     }
 }

@@ -9,9 +9,15 @@ use std::time::Duration;
 use common::Env;
 
 async fn env_with(pool_lines: &str) -> Env {
+    env_with_primary(pool_lines, "").await
+}
+
+/// Like `env_with`, with `primary_lines` added to the `[primary]` section.
+async fn env_with_primary(pool_lines: &str, primary_lines: &str) -> Env {
     let lines = pool_lines.to_string();
+    let primary = primary_lines.to_string();
     let env = common::start_with(Default::default(), move |cfg| {
-        *cfg = cfg.replace("[primary]", &format!("{lines}\n\n[primary]"));
+        *cfg = cfg.replace("[primary]\n", &format!("{lines}\n\n[primary]\n{primary}\n"));
     })
     .await;
     env.owner()
@@ -358,4 +364,193 @@ async fn statements_of_a_read_only_transaction_keep_their_read_class() {
         counts(Class::Analytic) > analytic,
         "the report stays analytic"
     );
+}
+
+/// The primary's execution slots.
+fn primary_slots(env: &Env) -> Arc<causeway::pool::queue::PermitQueue> {
+    env.proxy
+        .shared
+        .cluster
+        .primary()
+        .slots
+        .clone()
+        .expect("max_active is set on the primary")
+}
+
+/// Runs `sql` on a fresh client in the background and returns the backend's pid.
+async fn spawn_pid(
+    env: &Env,
+    sql: &'static str,
+) -> tokio::task::JoinHandle<Result<String, tokio_postgres::Error>> {
+    let c = env.client().await;
+    tokio::spawn(async move {
+        let msgs = c.simple_query(sql).await?;
+        Ok(common::first_text(&msgs).unwrap_or_default())
+    })
+}
+
+/// The value of one Prometheus sample, by its exact series text.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+}
+
+/// The `SHOW causeway.pools` row of `pool` and `class`.
+async fn pools_row(c: &tokio_postgres::Client, pool: &str, class: &str) -> Vec<String> {
+    let rows = c.simple_query("SHOW causeway.pools").await.unwrap();
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r)
+                if r.get(0) == Some(pool) && r.get(1) == Some(class) =>
+            {
+                Some(
+                    (0..r.len())
+                        .map(|i| r.get(i).unwrap_or("").to_string())
+                        .collect(),
+                )
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no row for {pool} {class}"))
+}
+
+/// Waits for execution slots show as waits for connections do, in `SHOW causeway.pools`,
+/// `/stats` and `/metrics`: waiting now, refusals, timeouts and the longest wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execution_slot_waits_show_in_the_stats() {
+    let env = env_with_primary(
+        "[pool]\nmax_waiters = 3\nacquire_timeout_ms = 1000",
+        "max_active = 2",
+    )
+    .await;
+    let slots = primary_slots(&env);
+    let mut sleepers = Vec::new();
+    for _ in 0..2 {
+        sleepers.push(spawn_pid(&env, "/* causeway:primary */ SELECT pg_sleep(4)").await);
+    }
+    assert!(common::eventually(5, || slots.stats().in_use == 2).await);
+    let watcher = env.client().await;
+    let mut updates = Vec::new();
+    for _ in 0..6 {
+        let c = env.client().await;
+        updates.push(tokio::spawn(async move {
+            c.batch_execute("UPDATE items SET v = v + 1 WHERE id = 5")
+                .await
+                .unwrap_err()
+        }));
+    }
+    assert!(
+        common::eventually(5, || {
+            let total = slots.stats().total();
+            (total.waiting, total.refusals) == (3, 3)
+        })
+        .await
+    );
+    let row = pools_row(&watcher, "primary execution slots", "commit").await;
+    assert_eq!((row[5].as_str(), row[9].as_str()), ("3", "3"), "{row:?}");
+    let mut messages = Vec::new();
+    for u in updates {
+        let e = u.await.unwrap();
+        assert_eq!(e.code().map(|c| c.code()), Some("53300"), "{e}");
+        messages.push(e.as_db_error().unwrap().message().to_string());
+    }
+    for m in &messages {
+        assert!(
+            m.contains("execution slot on server primary") && !m.contains("pool"),
+            "{m}"
+        );
+    }
+    assert_eq!(
+        messages.iter().filter(|m| m.contains("timed out")).count(),
+        3,
+        "{messages:?}"
+    );
+
+    // psql
+    let row = pools_row(&watcher, "primary execution slots", "commit").await;
+    let (max_wait, timeouts) = (row[6].parse::<f64>().unwrap(), &row[10]);
+    assert_eq!((row[5].as_str(), row[9].as_str()), ("0", "3"), "{row:?}");
+    assert_eq!(timeouts, "3", "{row:?}");
+    assert!(
+        max_wait >= 1000.0,
+        "timed-out waits count in max wait: {row:?}"
+    );
+    let pool_row = pools_row(&watcher, "primary/app/app", "commit").await;
+    assert_eq!((pool_row[9].as_str(), pool_row[10].as_str()), ("0", "0"));
+
+    // /stats
+    let admin = env.proxy.admin_addr.expect("admin endpoint");
+    let stats = common::http::get(admin, "/stats").await.json();
+    let q = stats["slot_queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["backend"] == "primary" && q["class"] == "commit")
+        .unwrap_or_else(|| panic!("no slot queue in {stats}"))
+        .clone();
+    assert_eq!(
+        (&q["waiting"], &q["refusals"], &q["timeouts"]),
+        (&0.into(), &3.into(), &3.into()),
+        "{q}"
+    );
+    assert!(q["max_wait_ms"].as_f64().unwrap() >= 1000.0, "{q}");
+    let primary = stats["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "primary")
+        .unwrap();
+    assert_eq!(primary["slots"]["max_active"], 2, "{primary}");
+    assert_eq!(primary["slots"]["in_use"], 2, "{primary}");
+
+    // The admin console lists the slots among the pools, with no user or database.
+    let console = common::connect(&format!(
+        "host=127.0.0.1 port={} user=app password={} dbname=causeway",
+        env.port(),
+        common::PASSWORD
+    ))
+    .await;
+    let slot_row = console
+        .simple_query("SHOW POOLS")
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r)
+                if r.get("backend") == Some("primary")
+                    && r.get("user").is_none()
+                    && r.get("class") == Some("commit") =>
+            {
+                Some(["size", "refusals", "timeouts"].map(|c| r.get(c).unwrap().to_string()))
+            }
+            _ => None,
+        })
+        .expect("a SHOW POOLS row for the primary's execution slots");
+    assert_eq!(slot_row, ["2", "3", "3"]);
+
+    // /metrics
+    let metrics = common::http::get(admin, "/metrics").await.body;
+    let series = |name: &str| format!("{name}{{backend=\"primary\",class=\"commit\"}}");
+    assert_eq!(
+        sample(&metrics, &series("causeway_slot_refusals_total")),
+        Some(3.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, &series("causeway_slot_timeouts_total")),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&metrics, &series("causeway_slot_waiting")),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&metrics, "causeway_slots{backend=\"primary\"}"),
+        Some(2.0)
+    );
+    for s in sleepers {
+        s.await.unwrap().unwrap();
+    }
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use crate::tls::Stream;
 use serde_json::Value;
 
-use super::snapshot::Snapshot;
+use super::snapshot::{Snapshot, Waits};
 use crate::error::SessionError;
 use crate::protocol::{self, TxStatus, tag};
 use crate::server::Shared;
@@ -182,7 +182,8 @@ fn opt<T: ToString>(v: Option<T>) -> Option<String> {
     v.map(|v| v.to_string())
 }
 
-/// `SHOW POOLS`: one row per pool and priority class, as PgBouncer lists pools.
+/// `SHOW POOLS`: one row per pool and priority class, as PgBouncer lists pools, then one per
+/// server with execution slots and class, with no user or database (its size is `max_active`).
 pub fn pools_table(s: &Snapshot) -> Table {
     let mut rows = Vec::new();
     for b in &s.backends {
@@ -192,7 +193,7 @@ pub fn pools_table(s: &Snapshot) -> Table {
                 .iter()
                 .filter(|q| q.backend == b.name && q.user == p.user && q.database == p.database)
             {
-                rows.push(vec![
+                let mut row = vec![
                     text(&b.name),
                     text(&p.user),
                     text(&p.database),
@@ -201,15 +202,29 @@ pub fn pools_table(s: &Snapshot) -> Table {
                     text(p.open),
                     text(p.in_use),
                     text(p.idle),
-                    text(q.waiting),
-                    text(q.acquired),
-                    text(q.max_wait_ms),
-                    opt(q.wait_p50_ms),
-                    opt(q.wait_p99_ms),
-                    text(q.refusals),
-                    text(q.timeouts),
-                ]);
+                ];
+                row.extend(wait_cells(&q.waits));
+                rows.push(row);
             }
+        }
+    }
+    for b in &s.backends {
+        let Some(slots) = &b.slots else {
+            continue;
+        };
+        for q in s.slot_queues.iter().filter(|q| q.backend == b.name) {
+            let mut row = vec![
+                text(&b.name),
+                None,
+                None,
+                text(q.class),
+                text(slots.max_active),
+                None,
+                text(slots.in_use),
+                None,
+            ];
+            row.extend(wait_cells(&q.waits));
+            rows.push(row);
         }
     }
     Table {
@@ -232,6 +247,18 @@ pub fn pools_table(s: &Snapshot) -> Table {
         ],
         rows,
     }
+}
+
+fn wait_cells(w: &Waits) -> [Option<String>; 7] {
+    [
+        text(w.waiting),
+        text(w.acquired),
+        text(w.max_wait_ms),
+        opt(w.wait_p50_ms),
+        opt(w.wait_p99_ms),
+        text(w.refusals),
+        text(w.timeouts),
+    ]
 }
 
 /// `SHOW REPLICAS`: every server (the primary first) with health, lag and counts.
@@ -285,7 +312,7 @@ pub fn replicas_table(s: &Snapshot) -> Table {
 
 /// `SHOW STATS`: every scalar of the snapshot as (stat, value), named by its JSON path with
 /// backends by name (`backends.replica1.reads`, `routing.by_reason.hint`, ...). Pools and
-/// queues are in `SHOW POOLS`.
+/// queues, execution slots' included, are in `SHOW POOLS`.
 pub fn stats_table(s: &Snapshot) -> Table {
     let mut rows = Vec::new();
     let value = serde_json::to_value(s).unwrap_or(Value::Null);
@@ -307,7 +334,7 @@ fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, Option<String>)>) {
     match v {
         Value::Object(map) => {
             for (k, v) in map {
-                if matches!(k.as_str(), "queues" | "pools") {
+                if matches!(k.as_str(), "queues" | "slot_queues" | "pools") {
                     continue;
                 }
                 flatten(&join(k), v, out);

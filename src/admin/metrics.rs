@@ -226,17 +226,61 @@ impl Collector for ProxyCollector {
         f.gauge(
             "causeway_pool_waiting",
             "Requests waiting for a connection, by priority class.",
-            s.queues.iter().map(|q| (queue_labels(q), q.waiting as f64)),
+            s.queues
+                .iter()
+                .map(|q| (queue_labels(q), q.waits.waiting as f64)),
         )?;
         f.counter(
             "causeway_pool_refusals",
             "Requests refused because the pool's queue was full.",
-            s.queues.iter().map(|q| (queue_labels(q), q.refusals)),
+            s.queues.iter().map(|q| (queue_labels(q), q.waits.refusals)),
         )?;
         f.counter(
             "causeway_pool_timeouts",
             "Requests that waited past their acquire timeout.",
-            s.queues.iter().map(|q| (queue_labels(q), q.timeouts)),
+            s.queues.iter().map(|q| (queue_labels(q), q.waits.timeouts)),
+        )?;
+
+        let with_slots = || {
+            s.backends
+                .iter()
+                .filter_map(|b| Some((b, b.slots.as_ref()?)))
+        };
+        f.gauge(
+            "causeway_slots",
+            "Execution slots (max_active) of a server.",
+            with_slots().map(|(b, sl)| (backend(&b.name), sl.max_active as f64)),
+        )?;
+        f.gauge(
+            "causeway_slots_in_use",
+            "Statements holding an execution slot of a server.",
+            with_slots().map(|(b, sl)| (backend(&b.name), sl.in_use as f64)),
+        )?;
+        let slot_labels = |q: &super::snapshot::SlotQueueClass| {
+            let mut l = backend(&q.backend);
+            l.push(("class", q.class.to_string()));
+            l
+        };
+        f.gauge(
+            "causeway_slot_waiting",
+            "Requests waiting for an execution slot, by priority class.",
+            s.slot_queues
+                .iter()
+                .map(|q| (slot_labels(q), q.waits.waiting as f64)),
+        )?;
+        f.counter(
+            "causeway_slot_refusals",
+            "Requests refused because the server's execution-slot queue was full.",
+            s.slot_queues
+                .iter()
+                .map(|q| (slot_labels(q), q.waits.refusals)),
+        )?;
+        f.counter(
+            "causeway_slot_timeouts",
+            "Requests that waited for an execution slot past their acquire timeout.",
+            s.slot_queues
+                .iter()
+                .map(|q| (slot_labels(q), q.waits.timeouts)),
         )?;
 
         f.counter(

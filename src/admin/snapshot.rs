@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 
 use crate::cluster::{Role, lsn};
-use crate::pool::queue::Class;
+use crate::pool::queue::{Class, ClassStats};
 use crate::server::Shared;
 use crate::stats::LatencySnapshot;
 
@@ -25,6 +25,8 @@ pub struct Snapshot {
     pub routing: Routing,
     pub latency: Latencies,
     pub queues: Vec<QueueClass>,
+    /// Waits for execution slots, per server with `max_active` and class.
+    pub slot_queues: Vec<SlotQueueClass>,
     pub classifier: Classifier,
     pub consistency: Consistency,
 }
@@ -74,7 +76,17 @@ pub struct Backend {
     /// Backend connections leased to clients right now, over all pools.
     pub connections_in_use: usize,
     pub pools: Vec<PoolUse>,
+    /// Execution slots, when the server bounds `max_active`.
+    pub slots: Option<SlotUse>,
     pub latency: LatencySummary,
+}
+
+/// A server's execution slots: statements running there at once.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotUse {
+    pub max_active: usize,
+    pub in_use: usize,
+    pub waiting: usize,
 }
 
 /// One pool: connections to one server for one (user, database).
@@ -135,14 +147,50 @@ pub struct QueueClass {
     pub user: String,
     pub database: String,
     pub class: &'static str,
+    #[serde(flatten)]
+    pub waits: Waits,
+}
+
+/// A server's waiters for an execution slot, of one priority class.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotQueueClass {
+    pub backend: String,
+    pub class: &'static str,
+    #[serde(flatten)]
+    pub waits: Waits,
+}
+
+/// The waits of one class in one queue.
+#[derive(Debug, Clone, Serialize)]
+pub struct Waits {
+    /// Waiting right now.
     pub waiting: usize,
+    /// Granted, at once or after queueing; of those, how many queued.
     pub acquired: u64,
     pub queued: u64,
+    /// Longest wait, granted or timed out.
     pub max_wait_ms: f64,
+    /// Percentiles of granted waits (log2 buckets, at most `max_wait_ms`).
     pub wait_p50_ms: Option<f64>,
     pub wait_p99_ms: Option<f64>,
+    /// Refused because the queue was full; waits that timed out.
     pub refusals: u64,
     pub timeouts: u64,
+}
+
+impl Waits {
+    fn of(c: &ClassStats) -> Self {
+        Self {
+            waiting: c.waiting,
+            acquired: c.acquired,
+            queued: c.queued,
+            max_wait_ms: ms(c.max_wait_us),
+            wait_p50_ms: c.wait_percentile_us(0.5).map(ms),
+            wait_p99_ms: c.wait_percentile_us(0.99).map(ms),
+            refusals: c.refusals,
+            timeouts: c.timeouts,
+        }
+    }
 }
 
 /// The statement classification cache.
@@ -227,6 +275,7 @@ impl Snapshot {
         let pools = shared.pools.all();
         let mut backends = Vec::new();
         let mut queues = Vec::new();
+        let mut slot_queues = Vec::new();
         for node in &cluster.nodes() {
             let banned = !node.is_usable();
             let drained = node.drained.load(Ordering::Relaxed);
@@ -251,23 +300,30 @@ impl Snapshot {
                     waiting: q.classes.iter().map(|c| c.waiting).sum(),
                 });
                 for class in Class::ALL {
-                    let c = q.class(class);
                     queues.push(QueueClass {
                         backend: node.name.clone(),
                         user: pool.user().to_string(),
                         database: pool.database().to_string(),
                         class: class.as_str(),
-                        waiting: c.waiting,
-                        acquired: c.acquired,
-                        queued: c.queued,
-                        max_wait_ms: ms(c.max_wait_us),
-                        wait_p50_ms: c.wait_percentile_us(0.5).map(ms),
-                        wait_p99_ms: c.wait_percentile_us(0.99).map(ms),
-                        refusals: c.refusals,
-                        timeouts: c.timeouts,
+                        waits: Waits::of(q.class(class)),
                     });
                 }
             }
+            let slots = node.slots.as_ref().map(|slots| {
+                let q = slots.stats();
+                for class in Class::ALL {
+                    slot_queues.push(SlotQueueClass {
+                        backend: node.name.clone(),
+                        class: class.as_str(),
+                        waits: Waits::of(q.class(class)),
+                    });
+                }
+                SlotUse {
+                    max_active: q.permits,
+                    in_use: q.in_use,
+                    waiting: q.classes.iter().map(|c| c.waiting).sum(),
+                }
+            });
             let mut node_latency = LatencySnapshot::default();
             for (_, _, h) in latency.series.iter().filter(|(n, _, _)| *n == node.name) {
                 node_latency.merge(h);
@@ -293,6 +349,7 @@ impl Snapshot {
                 errors: node.errors.load(Ordering::Relaxed),
                 connections_in_use: node.in_use.load(Ordering::Relaxed),
                 pools: node_pools,
+                slots,
                 latency: LatencySummary::of(&node_latency),
             });
         }
@@ -341,6 +398,7 @@ impl Snapshot {
                 by_backend,
             },
             queues,
+            slot_queues,
             classifier: Classifier {
                 cache_hits: classifiers.iter().map(|(_, c)| c.hits()).sum(),
                 cache_misses: classifiers.iter().map(|(_, c)| c.misses()).sum(),

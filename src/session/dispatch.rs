@@ -9,7 +9,7 @@ use super::{Effect, Expect, InFlight, Request, Session, translate};
 use crate::cancel::CancelTarget;
 use crate::classify::{Access, Classification, Hints, SessionCommand, TxEffect};
 use crate::config::PoolMode;
-use crate::error::{PoolError, SessionError, sqlstate};
+use crate::error::{PoolError, SessionError, SlotError, sqlstate};
 use crate::pool::Applied;
 use crate::pool::queue::Class;
 use crate::priority;
@@ -199,17 +199,9 @@ impl Session {
                 Ok(true)
             }
             Err(e) => {
-                let pool = format!("{name} execution slots");
-                let err = match e {
-                    crate::pool::queue::AcquireError::Timeout => PoolError::Timeout {
-                        pool,
-                        waited_ms: timeout.as_millis() as u64,
-                    },
-                    crate::pool::queue::AcquireError::Refused => PoolError::Refused { pool },
-                    crate::pool::queue::AcquireError::Closed => PoolError::Closed { pool },
-                };
+                let err = SlotError::from_acquire(e, name, timeout.as_millis() as u64);
                 self.abort_server_transaction().await?;
-                self.fail_request(req, &SessionError::Pool(err));
+                self.fail_request(req, &err.into());
                 self.release_if_idle();
                 Ok(false)
             }

@@ -5,7 +5,7 @@
 use super::{Effect, Expect, Request, Session};
 use crate::classify::{ProxyCommand, RouteMode, SessionCommand};
 use crate::cluster::lsn;
-use crate::pool::queue::Class;
+use crate::pool::queue::{Class, ClassStats};
 use crate::protocol::{self, Frame, TxStatus, tag};
 use std::sync::atomic::Ordering;
 
@@ -54,24 +54,34 @@ impl Session {
         for pool in self.shared.pools.all() {
             let stats = pool.queue().stats();
             for class in Class::ALL {
-                let c = stats.class(class);
-                let ms = |q: f64| {
-                    c.wait_percentile_us(q)
-                        .map_or_else(String::new, |us| format!("{:.3}", us as f64 / 1000.0))
-                };
-                rows.push(vec![
+                let mut row = vec![
                     pool.name.clone(),
                     class.as_str().to_string(),
                     pool.max().to_string(),
                     pool.open.load(Ordering::Relaxed).to_string(),
                     pool.idle_count().to_string(),
-                    c.waiting.to_string(),
-                    format!("{:.3}", c.max_wait_us as f64 / 1000.0),
-                    ms(0.5),
-                    ms(0.99),
-                    c.refusals.to_string(),
-                    c.timeouts.to_string(),
-                ]);
+                ];
+                row.extend(wait_cells(stats.class(class)));
+                rows.push(row);
+            }
+        }
+        // A server's execution slots queue like a pool: `size` and `open` are `max_active`,
+        // `idle` the slots no statement holds.
+        for node in self.shared.cluster.nodes() {
+            let Some(slots) = &node.slots else {
+                continue;
+            };
+            let stats = slots.stats();
+            for class in Class::ALL {
+                let mut row = vec![
+                    format!("{} execution slots", node.name),
+                    class.as_str().to_string(),
+                    stats.permits.to_string(),
+                    stats.permits.to_string(),
+                    stats.permits.saturating_sub(stats.in_use).to_string(),
+                ];
+                row.extend(wait_cells(stats.class(class)));
+                rows.push(row);
             }
         }
         Table {
@@ -335,6 +345,20 @@ impl Session {
         }
         self.emit_synthetic();
     }
+}
+
+/// `SHOW causeway.pools` cells of one class's waits, from `waiting` to `timeouts`.
+fn wait_cells(c: &ClassStats) -> [String; 6] {
+    let ms = |us: u64| format!("{:.3}", us as f64 / 1000.0);
+    let pct = |q: f64| c.wait_percentile_us(q).map_or_else(String::new, ms);
+    [
+        c.waiting.to_string(),
+        ms(c.max_wait_us),
+        pct(0.5),
+        pct(0.99),
+        c.refusals.to_string(),
+        c.timeouts.to_string(),
+    ]
 }
 
 fn row_frames(table: Option<&Table>) -> Vec<Frame> {
