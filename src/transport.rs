@@ -98,6 +98,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
         !self.rbuf.is_empty()
     }
 
+    /// Bytes that arrived and are still waiting to be framed.
+    pub fn buffered_input(&self) -> usize {
+        self.rbuf.len()
+    }
+
+    /// Whether the bytes waiting to be framed hold a whole message tagged `tag`.
+    pub fn buffered_holds(&self, tag: u8) -> bool {
+        protocol::holds_frame(&self.rbuf, tag, self.max_message)
+    }
+
     /// Queues a frame for the next flush.
     pub fn queue(&mut self, frame: &Frame) {
         self.wbuf.extend_from_slice(&frame.bytes);

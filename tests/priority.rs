@@ -366,6 +366,21 @@ async fn statements_of_a_read_only_transaction_keep_their_read_class() {
     );
 }
 
+/// The primary's pool for the test login, once a request made it.
+async fn primary_pool(env: &Env) -> Arc<causeway::pool::Pool> {
+    for _ in 0..250 {
+        let pools = env.proxy.shared.pools.all();
+        if let Some(p) = pools
+            .into_iter()
+            .find(|p| p.node.role == causeway::cluster::Role::Primary)
+        {
+            return p;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no primary pool");
+}
+
 /// The primary's execution slots.
 fn primary_slots(env: &Env) -> Arc<causeway::pool::queue::PermitQueue> {
     env.proxy
@@ -375,6 +390,10 @@ fn primary_slots(env: &Env) -> Arc<causeway::pool::queue::PermitQueue> {
         .slots
         .clone()
         .expect("max_active is set on the primary")
+}
+
+fn waiting(q: &causeway::pool::queue::PermitQueue) -> usize {
+    q.stats().total().waiting
 }
 
 /// Runs `sql` on a fresh client in the background and returns the backend's pid.
@@ -387,6 +406,139 @@ async fn spawn_pid(
         let msgs = c.simple_query(sql).await?;
         Ok(common::first_text(&msgs).unwrap_or_default())
     })
+}
+
+/// A client that sends `sql` and vanishes without a word, as a killed process does, when the
+/// returned handle is aborted: its socket closes.
+async fn doomed(conninfo: &str, sql: &'static str) -> tokio::task::JoinHandle<()> {
+    let (client, conn) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = client.simple_query(sql).await;
+    });
+    tokio::spawn(async move {
+        let _ = conn.await;
+    })
+}
+
+async fn marks(env: &Env) -> Vec<String> {
+    env.owner()
+        .await
+        .query("SELECT t FROM marks ORDER BY t", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Clients that vanish while queued for a connection leave the queue at once: they hold no
+/// waiting place, nothing runs for them once connections free up, and the connections that
+/// would have served them stay in the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_gone_while_queued_for_a_connection_leave_the_queue() {
+    let env = env_with("[pool]\nprimary_max = 2\nmax_waiters = 3").await;
+    env.owner()
+        .await
+        .batch_execute("CREATE TABLE marks (t text)")
+        .await
+        .unwrap();
+    let mut sleepers = Vec::new();
+    for _ in 0..2 {
+        sleepers.push(
+            spawn_pid(
+                &env,
+                "/* causeway:primary */ SELECT pg_backend_pid(), pg_sleep(4)",
+            )
+            .await,
+        );
+    }
+    let pool = primary_pool(&env).await;
+    assert!(common::eventually(5, || pool.queue().stats().in_use == 2).await);
+    let mut gone = Vec::new();
+    for _ in 0..3 {
+        gone.push(
+            doomed(
+                &env.conninfo(),
+                "insert into marks(t) values ('dead-client')",
+            )
+            .await,
+        );
+    }
+    assert!(common::eventually(5, || waiting(pool.queue()) == 3).await);
+    for g in gone {
+        g.abort();
+    }
+    assert!(
+        common::eventually(1, || waiting(pool.queue()) == 0).await,
+        "vanished clients still hold {} waiting places",
+        waiting(pool.queue())
+    );
+    // The places they left are free: a live client queues instead of being refused.
+    let alive = env.client().await;
+    let msgs = alive
+        .simple_query("insert into marks(t) values ('alive') returning pg_backend_pid()")
+        .await
+        .expect("queued, not refused");
+    let alive_pid = common::first_text(&msgs).unwrap();
+    let mut pids = Vec::new();
+    for s in sleepers {
+        pids.push(s.await.unwrap().unwrap());
+    }
+    assert_eq!(marks(&env).await, vec!["alive"]);
+    assert!(
+        pids.contains(&alive_pid),
+        "ran on {alive_pid}, not on one of the pool's first connections {pids:?}: one was thrown away"
+    );
+}
+
+/// The same for clients waiting for an execution slot: they leave that queue at once, nothing
+/// runs for them, and the server connections they held go back to the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_gone_while_waiting_for_an_execution_slot_leave_the_queue() {
+    let env = env_with_primary("[pool]\nmax_waiters = 3", "max_active = 1").await;
+    env.owner()
+        .await
+        .batch_execute("CREATE TABLE marks (t text)")
+        .await
+        .unwrap();
+    let slots = primary_slots(&env);
+    let sleeper = spawn_pid(&env, "/* causeway:primary */ SELECT pg_sleep(4)").await;
+    let pool = primary_pool(&env).await;
+    assert!(common::eventually(5, || slots.stats().in_use == 1).await);
+    // They set `application_name`, as psql does, so the server connection each is given has
+    // their settings queued ahead of their statement.
+    let conninfo = format!("{} application_name=doomed", env.conninfo());
+    let mut gone = Vec::new();
+    for _ in 0..3 {
+        gone.push(doomed(&conninfo, "insert into marks(t) values ('dead-client')").await);
+    }
+    assert!(common::eventually(5, || waiting(&slots) == 3).await);
+    let open = pool.open.load(std::sync::atomic::Ordering::SeqCst);
+    for g in gone {
+        g.abort();
+    }
+    assert!(
+        common::eventually(1, || waiting(&slots) == 0).await,
+        "vanished clients still hold {} waiting places",
+        waiting(&slots)
+    );
+    // Given a connection one of them left, with the same settings, it still gets them.
+    let alive = common::connect(&format!("{} application_name=doomed", env.conninfo())).await;
+    alive
+        .batch_execute(
+            "insert into marks(t) values ('alive ' || current_setting('application_name'))",
+        )
+        .await
+        .expect("queued, not refused");
+    sleeper.await.unwrap().unwrap();
+    assert_eq!(marks(&env).await, vec!["alive doomed"]);
+    assert_eq!(
+        pool.open.load(std::sync::atomic::Ordering::SeqCst),
+        open,
+        "server connections were thrown away"
+    );
 }
 
 /// The value of one Prometheus sample, by its exact series text.
@@ -553,4 +705,66 @@ async fn execution_slot_waits_show_in_the_stats() {
     for s in sleepers {
         s.await.unwrap().unwrap();
     }
+}
+
+/// What a queued client sends while it waits is kept and runs after, in order: more queries,
+/// and a Terminate, after which the queries sent before it still run, as on a server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_sent_while_queued_runs_after_in_order() {
+    use common::raw;
+    use tokio::io::AsyncWriteExt;
+
+    let env = env_with("[pool]\nprimary_max = 1").await;
+    env.owner()
+        .await
+        .batch_execute("CREATE TABLE marks (t text)")
+        .await
+        .unwrap();
+    let proxy = common::trust_proxy(&env).await;
+    let holder = env.client_via(&proxy).await;
+    holder
+        .batch_execute("BEGIN; INSERT INTO marks VALUES ('holder')")
+        .await
+        .unwrap();
+    let mut pipelining = raw::login(proxy.addr).await;
+    pipelining
+        .write_all(&raw::query(
+            "insert into marks values ('first') returning 1",
+        ))
+        .await
+        .unwrap();
+    let mut leaving = raw::login(proxy.addr).await;
+    leaving
+        .write_all(&raw::query("insert into marks values ('before terminate')"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pipelining
+        .write_all(&raw::query(
+            "insert into marks values ('second') returning 2",
+        ))
+        .await
+        .unwrap();
+    leaving.write_all(&raw::msg(b'X', &[])).await.unwrap();
+    drop(leaving);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let first = raw::read_until(&mut pipelining, |t| t == b'Z').await;
+    let second = raw::read_until(&mut pipelining, |t| t == b'Z').await;
+    let row = |msgs: &[(u8, Vec<u8>)]| {
+        msgs.iter()
+            .find(|(t, _)| *t == b'D')
+            .map(|(_, body)| body[6..].to_vec())
+    };
+    assert_eq!(row(&first), Some(b"1".to_vec()), "{first:?}");
+    assert_eq!(row(&second), Some(b"2".to_vec()), "{second:?}");
+    let mut expected = vec!["before terminate", "first", "holder", "second"];
+    for _ in 0..50 {
+        if marks(&env).await.len() == expected.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    expected.sort();
+    assert_eq!(marks(&env).await, expected);
 }

@@ -121,6 +121,19 @@ pub fn decode_frames(buf: &mut BytesMut, max_len: usize) -> Result<Vec<Frame>, P
         .unwrap_or_default())
 }
 
+/// Whether the complete messages at the front of `buf` include one tagged `tag`, judged by
+/// their headers alone; nothing is consumed. A malformed header ends the search.
+pub fn holds_frame(buf: &[u8], tag: u8, max_len: usize) -> bool {
+    let mut offset = 0usize;
+    while let Ok(Some(total)) = peek_frame(buf, offset, max_len) {
+        if buf.get(offset) == Some(&tag) {
+            return true;
+        }
+        offset += total;
+    }
+    false
+}
+
 /// Like [`decode_frames`] but also hands back the contiguous bytes of the whole batch.
 pub fn decode_batch(
     buf: &mut BytesMut,
@@ -215,6 +228,23 @@ mod tests {
         assert_eq!(f.tag, b'Q');
         assert_eq!(f.body(), b"x\0");
         assert_eq!(&buf[..], b"Zrest");
+    }
+
+    #[test]
+    fn holds_frame_reads_headers_only() {
+        let mut buf = wire(b'd', b"X\0\0\0\x04");
+        buf.extend(wire(b'Q', b"x\0"));
+        assert!(holds_frame(&buf, b'Q', 1024));
+        assert!(
+            !holds_frame(&buf, b'X', 1024),
+            "a tag inside a body is not a message"
+        );
+        let terminate = wire(b'X', b"");
+        buf.extend(&terminate[..3]);
+        assert!(!holds_frame(&buf, b'X', 1024), "incomplete");
+        buf.extend(&terminate[3..]);
+        assert!(holds_frame(&buf, b'X', 1024));
+        assert!(!holds_frame(&[b'Q', 0, 0, 0, 1], b'Q', 1024), "malformed");
     }
 
     #[test]

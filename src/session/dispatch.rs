@@ -178,8 +178,9 @@ impl Session {
     }
 
     /// Waits for an execution slot on the backend's server when it bounds `max_active`; the
-    /// slot is held until the request's ReadyForQuery. False: refused or timed out, and the
-    /// client has been told (inside a transaction, which the failure aborts).
+    /// slot is held until the request's ReadyForQuery. `Ok(false)`: refused, timed out or
+    /// cancelled, and the client has been told (inside a transaction, which the failure
+    /// aborts).
     async fn take_slot(&mut self, prio: Class, req: &Request) -> Result<bool, SessionError> {
         let Some(slots) = self.lease.as_ref().and_then(|l| l.node().slots.clone()) else {
             return Ok(true);
@@ -193,19 +194,22 @@ impl Session {
             .as_ref()
             .map(|l| l.node().name.clone())
             .unwrap_or_default();
-        match slots.acquire(prio, timeout).await {
-            Ok(permit) => {
+        let err = match self.wait_watching(slots.acquire(prio, timeout)).await {
+            Ok(Ok(permit)) => {
                 self.slot = Some(permit);
-                Ok(true)
+                return Ok(true);
             }
-            Err(e) => {
-                let err = SlotError::from_acquire(e, name, timeout.as_millis() as u64);
-                self.abort_server_transaction().await?;
-                self.fail_request(req, &err.into());
-                self.release_if_idle();
-                Ok(false)
+            Ok(Err(e)) => SlotError::from_acquire(e, name, timeout.as_millis() as u64).into(),
+            Err(e) if e.is_client_gone() => {
+                self.drop_unsent();
+                return Err(e);
             }
-        }
+            Err(e) => e,
+        };
+        self.abort_server_transaction().await?;
+        self.fail_request(req, &err);
+        self.release_if_idle();
+        Ok(false)
     }
 
     /// Whether the open transaction can write: not on a replica, where every transaction is
@@ -485,10 +489,10 @@ impl Session {
                 )));
             };
             self.info.set_waiting();
-            let Some(acquired) = self.cancel.unless_cancelled(pool.acquire(prio)).await else {
-                self.info.set_idle();
-                return Err(SessionError::QueryCanceled);
-            };
+            let acquired = self
+                .wait_watching(pool.acquire(prio))
+                .await
+                .inspect_err(|_| self.info.set_idle())?;
             if acquired.is_err() {
                 self.info.set_idle();
             }

@@ -11,6 +11,7 @@ mod settings;
 mod shape;
 mod timers;
 mod translate;
+mod wait;
 
 pub use request::Request;
 pub use settings::check_startup_settings;
@@ -199,6 +200,9 @@ pub struct Session {
     /// The client said Terminate: nothing more is read from it, what it sent before still runs,
     /// then the session ends.
     terminating: bool,
+    /// The client sent more while a request waited for a connection or an execution slot; it
+    /// is still to be framed.
+    unread_input: bool,
 }
 
 impl Session {
@@ -245,6 +249,7 @@ impl Session {
             cancel_sent: None,
             deferred_begin: None,
             terminating: false,
+            unread_input: false,
             copy_sync_owed: false,
             backend_fatal_forwarded: false,
             held: Vec::new(),
@@ -302,6 +307,12 @@ impl Session {
                 };
                 self.queued_bytes = self.queued_bytes.saturating_sub(req.size());
                 self.dispatch(req).await?;
+            }
+            if std::mem::take(&mut self.unread_input) {
+                // Sent while a request waited: framed now, then dispatched in turn.
+                self.on_client_input().await?;
+                self.note_activity();
+                continue;
             }
             if self.terminating && self.copy_in {
                 self.abort_copy();
