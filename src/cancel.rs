@@ -1,7 +1,6 @@
 //! Cancel keys: the proxy hands each client its own key and forwards a CancelRequest to the
 //! backend that is running that client's query right now.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
@@ -32,67 +31,96 @@ impl CancelTarget {
 }
 
 /// What a session shares with the cancel path: the backend its query runs on (updated
-/// whenever it takes or gives one back), and a way to stop a query still waiting for one.
+/// whenever it takes or gives one back), and a way to stop a query still waiting for a
+/// connection or an execution slot.
 #[derive(Debug, Default)]
 pub struct CancelCell {
-    target: Mutex<Option<CancelTarget>>,
-    /// The session is waiting for a backend for a query the client sent.
-    waiting: AtomicBool,
-    /// Wakes that wait when a cancel arrives.
+    state: Mutex<CancelState>,
+    /// Wakes a wait when a cancel arrives.
     cancelled: Notify,
+}
+
+#[derive(Debug, Default)]
+struct CancelState {
+    target: Option<CancelTarget>,
+    /// The session is waiting for a connection or an execution slot for a query the client
+    /// sent: nothing of that query runs on any backend yet.
+    waiting: bool,
+    /// A cancel arrived during that wait.
+    wait_cancelled: bool,
 }
 
 /// A session's [`CancelCell`].
 pub type CancelSlot = Arc<CancelCell>;
 
 impl CancelCell {
+    /// No code panics while holding the lock, so a poisoned one still holds consistent state.
+    fn lock(&self) -> std::sync::MutexGuard<'_, CancelState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The backend the client's queries now run on.
     pub fn set(&self, t: CancelTarget) {
-        if let Ok(mut slot) = self.target.lock() {
-            *slot = Some(t);
-        }
+        self.lock().target = Some(t);
     }
 
     /// The backend, marked as cancelled (see [`CancelTarget::cancelled`]), to send a cancel
     /// to; `None` when the client holds no backend.
     pub fn take_for_cancel(&self) -> Option<CancelTarget> {
-        let mut t = self.target.lock().ok()?;
-        let t = t.as_mut()?;
-        t.cancelled = true;
-        Some(t.clone())
+        self.lock().marked()
     }
 
     /// Empties the cell as its backend goes back; true when a cancel was sent for it.
     pub fn clear(&self) -> bool {
-        match self.target.lock() {
-            Ok(mut t) => t.take().is_some_and(|t| t.cancelled),
-            Err(_) => false,
-        }
+        self.lock().target.take().is_some_and(|t| t.cancelled)
     }
 
-    /// Runs `wait` (a wait for a backend) unless the client cancels its query first: `None`
-    /// then, as a server would answer a cancel with 57014.
+    /// Runs `wait` (for a connection or an execution slot) unless the client cancels its query
+    /// first: `None` then, as a server would answer a cancel with 57014. A cancel that arrives
+    /// as the wait ends still wins, and what the wait obtained is dropped (given back), so a
+    /// cancel is never lost between the wait and the backend.
     pub async fn unless_cancelled<F: Future>(&self, wait: F) -> Option<F::Output> {
         let notified = self.cancelled.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        self.waiting.store(true, Ordering::SeqCst);
+        {
+            let mut s = self.lock();
+            s.waiting = true;
+            s.wait_cancelled = false;
+        }
         let out = tokio::select! {
             biased;
             () = &mut notified => None,
             r = wait => Some(r),
         };
-        self.waiting.store(false, Ordering::SeqCst);
+        let mut s = self.lock();
+        s.waiting = false;
+        if std::mem::take(&mut s.wait_cancelled) {
+            return None;
+        }
         out
     }
 
-    /// A cancel for this client: to its backend, or to its wait for one.
+    /// A cancel for this client: to its wait for a connection or slot, where nothing runs on
+    /// the backend it may hold, or else to that backend.
     fn cancel(&self) -> Option<CancelTarget> {
-        let t = self.take_for_cancel();
-        if t.is_none() && self.waiting.load(Ordering::SeqCst) {
+        let mut s = self.lock();
+        if s.waiting {
+            s.wait_cancelled = true;
             self.cancelled.notify_waiters();
+            return None;
         }
-        t
+        s.marked()
+    }
+}
+
+impl CancelState {
+    fn marked(&mut self) -> Option<CancelTarget> {
+        let t = self.target.as_mut()?;
+        t.cancelled = true;
+        Some(t.clone())
     }
 }
 
@@ -169,6 +197,50 @@ pub async fn send_cancel(t: CancelTarget) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn target() -> CancelTarget {
+        CancelTarget {
+            endpoint: Arc::new(("127.0.0.1".into(), 5432)),
+            pid: 7,
+            secret: 9,
+            cancelled: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancel_stops_a_wait_and_spares_the_backend_held() {
+        let cell = Arc::new(CancelCell::default());
+        cell.set(target());
+        let wait = {
+            let cell = Arc::clone(&cell);
+            tokio::spawn(async move { cell.unless_cancelled(std::future::pending::<()>()).await })
+        };
+        while !cell.lock().waiting {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            cell.cancel(),
+            None,
+            "nothing runs on the backend during the wait"
+        );
+        assert_eq!(wait.await.unwrap(), None);
+        assert!(!cell.clear(), "the backend held is not marked cancelled");
+        // Outside a wait, the cancel goes to the backend.
+        cell.set(target());
+        assert!(cell.cancel().is_some_and(|t| t.cancelled));
+    }
+
+    #[tokio::test]
+    async fn a_cancel_as_the_wait_ends_still_wins() {
+        let cell = CancelCell::default();
+        let out = cell
+            .unless_cancelled(async {
+                assert_eq!(cell.cancel(), None);
+                42
+            })
+            .await;
+        assert_eq!(out, None);
+    }
 
     #[test]
     fn keys_are_unique_and_removed_on_drop() {

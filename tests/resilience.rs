@@ -509,3 +509,62 @@ async fn a_query_cancelled_while_queued_for_a_connection_does_not_run() {
     assert_eq!(code.as_deref(), Some("57014"), "{r:?}");
     holder.batch_execute("COMMIT").await.unwrap();
 }
+
+/// A cancel sent while the query waits for an execution slot stops it there with 57014, as
+/// one sent while it waits for a connection does. Nothing ran on the server connection the
+/// query held, so that connection stays in the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_cancelled_while_waiting_for_an_execution_slot_does_not_run() {
+    let env = common::start_with(
+        causeway::launcher::ClusterOptions {
+            replicas: 0,
+            ..Default::default()
+        },
+        |c| *c = c.replace("[primary]\n", "[primary]\nmax_active = 1\n"),
+    )
+    .await;
+    let slots = env
+        .proxy
+        .shared
+        .cluster
+        .primary()
+        .slots
+        .clone()
+        .expect("max_active is set");
+    let holder = env.client().await;
+    let sleeper = tokio::spawn(async move { holder.simple_query("SELECT pg_sleep(3)").await });
+    assert!(common::eventually(5, || slots.stats().in_use == 1).await);
+    let b = env.client().await;
+    let token = b.cancel_token();
+    let waiter = tokio::spawn(async move {
+        let r = b.simple_query("SELECT 42").await;
+        (b, r)
+    });
+    assert!(common::eventually(5, || slots.waiting() == 1).await);
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let (b, r) = tokio::time::timeout(Duration::from_millis(1500), waiter)
+        .await
+        .expect("the cancelled query is answered at once, not when a slot frees up")
+        .unwrap();
+    let code = r
+        .as_ref()
+        .err()
+        .and_then(|e| e.code())
+        .map(|c| c.code().to_string());
+    assert_eq!(code.as_deref(), Some("57014"), "{r:?}");
+    assert_eq!(slots.waiting(), 0);
+    sleeper.await.unwrap().unwrap();
+    let pool = env
+        .proxy
+        .shared
+        .pools
+        .all()
+        .pop()
+        .expect("the primary pool");
+    assert_eq!(
+        pool.open.load(Ordering::SeqCst),
+        2,
+        "the idle connection the cancelled query held was thrown away"
+    );
+    assert_eq!(port_of(&b).await.ok(), Some(env.node_port(0)));
+}
