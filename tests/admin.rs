@@ -104,11 +104,20 @@ async fn known_traffic_shows_as_exact_counts_everywhere() {
             .await
             .unwrap();
     }
-    for _ in 0..M_WRITES {
+    for i in 0..M_WRITES {
+        // One of them in a transaction: its BEGIN and COMMIT are neither reads nor writes.
+        let tx = i == 0;
+        if tx {
+            writer.simple_query("BEGIN").await.unwrap();
+        }
         writer
             .simple_query("UPDATE admin_t SET v = v + 1 WHERE id = 1")
             .await
             .unwrap();
+        if tx {
+            writer.simple_query("SAVEPOINT s").await.unwrap();
+            writer.simple_query("COMMIT").await.unwrap();
+        }
     }
     // A forced fallback: a read pinned to the primary by a hint.
     reader
@@ -126,6 +135,11 @@ async fn known_traffic_shows_as_exact_counts_everywhere() {
         M_WRITES as u64
     );
     assert_eq!(delta(&|s| num(&backend(s, "primary")["reads"])), 1);
+    assert_eq!(
+        delta(&|s| num(&backend(s, "primary")["queries"])),
+        M_WRITES as u64 + 3,
+        "the UPDATEs, the hinted read, SAVEPOINT and COMMIT"
+    );
     assert_eq!(delta(&|s| reason(s, "classified_read")), N_READS as u64);
     assert_eq!(delta(&|s| reason(s, "classified_write")), M_WRITES as u64);
     assert_eq!(delta(&|s| reason(s, "hint")), 1);

@@ -127,9 +127,16 @@ impl Collector for ProxyCollector {
 
         f.counter(
             "causeway_queries",
-            "Requests run, by server and classification.",
+            "Requests run, by server and classification (transaction: BEGIN, COMMIT, \
+             SAVEPOINT and the like).",
             s.backends.iter().flat_map(|b| {
-                [("read", b.reads), ("write", b.writes)].map(|(route, n)| {
+                let control = b.queries.saturating_sub(b.reads + b.writes);
+                [
+                    ("read", b.reads),
+                    ("write", b.writes),
+                    ("transaction", control),
+                ]
+                .map(|(route, n)| {
                     (
                         vec![("backend", b.name.clone()), ("route", route.to_string())],
                         n,

@@ -67,7 +67,8 @@ pub struct Backend {
     pub lag_ms: Option<u64>,
     /// Routing decisions that chose this server (one per transaction or autocommit request).
     pub transactions: u64,
-    /// Requests run here, and their split by classification.
+    /// Requests run here, and their split by classification; transaction control (BEGIN,
+    /// COMMIT, SAVEPOINT …) is in neither `reads` nor `writes`.
     pub queries: u64,
     pub reads: u64,
     pub writes: u64,

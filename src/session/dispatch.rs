@@ -366,12 +366,19 @@ impl Session {
         }
         node.queries.fetch_add(1, Ordering::Relaxed);
         self.info.requests.fetch_add(1, Ordering::Relaxed);
-        let kind = if class.access == Access::Write {
-            &node.writes
-        } else {
-            &node.reads
-        };
-        kind.fetch_add(1, Ordering::Relaxed);
+        // BEGIN, COMMIT, SAVEPOINT and the like are neither: counted as reads, they made a
+        // primary that serves only writes look as if reads fell back to it.
+        let control = class.statements == 1
+            && class.access == Access::Read
+            && (class.tx != TxEffect::None || class.reason == "savepoint");
+        if !control {
+            let kind = if class.access == Access::Write {
+                &node.writes
+            } else {
+                &node.reads
+            };
+            kind.fetch_add(1, Ordering::Relaxed);
+        }
         if req.ends_with_ready() && self.timings.len() < MAX_TIMINGS {
             self.timings.push_back(super::Timing {
                 started,
