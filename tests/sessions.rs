@@ -498,3 +498,44 @@ async fn session_state_never_crosses_to_another_client() {
     }
     assert!(leaks.is_empty(), "state crossed clients after: {leaks:#?}");
 }
+
+/// A replay of the client's settings that the server refuses (here a role it may no longer
+/// take) leaves what the backend carries unknown: that connection is closed, so none of the
+/// client's later requests runs there as if its settings were in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_settings_replay_closes_its_backend() {
+    const WHO: &str = "SELECT current_user || ' ' || v FROM marker";
+    let env = small_pools().await;
+    let client = || async {
+        let c = env.client().await;
+        c.batch_execute("SET causeway.route = 'primary'")
+            .await
+            .unwrap();
+        c
+    };
+    let a = client().await;
+    a.batch_execute("SET search_path = s1, public")
+        .await
+        .unwrap();
+    a.batch_execute("SET ROLE reader").await.unwrap();
+    assert_eq!(first_value(&a, WHO).await, "reader s1");
+    env.primary_admin()
+        .await
+        .batch_execute("REVOKE reader FROM app")
+        .await
+        .unwrap();
+    // B takes the one primary connection, so A's settings must be replayed after it.
+    let b = client().await;
+    assert_eq!(first_value(&b, WHO).await, "app public");
+    for _ in 0..3 {
+        match a.simple_query(WHO).await {
+            Err(e) => assert_eq!(e.code().map(|c| c.code()), Some("42501"), "{e}"),
+            Ok(rows) => assert_eq!(
+                common::first_text(&rows).as_deref(),
+                Some("reader s1"),
+                "A's request ran without its settings"
+            ),
+        }
+    }
+    assert_eq!(first_value(&b, WHO).await, "app public");
+}

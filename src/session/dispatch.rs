@@ -535,24 +535,6 @@ impl Session {
         Err(SessionError::NoReplica)
     }
 
-    /// Brings a freshly taken backend to the client's settings (resetting another client's),
-    /// pipelined ahead of the request; its output is not shown to the client.
-    fn replay_settings(&mut self) {
-        let Some(lease) = self.lease.as_mut() else {
-            return;
-        };
-        let conn = lease.conn();
-        if let Some(sql) = self.settings.replay_sql(conn.applied) {
-            conn.transport.queue(&protocol::encode_query(&sql));
-            conn.statements.unnamed = None;
-            conn.set_applied(self.settings.applied());
-            self.replies.push_back(Expect::Query {
-                forward: false,
-                effect: None,
-            });
-        }
-    }
-
     /// Writes the request to the backend, renaming statements and recording expected replies.
     async fn send(&mut self, req: &Request, effect: Option<Effect>) -> Result<(), SessionError> {
         let Some(lease) = self.lease.as_mut() else {

@@ -66,6 +66,14 @@ enum Expect {
         forward: bool,
         effect: Option<Box<Effect>>,
     },
+    /// Everything up to ReadyForQuery for the proxy's own statements that bring the backend to
+    /// the client's settings before a request: the reset of another client's settings, and the
+    /// replay (`shown`: an error reaches the client). Their output is not the client's. One that
+    /// fails leaves the connection's settings unknown: it is closed rather than handed to anyone
+    /// again.
+    Settings {
+        shown: bool,
+    },
     /// A reply the proxy produces itself at this point in the stream.
     Synthetic(Frame),
     /// The statement the proxy runs to abort the server's transaction after failing one of

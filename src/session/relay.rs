@@ -52,6 +52,12 @@ impl Session {
                     let (forward, effect) = match self.replies.pop_front() {
                         Some(Expect::Query { forward, effect }) => (forward, effect),
                         Some(Expect::Sync { effect }) => (true, effect),
+                        Some(Expect::Settings { .. }) => {
+                            if self.error_since_ready {
+                                self.settings_failed();
+                            }
+                            (false, None)
+                        }
                         Some(Expect::Token {
                             keys,
                             covers,
@@ -308,8 +314,23 @@ impl Session {
     fn forwarding_query(&self) -> bool {
         !matches!(
             self.replies.front(),
-            Some(Expect::Query { forward: false, .. } | Expect::Token { .. } | Expect::Abort)
+            Some(
+                Expect::Query { forward: false, .. }
+                    | Expect::Settings { .. }
+                    | Expect::Token { .. }
+                    | Expect::Abort
+            )
         )
+    }
+
+    /// The proxy's reset or replay of settings failed: what the connection carries is unknown,
+    /// so it is never reused.
+    pub(super) fn settings_failed(&mut self) {
+        if let Some(l) = self.lease.as_mut() {
+            let conn = l.conn();
+            conn.broken = true;
+            conn.set_applied(crate::pool::Applied::UNKNOWN);
+        }
     }
 
     /// After an ErrorResponse the server skips to the next Sync: drop what it will not answer.
@@ -318,6 +339,11 @@ impl Session {
             // Errors of statements the proxy injected are shown too: hiding them could hide
             // that the client's transaction never began.
             Some(Expect::Query { .. }) => return true,
+            Some(Expect::Settings { shown }) => {
+                let shown = *shown;
+                self.settings_failed();
+                return shown;
+            }
             Some(Expect::Token { .. }) => {
                 self.token_failed();
                 return false;
@@ -329,7 +355,7 @@ impl Session {
         }
         while let Some(front) = self.replies.front() {
             match front {
-                Expect::Sync { .. } | Expect::Query { .. } => break,
+                Expect::Sync { .. } | Expect::Query { .. } | Expect::Settings { .. } => break,
                 Expect::Parse { key, .. } => {
                     if let Some(l) = self.lease.as_mut() {
                         let conn = l.conn();
@@ -350,6 +376,10 @@ impl Session {
     /// replica refusing a write (25006) goes to the primary; a shared prepared statement whose
     /// plan went stale after DDL is prepared afresh on a new connection.
     fn rerun_after_error(&mut self, body: &[u8]) -> Option<Request> {
+        if matches!(self.replies.front(), Some(Expect::Settings { .. })) {
+            // The proxy's own statements failed, not the request.
+            return None;
+        }
         let f = self.in_flight.as_ref()?;
         let fields = protocol::parse_error_fields(body).ok()?;
         let from_replica = self
@@ -512,7 +542,12 @@ impl Session {
         // Extended messages after the last Sync (a batch ended by Flush): the client waits for
         // their replies, not for a ReadyForQuery.
         let unsynced_tail = match self.replies.back() {
-            Some(Expect::Sync { .. } | Expect::Query { .. } | Expect::Token { .. }) => false,
+            Some(
+                Expect::Sync { .. }
+                | Expect::Query { .. }
+                | Expect::Settings { .. }
+                | Expect::Token { .. },
+            ) => false,
             Some(_) => true,
             None => unsynced,
         };

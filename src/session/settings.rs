@@ -7,10 +7,12 @@ use std::hash::{Hash, Hasher};
 
 use std::sync::Arc;
 
+use super::Expect;
 use crate::classify::SessionCommand;
 use crate::error::{BackendError, SessionError};
 use crate::pool::Applied;
 use crate::pool::queue::Class;
+use crate::protocol;
 use crate::server::Shared;
 
 /// Startup parameters that are not session settings.
@@ -106,24 +108,66 @@ impl Settings {
         }
     }
 
-    /// The statements that bring a backend from `current` to these settings; `None` when it
-    /// already has them.
+    /// What a backend carrying `current` needs first: another client's settings reset. It is
+    /// sent on its own, so that nothing those settings do (a serializable default on a
+    /// standby, a short statement_timeout) can undo it.
+    pub fn reset_sql(&self, current: Applied) -> Option<&'static str> {
+        if current.fingerprint == self.fingerprint || current.fingerprint == 0 {
+            return None;
+        }
+        Some(if current.role {
+            "RESET ALL;RESET ROLE;"
+        } else {
+            "RESET ALL;"
+        })
+    }
+
+    /// The statements that bring a backend from `current`, once reset, to these settings;
+    /// `None` when it already has them or there are none.
     pub fn replay_sql(&self, current: Applied) -> Option<String> {
-        if current.fingerprint == self.fingerprint {
+        if current.fingerprint == self.fingerprint || self.entries.is_empty() {
             return None;
         }
         let mut sql = String::new();
-        if current.fingerprint != 0 {
-            sql.push_str("RESET ALL;");
-            if current.role {
-                sql.push_str("RESET ROLE;");
-            }
-        }
         for (_, stmt) in &self.entries {
             sql.push_str(stmt);
             sql.push(';');
         }
         Some(sql)
+    }
+}
+
+impl super::Session {
+    /// Brings a freshly taken backend to the client's settings (resetting another client's),
+    /// pipelined ahead of the request; its output is not shown to the client, its errors are.
+    pub(super) fn replay_settings(&mut self) {
+        let Some(lease) = self.lease.as_mut() else {
+            return;
+        };
+        let conn = lease.conn();
+        let current = conn.applied;
+        // Statements the request prepares belong to these settings already; should the
+        // replay fail, the connection is closed with them.
+        conn.set_applied(self.settings.applied());
+        let reset = self.settings.reset_sql(current).map(str::to_string);
+        for sql in [reset, self.settings.replay_sql(current)]
+            .into_iter()
+            .flatten()
+        {
+            self.queue_settings(&sql, true);
+        }
+    }
+
+    /// Queues one of the proxy's own settings statements on the backend (see
+    /// [`Expect::Settings`]).
+    pub(super) fn queue_settings(&mut self, sql: &str, shown: bool) {
+        if let Some(lease) = self.lease.as_mut() {
+            let conn = lease.conn();
+            conn.transport.queue(&protocol::encode_query(sql));
+            // A simple query ends the unnamed statement.
+            conn.statements.unnamed = None;
+            self.replies.push_back(Expect::Settings { shown });
+        }
     }
 }
 
@@ -276,19 +320,20 @@ mod tests {
             s.replay_sql(Applied::default()).unwrap(),
             "SET search_path = y;SET ROLE bob;"
         );
+        assert!(s.reset_sql(Applied::default()).is_none());
         assert!(
-            s.replay_sql(a).is_none(),
+            s.replay_sql(a).is_none() && s.reset_sql(a).is_none(),
             "a backend that has them needs nothing"
         );
-        // Another client's backend is reset first, role included.
+        // Another client's backend is reset first, role included, by a statement of its own.
         let other = Applied {
             fingerprint: 42,
             role: true,
         };
-        assert!(
-            s.replay_sql(other)
-                .unwrap()
-                .starts_with("RESET ALL;RESET ROLE;")
+        assert_eq!(s.reset_sql(other), Some("RESET ALL;RESET ROLE;"));
+        assert_eq!(
+            s.replay_sql(other).unwrap(),
+            "SET search_path = y;SET ROLE bob;"
         );
         s.apply(&SessionCommand::ResetAll, "RESET ALL");
         assert_eq!(s.replay_sql(Applied::default()).unwrap(), "SET ROLE bob;");
@@ -300,7 +345,12 @@ mod tests {
         );
         assert!(s.replay_sql(Applied::default()).is_none());
         // Back to defaults: a dirty backend only needs the reset.
-        assert_eq!(s.replay_sql(other).unwrap(), "RESET ALL;RESET ROLE;");
-        assert!(s.replay_sql(Applied::default()).is_none());
+        assert_eq!(s.reset_sql(other), Some("RESET ALL;RESET ROLE;"));
+        assert!(s.replay_sql(other).is_none());
+        let no_role = Applied {
+            fingerprint: 42,
+            role: false,
+        };
+        assert_eq!(s.reset_sql(no_role), Some("RESET ALL;"));
     }
 }

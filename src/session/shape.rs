@@ -67,7 +67,7 @@ impl Session {
             || !self
                 .replies
                 .iter()
-                .all(|e| matches!(e, Expect::Query { forward: false, .. }))
+                .all(|e| matches!(e, Expect::Settings { .. }))
         {
             return Ok(true);
         }
@@ -119,6 +119,7 @@ impl Session {
             conn.transport.queue(&protocol::encode_sync());
             let mut shape = None;
             let mut failed = false;
+            let mut settings_error = None;
             let exchange = async {
                 conn.transport.flush().await?;
                 loop {
@@ -133,6 +134,9 @@ impl Session {
                     match frame.tag {
                         tag::BE_READY_FOR_QUERY if skip > 0 => skip -= 1,
                         tag::BE_READY_FOR_QUERY => return Ok(()),
+                        tag::BE_ERROR_RESPONSE if skip > 0 => {
+                            settings_error.get_or_insert(frame);
+                        }
                         _ if skip > 0 => {}
                         tag::BE_ROW_DESCRIPTION | tag::BE_NO_DATA => shape = Some(of(&frame)),
                         tag::BE_ERROR_RESPONSE => failed = true,
@@ -142,6 +146,18 @@ impl Session {
             };
             if let Err(e) = exchange.await {
                 return self.backend_failed(Some(e)).await.map(|_| false);
+            }
+            if let Some(error) = settings_error {
+                // The client's settings are not in place: its request does not run here.
+                self.settings_failed();
+                self.client.queue(&error);
+                if req.ends_with_ready() {
+                    self.client.queue(&protocol::ready_for_query(self.status));
+                } else {
+                    self.skip_to_sync();
+                }
+                self.release_if_idle();
+                return Ok(false);
             }
             if failed {
                 // Let the client's own Bind meet the server's error.

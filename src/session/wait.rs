@@ -58,10 +58,12 @@ impl Session {
         // else means something was sent, and the connection is busy.
         let unsent = !self.replies.is_empty()
             && conn.transport.pending_write() > 0
-            && self
-                .replies
-                .iter()
-                .all(|e| matches!(e, Expect::Query { forward: false, .. }));
+            && self.replies.iter().all(|e| {
+                matches!(
+                    e,
+                    Expect::Query { forward: false, .. } | Expect::Settings { .. }
+                )
+            });
         if !unsent {
             return;
         }
