@@ -198,6 +198,7 @@ fn routing(c: &mut Criterion) {
         route_mode: causeway::classify::RouteMode::Auto,
         min_lsn: 50,
         sticky: false,
+        serializable: false,
     };
     let policy = Policy {
         strategy: ReplicaStrategy::LeastConnections,

@@ -26,6 +26,8 @@ pub enum Reason {
     ReadYourWrites,
     /// A recent write keeps the session's reads on the primary.
     StickyWindow,
+    /// The session's default isolation is serializable, which a standby refuses.
+    Serializable,
 }
 
 impl Reason {
@@ -42,6 +44,7 @@ impl Reason {
             Reason::ReadOnlyRetry => "read_only_retry",
             Reason::ReadYourWrites => "read_your_writes",
             Reason::StickyWindow => "sticky_window",
+            Reason::Serializable => "serializable",
         }
     }
 }
@@ -74,6 +77,9 @@ pub struct SessionView {
     pub min_lsn: u64,
     /// Reads go to the primary (sticky window after a write).
     pub sticky: bool,
+    /// `default_transaction_isolation` is serializable: a standby cannot start any of the
+    /// session's transactions.
+    pub serializable: bool,
 }
 
 /// Operator policy.
@@ -113,6 +119,9 @@ pub fn route(
     };
     if c.pin.is_some() {
         return primary(Reason::SessionPin);
+    }
+    if session.serializable {
+        return primary(Reason::Serializable);
     }
     match (c.hints.route, session.route_mode) {
         (Some(RouteHint::Primary), _) => return primary(Reason::Hint),
@@ -238,6 +247,7 @@ mod tests {
         route_mode: RouteMode::Auto,
         min_lsn: 0,
         sticky: false,
+        serializable: false,
     };
     const POLICY: Policy = Policy {
         strategy: ReplicaStrategy::RoundRobin,
@@ -260,6 +270,12 @@ mod tests {
             route_mode: RouteMode::Primary,
             ..AUTO
         };
+        let serializable = SessionView {
+            serializable: true,
+            ..AUTO
+        };
+        let mut read_hint_replica = read.clone();
+        read_hint_replica.hints.route = Some(RouteHint::Replica);
         let cases: Vec<(&Classification, SessionView, Target, Reason)> = vec![
             (&read, AUTO, Target::Replica(0), Reason::ClassifiedRead),
             (&write, AUTO, Target::Primary, Reason::ClassifiedWrite),
@@ -273,6 +289,19 @@ mod tests {
             (&pinned, AUTO, Target::Primary, Reason::SessionPin),
             (&hint_primary, AUTO, Target::Primary, Reason::Hint),
             (&read, primary_mode, Target::Primary, Reason::Hint),
+            (&read, serializable, Target::Primary, Reason::Serializable),
+            (
+                &begin_ro,
+                serializable,
+                Target::Primary,
+                Reason::Serializable,
+            ),
+            (
+                &read_hint_replica,
+                serializable,
+                Target::Primary,
+                Reason::Serializable,
+            ),
             (
                 &write_hint_replica,
                 AUTO,

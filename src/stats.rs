@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::route::Reason;
 
-const REASONS: [Reason; 10] = [
+const REASONS: [Reason; 11] = [
     Reason::ClassifiedRead,
     Reason::ClassifiedWrite,
     Reason::Transaction,
@@ -16,6 +16,7 @@ const REASONS: [Reason; 10] = [
     Reason::ReadOnlyRetry,
     Reason::ReadYourWrites,
     Reason::StickyWindow,
+    Reason::Serializable,
 ];
 
 /// Proxy-wide counters.
@@ -249,6 +250,6 @@ mod tests {
         assert_eq!(s.routed(Reason::Hint), 2);
         assert_eq!(s.routed(Reason::ReadOnlyRetry), 1);
         assert_eq!(s.routed(Reason::ClassifiedRead), 0);
-        assert_eq!(s.routes().len(), 10);
+        assert_eq!(s.routes().len(), 11);
     }
 }

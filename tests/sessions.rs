@@ -539,3 +539,100 @@ async fn a_failed_settings_replay_closes_its_backend() {
     }
     assert_eq!(first_value(&b, WHO).await, "app public");
 }
+
+/// A standby refuses every transaction of a session whose default isolation is serializable
+/// (0A000, "cannot use serializable mode in a hot standby"). Such a session, however the
+/// setting was made, reads on the primary, where its reads work as they would on a server of
+/// its own; pooled replica connections never carry that default to other clients. A
+/// serializable `SET TRANSACTION` outside a transaction block, which the primary only warns
+/// about, runs there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serializable_sessions_read_on_the_primary() {
+    const PORT: &str = "SELECT inet_server_port()::text";
+    let env = small_pools().await;
+    let primary = env.node_port(0).to_string();
+    let with_options = |options: &str| {
+        let conninfo = format!("{} options='{options}'", env.conninfo());
+        async move { connect(&conninfo).await }
+    };
+    let by_set = env.client().await;
+    by_set
+        .batch_execute("SET default_transaction_isolation = 'SERIALIZABLE'")
+        .await
+        .unwrap();
+    let by_word = env.client().await;
+    by_word
+        .batch_execute("set session Default_Transaction_Isolation to serializable")
+        .await
+        .unwrap();
+    let by_option = with_options("-c default_transaction_isolation=serializable").await;
+    let by_long_option = with_options("--default-transaction-isolation=Serializable").await;
+    let unrelated = [
+        env.client().await,
+        with_options("-c statement_timeout=5000").await,
+    ];
+    for _ in 0..4 {
+        for c in [&by_set, &by_word, &by_option, &by_long_option] {
+            assert_eq!(first_value(c, PORT).await, primary);
+            assert_eq!(
+                first_value(c, "SHOW default_transaction_isolation").await,
+                "serializable"
+            );
+            c.batch_execute("BEGIN READ ONLY").await.unwrap();
+            assert_eq!(
+                first_value(c, "SHOW transaction_isolation").await,
+                "serializable"
+            );
+            assert_eq!(first_value(c, PORT).await, primary);
+            c.batch_execute("COMMIT").await.unwrap();
+        }
+        for c in &unrelated {
+            assert_ne!(first_value(c, PORT).await, primary);
+            assert_eq!(
+                first_value(c, "SHOW default_transaction_isolation").await,
+                "read committed"
+            );
+        }
+    }
+    by_set
+        .batch_execute("RESET default_transaction_isolation")
+        .await
+        .unwrap();
+    assert_ne!(first_value(&by_set, PORT).await, primary);
+
+    let c = env.client().await;
+    for sql in [
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "SET transaction_isolation = 'serializable'",
+        "SET TRANSACTION READ ONLY, ISOLATION LEVEL SERIALIZABLE",
+    ] {
+        c.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY")
+        .await
+        .unwrap();
+    assert_eq!(first_value(&c, PORT).await, primary);
+    c.batch_execute("COMMIT").await.unwrap();
+    // They shaped only their own transaction.
+    assert_ne!(first_value(&c, PORT).await, primary);
+    assert_eq!(
+        first_value(&c, "SHOW transaction_isolation").await,
+        "read committed"
+    );
+
+    // set_config pins the session to its primary connection, so drop it last.
+    let pinned = env.client().await;
+    first_value(
+        &pinned,
+        "SELECT set_config('default_transaction_isolation', 'serializable', false)",
+    )
+    .await;
+    assert_eq!(first_value(&pinned, PORT).await, primary);
+    drop(pinned);
+    for c in &unrelated {
+        assert_ne!(first_value(c, PORT).await, primary);
+    }
+}

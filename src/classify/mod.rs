@@ -133,6 +133,8 @@ pub enum SessionCommand {
     Set {
         /// Lower-cased parameter name.
         name: String,
+        /// The value as text (several values comma-joined); `None` for `FROM CURRENT`.
+        value: Option<String>,
     },
     /// `RESET name` / `SET name TO DEFAULT`.
     Reset {

@@ -276,13 +276,8 @@ fn transaction_read_only(options: &[pb::Node]) -> Option<bool> {
 fn variable_set(v: &pb::VariableSetStmt) -> Outcome {
     use pb::VariableSetKind as K;
     let kind = K::try_from(v.kind).unwrap_or(K::Undefined);
-    if v.name.eq_ignore_ascii_case("transaction") {
-        return match transaction_read_only(&v.args) {
-            Some(true) if !transaction_serializable(&v.args) => {
-                Outcome::read("set_transaction").with_tx(TxEffect::SetReadOnly)
-            }
-            _ => Outcome::read("set_transaction"),
-        };
+    if let Some(o) = set_transaction(v, kind) {
+        return o;
     }
     if v.name.eq_ignore_ascii_case("session characteristics") {
         return Outcome::read("set_session_characteristics")
@@ -321,12 +316,44 @@ fn variable_set(v: &pb::VariableSetStmt) -> Outcome {
         return pinned;
     }
     let cmd = match kind {
-        K::VarSetValue | K::VarSetCurrent => SessionCommand::Set { name },
+        K::VarSetValue => SessionCommand::Set {
+            name,
+            value: Some(join_values(&v.args)),
+        },
+        K::VarSetCurrent => SessionCommand::Set { name, value: None },
         K::VarSetDefault | K::VarReset => SessionCommand::Reset { name },
         K::VarResetAll => SessionCommand::ResetAll,
         _ => return pinned,
     };
     pinned.with_session(cmd)
+}
+
+/// `SET TRANSACTION …` and the settings it stands for (`transaction_isolation`,
+/// `transaction_read_only`, `transaction_deferrable`): they shape only the transaction they run
+/// in, so the session keeps nothing. A standby refuses serializable isolation, even outside a
+/// transaction block where the primary only warns: asking for it is for the primary.
+fn set_transaction(v: &pb::VariableSetStmt, kind: pb::VariableSetKind) -> Option<Outcome> {
+    let value = || (kind == pb::VariableSetKind::VarSetValue).then(|| join_values(&v.args));
+    let (serializable, read_only) = match v.name.to_ascii_lowercase().as_str() {
+        "transaction" => (
+            transaction_serializable(&v.args),
+            transaction_read_only(&v.args),
+        ),
+        "transaction_isolation" => (
+            value().is_some_and(|i| i.eq_ignore_ascii_case("serializable")),
+            None,
+        ),
+        "transaction_read_only" => (false, value().map(|v| !is_false_word(&v))),
+        "transaction_deferrable" => (false, None),
+        _ => return None,
+    };
+    if serializable {
+        return Some(Outcome::write("serializable"));
+    }
+    Some(match read_only {
+        Some(true) => Outcome::read("set_transaction").with_tx(TxEffect::SetReadOnly),
+        _ => Outcome::read("set_transaction"),
+    })
 }
 
 /// `causeway.<name>` => lower-cased `<name>`.
@@ -366,24 +393,22 @@ fn def_is_false(d: &pb::DefElem) -> bool {
         Some(N::AConst(c)) => match &c.val {
             Some(pb::a_const::Val::Boolval(b)) => !b.boolval,
             Some(pb::a_const::Val::Ival(i)) => i.ival == 0,
-            Some(pb::a_const::Val::Sval(s)) => {
-                matches!(
-                    s.sval.to_ascii_lowercase().as_str(),
-                    "false" | "off" | "no" | "f" | "n" | "0"
-                )
-            }
+            Some(pb::a_const::Val::Sval(s)) => is_false_word(&s.sval),
             _ => false,
         },
         Some(N::Integer(i)) => i.ival == 0,
         Some(N::Boolean(b)) => !b.boolval,
-        Some(N::String(s)) => {
-            matches!(
-                s.sval.to_ascii_lowercase().as_str(),
-                "false" | "off" | "no" | "f" | "n" | "0"
-            )
-        }
+        Some(N::String(s)) => is_false_word(&s.sval),
         _ => false,
     }
+}
+
+/// A word PostgreSQL reads as boolean false.
+fn is_false_word(w: &str) -> bool {
+    matches!(
+        w.to_ascii_lowercase().as_str(),
+        "false" | "off" | "no" | "f" | "n" | "0"
+    )
 }
 
 /// CREATE TABLE/VIEW/SEQUENCE/TABLE AS: DDL, pinned when the relation is temporary.

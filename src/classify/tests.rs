@@ -348,10 +348,21 @@ fn transactions_and_pins() {
         ("COMMIT PREPARED 'x'", W, Tx::None, None, "prepared_xact"),
         ("ROLLBACK PREPARED 'x'", W, Tx::None, None, "prepared_xact"),
         ("SET TRANSACTION READ ONLY", R, Tx::SetReadOnly, None, "set_transaction"),
-        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY", R, Tx::None, None, "set_transaction"),
         ("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY", R, Tx::SetReadOnly, None, "set_transaction"),
-        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", R, Tx::None, None, "set_transaction"),
         ("SET TRANSACTION READ WRITE", R, Tx::None, None, "set_transaction"),
+        ("SET transaction_read_only = on", R, Tx::SetReadOnly, None, "set_transaction"),
+        ("SET transaction_read_only TO off", R, Tx::None, None, "set_transaction"),
+        ("SET transaction_read_only TO DEFAULT", R, Tx::None, None, "set_transaction"),
+        ("SET transaction_isolation = 'repeatable read'", R, Tx::None, None, "set_transaction"),
+        ("SET transaction_deferrable = on", R, Tx::None, None, "set_transaction"),
+        ("RESET transaction_isolation", R, Tx::None, None, "set_transaction"),
+        // A standby refuses serializable isolation, even where the primary only warns.
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", W, Tx::None, None, "serializable"),
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY", W, Tx::None, None, "serializable"),
+        ("SET TRANSACTION READ ONLY, ISOLATION LEVEL SERIALIZABLE, DEFERRABLE", W, Tx::None, None, "serializable"),
+        ("SET transaction_isolation = 'SERIALIZABLE'", W, Tx::None, None, "serializable"),
+        ("set Transaction_Isolation to serializable", W, Tx::None, None, "serializable"),
+        ("SET default_transaction_isolation = 'serializable'", R, Tx::None, Some(P::SessionSet), "set"),
         ("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", R, Tx::None, Some(P::SessionCharacteristics), "set_session_characteristics"),
         ("SET search_path = public", R, Tx::None, Some(P::SessionSet), "set"),
         ("SET SESSION search_path TO x, y", R, Tx::None, Some(P::SessionSet), "set"),
@@ -758,17 +769,33 @@ fn timing() {
 #[test]
 fn session_commands_are_recognised_only_alone() {
     use SessionCommand as S;
-    let set = |n: &str| Some(S::Set { name: n.into() });
+    let set = |n: &str, v: &str| {
+        Some(S::Set {
+            name: n.into(),
+            value: Some(v.into()),
+        })
+    };
     let reset = |n: &str| Some(S::Reset { name: n.into() });
     let cases: Vec<(&str, Option<S>)> = vec![
-        ("SET search_path = public", set("search_path")),
+        ("SET search_path = public", set("search_path", "public")),
         (
             "set SESSION Statement_Timeout to 5000",
-            set("statement_timeout"),
+            set("statement_timeout", "5000"),
         ),
-        ("SET TIME ZONE 'UTC'", set("timezone")),
-        ("SET ROLE bob", set("role")),
-        ("SET search_path FROM CURRENT", set("search_path")),
+        ("SET TIME ZONE 'UTC'", set("timezone", "UTC")),
+        ("SET ROLE bob", set("role", "bob")),
+        ("SET search_path = a, 'b c'", set("search_path", "a, b c")),
+        (
+            "SET default_transaction_isolation TO SERIALIZABLE",
+            set("default_transaction_isolation", "serializable"),
+        ),
+        (
+            "SET search_path FROM CURRENT",
+            Some(S::Set {
+                name: "search_path".into(),
+                value: None,
+            }),
+        ),
         ("SET application_name TO DEFAULT", reset("application_name")),
         ("RESET search_path", reset("search_path")),
         ("RESET ALL", Some(S::ResetAll)),
@@ -790,6 +817,11 @@ fn session_commands_are_recognised_only_alone() {
         ("SET LOCAL search_path = x", None),
         ("SET SESSION AUTHORIZATION bob", None),
         ("SET TRANSACTION READ ONLY", None),
+        // They shape only the transaction they run in.
+        ("SET transaction_isolation = 'serializable'", None),
+        ("SET transaction_read_only = on", None),
+        ("SET SESSION transaction_deferrable TO on", None),
+        ("RESET transaction_isolation", None),
         ("SET causeway.route = 'primary'", None),
         ("SET search_path = x; SELECT 1", None),
         ("SELECT set_config('search_path', 'x', false)", None),

@@ -214,6 +214,7 @@ impl Session {
             min_lsn: req.min_lsn,
             // A write no token covers yet (it is on its way): only the primary surely has it.
             sticky: req.primary || (self.unsealed.pending() && c.mode != ConsistencyMode::None),
+            serializable: self.settings.needs_primary(class.session.as_ref()),
         })
     }
 

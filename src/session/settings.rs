@@ -24,11 +24,27 @@ const NOT_SETTINGS: &[&str] = &[
     "client_encoding",
 ];
 
+/// The setting that, as `serializable`, makes a standby refuse every transaction.
+const DEFAULT_ISOLATION: &str = "default_transaction_isolation";
+
+/// One setting as a backend is given it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Entry {
+    /// Lower-cased name.
+    name: String,
+    /// The statement that sets it.
+    sql: String,
+    /// Its value, when known (`SET … FROM CURRENT` keeps the one before).
+    value: Option<String>,
+}
+
 /// The client's settings, in the order they were first set.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Settings {
-    entries: Vec<(String, String)>,
+    entries: Vec<Entry>,
     fingerprint: u64,
+    /// `default_transaction_isolation` is serializable.
+    serializable: bool,
 }
 
 impl Settings {
@@ -45,6 +61,7 @@ impl Settings {
                 s.set_value(name, value);
             }
         }
+        s.refresh();
         s
     }
 
@@ -58,36 +75,38 @@ impl Settings {
             "SELECT pg_catalog.set_config('{name}', '{}', false)",
             value.replace('\'', "''")
         );
-        self.put(name.to_ascii_lowercase(), sql);
+        self.put(Entry {
+            name: name.to_ascii_lowercase(),
+            sql,
+            value: Some(value.to_string()),
+        });
     }
 
-    fn put(&mut self, name: String, sql: String) {
-        match self.entries.iter_mut().find(|(n, _)| *n == name) {
-            Some(entry) => entry.1 = sql,
-            None => self.entries.push((name, sql)),
+    fn put(&mut self, entry: Entry) {
+        match self.entries.iter_mut().find(|e| e.name == entry.name) {
+            Some(e) => {
+                let value = entry.value.or_else(|| e.value.take());
+                *e = Entry { value, ..entry };
+            }
+            None => self.entries.push(entry),
         }
-        self.refresh();
     }
 
     /// Records a statement that succeeded outside a transaction (or in one that committed).
     pub fn apply(&mut self, cmd: &SessionCommand, sql: &str) {
         match cmd {
-            SessionCommand::Set { name } => self.put(name.clone(), sql.trim().to_string()),
-            SessionCommand::Reset { name } => {
-                self.entries.retain(|(n, _)| n != name);
-                self.refresh();
-            }
-            SessionCommand::ResetAll => {
-                // RESET ALL leaves the role alone, as PostgreSQL does.
-                self.entries.retain(|(n, _)| n == "role");
-                self.refresh();
-            }
-            SessionCommand::DiscardAll => {
-                self.entries.clear();
-                self.refresh();
-            }
+            SessionCommand::Set { name, value } => self.put(Entry {
+                name: name.clone(),
+                sql: sql.trim().to_string(),
+                value: value.clone(),
+            }),
+            SessionCommand::Reset { name } => self.entries.retain(|e| e.name != *name),
+            // RESET ALL leaves the role alone, as PostgreSQL does.
+            SessionCommand::ResetAll => self.entries.retain(|e| e.name == "role"),
+            SessionCommand::DiscardAll => self.entries.clear(),
             SessionCommand::Deallocate { .. } => {}
         }
+        self.refresh();
     }
 
     fn refresh(&mut self) {
@@ -98,13 +117,30 @@ impl Settings {
             self.entries.hash(&mut h);
             h.finish().max(1)
         };
+        self.serializable = self.entries.iter().any(|e| {
+            e.name == DEFAULT_ISOLATION
+                && e.value
+                    .as_deref()
+                    .is_some_and(|v| v.eq_ignore_ascii_case("serializable"))
+        });
+    }
+
+    /// Whether a standby would refuse every transaction of this session: its default isolation
+    /// is serializable, now or once `pending` (a session command on its way) has run.
+    pub fn needs_primary(&self, pending: Option<&SessionCommand>) -> bool {
+        self.serializable
+            || pending.is_some_and(|cmd| {
+                let mut next = self.clone();
+                next.apply(cmd, "");
+                next.serializable
+            })
     }
 
     /// What a backend carries once these settings are replayed on it.
     pub fn applied(&self) -> Applied {
         Applied {
             fingerprint: self.fingerprint,
-            role: self.entries.iter().any(|(n, _)| n == "role"),
+            role: self.entries.iter().any(|e| e.name == "role"),
         }
     }
 
@@ -129,8 +165,8 @@ impl Settings {
             return None;
         }
         let mut sql = String::new();
-        for (_, stmt) in &self.entries {
-            sql.push_str(stmt);
+        for e in &self.entries {
+            sql.push_str(&e.sql);
             sql.push(';');
         }
         Some(sql)
@@ -310,7 +346,10 @@ mod tests {
     fn set_reset_and_replay() {
         let mut s = Settings::default();
         assert!(s.replay_sql(Applied::default()).is_none());
-        let set = |n: &str| SessionCommand::Set { name: n.into() };
+        let set = |n: &str| SessionCommand::Set {
+            name: n.into(),
+            value: None,
+        };
         s.apply(&set("search_path"), "SET search_path = x");
         s.apply(&set("role"), "SET ROLE bob");
         s.apply(&set("search_path"), " SET search_path = y ");
@@ -352,5 +391,51 @@ mod tests {
             role: false,
         };
         assert_eq!(s.reset_sql(no_role), Some("RESET ALL;"));
+    }
+
+    /// A standby cannot start a transaction of a session whose default isolation is
+    /// serializable, however it was spelled or set.
+    #[test]
+    fn serializable_default_needs_the_primary() {
+        let dti = "default_transaction_isolation";
+        let set = |v: &str| SessionCommand::Set {
+            name: dti.into(),
+            value: Some(v.into()),
+        };
+        let plain = Settings::default();
+        assert!(!plain.needs_primary(None));
+        assert!(plain.needs_primary(Some(&set("SERIALIZABLE"))));
+        assert!(!plain.needs_primary(Some(&set("repeatable read"))));
+        let mut s = plain.clone();
+        s.apply(&set("Serializable"), "");
+        assert!(s.needs_primary(None));
+        // The command that leaves serializable still runs where the session's did.
+        assert!(s.needs_primary(Some(&set("read committed"))));
+        s.apply(&set("read committed"), "");
+        assert!(!s.needs_primary(None));
+        // FROM CURRENT keeps the value.
+        s.apply(&set("serializable"), "");
+        s.apply(
+            &SessionCommand::Set {
+                name: dti.into(),
+                value: None,
+            },
+            "SET default_transaction_isolation FROM CURRENT",
+        );
+        assert!(s.needs_primary(None));
+        s.apply(&SessionCommand::ResetAll, "RESET ALL");
+        assert!(!s.needs_primary(None));
+
+        for options in [
+            "-c default_transaction_isolation=serializable",
+            "--default-transaction-isolation=SERIALIZABLE",
+        ] {
+            let mut s = Settings::from_startup(&params(&[("options", options)]));
+            assert!(s.needs_primary(None), "{options}");
+            s.apply(&set("read committed"), "");
+            assert!(!s.needs_primary(None));
+        }
+        let s = Settings::from_startup(&params(&[(dti, "serializable")]));
+        assert!(s.needs_primary(None));
     }
 }
