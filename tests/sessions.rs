@@ -636,3 +636,69 @@ async fn serializable_sessions_read_on_the_primary() {
         assert_ne!(first_value(c, PORT).await, primary);
     }
 }
+
+/// RESET, RESET ALL, `SET … TO DEFAULT` and DISCARD ALL return each setting to the client's
+/// startup value, and one not given at startup to the server's default, as a server of its
+/// own would: on any backend, inside a transaction, and on a pinned session's backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_return_to_startup_values() {
+    const SHOW: &str = "SELECT concat_ws(' | ', current_setting('search_path'), \
+        current_setting('statement_timeout'), current_setting('application_name'), \
+        current_setting('work_mem'))";
+    const STARTUP: &str = "s1,public | 1234ms | myapp | 4MB";
+    const CHANGE: &str = "SET search_path = public; SET statement_timeout = 5; \
+        SET application_name = other; SET work_mem = '7MB'";
+    let env = small_pools().await;
+    let a = connect(&format!(
+        "{} application_name=myapp options='-c search_path=s1,public -c statement_timeout=1234'",
+        env.conninfo()
+    ))
+    .await;
+    let b = env.client().await;
+    let change = |c: &'static str| {
+        let a = &a;
+        async move {
+            for stmt in c.split("; ") {
+                a.batch_execute(stmt).await.unwrap();
+            }
+        }
+    };
+    assert_eq!(first_value(&a, SHOW).await, STARTUP);
+    for reset in [
+        "RESET ALL",
+        "DISCARD ALL",
+        "RESET search_path; RESET statement_timeout; RESET application_name; RESET work_mem",
+        "SET search_path TO DEFAULT; SET statement_timeout TO DEFAULT; \
+         SET application_name TO DEFAULT; SET work_mem TO DEFAULT",
+    ] {
+        change(CHANGE).await;
+        assert_ne!(first_value(&a, SHOW).await, STARTUP);
+        for stmt in reset.split("; ") {
+            a.batch_execute(stmt).await.unwrap();
+        }
+        for _ in 0..3 {
+            assert_eq!(first_value(&a, SHOW).await, STARTUP, "after {reset}");
+            assert_eq!(
+                first_value(&b, SHOW).await,
+                "\"$user\", public | 0 | causeway | 4MB",
+                "B after A's {reset}"
+            );
+        }
+    }
+    // In a transaction, RESET shows the startup value at once, and keeps it once committed.
+    a.batch_execute("SET search_path = public").await.unwrap();
+    for stmt in ["BEGIN", "RESET search_path"] {
+        a.batch_execute(stmt).await.unwrap();
+    }
+    assert_eq!(first_value(&a, "SHOW search_path").await, "s1,public");
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(first_value(&a, SHOW).await, STARTUP);
+    // A pinned session keeps its backend, which ran the RESET itself.
+    a.batch_execute("LISTEN ch").await.unwrap();
+    change(CHANGE).await;
+    a.batch_execute("RESET ALL").await.unwrap();
+    assert_eq!(first_value(&a, SHOW).await, STARTUP);
+    change(CHANGE).await;
+    a.batch_execute("RESET search_path").await.unwrap();
+    assert_eq!(first_value(&a, SHOW).await, "s1,public | 5ms | other | 7MB");
+}

@@ -551,13 +551,7 @@ impl Session {
         for frame in &req.trailing {
             conn.transport.queue(frame);
         }
-        if let Some(after_chain) = self.pending_token.take() {
-            self.queue_token_query(after_chain);
-        }
-        let Some(lease) = self.lease.as_mut() else {
-            return Ok(());
-        };
-        let conn = lease.conn();
+        let mut restore = None;
         if let Some(e) = effect {
             if matches!(e.cmd, SessionCommand::Deallocate { .. }) {
                 // Prepared statements are not transactional: a DEALLOCATE takes effect even in
@@ -572,9 +566,22 @@ impl Session {
             if let Some(Expect::Sync { effect } | Expect::Query { effect, .. }) =
                 self.replies.back_mut()
             {
+                // A RESET there goes to the server's defaults; the client's startup values are
+                // put back right behind it.
+                restore = self.settings.restore_sql(&e.cmd);
                 *effect = Some(Box::new(e));
             }
         }
+        if let Some(after_chain) = self.pending_token.take() {
+            self.queue_token_query(after_chain);
+        }
+        if let Some(sql) = restore {
+            self.queue_settings(&sql, false);
+        }
+        let Some(lease) = self.lease.as_mut() else {
+            return Ok(());
+        };
+        let conn = lease.conn();
         if let Err(e) = conn.transport.flush().await {
             return self.backend_failed(Some(e)).await;
         }

@@ -67,10 +67,10 @@ enum Expect {
         effect: Option<Box<Effect>>,
     },
     /// Everything up to ReadyForQuery for the proxy's own statements that bring the backend to
-    /// the client's settings before a request: the reset of another client's settings, and the
-    /// replay (`shown`: an error reaches the client). Their output is not the client's. One that
-    /// fails leaves the connection's settings unknown: it is closed rather than handed to anyone
-    /// again.
+    /// the client's settings: before a request, the reset of another client's settings and the
+    /// replay (`shown`: an error reaches the client); after a RESET, the startup values put
+    /// back. Their output is not the client's. One that fails leaves the connection's settings
+    /// unknown: it is closed rather than handed to anyone again.
     Settings {
         shown: bool,
     },

@@ -202,6 +202,16 @@ impl Session {
                 }
                 // Notifications belong to the client whatever is in flight.
                 tag::BE_NOTIFICATION_RESPONSE => true,
+                // Startup values put back after a RESET: the client's driver keeps the reported
+                // ones (application_name…) as its own.
+                tag::BE_PARAMETER_STATUS
+                    if matches!(
+                        self.replies.front(),
+                        Some(Expect::Settings { shown: false })
+                    ) =>
+                {
+                    true
+                }
                 tag::BE_DATA_ROW if matches!(self.replies.front(), Some(Expect::Token { .. })) => {
                     self.token_row(&frame);
                     false
@@ -321,16 +331,6 @@ impl Session {
                     | Expect::Abort
             )
         )
-    }
-
-    /// The proxy's reset or replay of settings failed: what the connection carries is unknown,
-    /// so it is never reused.
-    pub(super) fn settings_failed(&mut self) {
-        if let Some(l) = self.lease.as_mut() {
-            let conn = l.conn();
-            conn.broken = true;
-            conn.set_applied(crate::pool::Applied::UNKNOWN);
-        }
     }
 
     /// After an ErrorResponse the server skips to the next Sync: drop what it will not answer.

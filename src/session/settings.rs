@@ -1,6 +1,7 @@
 //! Session parameters a client set (by SET, or in its startup packet). Under transaction
 //! pooling they are replayed on whichever backend serves the client's next transaction, and a
 //! backend carrying another client's settings is reset first, so nothing leaks between clients.
+//! A RESET returns a setting to the client's startup value, as on a server of its own.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -38,10 +39,14 @@ struct Entry {
     value: Option<String>,
 }
 
-/// The client's settings, in the order they were first set.
+/// The client's settings: those in force, and the startup values RESET returns to.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Settings {
+    /// In force, in the order first set.
     entries: Vec<Entry>,
+    /// The startup parameters: what `RESET`, `RESET ALL` and `DISCARD ALL` go back to, as on a
+    /// server (a setting not among them goes back to the server's default).
+    startup: Vec<Entry>,
     fingerprint: u64,
     /// `default_transaction_isolation` is serializable.
     serializable: bool,
@@ -61,6 +66,7 @@ impl Settings {
                 s.set_value(name, value);
             }
         }
+        s.startup = s.entries.clone();
         s.refresh();
         s
     }
@@ -100,13 +106,37 @@ impl Settings {
                 sql: sql.trim().to_string(),
                 value: value.clone(),
             }),
-            SessionCommand::Reset { name } => self.entries.retain(|e| e.name != *name),
-            // RESET ALL leaves the role alone, as PostgreSQL does.
-            SessionCommand::ResetAll => self.entries.retain(|e| e.name == "role"),
-            SessionCommand::DiscardAll => self.entries.clear(),
+            SessionCommand::Reset { name } => self.reset(name),
+            SessionCommand::ResetAll => self.reset_all(),
+            SessionCommand::DiscardAll => {
+                // DISCARD ALL also resets the role (SET SESSION AUTHORIZATION DEFAULT).
+                self.entries = self.startup_except_role().cloned().collect();
+            }
             SessionCommand::Deallocate { .. } => {}
         }
         self.refresh();
+    }
+
+    /// `RESET name`: back to its startup value, or to the server's default.
+    fn reset(&mut self, name: &str) {
+        match self.startup.iter().find(|e| e.name == name) {
+            Some(e) => {
+                let e = e.clone();
+                self.put(e);
+            }
+            None => self.entries.retain(|e| e.name != name),
+        }
+    }
+
+    /// `RESET ALL` leaves the role alone, as PostgreSQL does.
+    fn reset_all(&mut self) {
+        let role = self.entries.iter().find(|e| e.name == "role").cloned();
+        self.entries = self.startup_except_role().cloned().collect();
+        self.entries.extend(role);
+    }
+
+    fn startup_except_role(&self) -> impl Iterator<Item = &Entry> {
+        self.startup.iter().filter(|e| e.name != "role")
     }
 
     fn refresh(&mut self) {
@@ -171,6 +201,41 @@ impl Settings {
         }
         Some(sql)
     }
+
+    /// After `cmd` ran on a backend carrying these settings, the statement that puts back the
+    /// startup values it reset there (the backend's own RESET goes to the server's defaults);
+    /// `None` when it reset none. Only settings the reset reached are touched: the client's own
+    /// values are the session's (source `session`), a reset one is the server's again. So a
+    /// statement that failed, and its reset with it, is left as it is.
+    pub fn restore_sql(&self, cmd: &SessionCommand) -> Option<String> {
+        let all = || self.startup_except_role().map(|e| e.name.as_str());
+        let names: Vec<&str> = match cmd {
+            SessionCommand::Reset { name } => vec![name.as_str()],
+            SessionCommand::ResetAll | SessionCommand::DiscardAll => all().collect(),
+            SessionCommand::Set { .. } | SessionCommand::Deallocate { .. } => return None,
+        };
+        let mut values = String::new();
+        for e in self
+            .startup
+            .iter()
+            .filter(|e| names.contains(&e.name.as_str()))
+        {
+            let Some(value) = &e.value else {
+                continue;
+            };
+            if !values.is_empty() {
+                values.push_str(", ");
+            }
+            values.push_str(&format!("('{}', '{}')", e.name, value.replace('\'', "''")));
+        }
+        (!values.is_empty()).then(|| {
+            format!(
+                "SELECT pg_catalog.set_config(s.name, v.value, false) \
+                 FROM pg_catalog.pg_settings s JOIN (VALUES {values}) AS v(name, value) \
+                 ON lower(s.name) = v.name WHERE s.source <> 'session'"
+            )
+        })
+    }
 }
 
 impl super::Session {
@@ -191,6 +256,16 @@ impl super::Session {
             .flatten()
         {
             self.queue_settings(&sql, true);
+        }
+    }
+
+    /// The proxy's reset, replay or restore of settings failed: what the connection carries
+    /// is unknown, so it is never reused.
+    pub(super) fn settings_failed(&mut self) {
+        if let Some(l) = self.lease.as_mut() {
+            let conn = l.conn();
+            conn.broken = true;
+            conn.set_applied(Applied::UNKNOWN);
         }
     }
 
@@ -393,6 +468,73 @@ mod tests {
         assert_eq!(s.reset_sql(no_role), Some("RESET ALL;"));
     }
 
+    /// RESET, RESET ALL and DISCARD ALL return to the startup values, as on a server; a
+    /// setting not given at startup returns to the server's default.
+    #[test]
+    fn resets_return_to_startup_values() {
+        let startup = Settings::from_startup(&params(&[
+            ("application_name", "myapp"),
+            (
+                "options",
+                "-c search_path=s1,public -c statement_timeout=1234",
+            ),
+        ]));
+        let set = |n: &str, v: &str| SessionCommand::Set {
+            name: n.into(),
+            value: Some(v.into()),
+        };
+        let reset = |n: &str| SessionCommand::Reset { name: n.into() };
+        let mut s = startup.clone();
+        s.apply(&set("search_path", "x"), "SET search_path = x");
+        s.apply(&set("work_mem", "7MB"), "SET work_mem = '7MB'");
+        s.apply(&set("role", "bob"), "SET ROLE bob");
+        assert_ne!(s.applied(), startup.applied());
+
+        let mut r = s.clone();
+        r.apply(&reset("search_path"), "RESET search_path");
+        r.apply(&reset("work_mem"), "RESET work_mem");
+        r.apply(&reset("role"), "RESET ROLE");
+        assert_eq!(r.applied(), startup.applied(), "RESET of each");
+
+        let mut r = s.clone();
+        r.apply(&SessionCommand::ResetAll, "RESET ALL");
+        assert_eq!(
+            r.replay_sql(Applied::default()).unwrap(),
+            "SELECT pg_catalog.set_config('application_name', 'myapp', false);\
+             SELECT pg_catalog.set_config('search_path', 's1,public', false);\
+             SELECT pg_catalog.set_config('statement_timeout', '1234', false);\
+             SET ROLE bob;",
+            "RESET ALL keeps the role"
+        );
+
+        let mut r = s.clone();
+        r.apply(&SessionCommand::DiscardAll, "DISCARD ALL");
+        assert_eq!(r.applied(), startup.applied(), "DISCARD ALL");
+
+        // What a backend needs after running the client's reset itself, which goes to the
+        // server's defaults: the startup values, where the reset reached.
+        let restore = s.restore_sql(&SessionCommand::ResetAll).unwrap();
+        assert!(
+            restore.contains(
+                "(VALUES ('application_name', 'myapp'), ('search_path', 's1,public'), \
+                 ('statement_timeout', '1234'))"
+            ) && restore.contains("source <> 'session'"),
+            "{restore}"
+        );
+        let restore = s.restore_sql(&reset("search_path")).unwrap();
+        assert!(
+            restore.contains("(VALUES ('search_path', 's1,public'))"),
+            "{restore}"
+        );
+        assert!(s.restore_sql(&reset("work_mem")).is_none());
+        assert!(s.restore_sql(&set("search_path", "y")).is_none());
+        assert!(
+            Settings::default()
+                .restore_sql(&SessionCommand::ResetAll)
+                .is_none()
+        );
+    }
+
     /// A standby cannot start a transaction of a session whose default isolation is
     /// serializable, however it was spelled or set.
     #[test]
@@ -402,6 +544,7 @@ mod tests {
             name: dti.into(),
             value: Some(v.into()),
         };
+        let reset = SessionCommand::Reset { name: dti.into() };
         let plain = Settings::default();
         assert!(!plain.needs_primary(None));
         assert!(plain.needs_primary(Some(&set("SERIALIZABLE"))));
@@ -434,6 +577,12 @@ mod tests {
             assert!(s.needs_primary(None), "{options}");
             s.apply(&set("read committed"), "");
             assert!(!s.needs_primary(None));
+            assert!(
+                s.needs_primary(Some(&reset)),
+                "RESET returns to the startup value"
+            );
+            s.apply(&SessionCommand::DiscardAll, "DISCARD ALL");
+            assert!(s.needs_primary(None));
         }
         let s = Settings::from_startup(&params(&[(dti, "serializable")]));
         assert!(s.needs_primary(None));
