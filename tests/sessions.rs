@@ -702,3 +702,63 @@ async fn resets_return_to_startup_values() {
     a.batch_execute("RESET search_path").await.unwrap();
     assert_eq!(first_value(&a, SHOW).await, "s1,public | 5ms | other | 7MB");
 }
+
+/// asyncpg's Pool resets a connection it takes back with one string, `SELECT
+/// pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;`. Resets among statements
+/// that leave no session state are followed rather than pinned: the session's reads keep
+/// reaching replicas, with the settings the server has after the string (and none of its
+/// changes when it failed). A SET among other statements still pins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_among_other_statements_do_not_pin() {
+    const PORT: &str = "SELECT inet_server_port()::text";
+    let env = small_pools().await;
+    let primary = env.node_port(0).to_string();
+    let pins = || {
+        env.proxy
+            .shared
+            .stats
+            .pins
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let a = connect(&format!(
+        "{} options='-c search_path=s1,public'",
+        env.conninfo()
+    ))
+    .await;
+    a.batch_execute("SET work_mem = '7MB'").await.unwrap();
+    a.batch_execute("SET search_path = public").await.unwrap();
+    a.batch_execute("SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;")
+        .await
+        .unwrap();
+    let mut ports = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        ports.insert(first_value(&a, PORT).await);
+        assert_eq!(first_value(&a, "SELECT v FROM marker").await, "s1");
+        assert_eq!(first_value(&a, "SHOW work_mem").await, "4MB");
+    }
+    assert!(!ports.contains(&primary), "pinned: {ports:?}");
+    assert_eq!(pins(), 0);
+    // A string that fails changes nothing.
+    a.batch_execute("SET work_mem = '7MB'").await.unwrap();
+    assert!(a.batch_execute("RESET work_mem; SELECT 1/0").await.is_err());
+    for _ in 0..3 {
+        assert_eq!(first_value(&a, "SHOW work_mem").await, "7MB");
+    }
+    a.batch_execute("RESET search_path; SELECT 1; RESET work_mem")
+        .await
+        .unwrap();
+    assert_eq!(first_value(&a, "SHOW work_mem").await, "4MB");
+    assert_eq!(pins(), 0);
+    // A SET among other statements is not followed: the session keeps its backend.
+    a.batch_execute("SELECT 1; SET search_path = public")
+        .await
+        .unwrap();
+    assert_eq!(pins(), 1);
+    assert_eq!(first_value(&a, PORT).await, primary);
+    assert_eq!(first_value(&a, "SELECT v FROM marker").await, "public");
+    // On that backend too, a failed string leaves the settings as they were.
+    assert!(a.batch_execute("SELECT 1/0; RESET ALL").await.is_err());
+    assert_eq!(first_value(&a, "SELECT v FROM marker").await, "public");
+    a.batch_execute("SELECT 1; RESET ALL").await.unwrap();
+    assert_eq!(first_value(&a, "SELECT v FROM marker").await, "s1");
+}

@@ -126,7 +126,7 @@ pub enum ProxyCommand {
 }
 
 /// Session-state statements the proxy tracks itself so they can follow the client to any
-/// backend (only when the whole string is that one statement).
+/// backend (only when the whole string is that one statement, or only resets settings).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SessionCommand {
     /// `SET [SESSION] name …` (not LOCAL): replayed on whichever backend serves the client.
@@ -143,6 +143,9 @@ pub enum SessionCommand {
     },
     /// `RESET ALL`.
     ResetAll,
+    /// Several statements in one string whose only session effect is to reset settings, in
+    /// order: a name for `RESET name` (or `SET name TO DEFAULT`), `None` for `RESET ALL`.
+    Resets(Vec<Option<String>>),
     /// `DEALLOCATE [PREPARE] name | ALL`; `None` for ALL.
     Deallocate {
         /// Statement name, `None` for ALL.
@@ -190,7 +193,8 @@ pub struct Classification {
     pub hints: Hints,
     /// Proxy-handled command, only when the whole string is that single statement.
     pub proxy: Option<ProxyCommand>,
-    /// Session-state command the proxy tracks, only when the whole string is that statement.
+    /// Session-state command the proxy tracks: the whole string is that statement, or its
+    /// other statements leave no session state behind (see [`SessionCommand::Resets`]).
     pub session: Option<SessionCommand>,
     /// Number of statements (0 for empty or comment-only strings).
     pub statements: usize,

@@ -459,6 +459,28 @@ pub(crate) fn combine(outcomes: &[Outcome]) -> Outcome {
         combined.session = single.session.clone();
     } else if outcomes.iter().any(|o| o.proxy.is_some()) {
         combined.proxy = Some(ProxyCommand::Misplaced);
+    } else {
+        combined.session = resets(outcomes);
     }
     combined
+}
+
+/// The resets of a multi-statement string whose other statements leave no session state
+/// (asyncpg's `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;`). Without
+/// transaction control such a string runs as one implicit transaction: either all of it takes
+/// effect or none, so the proxy knows the settings it leaves.
+fn resets(outcomes: &[Outcome]) -> Option<SessionCommand> {
+    let mut names = Vec::new();
+    for o in outcomes {
+        match &o.session {
+            Some(SessionCommand::Reset { name }) => names.push(Some(name.clone())),
+            Some(SessionCommand::ResetAll) => names.push(None),
+            Some(_) => return None,
+            None if o.pin.is_some() || o.tx != TxEffect::None || o.chain => return None,
+            // SAVEPOINT, RELEASE and ROLLBACK TO work on a transaction block.
+            None if o.reason == "savepoint" => return None,
+            None => {}
+        }
+    }
+    (!names.is_empty()).then_some(SessionCommand::Resets(names))
 }

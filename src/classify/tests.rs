@@ -396,6 +396,7 @@ fn transactions_and_pins() {
         ("BEGIN READ ONLY; SELECT 1; COMMIT", R, Tx::Begin { read_only: true }, None, "begin"),
         ("SELECT 1; COMMIT", R, Tx::Commit, None, "select"),
         ("SET x.y = 1; SELECT 1", R, Tx::None, Some(P::SessionSet), "set"),
+        ("SELECT 1; CLOSE ALL; RESET ALL", R, Tx::None, Some(P::SessionSet), "select"),
         ("SELECT 1; SET causeway.route = 'primary'", R, Tx::None, None, "select"),
         ("BEGIN; INSERT INTO t VALUES (1); COMMIT", W, Tx::Begin { read_only: false }, None, "insert"),
         ("SET LOCAL a.b = 1; SELECT pg_advisory_lock(1); LISTEN x", W, Tx::None, Some(P::AdvisoryLock), "write_function"),
@@ -776,6 +777,11 @@ fn session_commands_are_recognised_only_alone() {
         })
     };
     let reset = |n: &str| Some(S::Reset { name: n.into() });
+    let resets = |names: &[Option<&str>]| {
+        Some(S::Resets(
+            names.iter().map(|n| n.map(str::to_string)).collect(),
+        ))
+    };
     let cases: Vec<(&str, Option<S>)> = vec![
         ("SET search_path = public", set("search_path", "public")),
         (
@@ -825,6 +831,31 @@ fn session_commands_are_recognised_only_alone() {
         ("SET causeway.route = 'primary'", None),
         ("SET search_path = x; SELECT 1", None),
         ("SELECT set_config('search_path', 'x', false)", None),
+        // Resets among statements that leave no session state: the string is all or nothing.
+        (
+            "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;",
+            resets(&[None]),
+        ),
+        (
+            "RESET search_path; SELECT 1; SET work_mem TO DEFAULT; RESET ALL",
+            resets(&[Some("search_path"), Some("work_mem"), None]),
+        ),
+        ("SET LOCAL a.b = 1; RESET a.c", resets(&[Some("a.c")])),
+        ("UPDATE t SET a = 1; RESET ALL", resets(&[None])),
+        ("SELECT 1; SELECT 2", None),
+        // What the proxy cannot follow keeps pinning: SETs, other session state, transaction
+        // control (a COMMIT in the middle keeps what came before it whatever follows).
+        ("RESET ALL; SET search_path = x", None),
+        ("RESET ALL; LISTEN ch", None),
+        ("RESET ALL; SELECT pg_advisory_lock(1)", None),
+        ("RESET ALL; CREATE TEMP TABLE tt (a int)", None),
+        ("RESET ALL; DEALLOCATE ALL", None),
+        ("RESET ALL; DISCARD ALL", None),
+        ("BEGIN; RESET ALL; COMMIT", None),
+        ("RESET ALL; COMMIT; SELECT 1/0", None),
+        ("SAVEPOINT a; RESET ALL", None),
+        ("SELECT set_config('a.b', 'x', false); RESET ALL", None),
+        ("RESET ALL; SET causeway.route = 'primary'", None),
     ];
     let cat = catalog();
     for (sql, want) in cases {
@@ -835,6 +866,9 @@ fn session_commands_are_recognised_only_alone() {
         classify("SET SESSION AUTHORIZATION bob", &cat).pin,
         Some(P::SessionSet)
     );
+    for sql in ["RESET ALL; SET search_path = x", "RESET ALL; LISTEN ch"] {
+        assert!(classify(sql, &cat).pin.is_some(), "{sql}");
+    }
 }
 
 /// Statements that differ only in constants share a cached classification, and it is the one

@@ -260,7 +260,8 @@ impl Session {
         match cmd {
             SessionCommand::Set { .. }
             | SessionCommand::Reset { .. }
-            | SessionCommand::ResetAll => forward(cmd),
+            | SessionCommand::ResetAll
+            | SessionCommand::Resets(_) => forward(cmd),
             SessionCommand::DiscardAll if outside_tx && !self.pinned => {
                 self.settings.apply(cmd, &sql);
                 self.statements.clear();

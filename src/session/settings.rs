@@ -108,6 +108,14 @@ impl Settings {
             }),
             SessionCommand::Reset { name } => self.reset(name),
             SessionCommand::ResetAll => self.reset_all(),
+            SessionCommand::Resets(names) => {
+                for name in names {
+                    match name {
+                        Some(name) => self.reset(name),
+                        None => self.reset_all(),
+                    }
+                }
+            }
             SessionCommand::DiscardAll => {
                 // DISCARD ALL also resets the role (SET SESSION AUTHORIZATION DEFAULT).
                 self.entries = self.startup_except_role().cloned().collect();
@@ -212,6 +220,16 @@ impl Settings {
         let names: Vec<&str> = match cmd {
             SessionCommand::Reset { name } => vec![name.as_str()],
             SessionCommand::ResetAll | SessionCommand::DiscardAll => all().collect(),
+            SessionCommand::Resets(names) => {
+                let mut out = Vec::new();
+                for name in names {
+                    match name {
+                        Some(name) => out.push(name.as_str()),
+                        None => out.extend(all()),
+                    }
+                }
+                out
+            }
             SessionCommand::Set { .. } | SessionCommand::Deallocate { .. } => return None,
         };
         let mut values = String::new();
@@ -507,9 +525,14 @@ mod tests {
             "RESET ALL keeps the role"
         );
 
-        let mut r = s.clone();
-        r.apply(&SessionCommand::DiscardAll, "DISCARD ALL");
-        assert_eq!(r.applied(), startup.applied(), "DISCARD ALL");
+        for cmd in [
+            SessionCommand::DiscardAll,
+            SessionCommand::Resets(vec![Some("role".into()), None]),
+        ] {
+            let mut r = s.clone();
+            r.apply(&cmd, "");
+            assert_eq!(r.applied(), startup.applied(), "{cmd:?}");
+        }
 
         // What a backend needs after running the client's reset itself, which goes to the
         // server's defaults: the startup values, where the reset reached.
@@ -527,6 +550,13 @@ mod tests {
             "{restore}"
         );
         assert!(s.restore_sql(&reset("work_mem")).is_none());
+        let resets =
+            SessionCommand::Resets(vec![Some("work_mem".into()), Some("search_path".into())]);
+        let restore = s.restore_sql(&resets).unwrap();
+        assert!(
+            restore.contains("(VALUES ('search_path', 's1,public'))"),
+            "{restore}"
+        );
         assert!(s.restore_sql(&set("search_path", "y")).is_none());
         assert!(
             Settings::default()

@@ -225,6 +225,21 @@ async def case_replica_read():
         async with conn.transaction():
             port = await conn.fetchval("SELECT inet_server_port()")
         check(port == PRIMARY_PORT, f"a read-write transaction ran on {port}")
+    # A Pool resets each connection it takes back with one string (`SELECT
+    # pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;`): that keeps neither the
+    # connection off the replicas nor the pool's server_settings from the next acquire.
+    settings = {"application_name": "drv_pool", "search_path": "pg_catalog,public"}
+    pool = await asyncpg.create_pool(URL, min_size=1, max_size=1, timeout=5, server_settings=settings)
+    try:
+        for i in range(4):
+            async with pool.acquire() as conn:
+                row = await conn.fetchrow(
+                    "SELECT inet_server_port(), current_setting('application_name'), current_setting('search_path')"
+                )
+            check(row[0] != PRIMARY_PORT, f"read after release {i} ran on the primary")
+            check(tuple(row[1:]) == tuple(settings.values()), f"settings after release {i}: {tuple(row[1:])}")
+    finally:
+        await pool.close()
 
 
 async def case_schema_change():
