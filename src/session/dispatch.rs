@@ -6,15 +6,13 @@ use std::sync::atomic::Ordering;
 
 use super::local::SessionAction;
 use super::{Effect, Expect, InFlight, Request, Session, translate};
-use crate::cancel::CancelTarget;
 use crate::classify::{Access, Classification, Hints, SessionCommand, TxEffect};
 use crate::config::PoolMode;
-use crate::error::{PoolError, SessionError, SlotError, sqlstate};
+use crate::error::{SessionError, sqlstate};
 use crate::pool::Applied;
 use crate::pool::queue::Class;
 use crate::priority;
 use crate::protocol::{self, TxStatus, tag};
-use crate::route::{Decision, Reason, Target};
 
 /// Requests timed at once per session; a client pipelining more is timed for the first ones.
 const MAX_TIMINGS: usize = 64;
@@ -175,41 +173,6 @@ impl Session {
             && !self.holds_backend()
             && lease.node().role == crate::cluster::Role::Replica
             && needs_primary
-    }
-
-    /// Waits for an execution slot on the backend's server when it bounds `max_active`; the
-    /// slot is held until the request's ReadyForQuery. `Ok(false)`: refused, timed out or
-    /// cancelled, and the client has been told (inside a transaction, which the failure
-    /// aborts).
-    async fn take_slot(&mut self, prio: Class, req: &Request) -> Result<bool, SessionError> {
-        let Some(slots) = self.lease.as_ref().and_then(|l| l.node().slots.clone()) else {
-            return Ok(true);
-        };
-        if self.slot.is_some() {
-            return Ok(true);
-        }
-        let timeout = self.cfg.class_timeouts()[prio as usize];
-        let name = self
-            .lease
-            .as_ref()
-            .map(|l| l.node().name.clone())
-            .unwrap_or_default();
-        let err = match self.wait_watching(slots.acquire(prio, timeout)).await {
-            Ok(Ok(permit)) => {
-                self.slot = Some(permit);
-                return Ok(true);
-            }
-            Ok(Err(e)) => SlotError::from_acquire(e, name, timeout.as_millis() as u64).into(),
-            Err(e) if e.is_client_gone() => {
-                self.drop_unsent();
-                return Err(e);
-            }
-            Err(e) => e,
-        };
-        self.abort_server_transaction().await?;
-        self.fail_request(req, &err);
-        self.release_if_idle();
-        Ok(false)
     }
 
     /// Whether the open transaction can write: not on a replica, where every transaction is
@@ -444,95 +407,6 @@ impl Session {
             [one] => Arc::clone(one),
             _ => Arc::new(combine(&parts)),
         }
-    }
-
-    /// Routes and takes a backend; a replica that cannot be reached is banned and another tried.
-    async fn acquire_for(
-        &mut self,
-        class: &Classification,
-        force_primary: bool,
-        prio: Class,
-        now: std::time::Instant,
-    ) -> Result<(), SessionError> {
-        let shared = Arc::clone(&self.shared);
-        let cluster = &shared.cluster;
-        let mut replicas = cluster.replicas_owned();
-        for _ in 0..=replicas.len() {
-            let decision = if force_primary {
-                Decision {
-                    target: Target::Primary,
-                    reason: Reason::ReadOnlyRetry,
-                }
-            } else if self.cfg.pool.mode == PoolMode::Session {
-                // One backend for the whole session, as a server would be: the primary.
-                Decision {
-                    target: Target::Primary,
-                    reason: Reason::SessionPin,
-                }
-            } else {
-                self.decide(class, now, &replicas).await?
-            };
-            let node = match decision.target {
-                Target::Primary => cluster.primary(),
-                Target::Replica(i) => match replicas.get(i) {
-                    Some(n) => n,
-                    None => cluster.primary(),
-                },
-            };
-            if node.retired.load(Ordering::Acquire) {
-                // A reload removed it (or it was promoted) while this read was routed: route
-                // again over the servers in force now.
-                replicas = cluster.replicas_owned();
-                continue;
-            }
-            let Some(pool) = shared.pools.get(node, &self.login) else {
-                if node.retired.load(Ordering::Acquire) {
-                    replicas = cluster.replicas_owned();
-                    continue;
-                }
-                return Err(SessionError::AuthRejected(format!(
-                    "user \"{}\" is not configured",
-                    self.user
-                )));
-            };
-            self.info.set_waiting();
-            let acquired = self
-                .wait_watching(pool.acquire(prio))
-                .await
-                .inspect_err(|_| self.info.set_idle())?;
-            if acquired.is_err() {
-                self.info.set_idle();
-            }
-            match acquired {
-                Ok(mut lease) => {
-                    self.info.set_active(node.id);
-                    shared.stats.count_route(decision.reason);
-                    node.transactions.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(
-                        target_node = %node.name,
-                        reason = decision.reason.as_str(),
-                        class = class.reason,
-                        "routed"
-                    );
-                    let conn = lease.conn();
-                    self.cancel.set(CancelTarget {
-                        endpoint: node.endpoint(),
-                        pid: conn.pid,
-                        secret: conn.secret,
-                        cancelled: false,
-                    });
-                    self.lease = Some(lease);
-                    self.replay_settings();
-                    return Ok(());
-                }
-                Err(PoolError::Backend(e)) if decision.target != Target::Primary => {
-                    node.errors.fetch_add(1, Ordering::Relaxed);
-                    node.ban(e.to_string());
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(SessionError::NoReplica)
     }
 
     /// Writes the request to the backend, renaming statements and recording expected replies.
