@@ -66,7 +66,11 @@ fn main() -> ExitCode {
 }
 
 fn config_error(path: &std::path::Path, e: &causeway::config::ConfigError) -> ExitCode {
-    eprintln!("causeway: invalid configuration {}: {e}", path.display());
+    use causeway::config::ConfigError;
+    match e {
+        ConfigError::Missing(_) | ConfigError::Unreadable { .. } => eprintln!("causeway: {e}"),
+        _ => eprintln!("causeway: invalid configuration {}: {e}", path.display()),
+    }
     ExitCode::from(2)
 }
 

@@ -107,6 +107,40 @@ fn bad_configurations_exit_2_naming_the_key() {
             format!("{GOOD}\n[logging]\nlevel = \"=[\"\n"),
             "logging.level",
         ),
+        // A value of the wrong type is refused, never converted.
+        (
+            format!("{GOOD}\n[pool]\nprimary_max = 2.9\n"),
+            "pool.primary_max",
+        ),
+        (
+            format!("{GOOD}\n[pool]\nacquire_timeout_ms = 1e3\n"),
+            "pool.acquire_timeout_ms",
+        ),
+        (
+            format!("{GOOD}\n[pool]\nprimary_max = \"50\"\n"),
+            "pool.primary_max",
+        ),
+        (
+            format!("{GOOD}\n[routing]\nfollow_promotion = \"yes\"\n"),
+            "routing.follow_promotion",
+        ),
+        (
+            format!("{GOOD}\n[routing]\nfollow_promotion = 1\n"),
+            "routing.follow_promotion",
+        ),
+        (
+            format!("{GOOD}\n[priority]\nenabled = 0.5\n"),
+            "priority.enabled",
+        ),
+        (format!("{GOOD}\n[logging]\nlevel = 5\n"), "logging.level"),
+        (
+            format!("{GOOD}\n[pool]\nreplica_max = 0.4\n"),
+            "floating point",
+        ),
+        (
+            format!("{GOOD}\n[[replicas]]\nname = \"r2\"\nhost = \"h\"\nport = \"1\"\n"),
+            "replicas[1].port",
+        ),
     ];
     for (config, key) in cases {
         for args in [&["check"][..], &[][..]] {
@@ -114,6 +148,38 @@ fn bad_configurations_exit_2_naming_the_key() {
             assert_eq!(code, 2, "{args:?} {key}: {err}");
             assert!(err.contains(key), "{args:?} expected {key} in: {err}");
         }
+    }
+}
+
+#[test]
+fn environment_values_must_parse_as_their_key_type() {
+    for (var, value) in [
+        ("CAUSEWAY__POOL__PRIMARY_MAX", "2.9"),
+        ("CAUSEWAY__POOL__ACQUIRE_TIMEOUT_MS", "1e3"),
+        ("CAUSEWAY__ROUTING__FOLLOW_PROMOTION", "yes"),
+        ("CAUSEWAY__PRIORITY__ENABLED", "1"),
+    ] {
+        let (code, _, err) = run(GOOD, &["check"], &[(var, value)]);
+        assert_eq!(code, 2, "{var}={value}: {err}");
+        assert!(err.contains(var), "{var}={value}: {err}");
+    }
+}
+
+#[test]
+fn a_missing_configuration_file_is_called_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nowhere.toml");
+    for args in [&["check"][..], &[][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_causeway"))
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("does not exist"), "{err}");
+        assert!(!err.contains("invalid configuration"), "{err}");
     }
 }
 

@@ -8,15 +8,33 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 mod sections;
+mod source;
 
 pub use sections::*;
 
 /// A configuration that could not be loaded or failed validation; the message names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file or environment could not be read or did not match the schema.
+    /// The configuration file does not exist.
+    #[error("configuration file {} does not exist", .0.display())]
+    Missing(std::path::PathBuf),
+    /// The configuration file exists but cannot be read.
+    #[error("cannot read configuration file {}: {source}", path.display())]
+    Unreadable {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not TOML, or the environment could not be applied to it.
     #[error("{0}")]
     Load(String),
+    /// A key is unknown, missing or has a value of the wrong type.
+    #[error("`{key}`{}: {message}", from.as_ref().map(|v| format!(" (from {v})")).unwrap_or_default())]
+    Schema {
+        key: String,
+        message: String,
+        /// The environment variable the value came from, if not the file.
+        from: Option<String>,
+    },
     /// A value is present but impossible.
     #[error("invalid value for `{key}`: {message}")]
     Invalid { key: String, message: String },
@@ -61,28 +79,56 @@ pub struct Config {
 impl Config {
     /// Loads `path` (TOML) and applies `CAUSEWAY__…` environment overrides, then validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let builder = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(env_source());
-        Self::build(builder)
+        let text = std::fs::read_to_string(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                ConfigError::Missing(path.to_path_buf())
+            } else {
+                ConfigError::Unreadable {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
+        let mut vars = Vec::new();
+        for (name, value) in std::env::vars_os() {
+            let Ok(name) = name.into_string() else {
+                continue;
+            };
+            if !name.to_ascii_lowercase().starts_with(source::ENV_PREFIX) {
+                continue;
+            }
+            let value = value
+                .into_string()
+                .map_err(|_| ConfigError::Load(format!("{name} is not valid UTF-8")))?;
+            vars.push((name, value));
+        }
+        Self::build(&text, vars)
     }
 
     /// Parses TOML text (no environment), then validates; used by tests and the demo.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let builder = config::Config::builder()
-            .add_source(config::File::from_str(text, config::FileFormat::Toml));
-        Self::build(builder)
+        Self::build(text, [])
     }
 
+    /// Parses `text`, lets `vars` (`CAUSEWAY__SECTION__KEY`, value) override it, and
+    /// validates. File values must have their key's type; variables must parse as it.
     fn build(
-        builder: config::ConfigBuilder<config::builder::DefaultState>,
+        text: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let raw = builder
-            .build()
-            .map_err(|e| ConfigError::Load(e.to_string()))?;
-        let cfg: Config = raw
-            .try_deserialize()
-            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Load(e.to_string()))?;
+        let mut tree = source::Node::from_file(table);
+        tree.override_from(vars).map_err(ConfigError::Load)?;
+        let cfg: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            ConfigError::Schema {
+                key,
+                message: source::plain(&inner.message),
+                from: inner.var,
+            }
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -311,13 +357,6 @@ impl Config {
     }
 }
 
-fn env_source() -> config::Environment {
-    config::Environment::with_prefix("CAUSEWAY")
-        .prefix_separator("__")
-        .separator("__")
-        .try_parsing(false)
-}
-
 fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     let addr: SocketAddr = value
         .parse()
@@ -415,6 +454,132 @@ port = 5433
             "{BASE}\n[server]\nlisten_unix = \"run/causeway\"\n"
         ));
         assert!(e.contains("server.listen_unix"), "{e}");
+    }
+
+    #[test]
+    fn file_values_keep_their_toml_type() {
+        for (section, line, key, says) in [
+            (
+                "pool",
+                "primary_max = 2.9",
+                "pool.primary_max",
+                "floating point `2.9`",
+            ),
+            (
+                "pool",
+                "replica_max = 0.4",
+                "pool.replica_max",
+                "floating point `0.4`",
+            ),
+            (
+                "pool",
+                "acquire_timeout_ms = 1e3",
+                "pool.acquire_timeout_ms",
+                "floating point",
+            ),
+            (
+                "pool",
+                "primary_max = \"50\"",
+                "pool.primary_max",
+                "string \"50\"",
+            ),
+            ("pool", "mode = 5", "pool.mode", "integer `5`"),
+            (
+                "routing",
+                "follow_promotion = \"yes\"",
+                "routing.follow_promotion",
+                "string",
+            ),
+            (
+                "routing",
+                "follow_promotion = 1",
+                "routing.follow_promotion",
+                "integer `1`",
+            ),
+            (
+                "priority",
+                "enabled = 0.5",
+                "priority.enabled",
+                "floating point",
+            ),
+            ("logging", "level = 5", "logging.level", "integer `5`"),
+            (
+                "server",
+                "monitor_user = 1",
+                "server.monitor_user",
+                "integer `1`",
+            ),
+        ] {
+            let e = err_of(&format!("{BASE}\n[{section}]\n{line}\n"));
+            assert!(e.contains(&format!("`{key}`")), "{line}: {e}");
+            assert!(e.contains(says), "{line}: {e}");
+        }
+        let e = err_of(&format!(
+            "{BASE}\n[[replicas]]\nname = \"r2\"\nhost = \"h\"\nport = \"5434\"\n"
+        ));
+        assert!(e.contains("`replicas[1].port`"), "{e}");
+        // An integer is a number: it may stand for a float.
+        let cfg = Config::from_toml(&format!("{BASE}\n[priority]\nbackground_share = 1\n"));
+        assert_eq!(cfg.unwrap().priority.background_share, 1.0);
+    }
+
+    fn with_env(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::build(BASE, vars)
+    }
+
+    #[test]
+    fn environment_values_parse_as_their_key_type() {
+        let cfg = with_env(&[
+            ("CAUSEWAY__POOL__PRIMARY_MAX", "7"),
+            ("causeway__routing__follow_promotion", "TRUE"),
+            ("CAUSEWAY__PRIORITY__BACKGROUND_SHARE", "0.25"),
+            ("CAUSEWAY__POOL__MODE", "session"),
+            ("CAUSEWAY__SERVER__MONITOR_USER", "app"),
+            ("CAUSEWAY__ADMIN__TOKEN", "0123"),
+            ("CAUSEWAY__PRIORITY__ACQUIRE_TIMEOUT_MS__COMMIT", "50"),
+            ("CAUSEWAY__PRIMARY__PORT", "6000"),
+            ("CAUSEWAY_LOG", "debug"),
+        ])
+        .unwrap();
+        assert_eq!(cfg.pool.primary_max, 7);
+        assert!(cfg.routing.follow_promotion);
+        assert_eq!(cfg.priority.background_share, 0.25);
+        assert_eq!(cfg.pool.mode, PoolMode::Session);
+        assert_eq!(cfg.server.monitor_user.as_deref(), Some("app"));
+        assert_eq!(cfg.admin.token, "0123");
+        assert_eq!(cfg.priority.acquire_timeout_ms.commit, Some(50));
+        assert_eq!(cfg.primary.port, 6000);
+        for (var, value) in [
+            ("CAUSEWAY__POOL__PRIMARY_MAX", "2.9"),
+            ("CAUSEWAY__POOL__PRIMARY_MAX", "1e3"),
+            ("CAUSEWAY__POOL__PRIMARY_MAX", "-1"),
+            ("CAUSEWAY__POOL__PRIMARY_MAX", "lots"),
+            ("CAUSEWAY__ROUTING__FOLLOW_PROMOTION", "yes"),
+            ("CAUSEWAY__ROUTING__FOLLOW_PROMOTION", "1"),
+            ("CAUSEWAY__PRIORITY__BACKGROUND_SHARE", "half"),
+            ("CAUSEWAY__PRIORITY__BACKGROUND_SHARE", "NaN"),
+            ("CAUSEWAY__PRIMARY__PORT", "70000"),
+            ("CAUSEWAY__POOL__MODE", "statement"),
+        ] {
+            let e = with_env(&[(var, value)]).unwrap_err().to_string();
+            assert!(e.contains(var), "{var}={value}: {e}");
+            let key = var[10..].to_ascii_lowercase().replace("__", ".");
+            assert!(e.contains(&format!("`{key}`")), "{var}={value}: {e}");
+        }
+        let e = with_env(&[("CAUSEWAY__POOL__PRIMARY_MAXX", "3")]).unwrap_err();
+        assert!(e.to_string().contains("primary_maxx"), "{e}");
+        let e = with_env(&[("CAUSEWAY__USERS__NAME", "x")]).unwrap_err();
+        assert!(e.to_string().contains("CAUSEWAY__USERS__NAME"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_file_is_called_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        let e = Config::load(&path).unwrap_err();
+        assert!(matches!(e, ConfigError::Missing(_)), "{e:?}");
+        assert!(e.to_string().contains("does not exist"), "{e}");
     }
 
     #[test]
