@@ -124,9 +124,14 @@ fn auto_workers(cores: usize) -> usize {
 /// carries its span (client address, session id, user and database); the lines it logs at info
 /// and above name the session and client address themselves.
 fn init_tracing(logging: &LoggingConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CAUSEWAY_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&logging.level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let from_env = std::env::var("CAUSEWAY_LOG").ok().and_then(|text| {
+        causeway::config::log_filter(&text)
+            .map_err(|e| eprintln!("causeway: CAUSEWAY_LOG ignored: {e}"))
+            .ok()
+    });
+    let filter = from_env
+        .or_else(|| causeway::config::log_filter(&logging.level).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

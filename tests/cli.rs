@@ -107,6 +107,15 @@ fn bad_configurations_exit_2_naming_the_key() {
             format!("{GOOD}\n[logging]\nlevel = \"=[\"\n"),
             "logging.level",
         ),
+        // A typo is not a target name that would silence every log line.
+        (
+            format!("{GOOD}\n[logging]\nlevel = \"warning\"\n"),
+            "logging.level",
+        ),
+        (
+            format!("{GOOD}\n[logging]\nlevel = \"debg\"\n"),
+            "logging.level",
+        ),
         // A value of the wrong type is refused, never converted.
         (
             format!("{GOOD}\n[pool]\nprimary_max = 2.9\n"),

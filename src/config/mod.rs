@@ -152,15 +152,7 @@ impl Config {
                 ));
             }
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
-            return Err(invalid(
-                "logging.level",
-                format!(
-                    "{:?} is not a log filter (e.g. \"info\" or \"causeway=debug\")",
-                    self.logging.level
-                ),
-            ));
-        }
+        log_filter(&self.logging.level).map_err(|e| invalid("logging.level", e))?;
         if self.tls.client_mode != ClientTls::Disable
             && (self.tls.cert_file.is_empty() || self.tls.key_file.is_empty())
         {
@@ -357,6 +349,29 @@ impl Config {
     }
 }
 
+/// Parses a tracing filter: comma-separated directives, each a plain level (`info`) or
+/// `target=level` (span filters in brackets as tracing writes them). A bare word that is not a
+/// level is refused: tracing would take it for a target name and turn off every other line, so
+/// a typo such as `warning` would silence the proxy.
+pub fn log_filter(text: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    use tracing_subscriber::filter::LevelFilter;
+    let mut directives = text.split(',').map(str::trim).filter(|d| !d.is_empty());
+    if directives.clone().next().is_none() {
+        return Err("is empty: write a level such as \"info\"".into());
+    }
+    if let Some(word) =
+        directives.find(|d| !d.contains(['=', '[']) && d.parse::<LevelFilter>().is_err())
+    {
+        return Err(format!(
+            "{word:?} is not a level (off, error, warn, info, debug, trace); \
+             to set one target's level write target=level, e.g. \"causeway=debug,info\""
+        ));
+    }
+    tracing_subscriber::EnvFilter::try_new(text).map_err(|e| {
+        format!("{text:?} is not a log filter (e.g. \"info\" or \"causeway=debug,info\"): {e}")
+    })
+}
+
 fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     let addr: SocketAddr = value
         .parse()
@@ -521,6 +536,33 @@ port = 5433
         // An integer is a number: it may stand for a float.
         let cfg = Config::from_toml(&format!("{BASE}\n[priority]\nbackground_share = 1\n"));
         assert_eq!(cfg.unwrap().priority.background_share, 1.0);
+    }
+
+    #[test]
+    fn log_levels_are_levels_or_directives() {
+        for good in [
+            "info",
+            "WARN",
+            "causeway=debug,info",
+            "causeway::route=trace, warn",
+            "off",
+            "[session]=debug",
+        ] {
+            assert!(log_filter(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "warning",
+            "debg",
+            "info,causeway",
+            "",
+            " , ",
+            "=[",
+            "causeway=loud",
+        ] {
+            assert!(log_filter(bad).is_err(), "{bad:?}");
+            let e = err_of(&format!("{BASE}\n[logging]\nlevel = {bad:?}\n"));
+            assert!(e.contains("logging.level"), "{e}");
+        }
     }
 
     fn with_env(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
