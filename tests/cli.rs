@@ -193,6 +193,19 @@ fn a_missing_configuration_file_is_called_missing() {
 }
 
 #[test]
+fn an_address_in_use_is_named() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let config = GOOD.replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"{addr}\"\nadmin_listen = \"\""),
+    );
+    let (code, _, err) = run(&config, &[], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("server.listen {addr}")), "{err}");
+}
+
+#[test]
 fn shipped_proxy_toml_is_valid() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml")).unwrap();
     let (code, out, err) = run(&text, &["check"], &[]);

@@ -101,7 +101,10 @@ impl Running {
 
 /// Binds the listener, starts the monitors and the accept loop, and returns at once.
 pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
-    let listener = TcpListener::bind(&cfg.server.listen).await?;
+    let listen = &cfg.server.listen;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("server.listen {listen}: {e}")))?;
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     let tls = Arc::new(
