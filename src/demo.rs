@@ -6,14 +6,21 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::launcher::{ClusterOptions, LocalCluster};
 
+/// The demo's admin endpoint, as the README gives it.
+const ADMIN: &str = "127.0.0.1:9930";
+
 /// The proxy configuration for a local cluster (the same one the tests use). The admin
 /// endpoint listens on 127.0.0.1:9930, or on a free port when `listen` asks for one (`:0`).
 pub fn config_for(cluster: &LocalCluster, listen: &str) -> String {
     let admin = if listen.ends_with(":0") {
         "127.0.0.1:0"
     } else {
-        "127.0.0.1:9930"
+        ADMIN
     };
+    config_with_admin(cluster, listen, admin)
+}
+
+fn config_with_admin(cluster: &LocalCluster, listen: &str, admin: &str) -> String {
     let mut text = format!(
         r#"
 [server]
@@ -52,11 +59,20 @@ pub async fn run(port: u16) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("cannot start the demo cluster: {e}"))?;
-    let cfg = Config::from_toml(&config_for(&cluster, &format!("127.0.0.1:{port}")))
+    // Another program on 9930 (another demo, say) leaves the dashboard a free port instead.
+    let admin = match std::net::TcpListener::bind(ADMIN) {
+        Ok(_) => ADMIN,
+        Err(_) => {
+            eprintln!("{ADMIN} is in use; the admin endpoint takes a free port");
+            "127.0.0.1:0"
+        }
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let cfg = Config::from_toml(&config_with_admin(&cluster, &listen, admin))
         .map_err(|e| e.to_string())?;
     let running = crate::server::start(Arc::new(cfg))
         .await
-        .map_err(|e| format!("cannot listen on 127.0.0.1:{port}: {e}"))?;
+        .map_err(|e| format!("cannot start the proxy: {e}"))?;
     println!("primary   127.0.0.1:{}", cluster.primary.port);
     for r in &cluster.replicas {
         println!("{:<9} 127.0.0.1:{}", r.name, r.port);

@@ -1,7 +1,9 @@
 //! The `causeway` command line: `check` validates and prints the effective configuration; a
 //! bad configuration stops start-up with exit code 2 and names the key.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 const GOOD: &str = r#"
 [server]
@@ -341,4 +343,115 @@ fn sighup_reloads_an_invalid_file_is_rejected_and_sigterm_exits() {
         status.is_some_and(|s| s.success()),
         "exit after SIGTERM: {status:?}"
     );
+}
+
+/// A `causeway demo` child; the lines it writes to stdout and stderr arrive on a channel.
+struct Demo {
+    child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Demo {
+    fn start() -> Demo {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_causeway"))
+            .args(["demo", "--port", &port.to_string()])
+            .env_remove("CAUSEWAY_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let out: Box<dyn std::io::Read + Send> = Box::new(child.stdout.take().unwrap());
+        let err: Box<dyn std::io::Read + Send> = Box::new(child.stderr.take().unwrap());
+        for pipe in [out, err] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)) {
+                    let Ok(line) = line else { return };
+                    if tx.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Demo {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first line containing `needle` within `secs`.
+    fn wait_for(&mut self, needle: &str, secs: u64) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return Some(line);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    fn signal(&self, name: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{name}");
+    }
+
+    /// The exit status, if the demo ends within `secs`.
+    fn wait_exit(&mut self, secs: u64) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Demo {
+    /// Ctrl-C first, so that a failing test leaves no servers behind.
+    fn drop(&mut self) {
+        if self.child.try_wait().is_ok_and(|s| s.is_none()) {
+            self.signal("INT");
+            if self.wait_exit(30).is_none() {
+                let _ = self.child.kill();
+            }
+        }
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn demo_takes_a_free_admin_port_when_9930_is_taken() {
+    // Busy either way: held here, or by someone else.
+    let _held = std::net::TcpListener::bind("127.0.0.1:9930");
+    let mut demo = Demo::start();
+    let admin = demo.wait_for("admin     http", 120);
+    let ready = demo.wait_for("Ctrl-C stops", 5);
+    demo.signal("INT");
+    let status = demo.wait_exit(60);
+    let seen = demo.seen.join("\n");
+    let admin = admin.unwrap_or_else(|| panic!("no admin line:\n{seen}"));
+    assert!(ready.is_some(), "{seen}");
+    assert!(admin.contains("http://127.0.0.1:"), "{seen}");
+    assert!(!admin.contains(":9930"), "{seen}");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{seen}");
 }
