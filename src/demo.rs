@@ -1,10 +1,14 @@
 //! `causeway demo`: a throwaway primary with two streaming replicas, started from the machine's
-//! PostgreSQL binaries, with the proxy in front; Ctrl-C stops and removes everything.
+//! PostgreSQL binaries, with the proxy in front; Ctrl-C, SIGTERM or SIGHUP stops and removes
+//! everything, even while the cluster is still starting.
 
 use std::sync::Arc;
 
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
 use crate::config::Config;
 use crate::launcher::{ClusterOptions, LocalCluster};
+use crate::server::Running;
 
 /// The demo's admin endpoint, as the README gives it.
 const ADMIN: &str = "127.0.0.1:9930";
@@ -52,13 +56,45 @@ port = {}
     text
 }
 
-/// Runs the demo until Ctrl-C.
+/// Runs the demo until SIGINT (Ctrl-C), SIGTERM or SIGHUP (a closed terminal), then stops the
+/// proxy and removes the cluster. The signals are caught from the start: one that arrives while
+/// the cluster is starting lets the start finish, or fail and clean up after itself, and then
+/// removes whatever it made.
 pub async fn run(port: u16) -> Result<(), String> {
+    let mut stop = StopSignals::new().map_err(|e| format!("cannot catch signals: {e}"))?;
     eprintln!("starting a PostgreSQL primary and two streaming replicas...");
-    let cluster = tokio::task::spawn_blocking(|| LocalCluster::start(ClusterOptions::default()))
-        .await
+    let mut starting =
+        tokio::task::spawn_blocking(|| LocalCluster::start(ClusterOptions::default()));
+    let started = tokio::select! {
+        biased;
+        signal = stop.recv() => {
+            say(&format!("{signal}: stopping; the servers being started are removed once they are up"));
+            if let Ok(Ok(cluster)) = starting.await {
+                remove(cluster).await?;
+            }
+            return Ok(());
+        }
+        started = &mut starting => started,
+    };
+    let cluster = started
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("cannot start the demo cluster: {e}"))?;
+    let running = match serve(&cluster, port).await {
+        Ok(running) => running,
+        Err(e) => {
+            remove(cluster).await?;
+            return Err(e);
+        }
+    };
+    show(&cluster, &running);
+    let signal = stop.recv().await;
+    say(&format!("{signal}: stopping..."));
+    running.stop().await;
+    remove(cluster).await
+}
+
+/// The proxy in front of `cluster`, its clients on `port`.
+async fn serve(cluster: &LocalCluster, port: u16) -> Result<Running, String> {
     // Another program on 9930 (another demo, say) leaves the dashboard a free port instead.
     let admin = match std::net::TcpListener::bind(ADMIN) {
         Ok(_) => ADMIN,
@@ -68,11 +104,15 @@ pub async fn run(port: u16) -> Result<(), String> {
         }
     };
     let listen = format!("127.0.0.1:{port}");
-    let cfg = Config::from_toml(&config_with_admin(&cluster, &listen, admin))
+    let cfg = Config::from_toml(&config_with_admin(cluster, &listen, admin))
         .map_err(|e| e.to_string())?;
-    let running = crate::server::start(Arc::new(cfg))
+    crate::server::start(Arc::new(cfg))
         .await
-        .map_err(|e| format!("cannot start the proxy: {e}"))?;
+        .map_err(|e| format!("cannot start the proxy: {e}"))
+}
+
+/// Prints where everything listens and how to connect.
+fn show(cluster: &LocalCluster, running: &Running) {
     println!("primary   127.0.0.1:{}", cluster.primary.port);
     for r in &cluster.replicas {
         println!("{:<9} 127.0.0.1:{}", r.name, r.port);
@@ -94,11 +134,44 @@ pub async fn run(port: u16) -> Result<(), String> {
         running.addr.port()
     );
     println!("Ctrl-C stops the proxy and removes the cluster.");
-    let _ = tokio::signal::ctrl_c().await;
-    eprintln!("stopping...");
-    running.stop().await;
+}
+
+/// A line on stderr, if it is still there: after SIGHUP the terminal may be gone, and
+/// `eprintln!` would panic instead of letting the cluster be removed.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Stops every server of `cluster` and removes its files.
+async fn remove(cluster: LocalCluster) -> Result<(), String> {
     tokio::task::spawn_blocking(move || cluster.stop())
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
+        .map_err(|e| e.to_string())
+}
+
+/// The signals that end the demo, caught from creation on.
+struct StopSignals {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+}
+
+impl StopSignals {
+    fn new() -> std::io::Result<StopSignals> {
+        Ok(StopSignals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The name of the next signal.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.hup.recv() => "SIGHUP",
+        }
+    }
 }

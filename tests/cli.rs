@@ -1,6 +1,7 @@
 //! The `causeway` command line: `check` validates and prints the effective configuration; a
 //! bad configuration stops start-up with exit code 2 and names the key.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -424,6 +425,18 @@ impl Demo {
         }
         None
     }
+
+    /// The directory of the demo's cluster: the launcher writes its owner's pid there.
+    fn cluster_dir(&self) -> Option<PathBuf> {
+        let pid = self.child.id().to_string();
+        std::fs::read_dir(causeway::launcher::base_dir())
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|dir| {
+                std::fs::read_to_string(dir.join("owner.pid")).is_ok_and(|p| p.trim() == pid)
+            })
+    }
 }
 
 impl Drop for Demo {
@@ -437,6 +450,22 @@ impl Drop for Demo {
         }
         let _ = self.child.wait();
     }
+}
+
+/// Pids of server processes whose command line names `dir` (a postmaster's `-D`).
+fn servers_in(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
 #[test]
@@ -454,4 +483,60 @@ fn demo_takes_a_free_admin_port_when_9930_is_taken() {
     assert!(admin.contains("http://127.0.0.1:"), "{seen}");
     assert!(!admin.contains(":9930"), "{seen}");
     assert!(status.is_some_and(|s| s.success()), "{status:?}\n{seen}");
+}
+
+/// Runs a demo, sends it `signal` once its cluster is up (`ready`) or as soon as the cluster
+/// directory exists (while it is still starting), and checks that it exits cleanly, its
+/// servers stopped and its directory removed.
+fn demo_stops_cleanly(signal: &str, ready: bool) {
+    let mut demo = Demo::start();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let dir = loop {
+        if let Some(dir) = demo.cluster_dir() {
+            break dir;
+        }
+        assert!(Instant::now() < deadline, "no cluster directory");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    if ready {
+        let up = demo.wait_for("Ctrl-C stops", 120);
+        assert!(up.is_some(), "never ready:\n{}", demo.seen.join("\n"));
+        assert!(!servers_in(&dir).is_empty(), "no servers found in {dir:?}");
+    }
+    demo.signal(signal);
+    let status = demo.wait_exit(120);
+    demo.wait_for("never printed", 1);
+    let left = servers_in(&dir);
+    let kept = dir.exists();
+    if !left.is_empty() || kept {
+        // Not the demo's own leftovers to keep: its owner is gone, so this removes them.
+        causeway::launcher::cleanup_stale();
+    }
+    let seen = demo.seen.join("\n");
+    assert!(
+        left.is_empty(),
+        "SIG{signal}: servers left running: {left:?}\n{seen}"
+    );
+    assert!(!kept, "SIG{signal}: {dir:?} left behind\n{seen}");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIG{signal}: {status:?}\n{seen}"
+    );
+    // The signal did arrive mid-start.
+    assert!(ready || !seen.contains("Ctrl-C stops"), "{seen}");
+}
+
+#[test]
+fn demo_stops_and_removes_its_cluster_on_sigterm() {
+    demo_stops_cleanly("TERM", true);
+}
+
+#[test]
+fn demo_stops_and_removes_its_cluster_on_sighup() {
+    demo_stops_cleanly("HUP", true);
+}
+
+#[test]
+fn demo_stops_and_removes_its_cluster_on_sigint_while_starting() {
+    demo_stops_cleanly("INT", false);
 }
