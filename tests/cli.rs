@@ -110,6 +110,10 @@ fn bad_configurations_exit_2_naming_the_key() {
             format!("{GOOD}\n[logging]\nlevel = \"=[\"\n"),
             "logging.level",
         ),
+        (
+            format!("{GOOD}\n[priority.acquire_timeout_ms]\ncommit = 0\n"),
+            "priority.acquire_timeout_ms.commit",
+        ),
         // A typo is not a target name that would silence every log line.
         (
             format!("{GOOD}\n[logging]\nlevel = \"warning\"\n"),

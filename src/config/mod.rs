@@ -291,6 +291,21 @@ impl Config {
                 return Err(invalid(key, "must be greater than 0"));
             }
         }
+        let t = &self.priority.acquire_timeout_ms;
+        for (class, v) in [
+            ("commit", t.commit),
+            ("write", t.write),
+            ("point_read", t.point_read),
+            ("read", t.read),
+            ("analytic", t.analytic),
+        ] {
+            if v == Some(0) {
+                return Err(invalid(
+                    format!("priority.acquire_timeout_ms.{class}"),
+                    "must be greater than 0 (leave it out to use pool.acquire_timeout_ms)",
+                ));
+            }
+        }
         if self.consistency.max_keys == 0 {
             return Err(invalid("consistency.max_keys", "must be at least 1"));
         }
@@ -463,6 +478,15 @@ port = 5433
             "password = \"pw\"\nmax_connections = 0",
         ));
         assert!(e.contains("users[0].max_connections"), "{e}");
+        for class in ["commit", "write", "point_read", "read", "analytic"] {
+            let e = err_of(&format!(
+                "{BASE}\n[priority.acquire_timeout_ms]\n{class} = 0\n"
+            ));
+            assert!(
+                e.contains(&format!("priority.acquire_timeout_ms.{class}")),
+                "{e}"
+            );
+        }
         let e = err_of(&format!("{BASE}\n[server]\nlisten = \"nowhere\"\n"));
         assert!(e.contains("server.listen"), "{e}");
         let e = err_of(&format!(
