@@ -75,6 +75,7 @@ fn restart_only(key: &str) -> bool {
         "server.monitor_",
         "server.health_check_",
         "server.connect_timeout_ms",
+        "server.worker_threads",
         "tls.",
         "primary.",
         "users",
@@ -136,6 +137,8 @@ pub fn apply(shared: &Arc<Shared>, new: Config) -> Result<ReloadReport, String> 
     effective.server.health_check_timeout_ms = old.server.health_check_timeout_ms;
     // Pools keep the timeout they were made with.
     effective.server.connect_timeout_ms = old.server.connect_timeout_ms;
+    // The runtime is built once, before the configuration is first read.
+    effective.server.worker_threads = old.server.worker_threads;
     effective.tls = old.tls.clone();
     effective.primary = old.primary.clone();
     effective.users = old.users.clone();
@@ -224,6 +227,7 @@ mod tests {
             "users[app].password",
             "pool.mode",
             "replicas[r1].max_active",
+            "server.worker_threads",
         ] {
             assert!(restart_only(k), "{k}");
         }

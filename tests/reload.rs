@@ -262,3 +262,22 @@ async fn a_removed_replica_gets_no_new_pool() {
         assert_ne!(port as u16, replica2.port());
     }
 }
+
+/// The runtime's threads are set once, at start: a reload reports `server.worker_threads` as
+/// needing a restart and keeps the running value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_change_only_on_restart() {
+    let env = common::start().await;
+    let shared = std::sync::Arc::clone(&env.proxy.shared);
+    let next = env
+        .config
+        .replacen("[server]\n", "[server]\nworker_threads = 3\n", 1);
+    let report = causeway::reload::apply(&shared, parsed(&next)).unwrap();
+    assert_eq!(
+        report.needs_restart,
+        ["server.worker_threads"],
+        "{report:?}"
+    );
+    assert!(report.applied.is_empty(), "{report:?}");
+    assert_eq!(shared.cfg.load().server.worker_threads, 0);
+}
