@@ -110,19 +110,27 @@ pub fn apply(shared: &Arc<Shared>, new: Config) -> Result<ReloadReport, String> 
     let before = leaves(&old);
     let after = leaves(&new);
     let mut report = ReloadReport::default();
+    // A replica's own keys count when it stays; added and removed ones are listed apart.
+    let one_sided = |key: &str| {
+        key.strip_prefix("replicas[")
+            .and_then(|rest| rest.split_once(']'))
+            .is_some_and(|(name, _)| {
+                let named = |c: &Config| c.replicas.iter().any(|r| r.name == name);
+                !(named(&old) && named(&new))
+            })
+    };
     for (k, v) in &after {
         let was = before.iter().find(|(ok, _)| ok == k).map(|(_, v)| v);
-        if was != Some(v) {
+        if was != Some(v) && !one_sided(k) {
             if restart_only(k) {
                 report.needs_restart.push(k.clone());
-            } else if !k.starts_with("replicas[") || was.is_some() {
-                // A replica's own keys count when it stays; added ones are listed apart.
+            } else {
                 report.applied.push(k.clone());
             }
         }
     }
     for (k, _) in &before {
-        if !after.iter().any(|(nk, _)| nk == k) && restart_only(k) {
+        if !after.iter().any(|(nk, _)| nk == k) && restart_only(k) && !one_sided(k) {
             report.needs_restart.push(k.clone());
         }
     }

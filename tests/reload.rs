@@ -281,3 +281,19 @@ async fn worker_threads_change_only_on_restart() {
     assert!(report.applied.is_empty(), "{report:?}");
     assert_eq!(shared.cfg.load().server.worker_threads, 0);
 }
+
+/// A replica added or removed is listed as such; its own keys (`max_active`, which otherwise
+/// changes only on restart) are not reported as needing a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_added_or_removed_replica_needs_no_restart() {
+    let env = common::start().await;
+    let shared = std::sync::Arc::clone(&env.proxy.shared);
+    let report = causeway::reload::apply(&shared, parsed(&without_replica2(&env.config))).unwrap();
+    assert_eq!(report.replicas_retired, ["replica2"]);
+    assert!(report.needs_restart.is_empty(), "{report:?}");
+    assert!(report.applied.is_empty(), "{report:?}");
+    let report = causeway::reload::apply(&shared, parsed(&env.config)).unwrap();
+    assert_eq!(report.replicas_added, ["replica2"]);
+    assert!(report.needs_restart.is_empty(), "{report:?}");
+    assert!(report.applied.is_empty(), "{report:?}");
+}
