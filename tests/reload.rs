@@ -33,9 +33,14 @@ async fn stats(addr: SocketAddr) -> Value {
 
 /// The config text without its second replica.
 fn without_replica2(config: &str) -> String {
+    without(config, "replica2")
+}
+
+/// The config text without the replica `name`.
+fn without(config: &str, name: &str) -> String {
     let start = config
-        .find("\n[[replicas]]\nname = \"replica2\"")
-        .expect("replica2 entry");
+        .find(&format!("\n[[replicas]]\nname = \"{name}\""))
+        .expect("replica entry");
     let end = config[start + 1..]
         .find("\n[")
         .map_or(config.len(), |i| start + 1 + i);
@@ -296,4 +301,41 @@ async fn an_added_or_removed_replica_needs_no_restart() {
     assert_eq!(report.replicas_added, ["replica2"]);
     assert!(report.needs_restart.is_empty(), "{report:?}");
     assert!(report.applied.is_empty(), "{report:?}");
+}
+
+/// Reads of `name` per second in `/history`, summed over every sample.
+fn history_reads(history: &Value, name: &str) -> u64 {
+    history["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["backends"].as_array().unwrap())
+        .filter(|b| b["name"] == name)
+        .map(|b| b["reads"].as_u64().unwrap())
+        .sum()
+}
+
+/// `/history` stays true to the counters when a reload removes a replica from the middle of
+/// the list: the replica after it does not show the difference between their totals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_stays_true_across_a_replica_list_change() {
+    let env = common::start().await;
+    let admin = env.proxy.admin_addr.unwrap();
+    let r = http::post(admin, "/replicas/replica1/drain").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let c = env.client().await;
+    for _ in 0..30 {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    // A sample with replica2 second in line after the primary, then the reload.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let report =
+        causeway::reload::apply(&env.proxy.shared, parsed(&without(&env.config, "replica1")))
+            .unwrap();
+    assert_eq!(report.replicas_retired, ["replica1"]);
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let history = http::get(admin, "/history").await.json();
+    let total = reads(&stats(admin).await, "replica2");
+    assert!(total >= 30, "{total}");
+    assert_eq!(history_reads(&history, "replica2"), total, "{history}");
 }

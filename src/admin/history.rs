@@ -1,7 +1,7 @@
 //! The last minutes of per-second samples, for the dashboard's charts: each replica's lag and
 //! each server's request rate. A background task samples once a second into a ring.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -59,7 +59,9 @@ impl History {
     pub fn spawn_sampler(self: &Arc<Self>, shared: Arc<Shared>) {
         let history = Arc::clone(self);
         tokio::spawn(async move {
-            let mut last: Vec<(u64, u64)> = Vec::new();
+            // Each server's counters at the last sample, by node: a reload that adds or removes
+            // a replica shifts the others' positions in the list.
+            let mut last: HashMap<usize, (u64, u64)> = HashMap::new();
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -71,11 +73,13 @@ impl History {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
                 let nodes = &shared.cluster.nodes();
-                last.resize(nodes.len(), (0, 0));
+                let mut now = HashMap::with_capacity(nodes.len());
                 let mut backends = Vec::with_capacity(nodes.len());
-                for (node, prev) in nodes.iter().zip(last.iter_mut()) {
+                for node in nodes {
                     let reads = node.reads.load(Ordering::Relaxed);
                     let writes = node.writes.load(Ordering::Relaxed);
+                    // A node new since the last sample counts from zero, as its counters did.
+                    let prev = last.get(&node.id).copied().unwrap_or((0, 0));
                     let (lag_ms, lag_bytes) = match node.role {
                         Role::Replica if node.lsn.load(Ordering::Acquire) != 0 => {
                             let p = shared.cluster.progress(node);
@@ -90,8 +94,9 @@ impl History {
                         reads: reads.saturating_sub(prev.0),
                         writes: writes.saturating_sub(prev.1),
                     });
-                    *prev = (reads, writes);
+                    now.insert(node.id, (reads, writes));
                 }
+                last = now;
                 history.push(Sample {
                     at_ms: u64::try_from(now_us / 1000).unwrap_or(0),
                     backends,
