@@ -326,6 +326,34 @@ async fn hints_and_session_route_setting() {
     assert_eq!(row.get::<_, i32>(0), primary);
     let err = c.simple_query("SET causeway.bogus = 1").await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("42704"));
+    // A known setting with a value it cannot take, as PostgreSQL answers for its own.
+    let err = c
+        .simple_query("SET causeway.route = 'bogus'")
+        .await
+        .unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "22023", "{err}");
+    assert_eq!(
+        db.message(),
+        "invalid value for parameter \"causeway.route\": \"bogus\""
+    );
+    // RESET answers RESET, SET … TO DEFAULT answers SET.
+    let trusting = common::trust_proxy(&env).await;
+    let mut s = common::raw::login(trusting.addr).await;
+    for (sql, tag) in [
+        ("SET causeway.route = 'primary'", "SET"),
+        ("RESET causeway.route", "RESET"),
+        ("SET causeway.route TO DEFAULT", "SET"),
+        ("RESET causeway.consistency_key", "RESET"),
+    ] {
+        let replies = common::raw::roundtrip(&mut s, &common::raw::query(sql)).await;
+        let done = replies.iter().find(|(t, _)| *t == b'C');
+        assert_eq!(
+            done.map(|(_, body)| body.as_slice()),
+            Some(format!("{tag}\0").as_bytes()),
+            "{sql}: {replies:?}"
+        );
+    }
     // Among other statements a causeway.* setting is refused, never silently left out; the
     // string does not run at all.
     let err = c

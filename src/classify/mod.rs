@@ -105,15 +105,20 @@ pub enum RouteMode {
 /// Statements the proxy answers itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProxyCommand {
-    /// `SET [SESSION|LOCAL] causeway.route = 'primary'|'replica'|'auto'`; RESET / DEFAULT => Auto.
+    /// `SET [SESSION|LOCAL] causeway.route = 'primary'|'replica'|'auto'`; DEFAULT => Auto.
     SetRoute(RouteMode),
-    /// Any other `SET/RESET causeway.<name>` (also `route` with an invalid value); `value` is
-    /// `None` for RESET / DEFAULT; `name` is lower-cased without the `causeway.` prefix.
+    /// Any other `SET causeway.<name>` (also `route` with an invalid value); `value` is `None`
+    /// for DEFAULT; `name` is lower-cased without the `causeway.` prefix.
     SetVar {
         /// Variable name without the prefix.
         name: String,
         /// New value, `None` to reset.
         value: Option<String>,
+    },
+    /// `RESET causeway.<name>`: as `SET … TO DEFAULT`, answered with the tag RESET.
+    Reset {
+        /// Variable name without the prefix.
+        name: String,
     },
     /// `SHOW causeway.<name>`.
     Show {

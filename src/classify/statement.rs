@@ -284,6 +284,12 @@ fn variable_set(v: &pb::VariableSetStmt) -> Outcome {
             .with_pin(PinReason::SessionCharacteristics);
     }
     if let Some(name) = causeway_name(&v.name) {
+        if kind == K::VarReset {
+            return Outcome {
+                proxy: Some(ProxyCommand::Reset { name }),
+                ..Outcome::read("proxy_command")
+            };
+        }
         let value = match kind {
             K::VarSetValue => Some(join_values(&v.args)),
             _ => None,

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 
 /// SQLSTATE for an unknown `causeway.*` setting, as PostgreSQL reports unknown parameters.
 const UNDEFINED_OBJECT: &str = "42704";
-/// SQLSTATE for a malformed value (an LSN token).
+/// SQLSTATE for a malformed value (an LSN token, a routing mode).
 const INVALID_PARAMETER_VALUE: &str = "22023";
 /// SQLSTATE for DEALLOCATE of a statement that does not exist.
 const INVALID_STATEMENT_NAME: &str = "26000";
@@ -174,6 +174,25 @@ impl Session {
                     RouteMode::Auto => "auto",
                 };
                 Ok(("SHOW", Table::value(name, v.to_string())))
+            }
+            ProxyCommand::SetVar {
+                name,
+                value: Some(value),
+            } if name == "route" => Err((
+                INVALID_PARAMETER_VALUE,
+                format!("invalid value for parameter \"causeway.route\": \"{value}\""),
+            )),
+            ProxyCommand::Reset { name } => {
+                let default = if name == "route" {
+                    ProxyCommand::SetRoute(RouteMode::Auto)
+                } else {
+                    ProxyCommand::SetVar {
+                        name: name.clone(),
+                        value: None,
+                    }
+                };
+                self.proxy_command(&default)
+                    .map(|(_, rows)| ("RESET", rows))
             }
             ProxyCommand::SetVar { name, value } if name == "consistency_key" => {
                 self.tokens.key = value.clone().filter(|v| !v.is_empty());
