@@ -168,6 +168,47 @@ fn bad_configurations_exit_2_naming_the_key() {
 }
 
 #[test]
+fn check_refuses_settings_that_cannot_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.pem");
+    let missing = missing.display();
+    let here = dir.path().display();
+    let cases = [
+        (
+            GOOD.replace(
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"127.0.0.1:16432\"\nadmin_listen = \"127.0.0.1:16432\"",
+            ),
+            "server.admin_listen",
+        ),
+        (
+            format!(
+                "{GOOD}\n[tls]\nclient_mode = \"allow\"\ncert_file = \"{missing}\"\nkey_file = \"{missing}\"\n"
+            ),
+            "tls.cert_file",
+        ),
+        (
+            format!(
+                "{GOOD}\n[tls]\nbackend_mode = \"verify-full\"\nbackend_ca_file = \"{missing}\"\n"
+            ),
+            "tls.backend_ca_file",
+        ),
+        (
+            GOOD.replace(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"127.0.0.1:0\"\nlisten_unix = \"{here}/nowhere\""),
+            ),
+            "server.listen_unix",
+        ),
+    ];
+    for (config, key) in cases {
+        let (code, _, err) = run(&config, &["check"], &[]);
+        assert_eq!(code, 2, "{key}: {err}");
+        assert!(err.contains(key), "expected {key} in: {err}");
+    }
+}
+
+#[test]
 fn environment_values_must_parse_as_their_key_type() {
     for (var, value) in [
         ("CAUSEWAY__POOL__PRIMARY_MAX", "2.9"),

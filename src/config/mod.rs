@@ -102,7 +102,9 @@ impl Config {
                 .map_err(|_| ConfigError::Load(format!("{name} is not valid UTF-8")))?;
             vars.push((name, value));
         }
-        Self::build(&text, vars)
+        let cfg = Self::build(&text, vars)?;
+        cfg.check_paths()?;
+        Ok(cfg)
     }
 
     /// Parses TOML text (no environment), then validates; used by tests and the demo.
@@ -145,6 +147,16 @@ impl Config {
         }
         if !self.server.admin_listen.is_empty() {
             let admin = parse_addr("server.admin_listen", &self.server.admin_listen)?;
+            let listen = parse_addr("server.listen", &self.server.listen)?;
+            let overlap = admin.ip() == listen.ip()
+                || admin.ip().is_unspecified()
+                || listen.ip().is_unspecified();
+            if admin.port() != 0 && admin.port() == listen.port() && overlap {
+                return Err(invalid(
+                    "server.admin_listen",
+                    format!("{admin} is server.listen's address too"),
+                ));
+            }
             if !admin.ip().is_loopback() && self.admin.token.is_empty() {
                 return Err(invalid(
                     "server.admin_listen",
@@ -311,6 +323,42 @@ impl Config {
         }
         if self.routing.classify_cache_size == 0 {
             return Err(invalid("routing.classify_cache_size", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Checks that the files and directories the settings name are there: the socket
+    /// directory, and the TLS files the configured modes read. Done when a file is loaded, so
+    /// that `causeway check` reports what would stop start-up on this machine.
+    pub fn check_paths(&self) -> Result<(), ConfigError> {
+        let unix = &self.server.listen_unix;
+        if !unix.is_empty() {
+            match std::fs::metadata(unix) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(invalid(
+                        "server.listen_unix",
+                        format!("{unix} is not a directory"),
+                    ));
+                }
+                Err(e) => return Err(invalid("server.listen_unix", format!("{unix}: {e}"))),
+            }
+        }
+        let t = &self.tls;
+        let mut files = Vec::new();
+        if t.client_mode != ClientTls::Disable {
+            files.extend([
+                ("tls.cert_file", &t.cert_file),
+                ("tls.key_file", &t.key_file),
+            ]);
+        }
+        if t.backend_mode == BackendTls::VerifyFull {
+            files.push(("tls.backend_ca_file", &t.backend_ca_file));
+        }
+        for (key, path) in files {
+            if let Err(e) = std::fs::File::open(path) {
+                return Err(invalid(key, format!("cannot read {path}: {e}")));
+            }
         }
         Ok(())
     }
@@ -637,6 +685,84 @@ port = 5433
         assert!(e.to_string().contains("primary_maxx"), "{e}");
         let e = with_env(&[("CAUSEWAY__USERS__NAME", "x")]).unwrap_err();
         assert!(e.to_string().contains("CAUSEWAY__USERS__NAME"), "{e}");
+    }
+
+    #[test]
+    fn the_admin_endpoint_needs_an_address_of_its_own() {
+        for (listen, admin) in [
+            ("127.0.0.1:6432", "127.0.0.1:6432"),
+            ("0.0.0.0:6432", "127.0.0.1:6432"),
+            ("127.0.0.1:6432", "0.0.0.0:6432"),
+        ] {
+            let e = err_of(&format!(
+                "{BASE}\n[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n"
+            ));
+            assert!(e.contains("server.admin_listen"), "{e}");
+        }
+        for (listen, admin) in [
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            ("127.0.0.1:6432", "127.0.0.2:6432"),
+            ("127.0.0.1:6432", "127.0.0.1:9930"),
+        ] {
+            let text =
+                format!("{BASE}\n[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n");
+            assert!(Config::from_toml(&text).is_ok(), "{listen} {admin}");
+        }
+    }
+
+    #[test]
+    fn files_and_directories_named_must_be_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let here = dir.path().display();
+        let file = dir.path().join("cert.pem");
+        std::fs::write(&file, "x").unwrap();
+        let file = file.display();
+        let missing = dir.path().join("missing.pem");
+        let missing = missing.display();
+        let check = |extra: &str| {
+            Config::from_toml(&format!("{BASE}\n{extra}\n"))
+                .unwrap()
+                .check_paths()
+        };
+        for (extra, key) in [
+            (
+                format!("[server]\nlisten_unix = \"{here}/nope\""),
+                "server.listen_unix",
+            ),
+            (
+                format!("[server]\nlisten_unix = \"{file}\""),
+                "server.listen_unix",
+            ),
+            (
+                format!(
+                    "[tls]\nclient_mode = \"allow\"\ncert_file = \"{missing}\"\nkey_file = \"{file}\""
+                ),
+                "tls.cert_file",
+            ),
+            (
+                format!(
+                    "[tls]\nclient_mode = \"require\"\ncert_file = \"{file}\"\nkey_file = \"{missing}\""
+                ),
+                "tls.key_file",
+            ),
+            (
+                format!("[tls]\nbackend_mode = \"verify-full\"\nbackend_ca_file = \"{missing}\""),
+                "tls.backend_ca_file",
+            ),
+        ] {
+            let e = check(&extra).unwrap_err().to_string();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        for extra in [
+            format!("[server]\nlisten_unix = \"{here}\""),
+            format!(
+                "[tls]\nclient_mode = \"allow\"\ncert_file = \"{file}\"\nkey_file = \"{file}\""
+            ),
+            // Files a mode does not use are not read.
+            format!("[tls]\ncert_file = \"{missing}\"\nbackend_ca_file = \"{missing}\""),
+        ] {
+            assert!(check(&extra).is_ok(), "{extra}");
+        }
     }
 
     #[test]
