@@ -1,5 +1,7 @@
 //! The `causeway` command line: `check` validates and prints the effective configuration; a
-//! bad configuration stops start-up with exit code 2 and names the key.
+//! bad configuration stops start-up with exit code 2 and names the key. Signals: SIGHUP reloads,
+//! SIGTERM stops gracefully and a second one at once; the demo removes its cluster on SIGINT,
+//! SIGTERM or SIGHUP.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -391,23 +393,33 @@ fn sighup_reloads_an_invalid_file_is_rejected_and_sigterm_exits() {
     );
 }
 
-/// A `causeway demo` child; the lines it writes to stdout and stderr arrive on a channel.
+/// A `causeway` child (the demo, or the proxy); the lines it writes to stdout and stderr arrive
+/// on a channel.
 struct Demo {
     child: std::process::Child,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
 }
 
+/// A port nothing listens on just now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl Demo {
     fn start() -> Demo {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_causeway"))
-            .args(["demo", "--port", &port.to_string()])
-            .env_remove("CAUSEWAY_LOG")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_causeway"));
+        cmd.args(["demo", "--port", &free_port().to_string()])
+            .env_remove("CAUSEWAY_LOG");
+        Demo::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Demo {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -584,4 +596,59 @@ fn demo_stops_and_removes_its_cluster_on_sighup() {
 #[test]
 fn demo_stops_and_removes_its_cluster_on_sigint_while_starting() {
     demo_stops_cleanly("INT", false);
+}
+
+/// A second SIGTERM during the graceful shutdown closes the clients still in a transaction at
+/// once instead of waiting out `shutdown_timeout_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_cuts_the_grace_period_short() {
+    let cluster =
+        tokio::task::spawn_blocking(|| causeway::launcher::LocalCluster::start(Default::default()))
+            .await
+            .unwrap()
+            .unwrap();
+    let port = free_port();
+    let config = causeway::demo::config_for(&cluster, "127.0.0.1:0").replacen(
+        "\nlisten = \"127.0.0.1:0\"",
+        &format!("\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout_ms = 60000"),
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_causeway"));
+    cmd.arg("--config").arg(&path).env("CAUSEWAY_LOG", "info");
+    let mut proxy = Demo::spawn(cmd);
+    assert!(
+        proxy.wait_for("listening", 30).is_some(),
+        "{:?}",
+        proxy.seen
+    );
+    let conninfo = format!("host=127.0.0.1 port={port} user=app password=app-secret dbname=app");
+    let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client.batch_execute("BEGIN; SELECT 1").await.unwrap();
+
+    proxy.signal("TERM");
+    let draining = tokio::task::block_in_place(|| proxy.wait_for("shutting down", 10));
+    assert!(draining.is_some(), "{:?}", proxy.seen);
+    // The client's transaction holds the shutdown for its grace period...
+    let early = tokio::task::block_in_place(|| proxy.wait_exit(1));
+    assert!(
+        early.is_none(),
+        "exited with a transaction open: {:?}",
+        proxy.seen
+    );
+    // ...until a second signal.
+    proxy.signal("TERM");
+    let status = tokio::task::block_in_place(|| proxy.wait_exit(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?} {:?}",
+        proxy.seen
+    );
+    let err = client.simple_query("SELECT 1").await.unwrap_err();
+    assert!(err.is_closed() || err.code().is_some(), "{err}");
 }

@@ -74,21 +74,26 @@ impl Running {
 
     /// Graceful shutdown: stops accepting and closes idle clients at once (57P01); running
     /// transactions get `grace` to finish, then their clients are closed with 57P01 too (the
-    /// server rolls back what they left open). Returns once every client is gone.
+    /// server rolls back what they left open), or earlier if `force_close` is cancelled
+    /// meanwhile. Returns once every client is gone.
     pub async fn shutdown(self, grace: std::time::Duration) {
         let shared = Arc::clone(&self.shared);
         shared.shutdown.cancel();
         let _ = self.task.await;
         let open = || shared.stats.clients_open.load(Ordering::Acquire);
         let deadline = tokio::time::Instant::now() + grace;
-        while open() > 0 && tokio::time::Instant::now() < deadline {
+        // Cancelled early when a second stop signal cuts the grace period short.
+        let cut_short = || shared.force_close.is_cancelled();
+        while open() > 0 && tokio::time::Instant::now() < deadline && !cut_short() {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         if open() > 0 {
-            tracing::info!(
-                clients = open(),
-                "shutdown grace period over; closing the rest"
-            );
+            if !cut_short() {
+                tracing::info!(
+                    clients = open(),
+                    "shutdown grace period over; closing the rest"
+                );
+            }
             shared.force_close.cancel();
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
             while open() > 0 && tokio::time::Instant::now() < deadline {
@@ -209,17 +214,25 @@ async fn relay_stop(shared: std::sync::Weak<Shared>) {
     }
 }
 
-/// Runs the proxy until SIGINT/SIGTERM; SIGHUP reloads `path`.
+/// Runs the proxy until SIGINT/SIGTERM; SIGHUP reloads `path`. A second SIGINT or SIGTERM
+/// during the graceful shutdown closes the remaining clients at once, as PgBouncer's does.
 pub async fn run(cfg: Arc<Config>, path: std::path::PathBuf) -> std::io::Result<()> {
     // Handlers first: a signal that arrives while starting must not kill the process.
-    let signals = Signals::new()?;
+    let mut signals = Signals::new()?;
     let running = start(cfg).await?;
     running.shared.set_config_path(path);
     signals.wait(&running.shared).await;
     let grace =
         std::time::Duration::from_millis(running.shared.cfg.load().server.shutdown_timeout_ms);
     tracing::info!(grace_ms = grace.as_millis(), "shutting down");
+    let force = running.shared.force_close.clone();
+    let hurry = tokio::spawn(async move {
+        signals.stop().await;
+        tracing::info!("second stop signal; closing the remaining clients now");
+        force.cancel();
+    });
     running.shutdown(grace).await;
+    hurry.abort();
     Ok(())
 }
 
@@ -240,8 +253,16 @@ impl Signals {
         })
     }
 
+    /// The next SIGINT or SIGTERM.
+    async fn stop(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+    }
+
     /// Waits for SIGINT or SIGTERM, reloading the configuration on every SIGHUP meanwhile.
-    async fn wait(mut self, shared: &Arc<Shared>) {
+    async fn wait(&mut self, shared: &Arc<Shared>) {
         loop {
             tokio::select! {
                 _ = self.int.recv() => return,
