@@ -236,6 +236,30 @@ mod tests {
             "pool.mode",
             "replicas[r1].max_active",
             "server.worker_threads",
+            // Each one the README lists.
+            "server.admin_listen",
+            "server.monitor_user",
+            "server.monitor_database",
+            "server.health_check_interval_ms",
+            "server.health_check_timeout_ms",
+            "server.connect_timeout_ms",
+            "primary.max_active",
+            "auth.method",
+            "logging.level",
+            "priority.aging_ms",
+            "pool.min_idle",
+            "pool.max_waiters",
+            "pool.acquire_timeout_ms",
+            "pool.idle_timeout_ms",
+            "pool.max_lifetime_ms",
+            "pool.reset_timeout_ms",
+            "routing.classify_cache_size",
+            "routing.read_only_functions",
+            "routing.write_functions",
+            "routing.function_refresh_ms",
+            "consistency.lsn_poll_ms",
+            "consistency.key_ttl_ms",
+            "consistency.max_keys",
         ] {
             assert!(restart_only(k), "{k}");
         }
@@ -245,6 +269,9 @@ mod tests {
             "routing.replica_strategy",
             "consistency.mode",
             "server.query_timeout_ms",
+            "server.shutdown_timeout_ms",
+            "pool.idle_in_transaction_timeout_ms",
+            "routing.follow_promotion",
         ] {
             assert!(!restart_only(k), "{k}");
         }
