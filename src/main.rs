@@ -119,10 +119,10 @@ fn auto_workers(cores: usize) -> usize {
     if cores <= 2 { 1 } else { cores }
 }
 
-/// Logs to stderr in the configured format; `CAUSEWAY_LOG` (a tracing filter such as
-/// `causeway=debug`) overrides `logging.level`. At debug and trace each line a session logs
-/// carries its span (client address, session id, user and database); the lines it logs at info
-/// and above name the session and client address themselves.
+/// Logs to stderr in the configured format, in colour only on a terminal; `CAUSEWAY_LOG` (a
+/// tracing filter such as `causeway=debug`) overrides `logging.level`. At debug and trace each
+/// line a session logs carries its span (client address, session id, user and database); the
+/// lines it logs at info and above name the session and client address themselves.
 fn init_tracing(logging: &LoggingConfig) {
     let from_env = std::env::var("CAUSEWAY_LOG").ok().and_then(|text| {
         causeway::config::log_filter(&text)
@@ -132,8 +132,11 @@ fn init_tracing(logging: &LoggingConfig) {
     let filter = from_env
         .or_else(|| causeway::config::log_filter(&logging.level).ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: in files, journald or a log shipper the escape
+    // codes are noise that breaks searching.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match logging.format {
         LogFormat::Json => builder.json().init(),

@@ -306,6 +306,31 @@ fn json_logs_are_one_object_per_line() {
 }
 
 #[test]
+fn text_logs_off_a_terminal_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let config = GOOD.replace(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
+    );
+    std::fs::write(&path, config).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_causeway"));
+    cmd.arg("--config")
+        .arg(&path)
+        .env("CAUSEWAY_LOG", "info")
+        .env_remove("NO_COLOR");
+    let mut proxy = Spawned::spawn(cmd);
+    let line = proxy.wait_for("listening", 15);
+    proxy.signal("TERM");
+    proxy.wait_for("shut down", 15);
+    let line = line.unwrap_or_else(|| panic!("never listening: {:?}", proxy.seen));
+    assert!(line.contains(" INFO causeway::"), "{line:?}");
+    for line in &proxy.seen {
+        assert!(!line.contains('\x1b'), "{line:?}");
+    }
+}
+
+#[test]
 fn sighup_reloads_an_invalid_file_is_rejected_and_sigterm_exits() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.toml");
@@ -395,7 +420,7 @@ fn sighup_reloads_an_invalid_file_is_rejected_and_sigterm_exits() {
 
 /// A `causeway` child (the demo, or the proxy); the lines it writes to stdout and stderr arrive
 /// on a channel.
-struct Demo {
+struct Spawned {
     child: std::process::Child,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
@@ -410,15 +435,15 @@ fn free_port() -> u16 {
         .port()
 }
 
-impl Demo {
-    fn start() -> Demo {
+impl Spawned {
+    fn demo() -> Spawned {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_causeway"));
         cmd.args(["demo", "--port", &free_port().to_string()])
             .env_remove("CAUSEWAY_LOG");
-        Demo::spawn(cmd)
+        Spawned::spawn(cmd)
     }
 
-    fn spawn(mut cmd: Command) -> Demo {
+    fn spawn(mut cmd: Command) -> Spawned {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -439,7 +464,7 @@ impl Demo {
                 }
             });
         }
-        Demo {
+        Spawned {
             child,
             lines,
             seen: Vec::new(),
@@ -496,7 +521,7 @@ impl Demo {
     }
 }
 
-impl Drop for Demo {
+impl Drop for Spawned {
     /// Ctrl-C first, so that a failing test leaves no servers behind.
     fn drop(&mut self) {
         if self.child.try_wait().is_ok_and(|s| s.is_none()) {
@@ -529,7 +554,7 @@ fn servers_in(dir: &Path) -> Vec<String> {
 fn demo_takes_a_free_admin_port_when_9930_is_taken() {
     // Busy either way: held here, or by someone else.
     let _held = std::net::TcpListener::bind("127.0.0.1:9930");
-    let mut demo = Demo::start();
+    let mut demo = Spawned::demo();
     let admin = demo.wait_for("admin     http", 120);
     let ready = demo.wait_for("Ctrl-C stops", 5);
     demo.signal("INT");
@@ -546,7 +571,7 @@ fn demo_takes_a_free_admin_port_when_9930_is_taken() {
 /// directory exists (while it is still starting), and checks that it exits cleanly, its
 /// servers stopped and its directory removed.
 fn demo_stops_cleanly(signal: &str, ready: bool) {
-    let mut demo = Demo::start();
+    let mut demo = Spawned::demo();
     let deadline = Instant::now() + Duration::from_secs(120);
     let dir = loop {
         if let Some(dir) = demo.cluster_dir() {
@@ -618,7 +643,7 @@ async fn a_second_stop_signal_cuts_the_grace_period_short() {
     std::fs::write(&path, config).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_causeway"));
     cmd.arg("--config").arg(&path).env("CAUSEWAY_LOG", "info");
-    let mut proxy = Demo::spawn(cmd);
+    let mut proxy = Spawned::spawn(cmd);
     assert!(
         proxy.wait_for("listening", 30).is_some(),
         "{:?}",
