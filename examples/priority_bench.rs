@@ -108,6 +108,11 @@ struct Args {
     /// as a proxy on the database's machine would). Both modes use the same.
     #[arg(long, value_enum, default_value = "tcp")]
     server_link: Link,
+    /// Where the proxy runs: `shared` (the benchmark clients' runtime, two worker threads) or
+    /// `own` (a current-thread runtime on a thread of its own, as the `causeway` process runs
+    /// by default on a machine of two cores).
+    #[arg(long, value_enum, default_value = "shared")]
+    proxy_runtime: ProxyRuntime,
     /// Exit with status 1 when a target does not hold.
     #[arg(long)]
     strict: bool,
@@ -117,6 +122,12 @@ struct Args {
 enum Link {
     Tcp,
     Unix,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProxyRuntime {
+    Own,
+    Shared,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -452,6 +463,63 @@ fn diff_stats(end: &QueueStats, start: Option<&QueueStats>) -> QueueStats {
     out
 }
 
+/// The thread running the proxy's own runtime, if it has one.
+struct ProxyThread(
+    Option<(
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<()>,
+    )>,
+);
+
+impl ProxyThread {
+    /// Lets the thread's runtime wind down (after `Running::stop`) and waits for it.
+    async fn finish(self) {
+        if let Some((done, thread)) = self.0 {
+            let _ = done.send(());
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// Starts the proxy: on a current-thread runtime of its own thread, as `causeway` runs on a
+/// machine of two cores (`server.worker_threads = 0`), or on the benchmark's runtime, where
+/// its hand-offs queue behind the client tasks.
+async fn start_proxy(cfg: Config, where_: ProxyRuntime) -> Result<(Running, ProxyThread), String> {
+    let cfg = Arc::new(cfg);
+    let failed = |e: std::io::Error| format!("cannot start the proxy: {e}");
+    if where_ == ProxyRuntime::Shared {
+        let running = server::start(cfg).await.map_err(failed)?;
+        return Ok((running, ProxyThread(None)));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(failed)?;
+    let handle = rt.handle().clone();
+    let (done, stop) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("proxy".into())
+        .spawn(move || {
+            rt.block_on(async {
+                let _ = stop.await;
+            });
+            rt.shutdown_timeout(Duration::from_secs(2));
+        })
+        .map_err(failed)?;
+    let thread = ProxyThread(Some((done, thread)));
+    match handle.spawn(server::start(cfg)).await {
+        Ok(Ok(running)) => Ok((running, thread)),
+        Ok(Err(e)) => {
+            thread.finish().await;
+            Err(failed(e))
+        }
+        Err(e) => {
+            thread.finish().await;
+            Err(format!("cannot start the proxy: {e}"))
+        }
+    }
+}
+
 async fn run_once(
     cluster: &LocalCluster,
     args: &Args,
@@ -459,9 +527,7 @@ async fn run_once(
     round: usize,
 ) -> Result<RunResult, String> {
     let cfg = proxy_config(cluster, args, mode)?;
-    let running = server::start(Arc::new(cfg))
-        .await
-        .map_err(|e| format!("cannot start the proxy: {e}"))?;
+    let (running, proxy_thread) = start_proxy(cfg, args.proxy_runtime).await?;
     let conninfo = format!(
         "host=127.0.0.1 port={} user={USER} password={PASSWORD} dbname={DATABASE} \
          application_name=priority_bench",
@@ -491,6 +557,7 @@ async fn run_once(
                 Ok((None, None)) => {}
                 Err(e) => {
                     running.stop().await;
+                    proxy_thread.finish().await;
                     return Err(format!("connecting through the proxy: {e}"));
                 }
             }
@@ -538,6 +605,7 @@ async fn run_once(
     {
         eprintln!("warning: the proxy did not stop within 10 s");
     }
+    proxy_thread.finish().await;
     Ok(RunResult {
         mode,
         round,
