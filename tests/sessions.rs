@@ -521,7 +521,10 @@ async fn a_failed_settings_replay_closes_its_backend() {
     assert_eq!(first_value(&a, WHO).await, "reader s1");
     env.primary_admin()
         .await
-        .batch_execute("REVOKE reader FROM app")
+        .batch_execute(
+            "CREATE TABLE public.ran_as (who text); GRANT ALL ON public.ran_as TO PUBLIC; \
+             REVOKE reader FROM app",
+        )
         .await
         .unwrap();
     // B takes the one primary connection, so A's settings must be replayed after it.
@@ -538,6 +541,33 @@ async fn a_failed_settings_replay_closes_its_backend() {
         }
     }
     assert_eq!(first_value(&b, WHO).await, "app public");
+    // Whatever A sends next must not run with the login's privileges instead of its role's:
+    // neither on its own, nor as the first statement of a transaction.
+    for sql in ["INSERT INTO public.ran_as VALUES (current_user)", "BEGIN"] {
+        let _ = first_value(&b, WHO).await;
+        if sql == "BEGIN" {
+            a.batch_execute("BEGIN").await.unwrap();
+            let err = a
+                .batch_execute("INSERT INTO public.ran_as VALUES (current_user)")
+                .await
+                .unwrap_err();
+            assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{err}");
+            let err = a.batch_execute("SELECT 1").await.unwrap_err();
+            assert_eq!(err.code().map(|c| c.code()), Some("25P02"), "{err}");
+            a.batch_execute("ROLLBACK").await.unwrap();
+        } else {
+            let err = a.batch_execute(sql).await.unwrap_err();
+            assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{err}");
+        }
+    }
+    let ran: i64 = env
+        .primary_admin()
+        .await
+        .query_one("SELECT count(*) FROM public.ran_as", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ran, 0, "a request ran without the role it was meant for");
 }
 
 /// A standby refuses every transaction of a session whose default isolation is serializable

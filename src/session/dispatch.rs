@@ -108,6 +108,9 @@ impl Session {
             self.fail_request(&req, &e);
             return Ok(());
         }
+        if fresh && !self.confirm_role_replay(&req).await? {
+            return Ok(());
+        }
         if class.pin.is_some() && !self.pinned && self.cfg.pool.mode == PoolMode::Transaction {
             self.pinned = true;
             self.shared.stats.pins.fetch_add(1, Ordering::Relaxed);
@@ -290,6 +293,13 @@ impl Session {
             self.fail_request(&req, &e);
             return Ok(());
         }
+        // A refused replay fails the transaction before it reached the server.
+        self.status = TxStatus::Failed;
+        if !self.confirm_role_replay(&req).await? {
+            self.release_lease(false);
+            return Ok(());
+        }
+        self.status = TxStatus::InTransaction;
         if let Some(lease) = self.lease.as_mut() {
             let conn = lease.conn();
             for f in begin.frames.iter() {

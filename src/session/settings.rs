@@ -8,12 +8,12 @@ use std::hash::{Hash, Hasher};
 
 use std::sync::Arc;
 
-use super::Expect;
+use super::{Expect, Request};
 use crate::classify::SessionCommand;
 use crate::error::{BackendError, SessionError};
 use crate::pool::Applied;
 use crate::pool::queue::Class;
-use crate::protocol;
+use crate::protocol::{self, tag};
 use crate::server::Shared;
 
 /// Startup parameters that are not session settings.
@@ -275,6 +275,68 @@ impl super::Session {
         {
             self.queue_settings(&sql, true);
         }
+    }
+
+    /// Waits for the settings replay ahead of `req` when it sets a role, before the request
+    /// goes out: a request that ran without its role, should the server refuse it (the role
+    /// revoked since `SET ROLE`), would run with the login's privileges. `Ok(false)`: refused;
+    /// the client has the server's error and its request did not run. Other replays travel
+    /// with the request, in the same round trip.
+    pub(super) async fn confirm_role_replay(
+        &mut self,
+        req: &Request,
+    ) -> Result<bool, SessionError> {
+        let replaying = !self.replies.is_empty()
+            && self
+                .replies
+                .iter()
+                .all(|e| matches!(e, Expect::Settings { .. }));
+        if !replaying || !self.settings.applied().role {
+            return Ok(true);
+        }
+        let Some(lease) = self.lease.as_mut() else {
+            return Ok(true);
+        };
+        let conn = lease.conn();
+        let mut owed = self.replies.len();
+        let mut error = None;
+        let exchange = async {
+            conn.transport.flush().await?;
+            while owed > 0 {
+                let Some(frame) = conn
+                    .transport
+                    .read_frame()
+                    .await
+                    .map_err(std::io::Error::other)?
+                else {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+                };
+                match frame.tag {
+                    tag::BE_READY_FOR_QUERY => owed -= 1,
+                    tag::BE_ERROR_RESPONSE => {
+                        error.get_or_insert(frame);
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = exchange.await {
+            return self.backend_failed(Some(e)).await.map(|_| false);
+        }
+        self.replies.clear();
+        let Some(error) = error else {
+            return Ok(true);
+        };
+        self.settings_failed();
+        self.client.queue(&error);
+        if req.ends_with_ready() {
+            self.client.queue(&protocol::ready_for_query(self.status));
+        } else {
+            self.skip_to_sync();
+        }
+        self.release_if_idle();
+        Ok(false)
     }
 
     /// The proxy's reset, replay or restore of settings failed: what the connection carries
