@@ -265,6 +265,10 @@ impl super::Session {
         };
         let conn = lease.conn();
         let current = conn.applied;
+        if current.fingerprint == self.settings.fingerprint {
+            // The common case: the backend carries these settings already.
+            return;
+        }
         // Statements the request prepares belong to these settings already; should the
         // replay fail, the connection is closed with them.
         conn.set_applied(self.settings.applied());

@@ -20,9 +20,11 @@ impl Session {
     /// with an error for which `is_client_gone` holds, and dropping the wait takes the request
     /// out of its queue. What the client sends meanwhile is kept unframed, up to the bound on
     /// queued input, for the session's loop to read once the wait is over.
+    /// The wait is pinned by the caller and borrowed here, so the (large) wait future is not
+    /// moved on its way in.
     pub(super) async fn wait_watching<F: Future>(
         &mut self,
-        wait: F,
+        wait: std::pin::Pin<&mut F>,
     ) -> Result<F::Output, SessionError> {
         let cancel = Arc::clone(&self.cancel);
         let wait = cancel.unless_cancelled(wait);
@@ -99,7 +101,8 @@ impl Session {
             .as_ref()
             .map(|l| l.node().name.clone())
             .unwrap_or_default();
-        let err = match self.wait_watching(slots.acquire(prio, timeout)).await {
+        let acquire = std::pin::pin!(slots.acquire(prio, timeout));
+        let err = match self.wait_watching(acquire).await {
             Ok(Ok(permit)) => {
                 self.slot = Some(permit);
                 return Ok(true);
@@ -168,7 +171,7 @@ impl Session {
             };
             self.info.set_waiting();
             let acquired = self
-                .wait_watching(pool.acquire(prio))
+                .wait_watching(std::pin::pin!(pool.acquire(prio)))
                 .await
                 .inspect_err(|_| self.info.set_idle())?;
             if acquired.is_err() {
