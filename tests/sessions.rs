@@ -543,23 +543,17 @@ async fn a_failed_settings_replay_closes_its_backend() {
     assert_eq!(first_value(&b, WHO).await, "app public");
     // Whatever A sends next must not run with the login's privileges instead of its role's:
     // neither on its own, nor as the first statement of a transaction.
-    for sql in ["INSERT INTO public.ran_as VALUES (current_user)", "BEGIN"] {
-        let _ = first_value(&b, WHO).await;
-        if sql == "BEGIN" {
-            a.batch_execute("BEGIN").await.unwrap();
-            let err = a
-                .batch_execute("INSERT INTO public.ran_as VALUES (current_user)")
-                .await
-                .unwrap_err();
-            assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{err}");
-            let err = a.batch_execute("SELECT 1").await.unwrap_err();
-            assert_eq!(err.code().map(|c| c.code()), Some("25P02"), "{err}");
-            a.batch_execute("ROLLBACK").await.unwrap();
-        } else {
-            let err = a.batch_execute(sql).await.unwrap_err();
-            assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{err}");
-        }
-    }
+    const INSERT: &str = "INSERT INTO public.ran_as VALUES (current_user)";
+    let _ = first_value(&b, WHO).await;
+    let err = a.batch_execute(INSERT).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{err}");
+    let _ = first_value(&b, WHO).await;
+    a.batch_execute("BEGIN").await.unwrap();
+    let err = a.batch_execute(INSERT).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{err}");
+    let err = a.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("25P02"), "{err}");
+    a.batch_execute("ROLLBACK").await.unwrap();
     let ran: i64 = env
         .primary_admin()
         .await

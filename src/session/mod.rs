@@ -491,10 +491,16 @@ impl Session {
     /// in step (ReadyForQuery for Query/Sync, skip-until-Sync for a batch without one).
     fn fail_request(&mut self, req: &Request, e: &SessionError) {
         let message = e.to_string();
-        self.client.queue(&match e.routine() {
+        let error = match e.routine() {
             Some(r) => protocol::error_response_from("ERROR", e.sqlstate(), &message, r),
             None => protocol::error_response("ERROR", e.sqlstate(), &message),
-        });
+        };
+        self.fail_request_with(req, &error);
+    }
+
+    /// [`Self::fail_request`] with an ErrorResponse already made (a server's).
+    fn fail_request_with(&mut self, req: &Request, error: &Frame) {
+        self.client.queue(error);
         if req.ends_with_ready() {
             self.client.queue(&protocol::ready_for_query(self.status));
         } else {

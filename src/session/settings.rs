@@ -332,15 +332,16 @@ impl super::Session {
         let Some(error) = error else {
             return Ok(true);
         };
-        self.settings_failed();
-        self.client.queue(&error);
-        if req.ends_with_ready() {
-            self.client.queue(&protocol::ready_for_query(self.status));
-        } else {
-            self.skip_to_sync();
-        }
-        self.release_if_idle();
+        self.refuse_after_failed_replay(req, &error);
         Ok(false)
+    }
+
+    /// The client's settings could not be put in place on this connection: `req` does not run
+    /// here, the client gets the server's `error`, and the connection is never reused.
+    pub(super) fn refuse_after_failed_replay(&mut self, req: &Request, error: &protocol::Frame) {
+        self.settings_failed();
+        self.fail_request_with(req, error);
+        self.release_if_idle();
     }
 
     /// The proxy's reset, replay or restore of settings failed: what the connection carries

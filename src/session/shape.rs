@@ -148,15 +148,7 @@ impl Session {
                 return self.backend_failed(Some(e)).await.map(|_| false);
             }
             if let Some(error) = settings_error {
-                // The client's settings are not in place: its request does not run here.
-                self.settings_failed();
-                self.client.queue(&error);
-                if req.ends_with_ready() {
-                    self.client.queue(&protocol::ready_for_query(self.status));
-                } else {
-                    self.skip_to_sync();
-                }
-                self.release_if_idle();
+                self.refuse_after_failed_replay(req, &error);
                 return Ok(false);
             }
             if failed {
