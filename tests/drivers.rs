@@ -73,7 +73,7 @@ async fn setup() -> Env {
     env
 }
 
-/// `postgres://` URL of the proxy, for asyncpg and node-pg.
+/// `postgres://` URL of the proxy, for asyncpg, node-pg and pgx.
 fn url(env: &Env) -> String {
     format!("postgres://app:{PASSWORD}@127.0.0.1:{}/app", env.port())
 }
@@ -230,6 +230,48 @@ async fn compile_pgjdbc_driver() -> tempfile::TempDir {
     out_dir
 }
 
+/// Where Debian's Go packages (golang-github-jackc-pgx-v4-dev) keep their sources.
+const GO_PATH: &str = "/usr/share/gocode";
+
+/// Builds pgx_driver.go against Debian's pgx v4 (GOPATH mode: no module download) into a fresh
+/// directory under target/drivers/go, removed when dropped; the build cache beside it is kept.
+async fn build_pgx_driver() -> tempfile::TempDir {
+    assert!(
+        runs("go", &["version"]),
+        "`go` is not runnable: run scripts/test (it installs golang-go)"
+    );
+    let pgx = Path::new(GO_PATH).join("src/github.com/jackc/pgx/v4");
+    assert!(
+        pgx.exists(),
+        "{} is missing: run scripts/test (it installs golang-github-jackc-pgx-v4-dev)",
+        pgx.display()
+    );
+    let parent = root().join("target/drivers/go");
+    std::fs::create_dir_all(&parent).expect("create target/drivers/go");
+    let out_dir = tempfile::Builder::new()
+        .prefix("build-")
+        .tempdir_in(&parent)
+        .expect("binary output directory");
+    let mut cmd = Command::new("go");
+    cmd.arg("build")
+        .arg("-o")
+        .arg(out_dir.path().join("pgx_driver"))
+        .arg(root().join("tests/drivers/go/pgx_driver.go"))
+        .env("GO111MODULE", "off")
+        .env("GOPATH", GO_PATH)
+        .env("GOCACHE", parent.join("cache"))
+        .env("GOFLAGS", "")
+        .stdin(Stdio::null());
+    let out = output(cmd).await;
+    assert!(
+        out.status.success(),
+        "go build pgx_driver.go failed:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out_dir
+}
+
 // --- one test per driver -----------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,6 +318,15 @@ async fn pgjdbc() {
         .arg(format!("jdbc:postgresql://127.0.0.1:{}/app", env.port()))
         .arg(env.node_port(0).to_string());
     run_driver("pgjdbc", cmd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgx() {
+    let build = build_pgx_driver().await;
+    let env = setup().await;
+    let mut cmd = bounded(build.path().join("pgx_driver"));
+    cmd.arg(url(&env)).arg(env.node_port(0).to_string());
+    run_driver("pgx", cmd).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
