@@ -22,6 +22,7 @@ pub mod sqlstate {
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
     pub const INTERNAL_ERROR: &str = "XX000";
     pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
+    pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
 }
 
 /// Failures talking to a PostgreSQL server.
@@ -146,6 +147,13 @@ pub enum SessionError {
     /// The client cancelled its query while it waited for a server connection.
     #[error("canceling statement due to user request")]
     QueryCanceled,
+    /// A statement that needs the primary (a write, a lock, session state) inside a read-only
+    /// transaction that a replica runs.
+    #[error(
+        "cannot execute {0} in a read-only transaction served by a replica; begin the \
+         transaction with it, or with /* causeway:primary */, to run it on the primary"
+    )]
+    NeedsPrimary(&'static str),
     /// Extended-protocol messages held for routing until their Sync outgrew the bound.
     #[error("more than {limit} bytes of extended-protocol messages without a Sync")]
     BatchTooLarge { limit: usize },
@@ -180,6 +188,7 @@ impl SessionError {
             SessionError::BatchTooLarge { .. } => PROGRAM_LIMIT_EXCEEDED,
             SessionError::LoginTimeout | SessionError::QueryCanceled => QUERY_CANCELED,
             SessionError::InvalidParameter(_) => INVALID_PARAMETER_VALUE,
+            SessionError::NeedsPrimary(_) => READ_ONLY_SQL_TRANSACTION,
         }
     }
 

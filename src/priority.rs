@@ -21,7 +21,9 @@ pub fn class_of(c: &Classification, sql: Option<&str>, in_transaction: bool) -> 
     }
     match c.tx {
         TxEffect::Commit | TxEffect::Rollback => return Class::Commit,
-        TxEffect::Begin { read_only: false } => return Class::Write,
+        TxEffect::Begin {
+            read_only: false, ..
+        } => return Class::Write,
         _ => {}
     }
     if c.access == Access::Write {

@@ -113,8 +113,12 @@ pub fn route(
         return primary(Reason::ClassifiedWrite);
     }
     let read_reason = match c.tx {
-        TxEffect::Begin { read_only: false } => return primary(Reason::Transaction),
-        TxEffect::Begin { read_only: true } => Reason::ReadOnlyTransaction,
+        TxEffect::Begin {
+            read_only: false, ..
+        } => return primary(Reason::Transaction),
+        TxEffect::Begin {
+            read_only: true, ..
+        } => Reason::ReadOnlyTransaction,
         _ => Reason::ClassifiedRead,
     };
     if c.pin.is_some() {
@@ -258,8 +262,20 @@ mod tests {
     fn table() {
         let read = class(Access::Read, TxEffect::None);
         let write = class(Access::Write, TxEffect::None);
-        let begin = class(Access::Read, TxEffect::Begin { read_only: false });
-        let begin_ro = class(Access::Read, TxEffect::Begin { read_only: true });
+        let begin = class(
+            Access::Read,
+            TxEffect::Begin {
+                read_only: false,
+                serializable: false,
+            },
+        );
+        let begin_ro = class(
+            Access::Read,
+            TxEffect::Begin {
+                read_only: true,
+                serializable: false,
+            },
+        );
         let mut pinned = read.clone();
         pinned.pin = Some(PinReason::SessionSet);
         let mut hint_primary = read.clone();
@@ -351,7 +367,13 @@ mod tests {
             (Target::Primary, Reason::StickyWindow)
         );
         // A BEGIN READ ONLY waits for the token like any read.
-        let ro = class(Access::Read, TxEffect::Begin { read_only: true });
+        let ro = class(
+            Access::Read,
+            TxEffect::Begin {
+                read_only: true,
+                serializable: false,
+            },
+        );
         let d = route(&ro, wants(200), &up(2), POLICY, 0).unwrap();
         assert_eq!(d.reason, Reason::ReadYourWrites);
     }

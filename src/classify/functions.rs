@@ -100,7 +100,15 @@ impl FunctionCatalog {
             return write("write_function", None);
         }
         if let Some(pin) = builtin_writer(name) {
-            return write("write_function", pin);
+            let lock = name.starts_with("pg_advisory_") || name.starts_with("pg_try_advisory_");
+            return write(
+                if lock {
+                    "advisory_lock"
+                } else {
+                    "write_function"
+                },
+                pin,
+            );
         }
         if harmless_volatile(name) || self.read_only.contains(name) {
             return Verdict::Read;

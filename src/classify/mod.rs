@@ -40,18 +40,44 @@ pub enum TxEffect {
     None,
     /// BEGIN / START TRANSACTION; `read_only` only with an explicit READ ONLY option.
     Begin {
-        /// The transaction was opened READ ONLY.
+        /// The transaction was opened READ ONLY, and not SERIALIZABLE: a replica can run it.
         read_only: bool,
+        /// The transaction was opened SERIALIZABLE, which a standby refuses.
+        serializable: bool,
     },
-    /// SET TRANSACTION READ ONLY.
-    SetReadOnly,
+    /// SET TRANSACTION, or `SET transaction_read_only` / `transaction_isolation`: the modes it
+    /// names for the transaction it runs in (`None`: left as they were).
+    SetModes(TxModes),
     /// COMMIT / END (and PREPARE TRANSACTION, which also ends the block).
     Commit,
     /// ROLLBACK / ABORT (not ROLLBACK TO SAVEPOINT).
     Rollback,
 }
 
+/// Transaction modes a `SET TRANSACTION` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TxModes {
+    /// READ ONLY (`Some(true)`) or READ WRITE (`Some(false)`).
+    pub read_only: Option<bool>,
+    /// ISOLATION LEVEL SERIALIZABLE (`Some(true)`) or another level (`Some(false)`).
+    pub serializable: Option<bool>,
+    /// The `SET TRANSACTION` form, whose values the grammar itself checks: a server cannot
+    /// refuse it at the start of a transaction on the right server.
+    pub checked: bool,
+}
+
 impl TxEffect {
+    /// BEGIN of a transaction that may write, or is serializable: only the primary runs it.
+    pub fn begins_on_primary(self) -> bool {
+        matches!(
+            self,
+            TxEffect::Begin {
+                read_only: false,
+                ..
+            }
+        )
+    }
+
     /// BEGIN, COMMIT or ROLLBACK: opens or ends a transaction block.
     pub fn bounds_block(self) -> bool {
         matches!(

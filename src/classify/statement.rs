@@ -5,7 +5,7 @@ use pg_query::protobuf as pb;
 
 use super::functions::FunctionCatalog;
 use super::walker::Walker;
-use super::{Access, PinReason, ProxyCommand, RouteMode, SessionCommand, TxEffect};
+use super::{Access, PinReason, ProxyCommand, RouteMode, SessionCommand, TxEffect, TxModes};
 
 /// `CURSOR_OPT_HOLD` from PostgreSQL's parsenodes.h.
 const CURSOR_OPT_HOLD: i32 = 0x20;
@@ -226,9 +226,12 @@ fn transaction(t: &pb::TransactionStmt) -> Outcome {
         Ok(K::TransStmtBegin | K::TransStmtStart) => {
             // A hot standby refuses SERIALIZABLE, read-only or not: such transactions run on
             // the primary.
-            let read_only = transaction_read_only(&t.options).unwrap_or(false)
-                && !transaction_serializable(&t.options);
-            Outcome::read("begin").with_tx(TxEffect::Begin { read_only })
+            let serializable = transaction_isolation(&t.options) == Some(true);
+            let read_only = transaction_read_only(&t.options).unwrap_or(false) && !serializable;
+            Outcome::read("begin").with_tx(TxEffect::Begin {
+                read_only,
+                serializable,
+            })
         }
         Ok(K::TransStmtCommit) => Outcome {
             chain: t.chain,
@@ -247,8 +250,8 @@ fn transaction(t: &pb::TransactionStmt) -> Outcome {
     }
 }
 
-/// Whether the last `transaction_isolation` option is SERIALIZABLE.
-fn transaction_serializable(options: &[pb::Node]) -> bool {
+/// Whether the last `transaction_isolation` option is SERIALIZABLE (`None`: no level named).
+fn transaction_isolation(options: &[pb::Node]) -> Option<bool> {
     let level = options.iter().rev().find_map(|o| match &o.node {
         Some(N::DefElem(d)) if d.defname == "transaction_isolation" => {
             match d.arg.as_ref().and_then(|a| a.node.as_ref()) {
@@ -262,7 +265,7 @@ fn transaction_serializable(options: &[pb::Node]) -> bool {
         }
         _ => None,
     });
-    level.as_deref() == Some("serializable")
+    level.map(|l| l == "serializable")
 }
 
 /// Value of the last `transaction_read_only` option, if any.
@@ -340,26 +343,29 @@ fn variable_set(v: &pb::VariableSetStmt) -> Outcome {
 /// transaction block where the primary only warns: asking for it is for the primary.
 fn set_transaction(v: &pb::VariableSetStmt, kind: pb::VariableSetKind) -> Option<Outcome> {
     let value = || (kind == pb::VariableSetKind::VarSetValue).then(|| join_values(&v.args));
-    let (serializable, read_only) = match v.name.to_ascii_lowercase().as_str() {
-        "transaction" => (
-            transaction_serializable(&v.args),
-            transaction_read_only(&v.args),
-        ),
-        "transaction_isolation" => (
-            value().is_some_and(|i| i.eq_ignore_ascii_case("serializable")),
-            None,
-        ),
-        "transaction_read_only" => (false, value().map(|v| !is_false_word(&v))),
-        "transaction_deferrable" => (false, None),
+    let modes = match v.name.to_ascii_lowercase().as_str() {
+        "transaction" => TxModes {
+            serializable: transaction_isolation(&v.args),
+            read_only: transaction_read_only(&v.args),
+            checked: true,
+        },
+        "transaction_isolation" => TxModes {
+            serializable: value().map(|i| i.eq_ignore_ascii_case("serializable")),
+            ..TxModes::default()
+        },
+        "transaction_read_only" => TxModes {
+            read_only: value().map(|v| !is_false_word(&v)),
+            ..TxModes::default()
+        },
+        "transaction_deferrable" => TxModes::default(),
         _ => return None,
     };
-    if serializable {
-        return Some(Outcome::write("serializable"));
-    }
-    Some(match read_only {
-        Some(true) => Outcome::read("set_transaction").with_tx(TxEffect::SetReadOnly),
-        _ => Outcome::read("set_transaction"),
-    })
+    let outcome = if modes.serializable == Some(true) {
+        Outcome::write("serializable")
+    } else {
+        Outcome::read("set_transaction")
+    };
+    Some(outcome.with_tx(TxEffect::SetModes(modes)))
 }
 
 /// `causeway.<name>` => lower-cased `<name>`.
@@ -449,10 +455,7 @@ pub(crate) fn combine(outcomes: &[Outcome]) -> Outcome {
         combined.chain |= o.chain;
     }
     // A read-write transaction opened by the string itself belongs on the primary.
-    let opens_rw = outcomes.len() > 1
-        && outcomes
-            .iter()
-            .any(|o| o.tx == TxEffect::Begin { read_only: false });
+    let opens_rw = outcomes.len() > 1 && outcomes.iter().any(|o| o.tx.begins_on_primary());
     if opens_rw && write_reason.is_none() {
         write_reason = Some("begin_read_write");
     }

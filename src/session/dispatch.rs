@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use super::local::SessionAction;
 use super::{Effect, Expect, InFlight, Request, Session, translate};
-use crate::classify::{Access, Classification, Hints, SessionCommand, TxEffect};
+use crate::classify::{Access, Classification, Hints, SessionCommand, TxEffect, TxModes};
 use crate::config::PoolMode;
 use crate::error::{SessionError, sqlstate};
 use crate::pool::Applied;
@@ -33,7 +33,7 @@ impl Session {
                 &crate::cluster::lsn::format(self.tokens.own),
             ));
         }
-        if self.lease.is_none() && self.deferred_begin.is_none() && req.is_housekeeping() {
+        if self.lease.is_none() && self.deferred_tx.is_none() && req.is_housekeeping() {
             self.answer_housekeeping(&req);
             return Ok(());
         }
@@ -67,11 +67,13 @@ impl Session {
                 }
             }
         }
-        if self.lease.is_none() && self.defer_begin(&req, &class) {
+        if self.lease.is_none()
+            && (self.defer_begin(&req, &class) || self.defer_modes(&req, &class))
+        {
             return Ok(());
         }
-        if let Some(begin) = self.deferred_begin.take() {
-            return self.dispatch_after_begin(begin, req, class, effect).await;
+        if let Some(tx) = self.deferred_tx.take() {
+            return self.dispatch_after_begin(tx, req, class, effect).await;
         }
         if self.status != TxStatus::Idle && (class.reason == "savepoint" || class.chain) {
             // Session changes in this transaction may be partly undone (ROLLBACK TO) or
@@ -93,6 +95,11 @@ impl Session {
                 }
             }
             self.requeue_front(req);
+            return Ok(());
+        }
+        if let Some(what) = self.needs_primary_on_replica(&class, &req) {
+            self.abort_server_transaction().await?;
+            self.fail_request(&req, &SessionError::NeedsPrimary(what));
             return Ok(());
         }
         let fresh = self.lease.is_none();
@@ -160,6 +167,25 @@ impl Session {
         self.send(&req, effect).await
     }
 
+    /// What in this request means something only on the primary although the session's
+    /// transaction runs on a replica, which would accept it and keep it to itself: a lock
+    /// (`LOCK`, advisory locks), which there excludes nobody writing on the primary, or session
+    /// state, which would pin the session to the replica. Refused, as a server refuses a write
+    /// in a read-only transaction, instead of run where it means nothing. Writes proper are
+    /// left to the replica, which refuses them itself (and runs volatile functions that only
+    /// read). Only what runs counts: a Parse alone changes nothing.
+    fn needs_primary_on_replica(
+        &self,
+        class: &Classification,
+        req: &Request,
+    ) -> Option<&'static str> {
+        let lease = self.lease.as_ref()?;
+        let held = self.status == TxStatus::InTransaction
+            && lease.node().role == crate::cluster::Role::Replica;
+        let needs = class.pin.is_some() || matches!(class.reason, "lock" | "advisory_lock");
+        (held && needs && req.executes()).then_some(class.reason)
+    }
+
     /// Whether the backend is held only by an unsynced extended batch on a replica while this
     /// request must run on the primary.
     fn must_leave_lingering_replica(&self, class: &Classification, req: &Request) -> bool {
@@ -167,7 +193,7 @@ impl Session {
             return false;
         };
         let needs_primary = class.access == Access::Write
-            || class.tx == (TxEffect::Begin { read_only: false })
+            || class.tx.begins_on_primary()
             || class.pin.is_some()
             || class.hints.route == Some(crate::classify::RouteHint::Primary)
             || self.route_mode == crate::classify::RouteMode::Primary
@@ -232,29 +258,55 @@ impl Session {
         self.answer_locally(req, outcome);
     }
 
-    /// A lone `BEGIN` is answered at once and sent later with the first statement of the
-    /// transaction, so `BEGIN; SET TRANSACTION READ ONLY` can still go to a replica and an empty
-    /// transaction costs no backend.
+    /// A lone `BEGIN` (with its modes, if any) is answered at once and sent later with the
+    /// first statement of the transaction, so the modes named until then and that statement
+    /// choose the server together (`BEGIN; SET TRANSACTION READ ONLY` can still go to a
+    /// replica, a `BEGIN READ ONLY` whose first statement takes a lock goes to the primary),
+    /// and an empty transaction costs no backend.
     fn defer_begin(&mut self, req: &Request, class: &Classification) -> bool {
-        let lone_begin = req.is_simple_query()
-            && class.statements == 1
-            && class.tx == (TxEffect::Begin { read_only: false })
-            && class.pin.is_none()
-            && class.hints == Hints::default();
-        if !lone_begin || self.deferred_begin.is_some() {
+        let TxEffect::Begin {
+            read_only,
+            serializable,
+        } = class.tx
+        else {
+            return false;
+        };
+        if !lone(req, class) || self.deferred_tx.is_some() {
             return false;
         }
-        self.deferred_begin = Some(req.clone());
+        self.deferred_tx = Some(DeferredTx {
+            requests: vec![req.clone()],
+            read_only,
+            serializable,
+        });
         self.status = TxStatus::InTransaction;
         self.client.queue(&protocol::command_complete("BEGIN"));
         self.client.queue(&protocol::ready_for_query(self.status));
         true
     }
 
-    /// The first request after a deferred BEGIN: route the whole transaction by it.
+    /// A lone `SET TRANSACTION …` after a deferred BEGIN joins it: its modes count when the
+    /// transaction is routed. Only the `SET TRANSACTION` form, whose values the grammar checks,
+    /// so the server cannot refuse it once the transaction reaches the server its modes choose.
+    fn defer_modes(&mut self, req: &Request, class: &Classification) -> bool {
+        let (Some(tx), TxEffect::SetModes(modes)) = (self.deferred_tx.as_mut(), class.tx) else {
+            return false;
+        };
+        if !modes.checked || !lone(req, class) {
+            return false;
+        }
+        tx.apply(modes);
+        tx.requests.push(req.clone());
+        self.client.queue(&protocol::command_complete("SET"));
+        self.client.queue(&protocol::ready_for_query(self.status));
+        true
+    }
+
+    /// The first request after a deferred BEGIN: route the whole transaction by it and by the
+    /// modes named so far.
     async fn dispatch_after_begin(
         &mut self,
-        begin: Request,
+        mut tx: DeferredTx,
         req: Request,
         class: Arc<Classification>,
         effect: Option<Effect>,
@@ -277,8 +329,15 @@ impl Session {
         }
         let mut routing = Classification::clone(&class);
         let class_for_token = class;
-        let read_only = routing.tx == TxEffect::SetReadOnly;
-        routing.tx = TxEffect::Begin { read_only };
+        if let TxEffect::SetModes(modes) = routing.tx {
+            tx.apply(modes);
+        }
+        // A standby refuses SERIALIZABLE, and READ WRITE, so only READ ONLY without it may go
+        // to a replica.
+        routing.tx = TxEffect::Begin {
+            read_only: tx.read_only && !tx.serializable,
+            serializable: tx.serializable,
+        };
         routing.proxy = None;
         let started = tokio::time::Instant::now();
         let prio = priority_of(&routing, &req, false);
@@ -302,14 +361,16 @@ impl Session {
         self.status = TxStatus::InTransaction;
         if let Some(lease) = self.lease.as_mut() {
             let conn = lease.conn();
-            for f in begin.frames.iter() {
-                conn.transport.queue(f);
+            for r in &tx.requests {
+                for f in r.frames.iter() {
+                    conn.transport.queue(f);
+                }
+                self.replies.push_back(Expect::Query {
+                    forward: false,
+                    effect: None,
+                });
             }
             conn.statements.unnamed = None;
-            self.replies.push_back(Expect::Query {
-                forward: false,
-                effect: None,
-            });
         }
         self.in_flight = None;
         let exec_class = priority_of(&class_for_token, &req, self.read_write_tx());
@@ -474,6 +535,36 @@ impl Session {
     }
 }
 
+/// A transaction the client opened with a lone `BEGIN`, acknowledged but not yet sent: it goes
+/// out with its first statement, to the server that statement and the modes named choose.
+pub(super) struct DeferredTx {
+    /// The `BEGIN`, then the `SET TRANSACTION`s after it, as the client sent them.
+    requests: Vec<Request>,
+    /// READ ONLY, as last named.
+    read_only: bool,
+    /// SERIALIZABLE, as last named.
+    serializable: bool,
+}
+
+impl DeferredTx {
+    fn apply(&mut self, modes: TxModes) {
+        if let Some(read_only) = modes.read_only {
+            self.read_only = read_only;
+        }
+        if let Some(serializable) = modes.serializable {
+            self.serializable = serializable;
+        }
+    }
+}
+
+/// One statement alone in a simple Query, with no hints: what may be answered and held back.
+fn lone(req: &Request, class: &Classification) -> bool {
+    req.is_simple_query()
+        && class.statements == 1
+        && class.pin.is_none()
+        && class.hints == Hints::default()
+}
+
 /// The request's priority class. Its text is read again only for a `LIMIT`'s count.
 fn priority_of(class: &Classification, req: &Request, in_transaction: bool) -> Class {
     let sql = if class.text.limit {
@@ -531,11 +622,7 @@ pub(super) fn combine(parts: &[Arc<Classification>]) -> Classification {
         out.statements += c.statements;
         out.parse_error |= c.parse_error;
     }
-    if parts.len() > 1
-        && parts
-            .iter()
-            .any(|c| c.tx == TxEffect::Begin { read_only: false })
-    {
+    if parts.len() > 1 && parts.iter().any(|c| c.tx.begins_on_primary()) {
         out.access = Access::Write;
     }
     out

@@ -275,7 +275,7 @@ impl Session {
             )
         };
         let outside_tx =
-            self.lease.is_none() && self.deferred_begin.is_none() && self.status == TxStatus::Idle;
+            self.lease.is_none() && self.deferred_tx.is_none() && self.status == TxStatus::Idle;
         match cmd {
             SessionCommand::Set { .. }
             | SessionCommand::Reset { .. }

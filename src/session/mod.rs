@@ -203,8 +203,9 @@ pub struct Session {
     backend_fatal_forwarded: bool,
     /// An extended-protocol COPY swallowed its batch's Sync; the client's next Sync replaces it.
     copy_sync_owed: bool,
-    /// A lone BEGIN already acknowledged to the client, not yet sent to any backend.
-    deferred_begin: Option<Request>,
+    /// A transaction opened by a lone BEGIN, acknowledged to the client and not yet sent to
+    /// any backend.
+    deferred_tx: Option<dispatch::DeferredTx>,
     /// The client said Terminate: nothing more is read from it, what it sent before still runs,
     /// then the session ends.
     terminating: bool,
@@ -255,7 +256,7 @@ impl Session {
             last_activity: Instant::now(),
             busy_since: None,
             cancel_sent: None,
-            deferred_begin: None,
+            deferred_tx: None,
             terminating: false,
             unread_input: false,
             copy_sync_owed: false,

@@ -62,6 +62,15 @@ type Row = (
     &'static str,
 );
 
+/// The effect of a `SET TRANSACTION`-like statement naming these modes.
+fn modes(read_only: Option<bool>, serializable: Option<bool>, checked: bool) -> TxEffect {
+    Tx::SetModes(TxModes {
+        read_only,
+        serializable,
+        checked,
+    })
+}
+
 fn check_rows(rows: &[Row], cat: &FunctionCatalog) {
     let mut failures = Vec::new();
     for &(sql, access, tx, pin, reason) in rows {
@@ -234,20 +243,20 @@ fn functions() {
         ("SELECT NEXTVAL('s')", W, Tx::None, None, "write_function"),
         ("SELECT setval('s', 10)", W, Tx::None, None, "write_function"),
         ("SELECT currval('s'), lastval()", W, Tx::None, None, "write_function"),
-        ("SELECT pg_advisory_lock(1)", W, Tx::None, Some(P::AdvisoryLock), "write_function"),
-        ("SELECT pg_try_advisory_lock(1)", W, Tx::None, Some(P::AdvisoryLock), "write_function"),
-        ("SELECT pg_advisory_lock_shared(1)", W, Tx::None, Some(P::AdvisoryLock), "write_function"),
-        ("SELECT pg_try_advisory_lock_shared(1, 2)", W, Tx::None, Some(P::AdvisoryLock), "write_function"),
-        ("SELECT pg_catalog.pg_advisory_lock(hashtext('job'))", W, Tx::None, Some(P::AdvisoryLock), "write_function"),
+        ("SELECT pg_advisory_lock(1)", W, Tx::None, Some(P::AdvisoryLock), "advisory_lock"),
+        ("SELECT pg_try_advisory_lock(1)", W, Tx::None, Some(P::AdvisoryLock), "advisory_lock"),
+        ("SELECT pg_advisory_lock_shared(1)", W, Tx::None, Some(P::AdvisoryLock), "advisory_lock"),
+        ("SELECT pg_try_advisory_lock_shared(1, 2)", W, Tx::None, Some(P::AdvisoryLock), "advisory_lock"),
+        ("SELECT pg_catalog.pg_advisory_lock(hashtext('job'))", W, Tx::None, Some(P::AdvisoryLock), "advisory_lock"),
         ("UPDATE jobs SET taken = true WHERE pg_try_advisory_lock(id)", W, Tx::None, Some(P::AdvisoryLock), "update"),
         ("DELETE FROM jobs WHERE id = 1 RETURNING pg_advisory_lock(id)", W, Tx::None, Some(P::AdvisoryLock), "delete"),
-        ("SELECT pg_advisory_xact_lock(1)", W, Tx::None, None, "write_function"),
-        ("SELECT pg_try_advisory_xact_lock(1)", W, Tx::None, None, "write_function"),
-        ("SELECT pg_advisory_xact_lock_shared(1)", W, Tx::None, None, "write_function"),
-        ("SELECT pg_try_advisory_xact_lock_shared(1)", W, Tx::None, None, "write_function"),
-        ("SELECT pg_advisory_unlock(1)", W, Tx::None, None, "write_function"),
-        ("SELECT pg_advisory_unlock_shared(1)", W, Tx::None, None, "write_function"),
-        ("SELECT pg_advisory_unlock_all()", W, Tx::None, None, "write_function"),
+        ("SELECT pg_advisory_xact_lock(1)", W, Tx::None, None, "advisory_lock"),
+        ("SELECT pg_try_advisory_xact_lock(1)", W, Tx::None, None, "advisory_lock"),
+        ("SELECT pg_advisory_xact_lock_shared(1)", W, Tx::None, None, "advisory_lock"),
+        ("SELECT pg_try_advisory_xact_lock_shared(1)", W, Tx::None, None, "advisory_lock"),
+        ("SELECT pg_advisory_unlock(1)", W, Tx::None, None, "advisory_lock"),
+        ("SELECT pg_advisory_unlock_shared(1)", W, Tx::None, None, "advisory_lock"),
+        ("SELECT pg_advisory_unlock_all()", W, Tx::None, None, "advisory_lock"),
         ("SELECT pg_notify('c', 'p')", W, Tx::None, None, "write_function"),
         ("SELECT set_config('search_path', 'x', false)", W, Tx::None, Some(P::SessionSet), "write_function"),
         ("SELECT set_config('search_path', 'x', 'off')", W, Tx::None, Some(P::SessionSet), "write_function"),
@@ -321,17 +330,17 @@ fn functions() {
 #[rustfmt::skip]
 fn transactions_and_pins() {
     let rows: &[Row] = &[
-        ("BEGIN", R, Tx::Begin { read_only: false }, None, "begin"),
-        ("begin work", R, Tx::Begin { read_only: false }, None, "begin"),
-        ("BEGIN READ ONLY", R, Tx::Begin { read_only: true }, None, "begin"),
-        ("BEGIN TRANSACTION READ WRITE", R, Tx::Begin { read_only: false }, None, "begin"),
-        ("START TRANSACTION READ ONLY", R, Tx::Begin { read_only: true }, None, "begin"),
+        ("BEGIN", R, Tx::Begin { read_only: false, serializable: false }, None, "begin"),
+        ("begin work", R, Tx::Begin { read_only: false, serializable: false }, None, "begin"),
+        ("BEGIN READ ONLY", R, Tx::Begin { read_only: true, serializable: false }, None, "begin"),
+        ("BEGIN TRANSACTION READ WRITE", R, Tx::Begin { read_only: false, serializable: false }, None, "begin"),
+        ("START TRANSACTION READ ONLY", R, Tx::Begin { read_only: true, serializable: false }, None, "begin"),
         // A hot standby refuses SERIALIZABLE: read-only or not, the primary runs it.
-        ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE", R, Tx::Begin { read_only: false }, None, "begin"),
-        ("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY", R, Tx::Begin { read_only: false }, None, "begin"),
-        ("begin read only isolation level serializable", R, Tx::Begin { read_only: false }, None, "begin"),
-        ("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", R, Tx::Begin { read_only: true }, None, "begin"),
-        ("BEGIN ISOLATION LEVEL REPEATABLE READ", R, Tx::Begin { read_only: false }, None, "begin"),
+        ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE", R, Tx::Begin { read_only: false, serializable: true }, None, "begin"),
+        ("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY", R, Tx::Begin { read_only: false, serializable: true }, None, "begin"),
+        ("begin read only isolation level serializable", R, Tx::Begin { read_only: false, serializable: true }, None, "begin"),
+        ("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", R, Tx::Begin { read_only: true, serializable: false }, None, "begin"),
+        ("BEGIN ISOLATION LEVEL REPEATABLE READ", R, Tx::Begin { read_only: false, serializable: false }, None, "begin"),
         ("COMMIT", R, Tx::Commit, None, "commit"),
         ("END", R, Tx::Commit, None, "commit"),
         ("COMMIT AND CHAIN", R, Tx::Commit, None, "commit"),
@@ -345,21 +354,21 @@ fn transactions_and_pins() {
         ("PREPARE TRANSACTION 'x'", W, Tx::Commit, None, "prepared_xact"),
         ("COMMIT PREPARED 'x'", W, Tx::None, None, "prepared_xact"),
         ("ROLLBACK PREPARED 'x'", W, Tx::None, None, "prepared_xact"),
-        ("SET TRANSACTION READ ONLY", R, Tx::SetReadOnly, None, "set_transaction"),
-        ("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY", R, Tx::SetReadOnly, None, "set_transaction"),
-        ("SET TRANSACTION READ WRITE", R, Tx::None, None, "set_transaction"),
-        ("SET transaction_read_only = on", R, Tx::SetReadOnly, None, "set_transaction"),
-        ("SET transaction_read_only TO off", R, Tx::None, None, "set_transaction"),
-        ("SET transaction_read_only TO DEFAULT", R, Tx::None, None, "set_transaction"),
-        ("SET transaction_isolation = 'repeatable read'", R, Tx::None, None, "set_transaction"),
-        ("SET transaction_deferrable = on", R, Tx::None, None, "set_transaction"),
-        ("RESET transaction_isolation", R, Tx::None, None, "set_transaction"),
+        ("SET TRANSACTION READ ONLY", R, modes(Some(true), None, true), None, "set_transaction"),
+        ("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY", R, modes(Some(true), Some(false), true), None, "set_transaction"),
+        ("SET TRANSACTION READ WRITE", R, modes(Some(false), None, true), None, "set_transaction"),
+        ("SET transaction_read_only = on", R, modes(Some(true), None, false), None, "set_transaction"),
+        ("SET transaction_read_only TO off", R, modes(Some(false), None, false), None, "set_transaction"),
+        ("SET transaction_read_only TO DEFAULT", R, modes(None, None, false), None, "set_transaction"),
+        ("SET transaction_isolation = 'repeatable read'", R, modes(None, Some(false), false), None, "set_transaction"),
+        ("SET transaction_deferrable = on", R, modes(None, None, false), None, "set_transaction"),
+        ("RESET transaction_isolation", R, modes(None, None, false), None, "set_transaction"),
         // A standby refuses serializable isolation, even where the primary only warns.
-        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", W, Tx::None, None, "serializable"),
-        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY", W, Tx::None, None, "serializable"),
-        ("SET TRANSACTION READ ONLY, ISOLATION LEVEL SERIALIZABLE, DEFERRABLE", W, Tx::None, None, "serializable"),
-        ("SET transaction_isolation = 'SERIALIZABLE'", W, Tx::None, None, "serializable"),
-        ("set Transaction_Isolation to serializable", W, Tx::None, None, "serializable"),
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", W, modes(None, Some(true), true), None, "serializable"),
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY", W, modes(Some(true), Some(true), true), None, "serializable"),
+        ("SET TRANSACTION READ ONLY, ISOLATION LEVEL SERIALIZABLE, DEFERRABLE", W, modes(Some(true), Some(true), true), None, "serializable"),
+        ("SET transaction_isolation = 'SERIALIZABLE'", W, modes(None, Some(true), false), None, "serializable"),
+        ("set Transaction_Isolation to serializable", W, modes(None, Some(true), false), None, "serializable"),
         ("SET default_transaction_isolation = 'serializable'", R, Tx::None, Some(P::SessionSet), "set"),
         ("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", R, Tx::None, Some(P::SessionCharacteristics), "set_session_characteristics"),
         ("SET search_path = public", R, Tx::None, Some(P::SessionSet), "set"),
@@ -389,15 +398,15 @@ fn transactions_and_pins() {
         ("DECLARE c CURSOR WITH HOLD FOR SELECT * FROM t", W, Tx::None, Some(P::HoldCursor), "declare_hold"),
         ("LOAD 'auto_explain'", W, Tx::None, Some(P::Load), "load"),
         // multi-statement strings
-        ("BEGIN; SELECT 1; COMMIT", W, Tx::Begin { read_only: false }, None, "begin_read_write"),
-        ("SELECT 1; BEGIN", W, Tx::Begin { read_only: false }, None, "begin_read_write"),
-        ("BEGIN READ ONLY; SELECT 1; COMMIT", R, Tx::Begin { read_only: true }, None, "begin"),
+        ("BEGIN; SELECT 1; COMMIT", W, Tx::Begin { read_only: false, serializable: false }, None, "begin_read_write"),
+        ("SELECT 1; BEGIN", W, Tx::Begin { read_only: false, serializable: false }, None, "begin_read_write"),
+        ("BEGIN READ ONLY; SELECT 1; COMMIT", R, Tx::Begin { read_only: true, serializable: false }, None, "begin"),
         ("SELECT 1; COMMIT", R, Tx::Commit, None, "select"),
         ("SET x.y = 1; SELECT 1", R, Tx::None, Some(P::SessionSet), "set"),
         ("SELECT 1; CLOSE ALL; RESET ALL", R, Tx::None, Some(P::SessionSet), "select"),
         ("SELECT 1; SET causeway.route = 'primary'", R, Tx::None, None, "select"),
-        ("BEGIN; INSERT INTO t VALUES (1); COMMIT", W, Tx::Begin { read_only: false }, None, "insert"),
-        ("SET LOCAL a.b = 1; SELECT pg_advisory_lock(1); LISTEN x", W, Tx::None, Some(P::AdvisoryLock), "write_function"),
+        ("BEGIN; INSERT INTO t VALUES (1); COMMIT", W, Tx::Begin { read_only: false, serializable: false }, None, "insert"),
+        ("SET LOCAL a.b = 1; SELECT pg_advisory_lock(1); LISTEN x", W, Tx::None, Some(P::AdvisoryLock), "advisory_lock"),
     ];
     check_rows(rows, &catalog());
 }
@@ -592,7 +601,7 @@ fn builtin_only_catalog() {
         ("SELECT my_stable_fn()", W, Tx::None, None, "unknown_function"),
         ("SELECT nextval('s')", W, Tx::None, None, "write_function"),
         ("SELECT lower('A')", W, Tx::None, None, "write_function"),
-        ("SELECT pg_advisory_lock(1)", W, Tx::None, Some(P::AdvisoryLock), "write_function"),
+        ("SELECT pg_advisory_lock(1)", W, Tx::None, Some(P::AdvisoryLock), "advisory_lock"),
     ];
     check_rows(rows, &cat);
 }
@@ -728,10 +737,20 @@ fn the_last_transaction_boundary_and_copy_are_kept_across_statements() {
     let cat = catalog();
     let cases = [
         ("INSERT INTO t VALUES (1)", TxEffect::None, false),
-        ("BEGIN", TxEffect::Begin { read_only: false }, false),
+        (
+            "BEGIN",
+            TxEffect::Begin {
+                read_only: false,
+                serializable: false,
+            },
+            false,
+        ),
         (
             "BEGIN; INSERT INTO t VALUES (1)",
-            TxEffect::Begin { read_only: false },
+            TxEffect::Begin {
+                read_only: false,
+                serializable: false,
+            },
             false,
         ),
         ("INSERT INTO t VALUES (1); COMMIT", TxEffect::Commit, false),
@@ -742,12 +761,18 @@ fn the_last_transaction_boundary_and_copy_are_kept_across_statements() {
         ),
         (
             "COMMIT; BEGIN READ ONLY",
-            TxEffect::Begin { read_only: true },
+            TxEffect::Begin {
+                read_only: true,
+                serializable: false,
+            },
             false,
         ),
         (
             "BEGIN; SET TRANSACTION READ ONLY",
-            TxEffect::Begin { read_only: false },
+            TxEffect::Begin {
+                read_only: false,
+                serializable: false,
+            },
             false,
         ),
         ("ROLLBACK; SELECT 1", TxEffect::Rollback, false),
