@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use super::local::SessionAction;
 use super::{Effect, Expect, InFlight, Request, Session, translate};
 use crate::classify::{Access, Classification, Hints, SessionCommand, TxEffect, TxModes};
+use crate::cluster::lsn;
 use crate::config::PoolMode;
 use crate::error::{SessionError, sqlstate};
 use crate::pool::Applied;
@@ -576,6 +577,23 @@ fn priority_of(class: &Classification, req: &Request, in_transaction: bool) -> C
 }
 
 /// Folds the classifications of a request's statements into one.
+/// Folds a later statement's hints into a batch's: any statement asking for the primary sends
+/// the batch there, a key or token any of them names still counts (the first key; the highest
+/// token), the first statement's priority stands.
+fn merge_hints(into: &mut Hints, later: &Hints) {
+    use crate::classify::RouteHint;
+    if later.route == Some(RouteHint::Primary) || into.route.is_none() {
+        into.route = later.route.or(into.route);
+    }
+    if into.key.is_none() {
+        into.key.clone_from(&later.key);
+    }
+    let lsn = |h: &Option<String>| h.as_deref().and_then(|t| lsn::parse(t).ok());
+    if lsn(&later.min_lsn) > lsn(&into.min_lsn) {
+        into.min_lsn.clone_from(&later.min_lsn);
+    }
+}
+
 pub(super) fn combine(parts: &[Arc<Classification>]) -> Classification {
     let mut out = Classification {
         access: Access::Read,
@@ -604,6 +622,7 @@ pub(super) fn combine(parts: &[Arc<Classification>]) -> Classification {
             out.proxy = (out.proxy.is_some() || c.proxy.is_some())
                 .then_some(crate::classify::ProxyCommand::Misplaced);
             out.session = None;
+            merge_hints(&mut out.hints, &c.hints);
         }
         if c.access == Access::Write && out.access == Access::Read {
             out.access = Access::Write;
@@ -626,4 +645,42 @@ pub(super) fn combine(parts: &[Arc<Classification>]) -> Classification {
         out.access = Access::Write;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::{FunctionCatalog, RouteHint, classify};
+
+    fn part(sql: &str) -> Arc<Classification> {
+        Arc::new(classify(sql, &FunctionCatalog::builtin_only(&[], &[])))
+    }
+
+    #[test]
+    fn a_batch_keeps_the_hints_of_its_later_statements() {
+        let batch = combine(&[
+            part("SELECT 1"),
+            part("/* causeway:key=cart-7 */ INSERT INTO t VALUES (1)"),
+            part("/* causeway:min_lsn=0/5000 */ SELECT 2"),
+            part("/* causeway:min_lsn=0/4000 */ SELECT 3"),
+        ]);
+        assert_eq!(batch.hints.key.as_deref(), Some("cart-7"));
+        assert_eq!(batch.hints.min_lsn.as_deref(), Some("0/5000"));
+        assert_eq!(batch.access, Access::Write);
+
+        let first_key = combine(&[
+            part("/* causeway:key=a */ SELECT 1"),
+            part("/* causeway:key=b */ SELECT 2"),
+        ]);
+        assert_eq!(first_key.hints.key.as_deref(), Some("a"));
+
+        // Any statement asking for the primary sends the batch there.
+        let primary = combine(&[
+            part("/* causeway:replica */ SELECT 1"),
+            part("/* causeway:primary */ SELECT 2"),
+        ]);
+        assert_eq!(primary.hints.route, Some(RouteHint::Primary));
+        let replica = combine(&[part("/* causeway:replica */ SELECT 1"), part("SELECT 2")]);
+        assert_eq!(replica.hints.route, Some(RouteHint::Replica));
+    }
 }
