@@ -3,7 +3,8 @@
 //! proxy-handled commands, comment hints). When unsure, the answer is `Write`.
 //!
 //! Layout: `hints` (leading-comment directives), `functions` (function catalog), `fast`
-//! (summary/token fast path), `statement` + `walker` (full parse-tree rules).
+//! (summary/token fast path), `statement` + `walker` (full parse-tree rules), `values` (settings
+//! whose value changes what the proxy may assume about a session).
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -13,6 +14,7 @@ mod hints;
 pub mod literals;
 mod statement;
 pub mod traits;
+pub mod values;
 mod walker;
 
 #[cfg(test)]
@@ -92,7 +94,8 @@ impl TxEffect {
 pub enum PinReason {
     /// SET / RESET / DISCARD / set_config(…, false) / setseed.
     SessionSet,
-    /// A temporary table, view or sequence.
+    /// A temporary object (table, view, sequence, function, type…), or a `search_path` that
+    /// lists `pg_temp`, under which an unqualified CREATE may make one.
     TempTable,
     /// LISTEN.
     Listen,
@@ -106,6 +109,10 @@ pub enum PinReason {
     Load,
     /// SET SESSION CHARACTERISTICS AS TRANSACTION.
     SessionCharacteristics,
+    /// `standard_conforming_strings` off: the server splits string literals where the parser
+    /// (which assumes on) does not, so the proxy's reading of the session's statements is not
+    /// to be trusted.
+    NonStandardStrings,
 }
 
 /// Routing directive taken from a leading comment.
@@ -296,7 +303,12 @@ fn classify_full(sql: &str, catalog: &FunctionCatalog, hints: Hints) -> Classifi
     c
 }
 
-fn finish(o: statement::Outcome, statements: usize, hints: Hints, sql: &str) -> Classification {
+fn finish(o: statement::Outcome, statements: usize, mut hints: Hints, sql: &str) -> Classification {
+    if o.primary && hints.route.is_none() {
+        // A question only the primary answers truly (is this server writable?): asked as if
+        // the client had hinted it there, so a transaction still keeps its own backend.
+        hints.route = Some(RouteHint::Primary);
+    }
     Classification {
         access: o.access,
         tx: o.tx,

@@ -4,6 +4,7 @@ use pg_query::NodeEnum as N;
 use pg_query::protobuf as pb;
 
 use super::functions::FunctionCatalog;
+use super::values;
 use super::walker::Walker;
 use super::{Access, PinReason, ProxyCommand, RouteMode, SessionCommand, TxEffect, TxModes};
 
@@ -26,6 +27,8 @@ pub(crate) struct Outcome {
     pub(crate) by_value: bool,
     /// COMMIT AND CHAIN or ROLLBACK AND CHAIN: the block ends and a new one opens at once.
     pub(crate) chain: bool,
+    /// A read only the primary answers truly (whether the server accepts writes).
+    pub(crate) primary: bool,
 }
 
 impl Outcome {
@@ -40,6 +43,7 @@ impl Outcome {
             reason,
             by_value: false,
             chain: false,
+            primary: false,
         }
     }
 
@@ -92,7 +96,11 @@ pub(crate) fn classify_stmt(stmt: &N, catalog: &FunctionCatalog) -> Outcome {
         N::SelectStmt(s) => {
             let mut w = Walker::new(catalog);
             w.select(s);
-            Outcome::from_walker(w, "select")
+            let mut o = Outcome::from_walker(w, "select");
+            if o.pin.is_none() {
+                o.pin = values::set_config_pin(s);
+            }
+            o
         }
         N::InsertStmt(_) => dml(stmt, catalog, "insert"),
         N::UpdateStmt(_) => dml(stmt, catalog, "update"),
@@ -122,7 +130,10 @@ pub(crate) fn classify_stmt(stmt: &N, catalog: &FunctionCatalog) -> Outcome {
                 proxy: Some(ProxyCommand::Show { name }),
                 ..Outcome::read("proxy_command")
             },
-            None => Outcome::read("show"),
+            None => Outcome {
+                primary: values::show_answered_by_primary(&v.name),
+                ..Outcome::read("show")
+            },
         },
         N::DiscardStmt(d) => {
             let o = Outcome::read("discard").with_pin(PinReason::SessionSet);
@@ -151,6 +162,21 @@ pub(crate) fn classify_stmt(stmt: &N, catalog: &FunctionCatalog) -> Outcome {
         N::ViewStmt(v) => ddl_maybe_temp(v.view.as_ref()),
         N::CreateSeqStmt(s) => ddl_maybe_temp(s.sequence.as_ref()),
         N::CreateTableAsStmt(c) => ddl_maybe_temp(c.into.as_ref().and_then(|i| i.rel.as_ref())),
+        N::CreateForeignTableStmt(f) => {
+            ddl_maybe_temp(f.base_stmt.as_ref().and_then(|b| b.relation.as_ref()))
+        }
+        N::CompositeTypeStmt(c) => ddl_maybe_temp(c.typevar.as_ref()),
+        // Functions, types, domains, operators, aggregates… can be made in `pg_temp` too, and
+        // live with the session's backend exactly like a temporary table.
+        N::CreateFunctionStmt(f) => ddl_named(&f.funcname),
+        N::DefineStmt(d) => ddl_named(&d.defnames),
+        N::CreateEnumStmt(e) => ddl_named(&e.type_name),
+        N::CreateRangeStmt(r) => ddl_named(&r.type_name),
+        N::CreateDomainStmt(d) => ddl_named(&d.domainname),
+        N::CreateStatsStmt(st) => ddl_named(&st.defnames),
+        N::CreateConversionStmt(c) => ddl_named(&c.conversion_name),
+        N::CreateOpClassStmt(c) => ddl_named(&c.opclassname),
+        N::CreateOpFamilyStmt(f) => ddl_named(&f.opfamilyname),
         // Everything else is DDL, DCL or administration: primary only.
         _ => Outcome::write("ddl"),
     }
@@ -315,10 +341,33 @@ fn variable_set(v: &pb::VariableSetStmt) -> Outcome {
             ..Outcome::read("proxy_command")
         };
     }
+    // search_path and standard_conforming_strings pin by value (see `values`), even LOCAL: the
+    // rest of the transaction already runs under them. Such a SET is not replayed elsewhere.
+    let by_value = values::read_by_value(&v.name);
+    let value_pin = match kind {
+        K::VarSetValue => values::pin_for_setting(&v.name, &join_values(&v.args)),
+        _ => None,
+    };
     if v.is_local {
-        return Outcome::read("set_local");
+        let o = Outcome {
+            by_value,
+            ..Outcome::read("set_local")
+        };
+        return match value_pin {
+            Some(pin) => o.with_pin(pin),
+            None => o,
+        };
     }
-    let pinned = Outcome::read("set").with_pin(PinReason::SessionSet);
+    if let Some(pin) = value_pin {
+        return Outcome {
+            by_value,
+            ..Outcome::read("set").with_pin(pin)
+        };
+    }
+    let pinned = Outcome {
+        by_value,
+        ..Outcome::read("set").with_pin(PinReason::SessionSet)
+    };
     let name = v.name.to_ascii_lowercase();
     // Only a superuser may switch session authorization; keep such sessions on one backend.
     if name == "session_authorization" {
@@ -360,12 +409,17 @@ fn set_transaction(v: &pb::VariableSetStmt, kind: pb::VariableSetKind) -> Option
         "transaction_deferrable" => TxModes::default(),
         _ => return None,
     };
+    // What these mean comes from their value (`= 'on'`, `= 'serializable'`), which a shape
+    // masks: cached by exact text only.
     let outcome = if modes.serializable == Some(true) {
         Outcome::write("serializable")
     } else {
         Outcome::read("set_transaction")
     };
-    Some(outcome.with_tx(TxEffect::SetModes(modes)))
+    Some(Outcome {
+        by_value: true,
+        ..outcome.with_tx(TxEffect::SetModes(modes))
+    })
 }
 
 /// `causeway.<name>` => lower-cased `<name>`.
@@ -432,9 +486,27 @@ fn ddl_maybe_temp(rel: Option<&pb::RangeVar>) -> Outcome {
     }
 }
 
-/// TEMP/TEMPORARY relations, or relations created explicitly in the session's `pg_temp` schema.
+/// CREATE of a function, type, operator…: DDL, pinned when made in the temporary schema.
+fn ddl_named(names: &[pb::Node]) -> Outcome {
+    let o = Outcome::write("ddl");
+    // `schema.name` or `catalog.schema.name`: the schema is the part before the name.
+    let schema = names.len().checked_sub(2).and_then(|i| names.get(i));
+    match schema.and_then(values::string_of) {
+        Some(s) if is_temp_schema(s) => o.with_pin(PinReason::TempTable),
+        _ => o,
+    }
+}
+
+/// TEMP/TEMPORARY relations, or relations created explicitly in the session's temporary schema.
 pub(crate) fn is_temp(r: &pb::RangeVar) -> bool {
-    r.relpersistence == "t" || r.schemaname.eq_ignore_ascii_case("pg_temp")
+    r.relpersistence == "t" || is_temp_schema(&r.schemaname)
+}
+
+/// `pg_temp`, or the `pg_temp_N` name of a session's temporary schema (names starting with
+/// `pg_` are the system's, so the prefix is enough).
+fn is_temp_schema(name: &str) -> bool {
+    name.get(..7)
+        .is_some_and(|p| p.eq_ignore_ascii_case("pg_temp"))
 }
 
 /// Folds per-statement outcomes of a multi-statement string (see [`super::Classification`]).
@@ -453,6 +525,7 @@ pub(crate) fn combine(outcomes: &[Outcome]) -> Outcome {
         }
         combined.by_value |= o.by_value;
         combined.chain |= o.chain;
+        combined.primary |= o.primary;
     }
     // A read-write transaction opened by the string itself belongs on the primary.
     let opens_rw = outcomes.len() > 1 && outcomes.iter().any(|o| o.tx.begins_on_primary());

@@ -787,3 +787,4 @@ fn the_last_transaction_boundary_and_copy_are_kept_across_statements() {
 }
 
 mod cache;
+mod setting_values;
