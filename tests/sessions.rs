@@ -22,10 +22,15 @@ GRANT ALL ON ALL TABLES IN SCHEMA public, s1 TO app, reader;
 
 /// One connection per pool, so every client shares the same backends.
 async fn small_pools() -> common::Env {
+    pools_of(1).await
+}
+
+/// `primary` connections to the primary and one to each replica.
+async fn pools_of(primary: usize) -> common::Env {
     let env = common::start_with(Default::default(), |cfg| {
         *cfg = cfg.replace(
             "[primary]",
-            "[pool]\nprimary_max = 1\nreplica_max = 1\n\n[primary]",
+            &format!("[pool]\nprimary_max = {primary}\nreplica_max = 1\n\n[primary]"),
         );
     })
     .await;
@@ -785,4 +790,331 @@ async fn resets_among_other_statements_do_not_pin() {
     assert_eq!(first_value(&a, "SELECT v FROM marker").await, "public");
     a.batch_execute("SELECT 1; RESET ALL").await.unwrap();
     assert_eq!(first_value(&a, "SELECT v FROM marker").await, "s1");
+}
+
+/// Rows of every result of a simple query string, first column, as text.
+async fn column(c: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    let msgs = c
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    msgs.iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The SQLSTATE a statement fails with, or `None` if it succeeds.
+async fn error_code(c: &tokio_postgres::Client, sql: &str) -> Option<String> {
+    c.simple_query(sql)
+        .await
+        .err()
+        .map(|e| e.code().map_or("none", |s| s.code()).to_string())
+}
+
+/// Objects a client makes in its temporary schema, whether it names `pg_temp` or its
+/// search_path lists it (set by SET or at startup), stay with that client: its own reads find
+/// them (never a permanent table of the same name on a replica), and with one connection per
+/// pool the next client, on the very backends it used, finds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temporary_objects_never_reach_another_client() {
+    let env = small_pools().await;
+    env.primary_admin()
+        .await
+        .batch_execute(
+            "CREATE TABLE public.secret (a text); INSERT INTO public.secret VALUES ('permanent');
+             GRANT ALL ON public.secret TO app;",
+        )
+        .await
+        .unwrap();
+    env.caught_up().await;
+    let with_options = |options: &str| {
+        let conninfo = format!("{} options='{options}'", env.conninfo());
+        async move { connect(&conninfo).await }
+    };
+    let mut leaks = Vec::new();
+    let cases: [(&str, &[&str], &str); 5] = [
+        (
+            "",
+            &[
+                "SET search_path = pg_temp, public",
+                "CREATE TABLE secret (a text)",
+                "INSERT INTO secret VALUES ('private')",
+            ],
+            "SELECT a FROM pg_temp.secret",
+        ),
+        (
+            "-c search_path=pg_temp,public",
+            &[
+                "CREATE TABLE secret (a text)",
+                "INSERT INTO secret VALUES ('private')",
+            ],
+            "SELECT a FROM pg_temp.secret",
+        ),
+        (
+            "",
+            &[
+                "CREATE FUNCTION pg_temp.secret() RETURNS text LANGUAGE sql AS $$ SELECT 'private' $$",
+            ],
+            "SELECT pg_temp.secret()",
+        ),
+        (
+            "",
+            &["CREATE DOMAIN pg_temp.secret AS text CHECK (VALUE = 'private')"],
+            "SELECT 'private'::pg_temp.secret::text",
+        ),
+        (
+            "",
+            &[
+                "BEGIN",
+                "SET search_path = pg_temp, public",
+                "CREATE TABLE secret (a text)",
+                "INSERT INTO secret VALUES ('private')",
+                "COMMIT",
+            ],
+            "SELECT a FROM pg_temp.secret",
+        ),
+    ];
+    for (options, make, probe) in cases {
+        let a = with_options(options).await;
+        for s in make {
+            if let Err(e) = a.batch_execute(s).await {
+                leaks.push(format!("{make:?}: {s} failed: {e:?}"));
+            }
+        }
+        // Twice: a read must not wander to a replica after the first.
+        for _ in 0..2 {
+            match a.simple_query(probe).await {
+                Ok(m) if common::first_text(&m).as_deref() == Some("private") => {}
+                other => leaks.push(format!(
+                    "{make:?}: the client lost its own object: {other:?}"
+                )),
+            }
+        }
+        if make.iter().any(|s| s.contains("search_path")) || !options.is_empty() {
+            let own = first_value(&a, "SELECT a FROM secret").await;
+            if own != "private" {
+                leaks.push(format!(
+                    "{make:?}: the client read {own:?} for its own table"
+                ));
+            }
+        }
+        drop(a);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let b = env.client().await;
+        let hinted = format!("/* causeway:primary */ {probe}");
+        if let Ok(m) = b.simple_query(&hinted).await {
+            leaks.push(format!(
+                "{make:?}: the next client saw {:?}",
+                common::first_text(&m)
+            ));
+        }
+    }
+    assert!(leaks.is_empty(), "{leaks:#?}");
+}
+
+/// With standard_conforming_strings off the server ends a string literal where the proxy's
+/// parser does not: `'\' , '` is one literal to it, so the text below runs a second statement
+/// the proxy never saw. Such a session keeps one primary backend, which closes with it, so the
+/// hidden statement runs on the primary and nothing it leaves (a session lock) reaches anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nonstandard_strings_keep_the_session_on_one_primary_backend() {
+    const HIDDEN: &str =
+        r"SELECT '\' , ' ; SELECT inet_server_port()::text, pg_advisory_lock(99); --'";
+    // Each of the three sessions below keeps a primary backend.
+    let env = pools_of(3).await;
+    let primary = env.node_port(0).to_string();
+    let locks_held = || async {
+        let mut held = Vec::new();
+        for i in 0..3 {
+            let node = if i == 0 {
+                &env.cluster.primary
+            } else {
+                &env.cluster.replicas[i - 1]
+            };
+            let c = connect(&env.cluster.superuser_conninfo(node)).await;
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 99",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            held.push(n);
+        }
+        held
+    };
+    let by_set = env.client().await;
+    by_set
+        .batch_execute("SET standard_conforming_strings = off")
+        .await
+        .unwrap();
+    let by_option = connect(&format!(
+        "{} options='-c standard_conforming_strings=off'",
+        env.conninfo()
+    ))
+    .await;
+    let in_a_string = env.client().await;
+    in_a_string
+        .batch_execute("SELECT 1; SET standard_conforming_strings = off")
+        .await
+        .unwrap();
+    for (what, c) in [
+        ("SET", &by_set),
+        ("options", &by_option),
+        ("a SET among others", &in_a_string),
+    ] {
+        let rows = column(c, HIDDEN).await;
+        assert_eq!(rows, [r"' , ".to_string(), primary.clone()], "{what}");
+        assert_eq!(
+            first_value(c, "SHOW standard_conforming_strings").await,
+            "off"
+        );
+        c.batch_execute("SELECT pg_advisory_unlock_all()")
+            .await
+            .unwrap();
+    }
+    // Left holding the hidden statement's lock: it goes with its client.
+    column(&by_set, HIDDEN).await;
+    drop((by_set, by_option, in_a_string));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(locks_held().await, [0, 0, 0]);
+    // Another client reads strings as standard.
+    let b = env.client().await;
+    assert_eq!(column(&b, r"SELECT '\' , ' ; SELECT 2; --'").await.len(), 1);
+    assert_eq!(
+        first_value(&b, "SHOW standard_conforming_strings").await,
+        "on"
+    );
+}
+
+/// A driver escapes literals by the standard_conforming_strings it is told at login: the
+/// proxy tells it what the login asked for, not the server's default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_greeting_reports_the_strings_the_login_asked_for() {
+    let env = common::start().await;
+    let proxy = common::trust_proxy(&env).await;
+    for (options, want) in [
+        (None, "on"),
+        (Some("-c standard_conforming_strings=off"), "off"),
+        (Some("-c standard_conforming_strings=false"), "off"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let mut params = vec![("user", "app"), ("database", "app")];
+        params.extend(options.map(|o| ("options", o)));
+        s.write_all(&raw::startup(&params)).await.unwrap();
+        let msgs = raw::read_until_ready(&mut s).await;
+        let reported: Vec<String> = msgs
+            .iter()
+            .filter(|m| m.0 == b'S')
+            .map(|m| String::from_utf8_lossy(&m.1).into_owned())
+            .filter(|p| p.starts_with("standard_conforming_strings\0"))
+            .collect();
+        assert_eq!(
+            reported,
+            [format!("standard_conforming_strings\0{want}\0")],
+            "{options:?}"
+        );
+    }
+}
+
+/// Statements whose class comes from a literal are not shared by shape: one client's
+/// `SET transaction_read_only = 'on'` does not make another's `= 'off'` a read-only transaction
+/// on a replica, nor one's `'read committed'` send another's `'serializable'` to a standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_read_by_value_are_classified_by_value() {
+    let env = small_pools().await;
+    let a = env.client().await;
+    for s in [
+        "BEGIN",
+        "SET transaction_read_only =   'on'",
+        "SELECT 1",
+        "COMMIT",
+    ] {
+        a.batch_execute(s).await.unwrap();
+    }
+    let b = env.client().await;
+    b.batch_execute("BEGIN").await.unwrap();
+    b.batch_execute("SET transaction_read_only =   'off'")
+        .await
+        .unwrap();
+    let write = b
+        .batch_execute("INSERT INTO marker VALUES ('read-write')")
+        .await;
+    b.batch_execute("ROLLBACK").await.unwrap();
+    assert!(write.is_ok(), "read-write transaction refused: {write:?}");
+    a.batch_execute("SET transaction_isolation =   'read committed'")
+        .await
+        .unwrap();
+    assert_eq!(
+        error_code(&b, "SET transaction_isolation =   'serializable'").await,
+        None
+    );
+}
+
+/// Drivers that ask `SHOW transaction_read_only` to find a writable server (pgJDBC's
+/// targetServerType, libpq's target_session_attrs before PostgreSQL 14) find one: outside a
+/// transaction the primary answers; inside a read-only transaction its own backend does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writability_questions_are_answered_by_the_primary() {
+    let env = small_pools().await;
+    let c = env.client().await;
+    for _ in 0..3 {
+        assert_eq!(first_value(&c, "SHOW transaction_read_only").await, "off");
+        let prepared = c
+            .query_one("SHOW transaction_read_only", &[])
+            .await
+            .unwrap();
+        assert_eq!(prepared.get::<_, String>(0), "off");
+        assert_eq!(first_value(&c, "SHOW in_hot_standby").await, "off");
+    }
+    c.batch_execute("BEGIN READ ONLY").await.unwrap();
+    assert_eq!(first_value(&c, "SHOW transaction_read_only").await, "on");
+    c.batch_execute("COMMIT").await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("SET TRANSACTION READ ONLY").await.unwrap();
+    assert_eq!(first_value(&c, "SHOW transaction_read_only").await, "on");
+    assert_eq!(
+        first_value(&c, "SELECT pg_is_in_recovery()::text").await,
+        "true",
+        "a read-only transaction still runs on a replica"
+    );
+    c.batch_execute("COMMIT").await.unwrap();
+}
+
+/// In session pooling a client's connection goes back to the pool when it leaves: settings the
+/// proxy did not follow are reset before the next client gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_pooling_resets_what_it_did_not_follow() {
+    let env = common::start_with(Default::default(), |cfg| {
+        *cfg = cfg.replace(
+            "[primary]",
+            "[pool]\nmode = \"session\"\nprimary_max = 1\n\n[primary]",
+        );
+    })
+    .await;
+    let a = env.client().await;
+    a.batch_execute(
+        "SELECT 1; SET search_path = pg_temp, public; SET standard_conforming_strings = off",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        first_value(&a, "SHOW standard_conforming_strings").await,
+        "off"
+    );
+    drop(a);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let b = env.client().await;
+    assert_eq!(
+        first_value(&b, "SHOW standard_conforming_strings").await,
+        "on"
+    );
+    assert_eq!(
+        first_value(&b, "SHOW search_path").await,
+        "\"$user\", public"
+    );
 }

@@ -179,14 +179,30 @@ pub(super) async fn handle_client(
         refuse(&mut t, &e).await;
         return Err(e);
     }
+    // Drivers escape literals by the standard_conforming_strings they are told: told the
+    // server's while the login asked for another, they would escape for the wrong one.
+    let strings_asked = crate::session::startup_value(&params, STRINGS);
+    let mut role_default = None;
     for (k, v) in &server_params {
         let value = match k.as_str() {
             "application_name" => param("application_name").unwrap_or_default(),
             "client_encoding" => "UTF8".to_string(),
+            STRINGS => match &strings_asked {
+                Some(asked) if crate::classify::values::spells_true(asked) => "on".to_string(),
+                Some(_) => "off".to_string(),
+                None => v.clone(),
+            },
             _ => v.clone(),
         };
+        if k == STRINGS && strings_asked.is_none() && value != "on" {
+            // Off for this role or database on the server: the session starts with it off,
+            // exactly as if it had asked (see `classify::values`).
+            role_default = Some((STRINGS.to_string(), value.clone()));
+        }
         t.queue(&protocol::parameter_status(k, &value));
     }
+    let mut params = params;
+    params.extend(role_default);
     let key = shared.cancels.register();
     t.queue(&protocol::backend_key_data(key.key.0, key.key.1));
     let classifier = shared.catalogs.classifier(&database, &user).await;
@@ -203,6 +219,9 @@ pub(super) async fn handle_client(
     );
     session.run().await
 }
+
+/// The setting whose value decides how the server splits string literals.
+const STRINGS: &str = "standard_conforming_strings";
 
 /// Opens the admin console for an admin user; anyone else is refused.
 async fn admin_console(

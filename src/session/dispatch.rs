@@ -360,6 +360,9 @@ impl Session {
             return Ok(());
         }
         self.status = TxStatus::InTransaction;
+        // The transaction's first statement may pin (a temporary table, a search_path listing
+        // pg_temp) as it would outside a deferred BEGIN.
+        self.pin_here(routing.pin);
         if let Some(lease) = self.lease.as_mut() {
             let conn = lease.conn();
             for r in &tx.requests {

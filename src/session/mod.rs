@@ -14,7 +14,7 @@ mod translate;
 mod wait;
 
 pub use request::Request;
-pub use settings::check_startup_settings;
+pub use settings::{check_startup_settings, startup_value};
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -147,6 +147,10 @@ pub struct Session {
     status: TxStatus,
     /// Session state that cannot move lives on the current backend.
     pinned: bool,
+    /// The server last reported `standard_conforming_strings` off on this client's backend:
+    /// the proxy cannot read the session's statements as the server does (see
+    /// `classify::values`), so it keeps one primary backend.
+    strings_off: bool,
     route_mode: RouteMode,
     /// The client's named statements.
     statements: HashMap<String, ClientStatement>,
@@ -240,6 +244,7 @@ impl Session {
             replies: VecDeque::new(),
             status: TxStatus::Idle,
             pinned: false,
+            strings_off: false,
             route_mode: RouteMode::Auto,
             statements: HashMap::new(),
             unnamed: None,
@@ -469,6 +474,12 @@ impl Session {
             // Whatever pinned the session (temp tables, LISTEN, session locks, untracked
             // settings) lives on this connection: it goes with the client.
             lease.conn().broken = true;
+        }
+        if ending && self.cfg.pool.mode == PoolMode::Session {
+            // Settings the proxy did not follow (a search_path listing pg_temp,
+            // standard_conforming_strings off, a SET among other statements) are reset before
+            // anyone else uses the connection.
+            lease.conn().set_applied(crate::pool::Applied::UNKNOWN);
         }
         if ending && lease.conn().status != TxStatus::Idle {
             tracing::debug!(node = %lease.node().name, "client left inside a transaction; rolling back");

@@ -44,6 +44,9 @@ impl Session {
                 }
                 continue;
             }
+            if frame.tag == tag::BE_PARAMETER_STATUS {
+                self.note_parameter(&frame);
+            }
             tracing::trace!(tag = %(frame.tag as char), replies = ?self.replies.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>(), "backend frame");
             let forward = match frame.tag {
                 tag::BE_READY_FOR_QUERY => {
@@ -249,6 +252,24 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Follows what the server reports of `standard_conforming_strings` on the client's backend.
+    /// However it went off (a SET the proxy pinned for already, `set_config` in a transaction,
+    /// a function), the proxy's reading of the session's statements may now differ from the
+    /// server's: the session keeps this backend, which closes with it, so nothing a misread
+    /// statement left there reaches another client.
+    fn note_parameter(&mut self, frame: &protocol::Frame) {
+        let Ok((name, value)) = protocol::parse_parameter_status(frame.body()) else {
+            return;
+        };
+        if name != "standard_conforming_strings" {
+            return;
+        }
+        self.strings_off = !crate::classify::values::spells_true(value);
+        if self.strings_off {
+            self.pin_here(Some(crate::classify::PinReason::NonStandardStrings));
+        }
     }
 
     /// Records session changes once the server confirmed them: at once outside a transaction,

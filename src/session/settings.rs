@@ -9,7 +9,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use super::{Expect, Request};
-use crate::classify::SessionCommand;
+use crate::classify::{PinReason, SessionCommand};
 use crate::error::{BackendError, SessionError};
 use crate::pool::Applied;
 use crate::pool::queue::Class;
@@ -50,6 +50,8 @@ pub struct Settings {
     fingerprint: u64,
     /// `default_transaction_isolation` is serializable.
     serializable: bool,
+    /// A setting in force keeps the session on one backend (see `classify::values`).
+    pin: Option<PinReason>,
 }
 
 impl Settings {
@@ -161,6 +163,16 @@ impl Settings {
                     .as_deref()
                     .is_some_and(|v| v.eq_ignore_ascii_case("serializable"))
         });
+        self.pin = self
+            .entries
+            .iter()
+            .find_map(|e| crate::classify::values::pin_for_setting(&e.name, e.value.as_deref()?));
+    }
+
+    /// Why these settings keep the session on one primary backend, if they do: they came at
+    /// startup (a SET of them pins by itself), so the session's first request takes the pin.
+    pub fn pin(&self) -> Option<PinReason> {
+        self.pin
     }
 
     /// Whether a standby would refuse every transaction of this session: its default isolation
@@ -428,6 +440,15 @@ fn is_identifier(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
 }
 
+/// The value a login asked for `name` in its startup packet (a parameter, or `options=-c`).
+pub fn startup_value(params: &[(String, String)], name: &str) -> Option<String> {
+    Settings::from_startup(params)
+        .entries
+        .into_iter()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value)
+}
+
 /// Parses libpq's `options`: `-c name=value`, `-cname=value`, `--name=value`, with backslash
 /// escaping spaces.
 fn parse_options(options: &str) -> Vec<(String, String)> {
@@ -683,5 +704,47 @@ mod tests {
         }
         let s = Settings::from_startup(&params(&[(dti, "serializable")]));
         assert!(s.needs_primary(None));
+    }
+
+    /// Startup settings the proxy cannot follow across backends pin the session, and still do
+    /// after RESET ALL or DISCARD ALL, which return to them.
+    #[test]
+    fn startup_settings_that_pin() {
+        let scs = "standard_conforming_strings";
+        for (startup, pin) in [
+            (
+                vec![("search_path", "pg_temp,public")],
+                Some(PinReason::TempTable),
+            ),
+            (
+                vec![("options", "-c search_path=public,pg_temp")],
+                Some(PinReason::TempTable),
+            ),
+            (vec![(scs, "off")], Some(PinReason::NonStandardStrings)),
+            (
+                vec![("options", "-c standard_conforming_strings=false")],
+                Some(PinReason::NonStandardStrings),
+            ),
+            (vec![(scs, "on"), ("search_path", "public")], None),
+            (vec![], None),
+        ] {
+            let mut s = Settings::from_startup(&params(&startup));
+            assert_eq!(s.pin(), pin, "{startup:?}");
+            s.apply(&SessionCommand::ResetAll, "RESET ALL");
+            assert_eq!(s.pin(), pin, "{startup:?} after RESET ALL");
+            s.apply(&SessionCommand::DiscardAll, "DISCARD ALL");
+            assert_eq!(s.pin(), pin, "{startup:?} after DISCARD ALL");
+        }
+        assert_eq!(
+            startup_value(
+                &params(&[("options", "-c standard_conforming_strings=off")]),
+                scs
+            ),
+            Some("off".to_string())
+        );
+        assert_eq!(
+            startup_value(&params(&[("application_name", "x")]), scs),
+            None
+        );
     }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use super::{Expect, MAX_QUEUED_BYTES, Request, Session};
 use crate::cancel::CancelTarget;
-use crate::classify::Classification;
+use crate::classify::{Classification, PinReason};
 use crate::config::PoolMode;
 use crate::error::{PoolError, SessionError, SlotError};
 use crate::pool::Applied;
@@ -131,13 +131,16 @@ impl Session {
         let shared = Arc::clone(&self.shared);
         let cluster = &shared.cluster;
         let mut replicas = cluster.replicas_owned();
+        // Settings the session started with (or the server reported) that keep it on one
+        // backend: the primary, taken now, before anything is read wrongly elsewhere.
+        let state_pin = self.state_pin();
         for _ in 0..=replicas.len() {
             let decision = if force_primary {
                 Decision {
                     target: Target::Primary,
                     reason: Reason::ReadOnlyRetry,
                 }
-            } else if self.cfg.pool.mode == PoolMode::Session {
+            } else if self.cfg.pool.mode == PoolMode::Session || state_pin.is_some() {
                 // One backend for the whole session, as a server would be: the primary.
                 Decision {
                     target: Target::Primary,
@@ -196,6 +199,7 @@ impl Session {
                         cancelled: false,
                     });
                     self.lease = Some(lease);
+                    self.pin_here(state_pin);
                     self.replay_settings();
                     return Ok(());
                 }
@@ -207,5 +211,30 @@ impl Session {
             }
         }
         Err(SessionError::NoReplica)
+    }
+}
+
+impl Session {
+    /// Why the session's own settings keep it on one backend whatever it runs next.
+    fn state_pin(&self) -> Option<PinReason> {
+        if self.strings_off {
+            return Some(PinReason::NonStandardStrings);
+        }
+        self.settings.pin()
+    }
+
+    /// Pins the session to its current backend for `reason`, if there is one (transaction
+    /// pooling only: in session pooling every client keeps its backend anyway).
+    pub(super) fn pin_here(&mut self, reason: Option<PinReason>) {
+        if reason.is_none()
+            || self.pinned
+            || self.cfg.pool.mode != PoolMode::Transaction
+            || self.lease.is_none()
+        {
+            return;
+        }
+        self.pinned = true;
+        self.shared.stats.pins.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(?reason, "session pinned to its backend");
     }
 }
