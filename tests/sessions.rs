@@ -1076,12 +1076,13 @@ async fn writability_questions_are_answered_by_the_primary() {
     c.batch_execute("COMMIT").await.unwrap();
     c.batch_execute("BEGIN").await.unwrap();
     c.batch_execute("SET TRANSACTION READ ONLY").await.unwrap();
-    assert_eq!(first_value(&c, "SHOW transaction_read_only").await, "on");
+    // Its first statement chooses the server with the modes named: a replica for a read.
     assert_eq!(
         first_value(&c, "SELECT pg_is_in_recovery()::text").await,
         "true",
         "a read-only transaction still runs on a replica"
     );
+    assert_eq!(first_value(&c, "SHOW transaction_read_only").await, "on");
     c.batch_execute("COMMIT").await.unwrap();
 }
 
