@@ -928,3 +928,157 @@ async fn sticky_mode_follows_a_key_hint_on_a_write() {
         .unwrap();
     assert_eq!(common::first_text(&seen).as_deref(), Some("1"));
 }
+
+/// Holds every replica's replay where it is.
+fn pause_replicas(env: &Env) {
+    for r in env.cluster.replicas.clone() {
+        tokio::task::block_in_place(|| env.cluster.psql(&r, "SELECT pg_wal_replay_pause()"))
+            .unwrap();
+    }
+}
+
+fn parsed(text: &str) -> causeway::config::Config {
+    causeway::config::Config::from_toml(text).unwrap_or_else(|e| panic!("config: {e}\n{text}"))
+}
+
+/// A write whose token query fails (the client removed the token statement) gets a derived
+/// token from the monitor's next poll of the primary: its reads never see a replica that has
+/// not replayed it, long after the sticky window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_token_is_lost_is_followed_past_the_sticky_window() {
+    let env = delayed(0, "\n[consistency]\nsticky_window_ms = 200\n").await;
+    let a = env.client().await;
+    a.batch_execute("INSERT INTO items VALUES (40, 'warm')")
+        .await
+        .unwrap();
+    env.caught_up().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pause_replicas(&env);
+    let tokens = env.proxy.shared.stats.tokens.load(Ordering::Relaxed);
+    a.batch_execute("INSERT INTO items VALUES (41, 'l'); DEALLOCATE causeway_token")
+        .await
+        .unwrap();
+    assert_eq!(
+        env.proxy.shared.stats.tokens.load(Ordering::Relaxed),
+        tokens,
+        "the token query found no statement"
+    );
+    for ms in [0, 400, 800] {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        assert_eq!(count(&a, 41).await.0, 1, "read {ms} ms after the write");
+    }
+}
+
+/// With `pg_current_wal_insert_lsn()` revoked, the token query fails on every write and the
+/// monitor reads the write position instead: reads still see every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_are_followed_when_the_insert_position_is_revoked() {
+    let env = delayed(0, "\n[consistency]\nsticky_window_ms = 200\n").await;
+    let admin = env.primary_admin().await;
+    admin
+        .batch_execute("REVOKE EXECUTE ON FUNCTION pg_current_wal_insert_lsn() FROM PUBLIC")
+        .await
+        .unwrap();
+    env.caught_up().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pause_replicas(&env);
+    let a = env.client().await;
+    a.execute("INSERT INTO items VALUES (42, 'r')", &[])
+        .await
+        .unwrap();
+    for ms in [0, 400, 800, 1000] {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        assert_eq!(count(&a, 42).await.0, 1, "read {ms} ms after the write");
+    }
+}
+
+/// Sticky mode past its window: a replica serves the session only once it has replayed the
+/// primary's position sampled after the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_mode_is_sound_after_the_window() {
+    let env = delayed(
+        0,
+        "\n[consistency]\nmode = \"sticky\"\nsticky_window_ms = 200\n",
+    )
+    .await;
+    pause_replicas(&env);
+    let a = env.client().await;
+    a.execute("INSERT INTO items VALUES (43, 's')", &[])
+        .await
+        .unwrap();
+    for ms in [0, 500, 500] {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        assert_eq!(count(&a, 43).await.0, 1, "read after {ms} ms more");
+    }
+}
+
+/// A reload that changes `consistency.mode` keeps the writes made before it covered: sticky
+/// mode's writes by their derived tokens in `lsn` mode, `lsn` mode's tokens in sticky mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mode_switch_by_reload_keeps_earlier_writes_covered() {
+    let env = delayed(0, "\n[consistency]\nsticky_window_ms = 100\n").await;
+    pause_replicas(&env);
+    let a = env.client().await;
+    a.execute("INSERT INTO items VALUES (44, 'lsn')", &[])
+        .await
+        .unwrap();
+    // The config ends with the [consistency] section.
+    let sticky = format!("{}\nmode = \"sticky\"\n", env.config.trim_end());
+    causeway::reload::apply(&env.proxy.shared, parsed(&sticky)).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        count(&a, 44).await.0,
+        1,
+        "lsn-mode write read in sticky mode"
+    );
+    a.execute("INSERT INTO items VALUES (45, 'sticky')", &[])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    causeway::reload::apply(&env.proxy.shared, parsed(&env.config)).unwrap();
+    assert_eq!(
+        count(&a, 45).await.0,
+        1,
+        "sticky-mode write read in lsn mode"
+    );
+    let b = env.client().await;
+    assert_eq!(
+        count(&b, 45).await.0,
+        0,
+        "other sessions still read replicas"
+    );
+}
+
+/// A key evicted at `max_keys`, a key past `key_ttl_ms` and a key the proxy never saw (it
+/// restarted) leave a floor their readers wait for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgotten_keys_leave_a_floor() {
+    let env = delayed(0, "\n[consistency]\nmax_keys = 2\nkey_ttl_ms = 100\n").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pause_replicas(&env);
+    let w = env.client().await;
+    for (id, key) in [(46, "k1"), (47, "k2"), (48, "k3")] {
+        w.batch_execute(&format!(
+            "/* causeway:key={key} */ INSERT INTO items VALUES ({id}, 'k')"
+        ))
+        .await
+        .unwrap();
+    }
+    let r = env.client().await;
+    r.batch_execute("SET causeway.consistency_key = 'k1'")
+        .await
+        .unwrap();
+    assert_eq!(count(&r, 46).await.0, 1, "evicted key");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    r.batch_execute("SET causeway.consistency_key = 'k3'")
+        .await
+        .unwrap();
+    assert_eq!(count(&r, 48).await.0, 1, "expired key");
+    // Another proxy process in front of the same cluster: it never saw the keys.
+    let restarted = common::proxy_for(&env.config).await;
+    let n = env.client_via(&restarted).await;
+    n.batch_execute("SET causeway.consistency_key = 'k2'")
+        .await
+        .unwrap();
+    assert_eq!(count(&n, 47).await.0, 1, "key written before a restart");
+}

@@ -180,6 +180,65 @@ impl History {
     }
 }
 
+/// Readings of the primary's WAL position by the time each poll was sent, so that a write
+/// acknowledged without a token of its own can be given one: any poll sent after the write
+/// was acknowledged ran after its commit, so its reading is at or past the commit record (a
+/// "derived token"). Consecutive polls that found the same position share one entry.
+/// Bounded: past `capacity` entries the oldest are dropped, which only makes the derived
+/// token of an older write later than it could be, never earlier.
+#[derive(Debug)]
+pub struct Fences {
+    /// (first poll sent, last poll sent, position), oldest first; times in µs on the caller's
+    /// clock; every field only grows.
+    entries: VecDeque<(u64, u64, Lsn)>,
+    capacity: usize,
+}
+
+impl Fences {
+    /// An empty list of at most `capacity` entries, allocated now.
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            entries: VecDeque::with_capacity(capacity),
+            capacity,
+        }
+    }
+
+    /// Records that a poll sent at `sent_us` found the primary at `lsn`. A lower position than
+    /// the last is another server's WAL (a new primary): what was kept before is forgotten.
+    pub fn record(&mut self, sent_us: u64, lsn: Lsn) {
+        if lsn == 0 {
+            return;
+        }
+        match self.entries.back_mut() {
+            Some(e) if e.2 == lsn => {
+                e.1 = e.1.max(sent_us);
+                return;
+            }
+            Some(e) if lsn < e.2 => self.entries.clear(),
+            _ => {}
+        }
+        if self.entries.len() == self.capacity {
+            self.entries.pop_front();
+        }
+        self.entries.push_back((sent_us, sent_us, lsn));
+    }
+
+    /// Forgets every reading (the primary changed).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// The reading of the first poll sent strictly after `after_us`, if one has answered: a
+    /// position at or past everything committed by then.
+    pub fn first_after(&self, after_us: u64) -> Option<Lsn> {
+        let i = self
+            .entries
+            .partition_point(|&(_, last, _)| last <= after_us);
+        self.entries.get(i).map(|&(_, _, lsn)| lsn)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,6 +388,39 @@ mod tests {
             h.readings.capacity(),
             allocated,
             "no allocation after new()"
+        );
+    }
+
+    #[test]
+    fn a_derived_token_is_the_first_poll_sent_after_the_write() {
+        let mut f = Fences::new(3);
+        assert_eq!(f.first_after(0), None, "no poll yet");
+        f.record(10, 100);
+        f.record(20, 100);
+        f.record(30, 200);
+        // Acknowledged at 15: the poll sent at 20 found 100.
+        assert_eq!(f.first_after(15), Some(100));
+        // At 20 exactly: only a poll sent later counts.
+        assert_eq!(f.first_after(20), Some(200));
+        assert_eq!(f.first_after(5), Some(100));
+        assert_eq!(f.first_after(30), None, "no poll sent after it yet");
+        // An unchanged position extends its entry: a later poll still answers.
+        f.record(40, 200);
+        assert_eq!(f.first_after(30), Some(200));
+        // Full: the oldest goes; a write older than all kept gets the oldest kept, later than
+        // needed but never earlier.
+        f.record(50, 300);
+        f.record(60, 400);
+        assert_eq!(f.first_after(5), Some(200));
+        // A lower position: a new primary, the rest is forgotten.
+        f.record(70, 50);
+        assert_eq!(f.first_after(5), Some(50));
+        assert_eq!(f.first_after(70), None);
+        f.record(80, 0);
+        assert_eq!(
+            f.first_after(70),
+            None,
+            "unknown positions are not readings"
         );
     }
 }

@@ -176,6 +176,10 @@ impl Node {
 /// of them is at least that far behind (see `lsn::Behind::BeforeSpan`).
 const PRIMARY_HISTORY: usize = 8192;
 
+/// Entries kept for derived tokens: 1024 of 24 bytes. A write older than all of them gets the
+/// oldest kept, a later position than needed but never an earlier one.
+const PRIMARY_FENCES: usize = 1024;
+
 /// The primary and its replicas.
 #[derive(Debug)]
 pub struct Cluster {
@@ -196,8 +200,18 @@ pub struct Cluster {
     /// `wal_block_size` and `wal_segment_size`, as the monitor read them; 0 until then.
     wal_page: AtomicU64,
     wal_segment: AtomicU64,
-    /// When a write through this proxy was last acknowledged without its token (global scope).
-    pub global_unconfirmed: std::sync::Mutex<Option<Instant>>,
+    /// When a write through this proxy was last acknowledged without a token whose derived
+    /// token is not yet in `global_token`, in µs on the [`Cluster::us_at`] clock; 0 = none.
+    pub global_unconfirmed: AtomicU64,
+    /// The primary's position by the time each poll was sent: derived tokens.
+    fences: Mutex<lsn::Fences>,
+    /// When the last poll recorded in `fences` was sent (µs): a write acknowledged later has
+    /// no derived token yet, known without the lock.
+    fence_sent_us: AtomicU64,
+    /// How long after a write a poll must be sent for its reading to cover the write, in µs:
+    /// 0 when the monitor reads the insert position, three WAL writer delays when it can only
+    /// read the write position (an asynchronous commit is written by then).
+    fence_settle_us: AtomicU64,
     /// The primary's WAL position each time the monitor saw it change, on the `now_ms` clock:
     /// replica lag in time is read from it.
     primary_history: Mutex<lsn::History>,
@@ -236,7 +250,10 @@ impl Cluster {
             global_token: AtomicU64::new(0),
             wal_page: AtomicU64::new(0),
             wal_segment: AtomicU64::new(0),
-            global_unconfirmed: std::sync::Mutex::new(None),
+            global_unconfirmed: AtomicU64::new(0),
+            fences: Mutex::new(lsn::Fences::new(PRIMARY_FENCES)),
+            fence_sent_us: AtomicU64::new(0),
+            fence_settle_us: AtomicU64::new(0),
             primary_history: Mutex::new(lsn::History::new(PRIMARY_HISTORY)),
             started: Instant::now(),
             tls,
@@ -278,6 +295,52 @@ impl Cluster {
             replayed: replica.lsn.load(Ordering::Acquire),
             replayed_at_us: (at != 0).then_some(at),
         }
+    }
+
+    /// When the cluster view was created: a write acknowledged before may be unknown to it.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// `at` in µs since the cluster view was created (the clock of derived tokens); at least 1.
+    pub fn us_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.started).as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// Records that a poll of the primary sent at `sent` (an instant taken before it was sent)
+    /// found the position `lsn`: the insert position, or with `settle_us` > 0 the write
+    /// position, which covers a commit only that long after it.
+    pub fn record_fence(&self, sent: Instant, lsn: lsn::Lsn, settle_us: u64) {
+        let sent_us = self.us_at(sent);
+        self.fence_settle_us.store(settle_us, Ordering::Release);
+        self.fences
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .record(sent_us, lsn);
+        self.fence_sent_us.fetch_max(sent_us, Ordering::AcqRel);
+    }
+
+    /// The derived token of a write acknowledged at `acked` without a token of its own: the
+    /// primary's position read by the first poll sent after it, which ran after the commit.
+    /// None until such a poll has answered (only the primary surely has the write meanwhile).
+    pub fn derived_token(&self, acked: Instant) -> Option<lsn::Lsn> {
+        self.derived_token_us(self.us_at(acked))
+    }
+
+    /// [`Cluster::derived_token`] of a write acknowledged at `acked_us` ([`Cluster::us_at`]).
+    pub fn derived_token_us(&self, acked_us: u64) -> Option<lsn::Lsn> {
+        let after = acked_us.saturating_add(self.fence_settle_us.load(Ordering::Acquire));
+        if self.fence_sent_us.load(Ordering::Acquire) <= after {
+            return None;
+        }
+        let found = self
+            .fences
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .first_after(after)?;
+        Some(lsn::record_end(found, self.wal_geometry()))
     }
 
     /// Records a reading of the primary's WAL position, taken at `at_ms` (`now_ms` clock).
@@ -362,6 +425,10 @@ impl Cluster {
         // The new primary's WAL continues from its own replay position: no reading of the old
         // one places a replica on it.
         self.history().clear();
+        self.fences
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
         self.primary.lsn.store(0, Ordering::Release);
         self.primary.unban();
         true

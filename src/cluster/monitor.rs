@@ -6,7 +6,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::error::SqlState;
 
 use tokio_postgres::types::PgLsn;
 
@@ -116,11 +118,22 @@ const PROBE: &str = "SELECT pg_is_in_recovery(), \
      CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
      (extract(epoch FROM pg_last_xact_replay_timestamp()) * 1000000)::int8";
 
+/// [`PROBE`] on the primary, with its insert position too: the commit of a write acknowledged
+/// before the poll was sent is at or before it, even under asynchronous commit (derived tokens).
+const PROBE_PRIMARY: &str = "SELECT pg_is_in_recovery(), \
+     CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END, \
+     (extract(epoch FROM pg_last_xact_replay_timestamp()) * 1000000)::int8, \
+     CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn() END";
+
 /// A monitoring connection with [`PROBE`] prepared on it, so each reading is one round trip
 /// (Bind/Execute/Sync) rather than a parse, an execute and a close.
 struct Probe {
     client: tokio_postgres::Client,
     statement: tokio_postgres::Statement,
+    /// The statement reads the insert position ([`PROBE_PRIMARY`]).
+    insert: bool,
+    /// `wal_writer_delay` in ms, if it could be read.
+    wal_writer_delay_ms: Option<u64>,
 }
 
 impl Probe {
@@ -131,7 +144,11 @@ impl Probe {
         timeout: Duration,
     ) -> Result<Self, tokio_postgres::Error> {
         let client = connect(node, cfg, &cluster.tls, timeout).await?;
-        let statement = client.prepare(PROBE).await?;
+        let insert = node.role == Role::Primary;
+        let statement = client
+            .prepare(if insert { PROBE_PRIMARY } else { PROBE })
+            .await?;
+        let mut wal_writer_delay_ms = None;
         // Fixed when the cluster was created; commit tokens use them (`lsn::record_end`). Not
         // knowing them only leaves tokens as the server gave them, so a failure here is no
         // reason to call the node unreachable.
@@ -144,14 +161,45 @@ impl Probe {
             if let (Some(page), Some(segment)) = (size(0), size(1)) {
                 cluster.set_wal_geometry(super::lsn::WalGeometry { page, segment });
             }
+            wal_writer_delay_ms = size(2);
         }
-        Ok(Self { client, statement })
+        Ok(Self {
+            client,
+            statement,
+            insert,
+            wal_writer_delay_ms,
+        })
+    }
+
+    /// How long after a commit a poll must be sent for its position to cover it, in µs: 0 for
+    /// the insert position; for the write position, three WAL writer delays, the longest an
+    /// asynchronous commit waits to be written (PostgreSQL's documented bound), taken at the
+    /// setting's maximum (10 s) when it could not be read, plus a margin.
+    fn settle_us(&self) -> u64 {
+        if self.insert {
+            return 0;
+        }
+        (3 * self.wal_writer_delay_ms.unwrap_or(10_000) + 100) * 1000
+    }
+
+    /// The insert position may not be read (`REVOKE EXECUTE ON FUNCTION
+    /// pg_current_wal_insert_lsn() FROM PUBLIC`): read the write position instead, with the
+    /// delay that makes it cover a commit.
+    async fn without_insert(&mut self) -> Result<(), tokio_postgres::Error> {
+        self.statement = self.client.prepare(PROBE).await?;
+        self.insert = false;
+        tracing::warn!(
+            "the monitor may not call pg_current_wal_insert_lsn(): writes without a token wait \
+             three wal_writer_delay for a reading of the write position"
+        );
+        Ok(())
     }
 }
 
-/// The WAL page and segment sizes, in bytes.
+/// The WAL page and segment sizes, in bytes, and `wal_writer_delay` in ms.
 const WAL_GEOMETRY: &str = "SELECT current_setting('wal_block_size')::int8, \
-     pg_size_bytes(current_setting('wal_segment_size'))";
+     pg_size_bytes(current_setting('wal_segment_size')), \
+     (SELECT setting::int8 FROM pg_catalog.pg_settings WHERE name = 'wal_writer_delay')";
 
 async fn check(
     node: &Node,
@@ -168,10 +216,20 @@ async fn check(
             Err(_) => return Health::Unreachable("connect timed out".into()),
         }
     }
-    let Some(p) = probe.as_ref() else {
+    let Some(p) = probe.as_mut() else {
         return Health::Unreachable("no connection".into());
     };
-    let row = match tokio::time::timeout(timeout, p.client.query_one(&p.statement, &[])).await {
+    let mut sent = Instant::now();
+    let mut answer = tokio::time::timeout(timeout, p.client.query_one(&p.statement, &[])).await;
+    let refused = |a: &Result<Result<_, tokio_postgres::Error>, _>| matches!(a, Ok(Err(e)) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE));
+    if p.insert && refused(&answer) {
+        if let Err(e) = p.without_insert().await {
+            return Health::Unreachable(e.to_string());
+        }
+        sent = Instant::now();
+        answer = tokio::time::timeout(timeout, p.client.query_one(&p.statement, &[])).await;
+    }
+    let row = match answer {
         Ok(Ok(row)) => row,
         Ok(Err(e)) => return Health::Unreachable(e.to_string()),
         Err(_) => return Health::Unreachable("health query timed out".into()),
@@ -190,6 +248,17 @@ async fn check(
     if node.role == Role::Primary {
         // Before the position is published: any primary position a reader sees is placed.
         cluster.record_primary(read_at_ms, lsn);
+        let fence = if p.insert {
+            row.try_get::<_, Option<PgLsn>>(3)
+                .ok()
+                .flatten()
+                .map_or(0, u64::from)
+        } else {
+            lsn
+        };
+        if !in_recovery {
+            cluster.record_fence(sent, fence, p.settle_us());
+        }
     }
     let before = node.lsn.swap(lsn, Ordering::AcqRel);
     let replayed_before = node.replayed_at_us.swap(replayed_at, Ordering::AcqRel);

@@ -122,6 +122,7 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
     cluster::spawn_monitors(&cluster, &cfg, &shutdown);
     pools.spawn_maintenance(shutdown.clone());
     let cfg_keys = cfg.consistency.clone();
+    let cluster_started = cluster.started();
     let shared = Arc::new(Shared {
         auth: AuthSecrets::new(&cfg),
         catalogs: Catalogs::new(Arc::clone(&cfg), Arc::clone(&tls), shutdown.clone()),
@@ -136,6 +137,7 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
         keys: Keys::new(
             std::time::Duration::from_millis(cfg_keys.key_ttl_ms),
             cfg_keys.max_keys,
+            cluster_started,
         ),
         shutdown,
         force_close: CancellationToken::new(),

@@ -171,13 +171,32 @@ impl Session {
             .collect()
     }
 
+    /// Folds the derived token of the session's last tokenless write into its own token once
+    /// a poll sent after that write has answered. False while it has not.
+    pub(super) fn resolve_own(&mut self) -> bool {
+        let Some(at) = self.tokens.unresolved else {
+            return true;
+        };
+        match self.shared.cluster.derived_token(at) {
+            Some(token) => {
+                self.tokens.own = self.tokens.own.max(token);
+                self.tokens.unresolved = None;
+                self.announce_token = true;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// What this session's next read requires.
     fn read_view(
-        &self,
+        &mut self,
         class: &Classification,
         now: Instant,
         replicas: &[Arc<Node>],
     ) -> Result<SessionView, SessionError> {
+        let tracked = self.cfg.consistency.mode != ConsistencyMode::None;
+        let own_resolved = !tracked || self.resolve_own();
         let shared = &self.shared;
         let c = &self.cfg.consistency;
         let hinted = match &class.hints.min_lsn {
@@ -186,34 +205,60 @@ impl Session {
             }
             None => 0,
         };
+        let cluster = &shared.cluster;
         let key = class.hints.key.as_deref().or(self.tokens.key.as_deref());
-        let key_token = key.map(|k| shared.keys.get(k, now)).unwrap_or_default();
-        let global_unconfirmed = match c.scope {
-            crate::config::ConsistencyScope::Global => shared
-                .cluster
-                .global_unconfirmed
-                .lock()
-                .map_or(None, |g| *g),
-            _ => None,
-        };
+        let (mut key_token, mut key_unresolved) = (0, false);
+        if let Some(k) = key {
+            let t = shared.keys.get(k);
+            key_token = t.lsn;
+            if let Some(at) = t.unconfirmed {
+                match cluster.derived_token(at) {
+                    Some(l) => {
+                        shared.keys.settle(k, at, l);
+                        key_token = key_token.max(l);
+                    }
+                    None => key_unresolved = true,
+                }
+            }
+        }
+        let mut global_unresolved = false;
+        if c.scope == crate::config::ConsistencyScope::Global {
+            let at = cluster.global_unconfirmed.load(Ordering::Acquire);
+            if at != 0 {
+                match cluster.derived_token_us(at) {
+                    Some(l) => {
+                        cluster.global_token.fetch_max(l, Ordering::AcqRel);
+                        // A later tokenless write keeps its own mark.
+                        let _ = cluster.global_unconfirmed.compare_exchange(
+                            at,
+                            0,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        );
+                    }
+                    None => global_unresolved = true,
+                }
+            }
+        }
         let req = requirement(Inputs {
             mode: c.mode,
             scope: c.scope,
             session: &self.tokens,
-            key_token: key_token.lsn,
-            key_unconfirmed: key_token.unconfirmed,
-            global_token: shared.cluster.global_token.load(Ordering::Acquire),
-            global_unconfirmed,
+            key_token,
+            key_unresolved,
+            global_token: cluster.global_token.load(Ordering::Acquire),
+            global_unresolved,
             hinted,
             lsn_fresh: self.lsn_fresh(now, replicas),
             sticky_window: Duration::from_millis(c.sticky_window_ms),
             now,
         });
+        debug_assert!(own_resolved || req.primary || !tracked);
         Ok(SessionView {
             route_mode: self.route_mode,
             min_lsn: req.min_lsn,
             // A write no token covers yet (it is on its way): only the primary surely has it.
-            sticky: req.primary || (self.unsealed.pending() && c.mode != ConsistencyMode::None),
+            sticky: req.primary || (self.unsealed.pending() && tracked),
             serializable: self.settings.needs_primary(class.session.as_ref()),
         })
     }
@@ -304,7 +349,12 @@ impl Session {
             return false;
         }
         if !self.tracks_tokens() {
-            self.tokens.last_write = Some(Instant::now());
+            // Committed by now: the first poll of the primary sent from here on gives the
+            // writes their position (a derived token), which reads honour once the window
+            // closes, and in any mode switched to later.
+            let now = Instant::now();
+            self.tokens.last_write = Some(now);
+            self.tokens.unresolved = Some(now);
             self.unsealed.seal(self.unsealed.sent);
             return false;
         }
@@ -395,8 +445,7 @@ impl Session {
     }
 
     /// Records a commit token: the session's, its key's, the proxy's; tells the client.
-    /// Without a token (the query failed), the session's reads stay on the primary for the
-    /// sticky window instead, the one place sure to have the write.
+    /// Without a token (the query failed), the write gets a derived one ([`Session::token_lost`]).
     fn record_token(&mut self, token: Lsn, keys: &[String]) {
         let now = Instant::now();
         if token == 0 {
@@ -418,17 +467,22 @@ impl Session {
     }
 
     /// A write was acknowledged without its token (the token query failed, or the server went
-    /// away right after the commit). The session's reads, the reads under its key and, in global
-    /// scope, every read keep to the primary for the sticky window: only it surely has the write.
+    /// away right after the commit). It is given a derived token: the primary's position at the
+    /// first monitor poll sent from now on, which ran after the commit. Until that poll
+    /// answers, the session's reads, the reads under its key and, in global scope, every read
+    /// keep to the primary, the one place sure to have the write; then they wait for (or route
+    /// by) that position as by a real token. The primary's monitor is asked to poll now.
     pub(super) fn token_lost(&mut self, keys: &[String], now: Instant) {
-        self.tokens.unconfirmed_write = Some(now);
+        let cluster = &self.shared.cluster;
+        self.tokens.unresolved = Some(now);
         self.tokens.last_write = Some(now);
         for k in keys.iter().chain(self.tokens.key.as_ref()) {
             self.shared.keys.record_unconfirmed(k, now);
         }
-        if let Ok(mut g) = self.shared.cluster.global_unconfirmed.lock() {
-            *g = Some(now);
-        }
+        cluster
+            .global_unconfirmed
+            .fetch_max(cluster.us_at(now), Ordering::AcqRel);
+        cluster.primary().poll_now.notify_one();
     }
 }
 
