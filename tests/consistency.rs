@@ -277,14 +277,24 @@ async fn token_is_reported_as_a_parameter_status() {
     let env = delayed(0, "").await;
     let proxy = common::trust_proxy(&env).await;
     let mut s = raw::login(proxy.addr).await;
-    raw::roundtrip(&mut s, &raw::query("INSERT INTO items VALUES (1, 'r')")).await;
-    let msgs = raw::roundtrip(&mut s, &raw::query("SELECT 1")).await;
-    let status = msgs
-        .iter()
-        .find(|(t, b)| *t == b'S' && b.starts_with(b"causeway_last_write_lsn\0"))
-        .expect("ParameterStatus causeway_last_write_lsn");
-    let value = String::from_utf8_lossy(&status.1[24..status.1.len() - 1]).into_owned();
-    assert!(causeway::cluster::lsn::parse(&value).is_ok(), "{value}");
+    for id in 1..=3 {
+        // Reported with the write's own reply, before its ReadyForQuery: read right after
+        // the write, it names that write's token, not the one before.
+        let msgs = raw::roundtrip(
+            &mut s,
+            &raw::query(&format!("INSERT INTO items VALUES ({id}, 'r')")),
+        )
+        .await;
+        let status = msgs
+            .iter()
+            .find(|(t, b)| *t == b'S' && b.starts_with(b"causeway_last_write_lsn\0"))
+            .expect("ParameterStatus causeway_last_write_lsn with the write's reply");
+        let value = String::from_utf8_lossy(&status.1[24..status.1.len() - 1]).into_owned();
+        let shown = raw::roundtrip(&mut s, &raw::query("SHOW causeway.last_write_lsn")).await;
+        let row = shown.iter().find(|(t, _)| *t == b'D').expect("a row");
+        let token = String::from_utf8_lossy(&row.1[6..]).into_owned();
+        assert_eq!(value, token, "write {id}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -426,6 +426,19 @@ impl Session {
         }
     }
 
+    /// Sends the write's held ReadyForQuery, preceded by its new token as the ParameterStatus
+    /// `causeway_last_write_lsn`: a client reading the status once the write's reply is in
+    /// finds that write's token, not the one before.
+    pub(super) fn announce_before(&mut self, ready: &Frame) {
+        if std::mem::take(&mut self.announce_token) {
+            self.client.queue(&protocol::parameter_status(
+                "causeway_last_write_lsn",
+                &lsn::format(self.tokens.own),
+            ));
+        }
+        self.client.queue(ready);
+    }
+
     /// The token query failed on this connection: prepare it afresh next time.
     pub(super) fn token_failed(&mut self) {
         if let Some(lease) = self.lease.as_mut() {

@@ -69,7 +69,7 @@ impl Session {
                         }) => {
                             self.token_answered(status, lsn, keys, covers, after_chain);
                             if let Some(ready) = self.ready_after_token.take() {
-                                self.client.queue(&ready);
+                                self.announce_before(&ready);
                             }
                             (false, None)
                         }
