@@ -1092,3 +1092,32 @@ async fn forgotten_keys_leave_a_floor() {
         .unwrap();
     assert_eq!(count(&n, 47).await.0, 1, "key written before a restart");
 }
+
+/// A cancel sent while a read waits for a replica to catch up (`causal_wait_ms`) ends the
+/// wait with 57014; the read does not run afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_during_the_causal_wait_is_honoured() {
+    let env = delayed(0, "\n[consistency]\ncausal_wait_ms = 5000\n").await;
+    pause_replicas(&env);
+    let a = env.client().await;
+    a.execute("INSERT INTO items VALUES (49, 'c')", &[])
+        .await
+        .unwrap();
+    let token = a.cancel_token();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    });
+    let started = Instant::now();
+    let err = a
+        .simple_query("SELECT count(*) FROM items")
+        .await
+        .expect_err("the read was cancelled");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_millis(3000));
+    assert_eq!(count(&a, 49).await.0, 1, "the session goes on");
+}

@@ -128,7 +128,10 @@ impl Session {
                     for n in replicas.iter().filter(|n| n.is_usable()) {
                         n.poll_now.notify_one();
                     }
-                    if tokio::time::timeout(left, wake).await.is_ok() {
+                    // Watched like any wait: a cancel ends it (57014), and a client that
+                    // leaves is noticed at once.
+                    let timed = std::pin::pin!(tokio::time::timeout(left, wake));
+                    if self.wait_watching(timed).await?.is_ok() {
                         continue;
                     }
                 }
