@@ -154,6 +154,11 @@ pub enum SessionError {
          transaction with it, or with /* causeway:primary */, to run it on the primary"
     )]
     NeedsPrimary(&'static str),
+    /// The primary did not tell the position of the session's last write in time.
+    #[error(
+        "the position of this session's last write is not known yet: the primary did not answer"
+    )]
+    TokenPending,
     /// Extended-protocol messages held for routing until their Sync outgrew the bound.
     #[error("more than {limit} bytes of extended-protocol messages without a Sync")]
     BatchTooLarge { limit: usize },
@@ -189,6 +194,7 @@ impl SessionError {
             SessionError::LoginTimeout | SessionError::QueryCanceled => QUERY_CANCELED,
             SessionError::InvalidParameter(_) => INVALID_PARAMETER_VALUE,
             SessionError::NeedsPrimary(_) => READ_ONLY_SQL_TRANSACTION,
+            SessionError::TokenPending => CANNOT_CONNECT_NOW,
         }
     }
 

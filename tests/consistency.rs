@@ -1121,3 +1121,40 @@ async fn a_cancel_during_the_causal_wait_is_honoured() {
     assert!(started.elapsed() < Duration::from_millis(3000));
     assert_eq!(count(&a, 49).await.0, 1, "the session goes on");
 }
+
+/// `SHOW causeway.last_write_lsn` right after a write whose token is derived (every write, in
+/// sticky mode) names a position at or past that write, never the one before it, so another
+/// connection presenting it reads the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_shown_right_after_a_tokenless_write_covers_it() {
+    let env = delayed(0, "\n[consistency]\nmode = \"sticky\"\n").await;
+    pause_replicas(&env);
+    let owner = env.owner().await;
+    let a = env.client().await;
+    let b = env.client().await;
+    for id in [46, 47] {
+        let before: String = owner
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        a.batch_execute(&format!("INSERT INTO items VALUES ({id}, 'shown')"))
+            .await
+            .unwrap();
+        let shown = common::first_text(
+            &a.simple_query("SHOW causeway.last_write_lsn")
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        let lsn = |t: &str| causeway::cluster::lsn::parse(t).unwrap();
+        assert!(
+            lsn(&shown) > lsn(&before),
+            "write {id}: shown {shown}, the primary was at {before} before it"
+        );
+        b.batch_execute(&format!("SET causeway.min_lsn = '{shown}'"))
+            .await
+            .unwrap();
+        assert_eq!(count_simple(&b, id).await, 1, "read with the token shown");
+    }
+}

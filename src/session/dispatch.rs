@@ -6,7 +6,9 @@ use std::sync::atomic::Ordering;
 
 use super::local::SessionAction;
 use super::{Effect, Expect, InFlight, Request, Session, translate};
-use crate::classify::{Access, Classification, Hints, SessionCommand, TxEffect, TxModes};
+use crate::classify::{
+    Access, Classification, Hints, ProxyCommand, SessionCommand, TxEffect, TxModes,
+};
 use crate::cluster::lsn;
 use crate::config::PoolMode;
 use crate::error::{SessionError, sqlstate};
@@ -40,6 +42,15 @@ impl Session {
         }
         let mut class = self.classify(&req);
         if let Some(cmd) = &class.proxy {
+            if matches!(cmd, ProxyCommand::Show { name } if name == "last_write_lsn")
+                && let Err(e) = self.settle_own_token().await
+            {
+                if e.is_client_gone() {
+                    return Err(e);
+                }
+                self.fail_request(&req, &e);
+                return Ok(());
+            }
             let outcome = self.proxy_command(cmd);
             self.answer_locally(&req, outcome);
             return Ok(());
@@ -166,6 +177,27 @@ impl Session {
         });
         self.count_request(&req, &class, exec_class, started);
         self.send(&req, effect).await
+    }
+
+    /// `SHOW causeway.last_write_lsn` names a token at or past the session's last write, never
+    /// an older one another connection would read stale with: the derived token of a write
+    /// whose own token is missing (or of every write, in sticky mode) is waited for, the
+    /// primary polled at once, as long as a statement may wait for a connection.
+    async fn settle_own_token(&mut self) -> Result<(), SessionError> {
+        if self.resolve_own() {
+            return Ok(());
+        }
+        self.shared.cluster.primary().poll_now.notify_one();
+        let deadline = std::time::Instant::now()
+            + std::time::Duration::from_millis(self.cfg.pool.acquire_timeout_ms);
+        while !self.resolve_own() {
+            if std::time::Instant::now() >= deadline {
+                return Err(SessionError::TokenPending);
+            }
+            let tick = std::pin::pin!(tokio::time::sleep(std::time::Duration::from_millis(5)));
+            self.wait_watching(tick).await?;
+        }
+        Ok(())
     }
 
     /// What in this request means something only on the primary although the session's
