@@ -8,13 +8,18 @@
 //! - `WITH` (possible data-modifying CTEs) and `RETURNING` (summary does not walk PG18 RETURNING);
 //! - `SELECT … INTO` (temp-table pin needs the tree) and more than one statement;
 //! - `set_config` (its pin depends on the third argument), and dotted function names (a schema,
-//!   or a dot inside a quoted name: only the tree tells).
+//!   or a dot inside a quoted name: only the tree tells);
+//! - a word the catalog flags: an operator or attribute-notation call that needs the primary,
+//!   or a relation whose reading does (the summary lists neither operators nor column
+//!   references). With no such objects in the database this costs one check per statement.
 //!
 //! Locking clauses are found lexically: `FOR` is a reserved word, so `FOR UPDATE`, `FOR SHARE`,
 //! `FOR NO KEY UPDATE` and `FOR KEY SHARE` can only be a locking clause in these statements.
 
-use pg_query::protobuf::Token as T;
+use std::borrow::Cow;
+
 use pg_query::protobuf::summary_result::Context;
+use pg_query::protobuf::{KeywordKind, ScanToken, Token as T};
 
 use super::functions::{FunctionCatalog, Verdict};
 use super::statement::Outcome;
@@ -35,9 +40,8 @@ pub(crate) fn try_fast(sql: &str, catalog: &FunctionCatalog) -> Option<Outcome> 
     let is = |t: i32, k: T| t == k as i32;
     let mut code = tokens
         .iter()
-        .map(|t| t.token)
-        .filter(|&t| !is(t, T::SqlComment) && !is(t, T::CComment));
-    let first = code.next()?;
+        .filter(|t| !is(t.token, T::SqlComment) && !is(t.token, T::CComment));
+    let first = code.next()?.token;
     let (root, reason, stmt_type) = if is(first, T::Select) || is(first, T::Values) {
         (Root::Select, "select", "SelectStmt")
     } else if is(first, T::Insert) {
@@ -52,7 +56,12 @@ pub(crate) fn try_fast(sql: &str, catalog: &FunctionCatalog) -> Option<Outcome> 
     let mut prev = first;
     let mut ended = false;
     let mut locking = false;
-    for t in code {
+    let hidden = catalog.hides_calls() || catalog.has_relations();
+    for tok in code {
+        let t = tok.token;
+        if hidden && names_hidden_call(sql, tok, prev, catalog) {
+            return None;
+        }
         if ended
             || is(t, T::With)
             || is(t, T::WithLa)
@@ -97,7 +106,8 @@ pub(crate) fn try_fast(sql: &str, catalog: &FunctionCatalog) -> Option<Outcome> 
         if f.function_name.eq_ignore_ascii_case("set_config") || f.function_name.contains('.') {
             return None;
         }
-        if let Verdict::Write { reason, pin } = catalog.verdict(&f.function_name) {
+        let schema = Some(f.schema_name.as_str()).filter(|s| !s.is_empty());
+        if let Verdict::Write { reason, pin } = catalog.verdict_in(schema, &f.function_name) {
             out.mark_write(reason);
             if out.pin.is_none() {
                 out.pin = pin;
@@ -105,4 +115,36 @@ pub(crate) fn try_fast(sql: &str, catalog: &FunctionCatalog) -> Option<Outcome> 
         }
     }
     Some(out)
+}
+
+/// Whether `tok` may be an operator, an attribute-notation call (`x.name`) or a relation the
+/// catalog flags: the tree must then decide.
+fn names_hidden_call(sql: &str, tok: &ScanToken, prev: i32, catalog: &FunctionCatalog) -> bool {
+    let Some(text) = usize::try_from(tok.start)
+        .ok()
+        .zip(usize::try_from(tok.end).ok())
+        .and_then(|(s, e)| sql.get(s..e))
+    else {
+        return true;
+    };
+    let word = tok.token == T::Ident as i32 || tok.keyword_kind != KeywordKind::NoKeyword as i32;
+    if word {
+        let name = match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+            // An escaped quote inside: leave it to the tree.
+            Some(quoted) if quoted.contains('"') => return true,
+            Some(quoted) => Cow::Borrowed(quoted),
+            None if text.bytes().any(|b| b.is_ascii_uppercase()) => {
+                Cow::Owned(text.to_ascii_lowercase())
+            }
+            None => Cow::Borrowed(text),
+        };
+        return (prev == T::Ascii46 as i32 && catalog.attribute_call(&name).is_some())
+            || catalog.relation(&name).is_some();
+    }
+    let op = if tok.token == T::NotEquals as i32 {
+        "<>"
+    } else {
+        text
+    };
+    text.bytes().all(|b| b.is_ascii_punctuation()) && catalog.operator(op).is_some()
 }

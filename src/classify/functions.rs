@@ -10,11 +10,19 @@
 //! 5. `pg_proc` volatility when loaded (VOLATILE => write), otherwise the built-in list of
 //!    common STABLE/IMMUTABLE functions;
 //! 6. anything else is unknown => write.
+//!
+//! The built-in lists speak for functions of `pg_catalog` and of extensions only: a function a
+//! user wrote is judged by its own volatility. So a call qualified with another schema is
+//! judged by that schema's functions, and an unqualified name a user schema also defines is
+//! trusted as harmless only when that definition is not VOLATILE (`search_path` may put it
+//! before `pg_catalog`). The catalog also knows the operators, attribute-notation calls and
+//! relations that hide such calls (see [`super::objects`]).
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
 use super::PinReason;
+use super::objects::{Origin, RelationUse};
 
 /// Outcome of looking a function up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,44 +41,67 @@ pub(crate) enum Verdict {
 pub struct FunctionCatalog {
     /// Lower-cased proname => worst volatility seen across overloads and schemas
     /// (`v` beats `s` beats `i`); `None` until pg_proc has been loaded.
-    procs: Option<HashMap<String, char>>,
-    read_only: HashSet<String>,
-    write: HashSet<String>,
+    pub(super) procs: Option<HashMap<String, char>>,
+    /// Lower-cased names of VOLATILE functions users wrote (outside `pg_catalog` and
+    /// extensions): such a name is not trusted as a harmless built-in.
+    pub(super) custom_volatile: HashSet<String>,
+    /// Lower-cased proname => (schema, verdict) of each function outside `pg_catalog`, for calls
+    /// qualified with a schema.
+    pub(super) qualified: HashMap<String, Vec<(String, Verdict)>>,
+    /// Lower-cased names whose attribute notation (`x.name`, a call of `name(x)`) is a write.
+    pub(super) attribute_calls: HashMap<String, Verdict>,
+    /// Operator names that some operator outside `pg_catalog` implements with a function that
+    /// must run on the primary.
+    pub(super) operators: HashMap<String, Verdict>,
+    /// Relation names whose reading needs the primary (unlogged, or views calling writers).
+    pub(super) relations: HashMap<String, RelationUse>,
+    pub(super) read_only: HashSet<String>,
+    pub(super) write: HashSet<String>,
 }
 
 impl FunctionCatalog {
-    /// Builds the catalog from `SELECT proname, provolatile FROM pg_proc` rows plus operator overrides.
+    /// Builds the catalog from `(proname, provolatile)` rows of `pg_catalog` functions plus
+    /// operator overrides (see [`super::CatalogFacts`] for everything else the proxy loads).
     pub fn from_pg_proc(
         rows: impl IntoIterator<Item = (String, char)>,
         read_only_overrides: &[String],
         write_overrides: &[String],
     ) -> Self {
-        let mut procs: HashMap<String, char> = HashMap::new();
-        for (name, vol) in rows {
-            let key = name.to_lowercase();
-            let vol = vol.to_ascii_lowercase();
-            procs
-                .entry(key)
-                .and_modify(|cur| {
-                    if rank(vol) > rank(*cur) {
-                        *cur = vol;
-                    }
+        let facts = super::CatalogFacts {
+            procs: rows
+                .into_iter()
+                .map(|(name, volatility)| super::ProcFact {
+                    schema: "pg_catalog".into(),
+                    name,
+                    volatility,
+                    ..super::ProcFact::default()
                 })
-                .or_insert(vol);
-        }
-        Self {
-            procs: Some(procs),
-            ..Self::builtin_only(read_only_overrides, write_overrides)
-        }
+                .collect(),
+            ..super::CatalogFacts::default()
+        };
+        Self::from_facts(&facts, read_only_overrides, write_overrides)
+    }
+
+    /// Merges one function's volatility into the by-name table (the worst wins).
+    pub(super) fn add_proc(procs: &mut HashMap<String, char>, name: &str, vol: char) {
+        let vol = vol.to_ascii_lowercase();
+        procs
+            .entry(name.to_lowercase())
+            .and_modify(|cur| {
+                if rank(vol) > rank(*cur) {
+                    *cur = vol;
+                }
+            })
+            .or_insert(vol);
     }
 
     /// Catalog used before pg_proc is known: built-in knowledge only, unknown functions are writes.
     pub fn builtin_only(read_only_overrides: &[String], write_overrides: &[String]) -> Self {
         let norm = |v: &[String]| v.iter().map(|n| normalize(n).into_owned()).collect();
         Self {
-            procs: None,
             read_only: norm(read_only_overrides),
             write: norm(write_overrides),
+            ..Self::default()
         }
     }
 
@@ -88,14 +119,106 @@ impl FunctionCatalog {
     /// Lookup of a function's own name, as the parser gives it (no schema, quotes removed):
     /// a dot in it is part of the name.
     pub(crate) fn verdict_bare(&self, name: &str) -> Verdict {
-        if name.bytes().any(|b| b.is_ascii_uppercase()) {
-            self.verdict_of(&name.to_ascii_lowercase())
-        } else {
-            self.verdict_of(name)
+        self.verdict_of(&lower(name))
+    }
+
+    /// Lookup of a call as the parser gives it: `schema` when the call names one.
+    pub(crate) fn verdict_in(&self, schema: Option<&str>, name: &str) -> Verdict {
+        match schema {
+            None => self.verdict_bare(name),
+            Some(s) if s.eq_ignore_ascii_case("pg_catalog") => self.builtin_verdict(&lower(name)),
+            Some(s) => {
+                let found = self
+                    .qualified
+                    .get(lower(name).as_ref())
+                    .into_iter()
+                    .flatten();
+                let mut verdict = None;
+                for (_, v) in found.filter(|(schema, _)| schema == s) {
+                    match (verdict, v) {
+                        (Some(Verdict::Write { .. }), _) => {}
+                        _ => verdict = Some(*v),
+                    }
+                }
+                // No such function there: the call fails anywhere, but a writer's name keeps
+                // its pin, as unqualified.
+                verdict.unwrap_or_else(|| match builtin_writer(&lower(name)) {
+                    Some(pin) => write("write_function", pin),
+                    None => write("unknown_function", None),
+                })
+            }
         }
     }
 
+    /// The verdict of one resolved function: the built-in lists apply to functions of
+    /// `pg_catalog` and extensions; one a user wrote is judged by its volatility.
+    pub(super) fn judge(&self, name: &str, vol: char, origin: Origin) -> Verdict {
+        let name = name.to_ascii_lowercase();
+        if self.write.contains(&name) {
+            return write("write_function", None);
+        }
+        if let Some(pin) = builtin_writer(&name) {
+            return write("write_function", pin);
+        }
+        if self.read_only.contains(&name) || (origin != Origin::User && harmless_volatile(&name)) {
+            return Verdict::Read;
+        }
+        match vol.to_ascii_lowercase() {
+            'i' | 's' => Verdict::Read,
+            _ => write("volatile_function", None),
+        }
+    }
+
+    /// What `x.name` means when `name` is a function: `Some` when that call is a write.
+    pub(crate) fn attribute_call(&self, name: &str) -> Option<Verdict> {
+        if self.attribute_calls.is_empty() {
+            return None;
+        }
+        self.attribute_calls.get(lower(name).as_ref()).copied()
+    }
+
+    /// `Some` when an operator of this name may run a function that needs the primary.
+    pub(crate) fn operator(&self, name: &str) -> Option<Verdict> {
+        if self.operators.is_empty() {
+            return None;
+        }
+        self.operators.get(name).copied()
+    }
+
+    /// `Some` when reading the relation `name` needs the primary.
+    pub(crate) fn relation(&self, name: &str) -> Option<RelationUse> {
+        if self.relations.is_empty() {
+            return None;
+        }
+        self.relations.get(name).copied()
+    }
+
+    /// Whether any attribute-notation call or operator needs looking for in a statement.
+    pub(crate) fn hides_calls(&self) -> bool {
+        !self.attribute_calls.is_empty() || !self.operators.is_empty()
+    }
+
+    /// Whether any relation needs the primary.
+    pub(crate) fn has_relations(&self) -> bool {
+        !self.relations.is_empty()
+    }
+
     fn verdict_of(&self, name: &str) -> Verdict {
+        if !self.custom_volatile.is_empty()
+            && self.custom_volatile.contains(name)
+            && harmless_volatile(name)
+        {
+            // A user's function of that name may come first in search_path.
+            if let v @ Verdict::Write { .. } = self.builtin_verdict(name) {
+                return v;
+            }
+            return write("volatile_function", None);
+        }
+        self.builtin_verdict(name)
+    }
+
+    /// The verdict by name alone, trusting the built-in lists.
+    fn builtin_verdict(&self, name: &str) -> Verdict {
         if self.write.contains(name) {
             return write("write_function", None);
         }
@@ -135,6 +258,15 @@ fn rank(vol: char) -> u8 {
         'i' => 0,
         's' => 1,
         _ => 2,
+    }
+}
+
+/// Lower-cases, borrowing in the common already-lower case.
+fn lower(name: &str) -> Cow<'_, str> {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
     }
 }
 

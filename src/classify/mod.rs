@@ -2,7 +2,8 @@
 //! streaming replica, plus the side facts the router needs (transaction effect, session pins,
 //! proxy-handled commands, comment hints). When unsure, the answer is `Write`.
 //!
-//! Layout: `hints` (leading-comment directives), `functions` (function catalog), `fast`
+//! Layout: `hints` (leading-comment directives), `functions` (function catalog), `objects`
+//! (aggregates, operators, attribute notation and relations from the catalog), `fast`
 //! (summary/token fast path), `statement` + `walker` (full parse-tree rules), `values` (settings
 //! whose value changes what the proxy may assume about a session).
 
@@ -12,6 +13,7 @@ mod fast;
 mod functions;
 mod hints;
 pub mod literals;
+mod objects;
 mod statement;
 pub mod traits;
 pub mod values;
@@ -24,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 pub use functions::FunctionCatalog;
+pub use objects::{CatalogFacts, Origin, ProcFact, RelationFact};
 pub use traits::TextTraits;
 
 /// Whether a statement may run on a replica.

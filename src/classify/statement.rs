@@ -4,6 +4,7 @@ use pg_query::NodeEnum as N;
 use pg_query::protobuf as pb;
 
 use super::functions::FunctionCatalog;
+use super::objects::RelationUse;
 use super::values;
 use super::walker::Walker;
 use super::{Access, PinReason, ProxyCommand, RouteMode, SessionCommand, TxEffect, TxModes};
@@ -217,6 +218,19 @@ fn explain(e: &pb::ExplainStmt, catalog: &FunctionCatalog) -> Outcome {
     // `ANALYZE 0` and `ANALYZE 1` differ only in a literal.
     let by_value = !e.options.is_empty();
     if !analyze {
+        // Planning alone opens the relations, and a standby refuses unlogged ones.
+        if catalog.has_relations()
+            && let Some(q) = e.query.as_ref()
+        {
+            let mut w = Walker::new(catalog);
+            w.node(q);
+            if w.unlogged {
+                return Outcome {
+                    by_value,
+                    ..Outcome::write(RelationUse::Unlogged.reason())
+                };
+            }
+        }
         return Outcome {
             by_value,
             ..Outcome::read("explain")
@@ -242,6 +256,13 @@ fn copy(c: &pb::CopyStmt, catalog: &FunctionCatalog) -> Outcome {
     }
     if c.query.is_some() {
         return inner_query(&c.query, catalog, "copy_to");
+    }
+    if let Some(u) = c
+        .relation
+        .as_ref()
+        .and_then(|r| catalog.relation(&r.relname))
+    {
+        return Outcome::write(u.reason());
     }
     Outcome::read("copy_to")
 }

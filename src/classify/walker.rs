@@ -10,6 +10,7 @@ use pg_query::protobuf as pb;
 
 use super::PinReason;
 use super::functions::{FunctionCatalog, Verdict};
+use super::objects::RelationUse;
 
 /// Accumulated facts; first write reason and first pin win.
 pub(crate) struct Walker<'c> {
@@ -20,6 +21,8 @@ pub(crate) struct Walker<'c> {
     pub(crate) pin: Option<PinReason>,
     /// Some fact came from a literal's value (see [`super::Classification::by_value`]).
     pub(crate) by_value: bool,
+    /// Some relation read cannot be read during recovery, not even by EXPLAIN.
+    pub(crate) unlogged: bool,
 }
 
 impl<'c> Walker<'c> {
@@ -30,6 +33,7 @@ impl<'c> Walker<'c> {
             write: None,
             pin: None,
             by_value: false,
+            unlogged: false,
         }
     }
 
@@ -74,9 +78,7 @@ impl<'c> Walker<'c> {
             | N::AConst(_)
             | N::ParamRef(_)
             | N::AStar(_)
-            | N::ColumnRef(_)
             | N::Alias(_)
-            | N::RangeVar(_)
             | N::SqlvalueFunction(_)
             | N::SetToDefault(_)
             | N::CurrentOfExpr(_)
@@ -84,6 +86,13 @@ impl<'c> Walker<'c> {
             | N::JsonReturning(_)
             | N::MergeSupportFunc(_)
             | N::ReturningOption(_) => {}
+            // `x.f` may be the call `f(x)`; only names the catalog knows as writers count.
+            N::ColumnRef(c) => {
+                if c.fields.len() >= 2 {
+                    self.attribute(c.fields.last());
+                }
+            }
+            N::RangeVar(r) => self.relation(r),
             N::List(l) => self.list(&l.items),
             N::SelectStmt(s) => self.select(s),
             N::InsertStmt(s) => {
@@ -130,12 +139,14 @@ impl<'c> Walker<'c> {
             }
             N::FuncCall(f) => self.func_call(f),
             N::AExpr(x) => {
+                self.operator(x);
                 self.opt(&x.lexpr);
                 self.opt(&x.rexpr);
             }
             N::BoolExpr(x) => self.list(&x.args),
             N::GroupingFunc(x) => self.list(&x.args),
             N::SubLink(x) => {
+                self.operator_name(&x.oper_name);
                 self.opt(&x.testexpr);
                 self.opt(&x.subselect);
             }
@@ -168,6 +179,9 @@ impl<'c> Walker<'c> {
             }
             N::AIndirection(x) => {
                 self.opt(&x.arg);
+                for i in &x.indirection {
+                    self.attribute(Some(i));
+                }
                 self.list(&x.indirection);
             }
             N::AArrayExpr(x) => self.list(&x.elements),
@@ -182,7 +196,10 @@ impl<'c> Walker<'c> {
             }
             N::TypeName(t) => self.type_name_ref(t),
             N::CollateClause(x) => self.opt(&x.arg),
-            N::SortBy(x) => self.opt(&x.node),
+            N::SortBy(x) => {
+                self.operator_name(&x.use_op);
+                self.opt(&x.node);
+            }
             N::WindowDef(w) => self.window(w),
             N::JoinExpr(j) => {
                 self.opt(&j.larg);
@@ -399,12 +416,14 @@ impl<'c> Walker<'c> {
     }
 
     fn func_call(&mut self, f: &pb::FuncCall) {
-        let name = f.funcname.last().and_then(|n| match &n.node {
-            Some(N::String(s)) => Some(s.sval.as_str()),
-            _ => None,
-        });
+        let name = f.funcname.last().and_then(string);
+        // `schema.name` or `database.schema.name`.
+        let schema = match f.funcname.len() {
+            0 | 1 => None,
+            n => f.funcname.get(n - 2).and_then(string),
+        };
         match name {
-            Some(name) => self.call(name, &f.args),
+            Some(name) => self.call(schema, name, &f.args),
             None => self.mark("unknown_function"),
         }
         self.list(&f.args);
@@ -415,9 +434,62 @@ impl<'c> Walker<'c> {
         }
     }
 
-    /// Applies the catalog verdict for one call of `name` (unqualified).
-    fn call(&mut self, name: &str, args: &[pb::Node]) {
-        if let Verdict::Write { reason, pin } = self.catalog.verdict_bare(name) {
+    /// Records a verdict that needs the primary.
+    fn apply(&mut self, verdict: Verdict) {
+        if let Verdict::Write { reason, pin } = verdict {
+            self.mark(reason);
+            if let Some(p) = pin {
+                self.pin(p);
+            }
+        }
+    }
+
+    /// A field name after a dot: the call `name(x)` if the catalog knows it as a writer.
+    fn attribute(&mut self, field: Option<&pb::Node>) {
+        if let Some(name) = field.and_then(string)
+            && let Some(v) = self.catalog.attribute_call(name)
+        {
+            self.apply(v);
+        }
+    }
+
+    /// The operator of an expression; BETWEEN runs `>=` and `<=`.
+    fn operator(&mut self, x: &pb::AExpr) {
+        use pb::AExprKind as K;
+        match K::try_from(x.kind) {
+            Ok(
+                K::AexprBetween | K::AexprNotBetween | K::AexprBetweenSym | K::AexprNotBetweenSym,
+            ) => {
+                for op in [">=", "<="] {
+                    if let Some(v) = self.catalog.operator(op) {
+                        self.apply(v);
+                    }
+                }
+            }
+            _ => self.operator_name(&x.name),
+        }
+    }
+
+    /// An operator named in the tree (`OPERATOR(schema.op)` names it with its schema).
+    fn operator_name(&mut self, name: &[pb::Node]) {
+        if let Some(op) = name.last().and_then(string)
+            && let Some(v) = self.catalog.operator(op)
+        {
+            self.apply(v);
+        }
+    }
+
+    /// A relation read: unlogged ones and views calling writers need the primary.
+    fn relation(&mut self, r: &pb::RangeVar) {
+        if let Some(u) = self.catalog.relation(&r.relname) {
+            self.mark(u.reason());
+            self.unlogged |= u == RelationUse::Unlogged;
+        }
+    }
+
+    /// Applies the catalog verdict for one call of `name`, qualified with `schema` or not.
+    fn call(&mut self, schema: Option<&str>, name: &str, args: &[pb::Node]) {
+        if let Verdict::Write { reason, pin } = self.catalog.verdict_in(schema, name) {
             self.mark(reason);
             if let Some(p) = pin {
                 self.pin(p);
@@ -431,6 +503,14 @@ impl<'c> Walker<'c> {
                 self.pin(PinReason::SessionSet);
             }
         }
+    }
+}
+
+/// The text of a `String` node.
+fn string(n: &pb::Node) -> Option<&str> {
+    match &n.node {
+        Some(N::String(s)) => Some(s.sval.as_str()),
+        _ => None,
     }
 }
 

@@ -787,4 +787,5 @@ fn the_last_transaction_boundary_and_copy_are_kept_across_statements() {
 }
 
 mod cache;
+mod hidden_calls;
 mod setting_values;
