@@ -481,3 +481,137 @@ async fn servers_reached_through_a_unix_socket_directory() {
     assert_eq!(v.as_deref(), Some("7"));
     proxy.stop().await;
 }
+
+/// Functions called without being named: in attribute notation, as an aggregate's transition
+/// function, behind an operator, under a built-in's name, in a view. Each takes a session
+/// advisory lock (one writes), never blocking: a lock left on a pooled connection must not
+/// hang the next call.
+const HIDDEN_CALLS: &str = "
+CREATE TABLE log (id serial, msg text);
+CREATE FUNCTION lockrow(r t) RETURNS boolean LANGUAGE sql VOLATILE
+    AS $$ SELECT pg_try_advisory_lock(1000 + r.id) $$;
+CREATE FUNCTION lock_sfunc(state bigint, k bigint) RETURNS bigint LANGUAGE plpgsql VOLATILE
+    AS $$ BEGIN PERFORM pg_try_advisory_lock(k); RETURN coalesce(state, 0) + 1; END $$;
+CREATE AGGREGATE lock_all(bigint) (SFUNC = lock_sfunc, STYPE = bigint);
+CREATE FUNCTION op_lock(a bigint, b bigint) RETURNS boolean LANGUAGE sql VOLATILE
+    AS $$ SELECT pg_try_advisory_lock(a::int, b::int) $$;
+CREATE OPERATOR ### (LEFTARG = bigint, RIGHTARG = bigint, FUNCTION = op_lock);
+CREATE FUNCTION public.gen_random_uuid() RETURNS uuid LANGUAGE plpgsql VOLATILE
+    AS $$ BEGIN PERFORM pg_try_advisory_lock(31337);
+          RETURN '00000000-0000-0000-0000-000000000000'::uuid; END $$;
+CREATE VIEW vlock AS SELECT pg_try_advisory_lock(4242) AS got;
+CREATE FUNCTION wfn() RETURNS int LANGUAGE sql VOLATILE
+    AS $$ INSERT INTO log (msg) VALUES ('wfn') RETURNING id $$;
+CREATE VIEW vw AS SELECT wfn() AS id;
+CREATE VIEW vvw AS SELECT * FROM vw;
+CREATE VIEW vclock AS SELECT now() AS at, random() AS r;
+";
+
+/// Where `sql` ran, in the simple and the extended protocol: true for the primary.
+async fn ran_on_primary(env: &Env, c: &tokio_postgres::Client, sql: &str) -> [bool; 2] {
+    let before = env.routed();
+    c.simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let simple = on_primary(&moved(&before, &env.routed(), sql), sql);
+    let before = env.routed();
+    c.query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql} (extended): {e}"));
+    let extended = on_primary(&moved(&before, &env.routed(), sql), sql);
+    [simple, extended]
+}
+
+/// Session advisory locks held on each replica.
+async fn replica_advisory_locks(env: &Env) -> Vec<i64> {
+    let mut held = Vec::new();
+    for r in &env.cluster.replicas {
+        let c = common::connect(&env.cluster.superuser_conninfo(r)).await;
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        held.push(n);
+    }
+    held
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_hidden_from_the_statement_text_run_on_the_primary() {
+    let env = setup().await;
+    env.owner().await.batch_execute(HIDDEN_CALLS).await.unwrap();
+    env.caught_up().await;
+    let c = env.client().await;
+    for sql in [
+        "SELECT t.lockrow FROM t WHERE id = 1",
+        "SELECT (t).lockrow FROM t WHERE id = 2",
+        "SELECT lock_all(x) FROM generate_series(501, 502) x",
+        "SELECT 601::bigint ### 602::bigint",
+        "SELECT public.gen_random_uuid()",
+        "SELECT gen_random_uuid()",
+        "SELECT * FROM vlock",
+        "SELECT * FROM vw",
+        "SELECT * FROM vvw",
+    ] {
+        assert_eq!(ran_on_primary(&env, &c, sql).await, [true, true], "{sql}");
+    }
+    // Columns, pg_catalog's own function and a view of harmless functions stay on replicas.
+    for sql in [
+        "SELECT t.v FROM t WHERE id = 1",
+        "SELECT pg_catalog.gen_random_uuid()",
+        "SELECT count(*) FROM t",
+        "SELECT * FROM vclock",
+    ] {
+        assert_eq!(ran_on_primary(&env, &c, sql).await, [false, false], "{sql}");
+    }
+    // The write went to the primary at once, not by way of a replica's refusal.
+    let retries = env
+        .proxy
+        .shared
+        .stats
+        .routed(causeway::route::Reason::ReadOnlyRetry);
+    assert_eq!(retries, 0);
+    assert_eq!(replica_advisory_locks(&env).await, [0, 0]);
+}
+
+const UNLOGGED: &str = "
+CREATE UNLOGGED TABLE ucache (k int, v text);
+INSERT INTO ucache VALUES (1, 'cached');
+CREATE VIEW vu AS SELECT * FROM ucache;
+CREATE TABLE par (a int) PARTITION BY RANGE (a);
+CREATE TABLE par0 PARTITION OF par FOR VALUES FROM (0) TO (10);
+CREATE UNLOGGED TABLE par1 PARTITION OF par FOR VALUES FROM (10) TO (20);
+CREATE UNLOGGED SEQUENCE useq;
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_unlogged_relations_run_on_the_primary() {
+    let env = setup().await;
+    env.owner().await.batch_execute(UNLOGGED).await.unwrap();
+    env.caught_up().await;
+    let c = env.client().await;
+    for sql in [
+        "SELECT * FROM ucache WHERE k = 1",
+        "TABLE ucache",
+        "SELECT * FROM t JOIN ucache ON t.id = ucache.k",
+        "SELECT * FROM vu",
+        "SELECT * FROM par",
+        "SELECT last_value FROM useq",
+        "EXPLAIN SELECT * FROM ucache",
+    ] {
+        assert_eq!(ran_on_primary(&env, &c, sql).await, [true, true], "{sql}");
+    }
+    for sql in ["SELECT * FROM par0", "SELECT * FROM t WHERE id = 1"] {
+        assert_eq!(ran_on_primary(&env, &c, sql).await, [false, false], "{sql}");
+    }
+    let retries = env
+        .proxy
+        .shared
+        .stats
+        .routed(causeway::route::Reason::ReadOnlyRetry);
+    assert_eq!(retries, 0, "a replica was asked for an unlogged relation");
+}
