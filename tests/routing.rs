@@ -615,3 +615,35 @@ async fn reads_of_unlogged_relations_run_on_the_primary() {
         .routed(causeway::route::Reason::ReadOnlyRetry);
     assert_eq!(retries, 0, "a replica was asked for an unlogged relation");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_a_replica_refuses_for_an_unlogged_relation_is_rerun_on_the_primary() {
+    let env = setup().await;
+    let c = env.client().await;
+    // The catalog is loaded: a table made now is unknown to it until the next refresh.
+    c.simple_query("SELECT 1").await.unwrap();
+    env.owner()
+        .await
+        .batch_execute("CREATE UNLOGGED TABLE fresh (a int); INSERT INTO fresh VALUES (7)")
+        .await
+        .unwrap();
+    env.caught_up().await;
+    let retries = || {
+        env.proxy
+            .shared
+            .stats
+            .routed(causeway::route::Reason::ReadOnlyRetry)
+    };
+    let rows = c.simple_query("SELECT a FROM fresh").await.unwrap();
+    assert_eq!(common::first_text(&rows).as_deref(), Some("7"));
+    assert_eq!(retries(), 1);
+    let row = c.query_one("SELECT a FROM fresh", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 7);
+    assert_eq!(retries(), 2);
+    // Inside a transaction nothing is re-run: a read-only one on a replica gets the error.
+    c.simple_query("BEGIN READ ONLY").await.unwrap();
+    let err = c.simple_query("SELECT a FROM fresh").await.unwrap_err();
+    assert_eq!(err.code().map(|s| s.code()), Some("0A000"));
+    c.simple_query("ROLLBACK").await.unwrap();
+    assert_eq!(retries(), 2);
+}

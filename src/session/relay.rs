@@ -394,8 +394,9 @@ impl Session {
     }
 
     /// Errors a request recovers from by running again, before the client saw anything: a
-    /// replica refusing a write (25006) goes to the primary; a shared prepared statement whose
-    /// plan went stale after DDL is prepared afresh on a new connection.
+    /// replica refusing a write (25006) or an unlogged relation (0A000) goes to the primary; a
+    /// shared prepared statement whose plan went stale after DDL is prepared afresh on a new
+    /// connection.
     fn rerun_after_error(&mut self, body: &[u8]) -> Option<Request> {
         if matches!(self.replies.front(), Some(Expect::Settings { .. })) {
             // The proxy's own statements failed, not the request.
@@ -410,7 +411,7 @@ impl Session {
         let mut req =
             // Only a request that ends with a Sync or Query can be re-run: the failed attempt's
             // output is skipped up to its ReadyForQuery, which a batch ended by Flush never gets.
-            if fields.code == sqlstate::READ_ONLY_TRANSACTION
+            if (fields.code == sqlstate::READ_ONLY_TRANSACTION || refused_in_recovery(&fields))
                 && from_replica
                 && f.retryable
                 && f.request.ends_with_ready()
@@ -612,4 +613,11 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// A standby's refusal of a relation it cannot read while in recovery (an unlogged one); the
+/// primary reads it. The message is matched as the server sends it in English.
+fn refused_in_recovery(fields: &protocol::ErrorFields) -> bool {
+    fields.code == sqlstate::FEATURE_NOT_SUPPORTED
+        && fields.message == "cannot access temporary or unlogged relations during recovery"
 }
