@@ -133,13 +133,11 @@ impl FunctionCatalog {
                     .get(lower(name).as_ref())
                     .into_iter()
                     .flatten();
-                let mut verdict = None;
-                for (_, v) in found.filter(|(schema, _)| schema == s) {
-                    match (verdict, v) {
-                        (Some(Verdict::Write { .. }), _) => {}
-                        _ => verdict = Some(*v),
-                    }
-                }
+                // Overloads in that schema: the first that needs the primary decides.
+                let verdict = found
+                    .filter(|(schema, _)| schema == s)
+                    .map(|(_, v)| *v)
+                    .reduce(|a, b| if a == Verdict::Read { b } else { a });
                 // No such function there: the call fails anywhere, but a writer's name keeps
                 // its pin, as unqualified.
                 verdict.unwrap_or_else(|| match builtin_writer(&lower(name)) {
@@ -209,10 +207,10 @@ impl FunctionCatalog {
             && harmless_volatile(name)
         {
             // A user's function of that name may come first in search_path.
-            if let v @ Verdict::Write { .. } = self.builtin_verdict(name) {
-                return v;
-            }
-            return write("volatile_function", None);
+            return match self.builtin_verdict(name) {
+                Verdict::Read => write("volatile_function", None),
+                v => v,
+            };
         }
         self.builtin_verdict(name)
     }
