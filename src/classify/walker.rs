@@ -97,6 +97,7 @@ impl<'c> Walker<'c> {
             N::SelectStmt(s) => self.select(s),
             N::InsertStmt(s) => {
                 self.mark("writable_cte");
+                self.target(&s.relation);
                 self.list(&s.cols);
                 self.opt(&s.select_stmt);
                 if let Some(oc) = &s.on_conflict_clause {
@@ -107,6 +108,7 @@ impl<'c> Walker<'c> {
             }
             N::UpdateStmt(s) => {
                 self.mark("writable_cte");
+                self.target(&s.relation);
                 self.list(&s.target_list);
                 self.opt(&s.where_clause);
                 self.list(&s.from_clause);
@@ -115,6 +117,7 @@ impl<'c> Walker<'c> {
             }
             N::DeleteStmt(s) => {
                 self.mark("writable_cte");
+                self.target(&s.relation);
                 self.list(&s.using_clause);
                 self.opt(&s.where_clause);
                 self.returning(&s.returning_clause);
@@ -122,6 +125,7 @@ impl<'c> Walker<'c> {
             }
             N::MergeStmt(s) => {
                 self.mark("writable_cte");
+                self.target(&s.relation);
                 self.opt(&s.source_relation);
                 self.opt(&s.join_condition);
                 self.list(&s.merge_when_clauses);
@@ -476,6 +480,14 @@ impl<'c> Walker<'c> {
             && let Some(v) = self.catalog.operator(op)
         {
             self.apply(v);
+        }
+    }
+
+    /// The table a data-modifying statement changes: already a write, but planning it (plain
+    /// EXPLAIN) opens it, which a standby refuses for an unlogged one.
+    fn target(&mut self, r: &Option<pb::RangeVar>) {
+        if let Some(r) = r {
+            self.relation(r);
         }
     }
 

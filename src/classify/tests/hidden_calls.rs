@@ -180,6 +180,10 @@ fn views_calling_writers_and_unlogged_relations_need_the_primary() {
         // Planning alone opens an unlogged relation; it runs no function.
         ("EXPLAIN SELECT * FROM ucache", W, Tx::None, None, "unlogged_relation"),
         ("EXPLAIN SELECT * FROM vlock", R, Tx::None, None, "explain"),
+        ("EXPLAIN INSERT INTO ucache VALUES (1)", W, Tx::None, None, "unlogged_relation"),
+        ("EXPLAIN UPDATE t SET v = 'x' FROM ucache", W, Tx::None, None, "unlogged_relation"),
+        ("EXPLAIN UPDATE t SET v = 'x'", R, Tx::None, None, "explain"),
+        ("UPDATE ucache SET v = 'x'", W, Tx::None, None, "update"),
         ("SELECT * FROM vclock", R, Tx::None, None, "select"),
         ("SELECT * FROM cycle_a", R, Tx::None, None, "select"),
         ("SELECT * FROM t", R, Tx::None, None, "select"),
