@@ -346,6 +346,53 @@ async fn stale_shared_plan_is_reprepared_for_a_prepare_ended_by_flush() {
     assert_eq!(tags, ['2', 'D', 'C', 'Z'], "{msgs:?}");
 }
 
+/// A FunctionCall (fast path) names its function by OID alone, so what it leaves on the backend
+/// (`set_config(…, false)`, a session advisory lock) cannot be followed: it pins the session,
+/// its client keeps that state, and the backend is closed when the client leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_calls_pin_the_session_and_never_leak() {
+    let env = small_pools().await;
+    let proxy = common::trust_proxy(&env).await;
+    let mut a = raw::login(proxy.addr).await;
+    // set_config(text, text, bool) is OID 2078, pg_advisory_lock(bigint) 2880.
+    let set = raw::function_call(2078, &[b"search_path", b"s1", b"false"]);
+    let msgs = raw::roundtrip(&mut a, &set).await;
+    assert!(msgs.iter().any(|m| m.0 == b'V'), "{msgs:?}");
+    let lock = raw::roundtrip(&mut a, &raw::function_call(2880, &[b"4242"])).await;
+    assert!(lock.iter().any(|m| m.0 == b'V'), "{lock:?}");
+    // The client's own reads see what it set: they stay on its backend.
+    for _ in 0..3 {
+        let read = raw::roundtrip(&mut a, &raw::query("SELECT v FROM marker")).await;
+        assert_eq!(raw::first_value(&read).as_deref(), Some("s1"), "{read:?}");
+    }
+    let pins = proxy
+        .shared
+        .stats
+        .pins
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(pins, 1);
+    drop(a);
+    // The next client of the one primary connection sees none of it.
+    let b = env.client_via(&proxy).await;
+    let (v, _) = marker(
+        &b,
+        "/* causeway:primary */ SELECT v, inet_server_port() FROM marker",
+    )
+    .await;
+    assert_eq!(v, "public");
+    let admin = env.primary_admin().await;
+    let locks = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242";
+    let mut held = 1;
+    for _ in 0..100 {
+        held = admin.query_one(locks, &[]).await.unwrap().get::<_, i64>(0);
+        if held == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(held, 0, "the advisory lock outlived its client");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_pooling_keeps_one_backend() {
     let env = common::start_with(Default::default(), |cfg| {

@@ -116,6 +116,9 @@ pub enum PinReason {
     /// (which assumes on) does not, so the proxy's reading of the session's statements is not
     /// to be trusted.
     NonStandardStrings,
+    /// A FunctionCall (fast-path) message: the function is known only by its OID, so what it
+    /// leaves behind (`set_config`, an advisory lock, an open large object) cannot be told.
+    FunctionCall,
 }
 
 /// Routing directive taken from a leading comment.

@@ -469,7 +469,7 @@ impl Session {
                 copy_from: false,
                 by_value: false,
                 chain: false,
-                pin: None,
+                pin: Some(crate::classify::PinReason::FunctionCall),
                 hints: Hints::default(),
                 proxy: None,
                 session: None,

@@ -144,3 +144,24 @@ pub async fn roundtrip(s: &mut TcpStream, bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
     s.write_all(bytes).await.unwrap();
     read_until(s, |tag| tag == b'Z').await
 }
+
+/// FunctionCall (fast path) of the function with `oid`, text arguments and a text result.
+pub fn function_call(oid: u32, args: &[&[u8]]) -> Vec<u8> {
+    let mut body = oid.to_be_bytes().to_vec();
+    body.extend_from_slice(&0u16.to_be_bytes());
+    body.extend_from_slice(&(args.len() as u16).to_be_bytes());
+    for a in args {
+        body.extend_from_slice(&(a.len() as i32).to_be_bytes());
+        body.extend_from_slice(a);
+    }
+    body.extend_from_slice(&0u16.to_be_bytes());
+    msg(b'F', &body)
+}
+
+/// The first column of the first DataRow among `msgs`, as text.
+pub fn first_value(msgs: &[(u8, Vec<u8>)]) -> Option<String> {
+    let (_, body) = msgs.iter().find(|m| m.0 == b'D')?;
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let value = body.get(6..6 + usize::try_from(len).ok()?)?;
+    Some(String::from_utf8_lossy(value).into_owned())
+}
