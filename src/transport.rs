@@ -10,6 +10,11 @@ use crate::protocol::{self, Frame, ProtocolError, StartupMessage};
 /// Read buffer growth step; large enough for a typical batch of result rows.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// A buffer that grew past this for one message is given back once that message has gone
+/// through, so a connection that once carried a huge row does not keep its memory for life.
+/// Ordinary traffic stays below it and keeps reusing its buffers.
+const SHRINK_AFTER: usize = 1024 * 1024;
+
 /// A failure while reading frames: the peer broke the protocol or the socket failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -51,7 +56,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
 
     /// Splits one complete frame off the read buffer without touching the socket.
     pub fn try_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
-        protocol::decode_frame(&mut self.rbuf, self.max_message)
+        let frame = protocol::decode_frame(&mut self.rbuf, self.max_message)?;
+        if let Some(f) = &frame
+            && f.len() >= SHRINK_AFTER
+        {
+            // The frame shares the buffer's allocation: once the read buffer lets go of it,
+            // the memory goes when the frame does. What arrived behind it moves over.
+            let mut fresh = BytesMut::with_capacity(READ_CHUNK.max(self.rbuf.len()));
+            fresh.extend_from_slice(&self.rbuf);
+            self.rbuf = fresh;
+        }
+        Ok(frame)
     }
 
     /// Reads more bytes into the read buffer; `Ok(0)` means the peer closed. Cancel-safe.
@@ -139,6 +154,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
         if !self.wbuf.is_empty() {
             self.stream.write_all(&self.wbuf).await?;
             self.wbuf.clear();
+            if self.wbuf.capacity() > SHRINK_AFTER {
+                self.wbuf = BytesMut::with_capacity(READ_CHUNK);
+            }
         }
         self.stream.flush().await
     }
@@ -153,5 +171,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
     pub async fn shutdown(&mut self) {
         let _ = self.flush().await;
         let _ = self.stream.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    fn message(tag: u8, body_len: usize) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&u32::try_from(body_len + 4).unwrap().to_be_bytes());
+        m.resize(5 + body_len, b'x');
+        m
+    }
+
+    #[tokio::test]
+    async fn buffers_give_back_a_large_message_and_keep_small_ones_cheap() {
+        let (near, mut far) = tokio::io::duplex(64 * 1024);
+        let mut t = Transport::new(near, 64 << 20);
+        let big = message(b'D', 8 << 20);
+        let small = message(b'C', 10);
+        let writer = tokio::spawn(async move {
+            far.write_all(&big).await.unwrap();
+            far.write_all(&small).await.unwrap();
+            let mut echoed = vec![0u8; (8 << 20) + 5 + 15];
+            far.read_exact(&mut echoed).await.unwrap();
+        });
+        let frame = t.read_frame().await.unwrap().unwrap();
+        assert_eq!(frame.len(), (8 << 20) + 5);
+        t.queue(&frame);
+        assert!(t.wbuf.capacity() >= 8 << 20);
+        drop(frame);
+        t.flush().await.unwrap();
+        assert!(t.wbuf.capacity() <= READ_CHUNK, "{}", t.wbuf.capacity());
+        assert!(t.rbuf.capacity() < SHRINK_AFTER, "{}", t.rbuf.capacity());
+        // What arrived behind the large message is kept.
+        let next = t.read_frame().await.unwrap().unwrap();
+        assert_eq!((next.tag, next.len()), (b'C', 15));
+        // Ordinary traffic keeps its buffer: no allocation per message.
+        let before = t.wbuf.as_ptr();
+        t.queue(&next);
+        t.flush().await.unwrap();
+        assert_eq!(t.wbuf.as_ptr(), before);
+        writer.await.unwrap();
     }
 }

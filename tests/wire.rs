@@ -165,6 +165,68 @@ async fn a_client_that_stops_reading_cannot_grow_the_proxy() {
     );
 }
 
+/// Reads replies through the next ReadyForQuery without keeping them (a row may be huge);
+/// returns the bytes read and the SQLSTATE of an error among them, if any.
+async fn skim_until_ready(s: &mut TcpStream) -> (usize, Option<String>) {
+    let mut total = 0;
+    let mut error = None;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await.unwrap();
+        let mut left = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize - 4;
+        total += left + 5;
+        if head[0] == b'E' {
+            let mut body = vec![0u8; left];
+            s.read_exact(&mut body).await.unwrap();
+            error = Some(error_code(&body));
+            continue;
+        }
+        while left > 0 {
+            let n = left.min(chunk.len());
+            s.read_exact(&mut chunk[..n]).await.unwrap();
+            left -= n;
+        }
+        if head[0] == b'Z' {
+            return (total, error);
+        }
+    }
+}
+
+/// A connection that carried a huge message gives the memory back once it went through: the
+/// client's session and the pooled server connection keep buffers of ordinary size, in
+/// either direction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffers_shrink_after_a_huge_message() {
+    let (_env, proxy) = trust_env().await;
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        clients.push(login(proxy.addr).await);
+    }
+    let before = rss_kib();
+    // Results: one 64 MiB row per client, read while both stay connected.
+    for s in &mut clients {
+        s.write_all(&query("SELECT repeat('x', 64 << 20)"))
+            .await
+            .unwrap();
+        let (n, error) = skim_until_ready(s).await;
+        assert_eq!(error, None);
+        assert!(n > 64 << 20, "{n}");
+    }
+    // Requests: a 48 MiB query text.
+    let big = query(&format!("SELECT length('{}')", "x".repeat(48 << 20)));
+    clients[0].write_all(&big).await.unwrap();
+    drop(big);
+    let (_, error) = skim_until_ready(&mut clients[0]).await;
+    assert_eq!(error, None);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let grown = rss_kib().saturating_sub(before);
+    assert!(
+        grown < 48 * 1024,
+        "proxy memory stayed {grown} KiB above where it was after the huge messages went through"
+    );
+}
+
 /// Extended-protocol messages are held until their Sync decides where the batch runs; a client
 /// that never sends one is refused with 54000 at a bound instead of growing the proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
