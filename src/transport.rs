@@ -167,6 +167,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
         self.flush().await
     }
 
+    /// Reads and drops whatever the peer still sends until it closes the connection (or the
+    /// socket fails), for a connection being taken down.
+    pub async fn drain(&mut self) {
+        loop {
+            self.rbuf.clear();
+            if !matches!(self.fill().await, Ok(n) if n > 0) {
+                return;
+            }
+        }
+    }
+
     /// Shuts the write side down after flushing.
     pub async fn shutdown(&mut self) {
         let _ = self.flush().await;

@@ -122,6 +122,91 @@ async fn client_killed_mid_transaction_leaves_a_clean_backend() {
     assert_eq!(rows, vec![2], "the abandoned insert must be rolled back");
 }
 
+/// A client that vanishes while its statement runs: the proxy cancels the statement with the
+/// backend's key and closes the connection, so the server rolls back at once and releases the
+/// transaction's locks (PostgreSQL notices a closed socket only when it next reads or writes),
+/// and the pool counts that connection until the server has really let it go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_killed_mid_statement_releases_its_locks_at_once() {
+    let env = common::start().await;
+    let admin = env.primary_admin().await;
+    admin
+        .batch_execute("CREATE TABLE held (id int); GRANT ALL ON held TO app")
+        .await
+        .unwrap();
+    let proxy = common::trust_proxy(&env).await;
+    let mut s = common::raw::login(proxy.addr).await;
+    for sql in ["BEGIN", "LOCK TABLE held IN ACCESS EXCLUSIVE MODE"] {
+        let msgs = common::raw::roundtrip(&mut s, &common::raw::query(sql)).await;
+        assert!(!msgs.iter().any(|m| m.0 == b'E'), "{sql}: {msgs:?}");
+    }
+    use tokio::io::AsyncWriteExt;
+    s.write_all(&common::raw::query("SELECT pg_sleep(60)"))
+        .await
+        .unwrap();
+    let sleeping = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' \
+                    AND state = 'active'";
+    let mut started = false;
+    for _ in 0..100 {
+        if admin
+            .query_one(sleeping, &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+        {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(started, "the statement never started");
+    drop(s);
+    let gone = Instant::now();
+    let locks = "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                 WHERE c.relname = 'held'";
+    let mut held = 1;
+    while held > 0 && gone.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        held = admin.query_one(locks, &[]).await.unwrap().get::<_, i64>(0);
+    }
+    assert_eq!(
+        held,
+        0,
+        "the lock outlived its client by {:?}",
+        gone.elapsed()
+    );
+    // Nothing is left running, and the pool's count matches the server's backends.
+    let backends = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' \
+                    AND application_name = 'causeway'";
+    let open = || -> i64 {
+        [&env.proxy, &proxy]
+            .iter()
+            .flat_map(|p| p.shared.pools.all())
+            .filter(|p| p.node.role == causeway::cluster::Role::Primary)
+            .map(|p| p.open.load(Ordering::SeqCst) as i64)
+            .sum()
+    };
+    let mut counted = false;
+    for _ in 0..100 {
+        let n: i64 = admin.query_one(backends, &[]).await.unwrap().get(0);
+        if n == open() {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(counted, "the pool counts {} connections", open());
+    assert_eq!(
+        admin
+            .query_one(sleeping, &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_request_reaches_the_running_backend() {
     let env = common::start().await;

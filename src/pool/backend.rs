@@ -43,6 +43,10 @@ pub struct BackendConn {
     /// An extended-protocol message went out since the last ReadyForQuery: the server may hold
     /// an implicit transaction that only a Sync ends, which `status` does not show.
     pub unsynced: bool,
+    /// Given up while the server may still be running a request: a backend notices a closed
+    /// socket only when it next reads or writes, so closing it alone would leave the statement
+    /// running (holding its locks). Closing it cancels that request first.
+    pub running: bool,
     /// Statements prepared on this connection by the proxy.
     pub statements: StatementCache,
     /// Client settings last replayed on this connection.
@@ -302,6 +306,7 @@ async fn login_on(
                     status: TxStatus::Idle,
                     broken: false,
                     unsynced: false,
+                    running: false,
                     statements: StatementCache::new(STATEMENT_CACHE_CAPACITY),
                     applied: Applied::default(),
                     generation: 0,

@@ -310,15 +310,19 @@ impl Drop for Lease {
         let pool = Arc::clone(&self.pool);
         // Unsynced, the server sits in an implicit transaction whose locks and writes the next
         // client's statement would commit: nothing cheap undoes that, so the connection goes.
-        if conn.broken || conn.unsynced {
+        let discard = conn.broken || conn.unsynced;
+        if discard && !conn.running {
+            // The server ends the session as soon as it reads the closed socket.
             pool.open.fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        if conn.status == TxStatus::Idle {
+        if !discard && conn.status == TxStatus::Idle {
             pool.put_idle(conn);
             return;
         }
-        // Left inside a transaction (client vanished): roll back before anyone else sees it.
+        // Left inside a transaction (client vanished), or with a statement still running: the
+        // connection keeps its place in the pool (its permit, its count) until it is clean or
+        // really gone, so the pool never has more backends than its size.
         let permit = self.permit.take();
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             pool.open.fetch_sub(1, Ordering::Relaxed);
@@ -326,6 +330,11 @@ impl Drop for Lease {
         };
         handle.spawn(async move {
             let mut conn = conn;
+            if discard {
+                pool.stop_and_close(conn).await;
+                drop(permit);
+                return;
+            }
             let reset =
                 tokio::time::timeout(pool.settings.reset_timeout, conn.simple_query("ROLLBACK"));
             match reset.await {
@@ -338,6 +347,36 @@ impl Drop for Lease {
             }
             drop(permit);
         });
+    }
+}
+
+impl Pool {
+    /// Closes a connection that may still be running a statement: the statement is cancelled
+    /// with the backend's own key, the proxy's side of the socket is shut, and what the server
+    /// still sends is read and dropped until it closes, within `pool.reset_timeout_ms`. The
+    /// server's end of the session rolls back whatever transaction was open, releasing its
+    /// locks. The pool counts the connection until then.
+    async fn stop_and_close(&self, mut conn: Box<BackendConn>) {
+        let target = crate::cancel::CancelTarget {
+            endpoint: self.node.endpoint(),
+            pid: conn.pid,
+            secret: conn.secret,
+            cancelled: true,
+        };
+        let closed = async {
+            crate::cancel::send_cancel(target).await;
+            // End of input rather than Terminate: a server skipping to the next Sync after
+            // the cancel's error ignores Terminate, but not the end of its input.
+            conn.transport.shutdown().await;
+            conn.transport.drain().await;
+        };
+        if tokio::time::timeout(self.settings.reset_timeout, closed)
+            .await
+            .is_err()
+        {
+            tracing::debug!(pool = %self.name, pid = conn.pid, "abandoned backend did not close in time; dropping it");
+        }
+        self.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -467,8 +467,10 @@ impl Session {
         };
         self.info.set_idle();
         if !self.replies.is_empty() || self.copy_in || self.rerun.is_some() {
-            // Replies still in flight: the connection's state is unknown, never reuse it.
+            // Replies still in flight: the connection's state is unknown, never reuse it, and
+            // what still runs there is cancelled as it closes.
             lease.conn().broken = true;
+            lease.conn().running = true;
         }
         if ending && self.pinned {
             // Whatever pinned the session (temp tables, LISTEN, session locks, untracked
