@@ -227,6 +227,36 @@ async fn buffers_shrink_after_a_huge_message() {
     );
 }
 
+/// Counts are unsigned 16-bit fields: a statement may have up to 65535 parameters, as on
+/// PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_thousand_parameters_run_as_on_the_server() {
+    let (_env, proxy) = trust_env().await;
+    let n: u16 = 40_000;
+    let mut s = login(proxy.addr).await;
+    let mut body = common::raw::cstrs(&["", "SELECT $1::int + $40000::int"]);
+    body.extend_from_slice(&n.to_be_bytes());
+    for _ in 0..n {
+        body.extend_from_slice(&23u32.to_be_bytes());
+    }
+    let mut batch = common::raw::msg(b'P', &body);
+    let mut body = common::raw::cstrs(&["", ""]);
+    body.extend_from_slice(&0u16.to_be_bytes());
+    body.extend_from_slice(&n.to_be_bytes());
+    for _ in 0..n {
+        body.extend_from_slice(&1u32.to_be_bytes());
+        body.push(b'1');
+    }
+    body.extend_from_slice(&0u16.to_be_bytes());
+    batch.extend(common::raw::msg(b'B', &body));
+    batch.extend(common::raw::execute());
+    batch.extend(common::raw::sync());
+    let msgs = common::raw::roundtrip(&mut s, &batch).await;
+    let tags: Vec<char> = msgs.iter().map(|m| m.0 as char).collect();
+    assert_eq!(tags, ['1', '2', 'D', 'C', 'Z'], "{msgs:?}");
+    assert_eq!(common::raw::first_value(&msgs).as_deref(), Some("2"));
+}
+
 /// Extended-protocol messages are held until their Sync decides where the batch runs; a client
 /// that never sends one is refused with 54000 at a bound instead of growing the proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

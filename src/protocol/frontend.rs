@@ -7,7 +7,7 @@ use crate::protocol::error::ProtocolError;
 use crate::protocol::frame::Frame;
 use crate::protocol::startup::{CANCEL_REQUEST_CODE, PROTOCOL_3_0};
 use crate::protocol::tag;
-use crate::protocol::wire::{Builder, Reader, cstr_len, i16_count, i32_len, put_cstr};
+use crate::protocol::wire::{Builder, Reader, cstr_len, i32_len, put_cstr, u16_count};
 
 /// Simple-protocol Query.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,7 +23,8 @@ pub struct Parse<'a> {
     pub name: &'a str,
     /// SQL text of the statement.
     pub sql: &'a str,
-    /// Raw i16 count followed by that many i32 type OIDs, kept raw to forward unchanged.
+    /// Raw unsigned 16-bit count followed by that many i32 type OIDs, kept raw to forward
+    /// unchanged.
     pub param_types: &'a [u8],
 }
 
@@ -87,9 +88,8 @@ pub fn parse_parse(body: &[u8]) -> Result<Parse<'_>, ProtocolError> {
     let sql = r.cstr("Parse: query string")?;
     let param_types = r.rest();
     let mut t = Reader::new(param_types);
-    let count = t.i16("Parse: parameter type count")?;
-    let count = usize::try_from(count)
-        .map_err(|_| ProtocolError::Malformed("Parse: negative parameter type count"))?;
+    // Unsigned, as PostgreSQL reads it: up to 65535 parameters.
+    let count = usize::from(t.u16("Parse: parameter type count")?);
     if t.remaining() != count * 4 {
         return Err(ProtocolError::Malformed(
             "Parse: parameter type count does not match length",
@@ -102,9 +102,9 @@ pub fn parse_parse(body: &[u8]) -> Result<Parse<'_>, ProtocolError> {
     })
 }
 
-/// Reads a non-negative i16 count.
+/// Reads a count, unsigned as PostgreSQL reads it: up to 65535.
 fn count(r: &mut Reader<'_>, what: &'static str) -> Result<usize, ProtocolError> {
-    usize::try_from(r.i16(what)?).map_err(|_| ProtocolError::Malformed(what))
+    Ok(usize::from(r.u16(what)?))
 }
 
 /// Reads `n` format codes, each of which must be 0 (text) or 1 (binary).
@@ -361,18 +361,18 @@ pub fn encode_bind(
 ) -> Frame {
     let mut b = Builder::tagged(tag::FE_BIND, 64);
     b.cstr(portal).cstr(statement);
-    b.i16(i16_count(param_formats.len()));
+    b.u16(u16_count(param_formats.len()));
     for &f in param_formats {
         b.i16(f);
     }
-    b.i16(i16_count(params.len()));
+    b.u16(u16_count(params.len()));
     for p in params {
         match p {
             Some(v) => b.len_prefixed(v),
             None => b.i32(-1),
         };
     }
-    b.i16(i16_count(result_formats.len()));
+    b.u16(u16_count(result_formats.len()));
     for &f in result_formats {
         b.i16(f);
     }
@@ -438,7 +438,7 @@ mod tests {
         assert!(parse_parse(b"s\0q\0\0").is_err()); // half a count
         assert!(parse_parse(b"s\0q\0\0\x01").is_err()); // count 1, no OID
         assert!(parse_parse(b"s\0q\0\0\x01\0\0\0\x17\0").is_err()); // extra byte
-        assert!(parse_parse(b"s\0q\0\xff\xff").is_err()); // negative count
+        assert!(parse_parse(b"s\0q\0\xff\xff").is_err()); // 65535 announced, none there
         assert!(parse_parse(b"s\0q").is_err());
         assert!(parse_parse(b"s\0q\0\0\x01\0\0\0\x17").is_ok());
     }
@@ -491,10 +491,41 @@ mod tests {
         // Parameter length -2 and a length that overruns the body.
         assert!(parse_bind(b"\0s\0\0\0\0\x01\xff\xff\xff\xfe\0\0").is_err());
         assert!(parse_bind(b"\0s\0\0\0\0\x01\x7f\xff\xff\xff\0\0").is_err());
-        // Negative counts.
+        // Counts past i16 (read unsigned) that the body does not hold.
         assert!(parse_bind(b"\0s\0\xff\xff\0\0\0\0").is_err());
         assert!(parse_bind(b"\0s\0\0\0\xff\xff\0\0").is_err());
         assert!(parse_bind(b"\0s\0\0\0\0\0\xff\xff").is_err());
+    }
+
+    #[test]
+    fn counts_past_i16_are_unsigned_as_on_the_server() {
+        // 40,000 and 65,535 parameters: PostgreSQL reads these counts as unsigned 16 bits.
+        for n in [40_000usize, 65_535] {
+            let mut types = u16::try_from(n).unwrap().to_be_bytes().to_vec();
+            for _ in 0..n {
+                types.extend_from_slice(&23i32.to_be_bytes());
+            }
+            let f = encode_parse("", "select", &types);
+            let p = parse_parse(f.body()).unwrap();
+            assert_eq!(p.param_type_count(), n);
+            let values: Vec<Option<&[u8]>> = (0..n).map(|_| Some(&b"1"[..])).collect();
+            let f = encode_bind("", "", &[1], &values, &[0; 3]);
+            assert_eq!(&f.body()[2..4], &[0, 1]);
+            assert_eq!(
+                &f.body()[6..8],
+                &u16::try_from(n).unwrap().to_be_bytes()[..]
+            );
+            let b = parse_bind(f.body()).unwrap();
+            assert_eq!(
+                encode_bind_renamed(&b, "x").body().len(),
+                f.body().len() + 1
+            );
+            // One format code per parameter, past i16 too.
+            let formats = vec![0i16; n];
+            assert!(parse_bind(encode_bind("", "", &formats, &values, &[]).body()).is_ok());
+        }
+        // 65,536 cannot be said: the count field is 16 bits.
+        assert_eq!(u16_count(65_536), u16::MAX);
     }
 
     #[test]

@@ -45,6 +45,16 @@ impl<'a> Reader<'a> {
         Ok(i16::from_be_bytes(arr))
     }
 
+    /// An unsigned 16-bit field: the protocol's message counts (parameters, formats), which
+    /// PostgreSQL reads unsigned, up to 65535.
+    pub(crate) fn u16(&mut self, what: &'static str) -> Result<u16, ProtocolError> {
+        let head = self.take(2, what)?;
+        let arr: [u8; 2] = head
+            .try_into()
+            .map_err(|_| ProtocolError::Malformed(what))?;
+        Ok(u16::from_be_bytes(arr))
+    }
+
     pub(crate) fn i32(&mut self, what: &'static str) -> Result<i32, ProtocolError> {
         let head = self.take(4, what)?;
         let arr: [u8; 4] = head
@@ -114,6 +124,11 @@ impl Builder {
 
     pub(crate) fn i16(&mut self, v: i16) -> &mut Self {
         self.buf.put_i16(v);
+        self
+    }
+
+    pub(crate) fn u16(&mut self, v: u16) -> &mut Self {
+        self.buf.put_u16(v);
         self
     }
 
@@ -192,6 +207,11 @@ pub(crate) fn i16_count(n: usize) -> i16 {
     i16::try_from(n).unwrap_or(i16::MAX)
 }
 
+/// Converts a count to the unsigned 16 bits of a Parse or Bind count, saturating likewise.
+pub(crate) fn u16_count(n: usize) -> u16 {
+    u16::try_from(n).unwrap_or(u16::MAX)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
@@ -202,6 +222,8 @@ mod tests {
         let data = [0u8, 1, 0, 0, 0, 2, b'h', b'i', 0, 9];
         let mut r = Reader::new(&data);
         assert_eq!(r.i16("a").unwrap(), 1);
+        assert_eq!(Reader::new(&[0xff, 0xfe]).u16("u").unwrap(), 65534);
+        assert!(Reader::new(&[0xff]).u16("u").is_err());
         assert_eq!(r.i32("b").unwrap(), 2);
         assert_eq!(r.cstr("c").unwrap(), "hi");
         assert_eq!(r.remaining(), 1);
@@ -239,5 +261,7 @@ mod tests {
         assert_eq!(i32_len(usize::MAX), i32::MAX);
         assert_eq!(i16_count(100_000), i16::MAX);
         assert_eq!(i16_count(3), 3);
+        assert_eq!(u16_count(40_000), 40_000);
+        assert_eq!(u16_count(100_000), u16::MAX);
     }
 }
