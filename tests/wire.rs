@@ -257,6 +257,42 @@ async fn forty_thousand_parameters_run_as_on_the_server() {
     assert_eq!(common::raw::first_value(&msgs).as_deref(), Some("2"));
 }
 
+/// Replication connections (physical or logical) are refused with a clear error at login;
+/// `replication=false` and its spellings are ordinary sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_connections_are_refused_clearly() {
+    let (_env, proxy) = trust_env().await;
+    for mode in ["database", "true", "on", "1", "bogus"] {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(&startup(&[("user", "app"), ("replication", mode)]))
+            .await
+            .unwrap();
+        let msgs = read_until_ready(&mut s).await;
+        let (tag, body) = msgs.last().unwrap();
+        assert_eq!(*tag, b'E', "{mode}: {msgs:?}");
+        assert_eq!(error_code(body), "0A000", "{mode}");
+        let text = String::from_utf8_lossy(body);
+        assert!(
+            text.contains("replication connections are not supported by the proxy"),
+            "{text}"
+        );
+    }
+    for mode in ["false", "off", "0", "no"] {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(&startup(&[("user", "app"), ("replication", mode)]))
+            .await
+            .unwrap();
+        let msgs = read_until_ready(&mut s).await;
+        assert_eq!(msgs.last().map(|m| m.0), Some(b'Z'), "{mode}: {msgs:?}");
+        let msgs = common::raw::roundtrip(&mut s, &query("SELECT 1")).await;
+        assert_eq!(
+            common::raw::first_value(&msgs).as_deref(),
+            Some("1"),
+            "{mode}"
+        );
+    }
+}
+
 /// Extended-protocol messages are held until their Sync decides where the batch runs; a client
 /// that never sends one is refused with 54000 at a bound instead of growing the proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,6 +23,16 @@ fn is_utf8_encoding(name: &str) -> bool {
     n == "utf8" || n == "unicode"
 }
 
+/// Whether a `replication` startup parameter asks for a replication connection. PostgreSQL
+/// reads it as a boolean or `database`; only its spellings of false (`parse_bool`: `false`,
+/// `off`, `no`, `0` and their unambiguous prefixes, any case) leave an ordinary session.
+fn wants_replication(value: &str) -> bool {
+    let v = value.to_ascii_lowercase();
+    let prefix_of = |word: &str, min: usize| v.len() >= min && word.starts_with(v.as_str());
+    let off = prefix_of("false", 1) || prefix_of("no", 1) || prefix_of("off", 2) || v == "0";
+    !off
+}
+
 async fn refuse(t: &mut Transport<Stream>, e: &SessionError) {
     t.queue(&protocol::error_response(
         "FATAL",
@@ -139,6 +149,18 @@ pub(super) async fn handle_client(
         let e = SessionError::Unsupported(format!(
             "client_encoding \"{enc}\" is not supported by the proxy; use UTF8"
         ));
+        refuse(&mut t, &e).await;
+        return Err(e);
+    }
+    if let Some(mode) = param("replication")
+        && wants_replication(&mode)
+    {
+        // Streaming replication and logical decoding need the server itself: its WAL sender
+        // speaks a protocol of its own, which a pooled connection cannot carry.
+        let e = SessionError::Unsupported(
+            "replication connections are not supported by the proxy; connect to the server directly"
+                .into(),
+        );
         refuse(&mut t, &e).await;
         return Err(e);
     }
@@ -276,4 +298,23 @@ async fn greeting_params(
         Some(e) => e.into(),
         None => SessionError::Unsupported("no servers configured".into()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_false_replication_is_an_ordinary_session() {
+        for v in [
+            "false", "FALSE", "f", "fal", "off", "of", "OFF", "no", "n", "0",
+        ] {
+            assert!(!wants_replication(v), "{v}");
+        }
+        for v in [
+            "true", "on", "yes", "1", "database", "DATABASE", "o", "bogus", "", "falsey", "00",
+        ] {
+            assert!(wants_replication(v), "{v}");
+        }
+    }
 }
