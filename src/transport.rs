@@ -30,6 +30,8 @@ pub struct Transport<S> {
     rbuf: BytesMut,
     wbuf: BytesMut,
     max_message: usize,
+    /// Message types this peer may send; another is refused from its type byte alone.
+    accept: Option<fn(u8) -> bool>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
@@ -40,6 +42,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::with_capacity(READ_CHUNK),
             max_message,
+            accept: None,
         }
     }
 
@@ -54,8 +57,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
         (self.stream, self.rbuf.len())
     }
 
+    /// From now on, refuses a message whose type `accept` rejects as soon as its type byte
+    /// arrives, before any of the body it announces is awaited or reserved for.
+    pub fn accept_only(&mut self, accept: fn(u8) -> bool) {
+        self.accept = Some(accept);
+    }
+
     /// Splits one complete frame off the read buffer without touching the socket.
     pub fn try_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        if let (Some(accept), Some(&tag)) = (self.accept, self.rbuf.first())
+            && !accept(tag)
+        {
+            return Err(ProtocolError::UnexpectedMessage(tag));
+        }
         let frame = protocol::decode_frame(&mut self.rbuf, self.max_message)?;
         if let Some(f) = &frame
             && f.len() >= SHRINK_AFTER
@@ -186,7 +200,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
@@ -195,6 +209,27 @@ mod tests {
         m.extend_from_slice(&u32::try_from(body_len + 4).unwrap().to_be_bytes());
         m.resize(5 + body_len, b'x');
         m
+    }
+
+    #[tokio::test]
+    async fn an_unaccepted_type_is_refused_before_its_body() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let mut t = Transport::new(near, 64 << 20);
+        t.accept_only(|tag| tag == b'Q');
+        // A 60 MB message of an unknown type: only its first bytes ever arrive.
+        far.write_all(&[b'Y', 0x03, 0xC0, 0, 0, b'x'])
+            .await
+            .unwrap();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(2), t.read_frame());
+        let err = read.await.expect("refused at once").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TransportError::Protocol(ProtocolError::UnexpectedMessage(b'Y'))
+            ),
+            "{err}"
+        );
+        assert!(t.rbuf.capacity() < 1 << 20, "{}", t.rbuf.capacity());
     }
 
     #[tokio::test]

@@ -293,6 +293,32 @@ async fn replication_connections_are_refused_clearly() {
     }
 }
 
+/// A message type no client may send is refused from its type byte, as PostgreSQL does,
+/// without waiting for (or reserving memory for) the body its header announces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_message_type_is_refused_at_once() {
+    let (env, proxy) = trust_env().await;
+    let mut s = login(proxy.addr).await;
+    // A 60 MB message of type 'Y' (a stray startup packet looks the same), of which only the
+    // header and a few bytes ever come.
+    let mut head = vec![b'Y'];
+    head.extend_from_slice(&(60u32 << 20).to_be_bytes());
+    head.extend_from_slice(b"xxxx");
+    s.write_all(&head).await.unwrap();
+    let msgs = read_until_ready(&mut s).await;
+    let (tag, body) = msgs.last().expect("an error reply");
+    assert_eq!(
+        (*tag, error_code(body).as_str()),
+        (b'E', "08P01"),
+        "{msgs:?}"
+    );
+    let c = env.client().await;
+    assert_eq!(
+        c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+        1
+    );
+}
+
 /// Extended-protocol messages are held until their Sync decides where the batch runs; a client
 /// that never sends one is refused with 54000 at a bound instead of growing the proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

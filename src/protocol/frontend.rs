@@ -73,6 +73,27 @@ pub struct Close<'a> {
     pub name: &'a str,
 }
 
+/// Whether `tag` names a message a logged-in client may send; any other is refused as soon
+/// as its type byte arrives, as PostgreSQL does, without waiting for a body it announces.
+pub fn is_session_message(tag: u8) -> bool {
+    matches!(
+        tag,
+        tag::FE_QUERY
+            | tag::FE_PARSE
+            | tag::FE_BIND
+            | tag::FE_DESCRIBE
+            | tag::FE_EXECUTE
+            | tag::FE_CLOSE
+            | tag::FE_SYNC
+            | tag::FE_FLUSH
+            | tag::FE_FUNCTION_CALL
+            | tag::FE_COPY_DATA
+            | tag::FE_COPY_DONE
+            | tag::FE_COPY_FAIL
+            | tag::FE_TERMINATE
+    )
+}
+
 /// Parses a Query body.
 pub fn parse_query(body: &[u8]) -> Result<Query<'_>, ProtocolError> {
     let mut r = Reader::new(body);
@@ -561,6 +582,17 @@ mod tests {
         );
         assert!(parse_execute(b"p\0\0\0\0").is_err());
         assert!(parse_execute(b"p\0\0\0\0\0\0").is_err());
+    }
+
+    #[test]
+    fn session_messages_are_the_frontend_ones() {
+        for t in *b"QPBDECSHFdcfX" {
+            assert!(is_session_message(t), "{}", t as char);
+        }
+        // A password after login, a stray startup packet (length's first byte), a backend tag.
+        for t in [b'p', 0, b'Y', b'Z', b'T', 0xff] {
+            assert!(!is_session_message(t), "{t}");
+        }
     }
 
     #[test]
