@@ -319,6 +319,29 @@ async fn an_unknown_message_type_is_refused_at_once() {
     );
 }
 
+/// A Close of neither a statement nor a portal gets 08P01 as on the server, also outside a
+/// transaction, where the proxy answers a Close itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_of_an_unknown_kind_is_refused() {
+    let (_env, proxy) = trust_env().await;
+    for setup in [None, Some("BEGIN")] {
+        let mut s = login(proxy.addr).await;
+        if let Some(sql) = setup {
+            common::raw::roundtrip(&mut s, &query(sql)).await;
+        }
+        let mut close = common::raw::msg(b'C', b"Xnope\0");
+        close.extend(common::raw::sync());
+        s.write_all(&close).await.unwrap();
+        let msgs = read_until_ready(&mut s).await;
+        let (tag, body) = msgs.last().expect("an error reply");
+        assert_eq!(
+            (*tag, error_code(body).as_str()),
+            (b'E', "08P01"),
+            "{setup:?}: {msgs:?}"
+        );
+    }
+}
+
 /// Extended-protocol messages are held until their Sync decides where the batch runs; a client
 /// that never sends one is refused with 54000 at a bound instead of growing the proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -113,6 +113,18 @@ impl Session {
     /// bound and `server.max_message_bytes`, so one message of allowed size always fits) the
     /// client is refused rather than buffered without end.
     pub(super) fn hold_in_batch(&mut self, frame: Frame) -> Result<(), SessionError> {
+        // Outside a transaction a Close is answered without a server, which would take any
+        // kind byte: checked here, a kind other than statement or portal gets 08P01 wherever
+        // the batch would run, before it takes a server connection.
+        match frame.tag {
+            tag::FE_CLOSE => {
+                protocol::parse_close(frame.body())?;
+            }
+            tag::FE_DESCRIBE => {
+                protocol::parse_describe(frame.body())?;
+            }
+            _ => {}
+        }
         let limit = MAX_QUEUED_BYTES.max(self.cfg.server.max_message_bytes);
         self.batch_bytes += frame.bytes.len();
         if self.batch_bytes > limit {
