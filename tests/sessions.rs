@@ -1166,3 +1166,56 @@ async fn session_pooling_resets_what_it_did_not_follow() {
         "\"$user\", public"
     );
 }
+
+/// In session pooling a client that leaves state on its connection that no reset undoes (a
+/// temporary table, a session advisory lock, a LISTEN) takes the connection with it: the next
+/// client never finds any of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_pooling_never_hands_on_session_state() {
+    let env = common::start_with(Default::default(), |cfg| {
+        *cfg = cfg.replace(
+            "[primary]",
+            "[pool]\nmode = \"session\"\nprimary_max = 1\n\n[primary]",
+        );
+    })
+    .await;
+    let a = env.client().await;
+    a.batch_execute("CREATE TEMP TABLE private_notes (t text)")
+        .await
+        .unwrap();
+    a.batch_execute("INSERT INTO private_notes VALUES ('secret')")
+        .await
+        .unwrap();
+    a.batch_execute("SELECT pg_advisory_lock(4343)")
+        .await
+        .unwrap();
+    a.batch_execute("LISTEN private_channel").await.unwrap();
+    // An SQL-level prepared statement lives on the client's connection, and so does its end.
+    a.batch_execute("PREPARE mine AS SELECT 1").await.unwrap();
+    a.batch_execute("EXECUTE mine").await.unwrap();
+    a.batch_execute("DEALLOCATE mine").await.unwrap();
+    drop(a);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let b = env.client().await;
+    let e = b
+        .simple_query("SELECT t FROM pg_temp.private_notes")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.as_db_error().map(|d| d.code()),
+        Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE),
+        "{e}"
+    );
+    assert_eq!(
+        first_value(
+            &b,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        )
+        .await,
+        "0"
+    );
+    assert_eq!(
+        first_value(&b, "SELECT count(*) FROM pg_listening_channels()").await,
+        "0"
+    );
+}

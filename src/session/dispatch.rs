@@ -130,11 +130,7 @@ impl Session {
         if fresh && !self.confirm_role_replay(&req).await? {
             return Ok(());
         }
-        if class.pin.is_some() && !self.pinned && self.cfg.pool.mode == PoolMode::Transaction {
-            self.pinned = true;
-            self.shared.stats.pins.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(reason = ?class.pin, "session pinned to its backend");
-        }
+        self.note_pin(class.pin);
         // Only replicas' failures are worth a second try: the primary is where a retry would
         // land anyway, and a query an operator terminated there should stay terminated.
         let on_replica = self
@@ -177,6 +173,18 @@ impl Session {
         });
         self.count_request(&req, &class, exec_class, started);
         self.send(&req, effect).await
+    }
+
+    /// A statement about to run leaves state on its connection that the proxy cannot carry to
+    /// another (a temporary table, a session lock, LISTEN, an SQL-level PREPARE): in
+    /// transaction pooling the session keeps that connection from now on; in either mode the
+    /// connection goes with the client when it leaves, so no later client finds that state.
+    fn note_pin(&mut self, pin: Option<crate::classify::PinReason>) {
+        match self.cfg.pool.mode {
+            PoolMode::Transaction => self.pin_here(pin),
+            // The client has the connection to itself already: nothing to count.
+            PoolMode::Session => self.pinned |= pin.is_some(),
+        }
     }
 
     /// `SHOW causeway.last_write_lsn` names a token at or past the session's last write, never
@@ -394,7 +402,7 @@ impl Session {
         self.status = TxStatus::InTransaction;
         // The transaction's first statement may pin (a temporary table, a search_path listing
         // pg_temp) as it would outside a deferred BEGIN.
-        self.pin_here(routing.pin);
+        self.note_pin(routing.pin);
         if let Some(lease) = self.lease.as_mut() {
             let conn = lease.conn();
             for r in &tx.requests {
