@@ -71,6 +71,23 @@ pub struct TxModes {
     pub checked: bool,
 }
 
+/// Reasons of statements that take a lock (`LOCK`, advisory-lock functions). Among a
+/// statement's write reasons these win over the first one, so a request's reason says whether
+/// it locks anything: a replica would take such a lock for itself, excluding nobody writing
+/// on the primary.
+pub fn takes_lock(reason: &str) -> bool {
+    matches!(reason, "lock" | "advisory_lock")
+}
+
+/// The write reason kept when `later` joins `first`: the first one, unless a lock comes later.
+pub(crate) fn keep_reason(first: &'static str, later: &'static str) -> &'static str {
+    if takes_lock(later) && !takes_lock(first) {
+        later
+    } else {
+        first
+    }
+}
+
 impl TxEffect {
     /// BEGIN of a transaction that may write, or is serializable: only the primary runs it.
     pub fn begins_on_primary(self) -> bool {

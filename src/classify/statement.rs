@@ -61,6 +61,8 @@ impl Outcome {
         if self.access == Access::Read {
             self.access = Access::Write;
             self.reason = reason;
+        } else {
+            self.reason = super::keep_reason(self.reason, reason);
         }
     }
 
@@ -541,8 +543,11 @@ pub(crate) fn combine(outcomes: &[Outcome]) -> Outcome {
         if combined.pin.is_none() {
             combined.pin = o.pin;
         }
-        if o.access == Access::Write && write_reason.is_none() {
-            write_reason = Some(o.reason);
+        if o.access == Access::Write {
+            write_reason = Some(match write_reason {
+                Some(first) => super::keep_reason(first, o.reason),
+                None => o.reason,
+            });
         }
         combined.by_value |= o.by_value;
         combined.chain |= o.chain;

@@ -39,7 +39,10 @@ impl<'c> Walker<'c> {
 
     /// Records a write reason unless an earlier one exists.
     pub(crate) fn mark(&mut self, reason: &'static str) {
-        self.write.get_or_insert(reason);
+        self.write = Some(match self.write {
+            Some(first) => super::keep_reason(first, reason),
+            None => reason,
+        });
     }
 
     /// Records a pin unless an earlier one exists.

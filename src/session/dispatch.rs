@@ -223,7 +223,7 @@ impl Session {
         let lease = self.lease.as_ref()?;
         let held = self.status == TxStatus::InTransaction
             && lease.node().role == crate::cluster::Role::Replica;
-        let needs = class.pin.is_some() || matches!(class.reason, "lock" | "advisory_lock");
+        let needs = class.pin.is_some() || crate::classify::takes_lock(class.reason);
         (held && needs && req.executes()).then_some(class.reason)
     }
 
@@ -670,6 +670,8 @@ pub(super) fn combine(parts: &[Arc<Classification>]) -> Classification {
         if c.access == Access::Write && out.access == Access::Read {
             out.access = Access::Write;
             out.reason = c.reason;
+        } else if c.access == Access::Write {
+            out.reason = crate::classify::keep_reason(out.reason, c.reason);
         }
         if out.tx == TxEffect::None {
             out.tx = c.tx;

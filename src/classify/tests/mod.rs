@@ -248,8 +248,8 @@ fn functions() {
         ("SELECT pg_advisory_lock_shared(1)", W, Tx::None, Some(P::AdvisoryLock), "advisory_lock"),
         ("SELECT pg_try_advisory_lock_shared(1, 2)", W, Tx::None, Some(P::AdvisoryLock), "advisory_lock"),
         ("SELECT pg_catalog.pg_advisory_lock(hashtext('job'))", W, Tx::None, Some(P::AdvisoryLock), "advisory_lock"),
-        ("UPDATE jobs SET taken = true WHERE pg_try_advisory_lock(id)", W, Tx::None, Some(P::AdvisoryLock), "update"),
-        ("DELETE FROM jobs WHERE id = 1 RETURNING pg_advisory_lock(id)", W, Tx::None, Some(P::AdvisoryLock), "delete"),
+        ("UPDATE jobs SET taken = true WHERE pg_try_advisory_lock(id)", W, Tx::None, Some(P::AdvisoryLock), "advisory_lock"),
+        ("DELETE FROM jobs WHERE id = 1 RETURNING pg_advisory_lock(id)", W, Tx::None, Some(P::AdvisoryLock), "advisory_lock"),
         ("SELECT pg_advisory_xact_lock(1)", W, Tx::None, None, "advisory_lock"),
         ("SELECT pg_try_advisory_xact_lock(1)", W, Tx::None, None, "advisory_lock"),
         ("SELECT pg_advisory_xact_lock_shared(1)", W, Tx::None, None, "advisory_lock"),
@@ -320,7 +320,7 @@ fn functions() {
         ("SELECT TREAT('s' AS nextval)", W, Tx::None, None, "write_function"),
         ("SELECT 1 WHERE true AND EXISTS (SELECT 1 WHERE nextval('s') > 0)", W, Tx::None, None, "write_function"),
         ("SELECT * FROM t WHERE a = 1 AND b IN (SELECT x FROM u WHERE y = my_volatile_fn())", W, Tx::None, None, "volatile_function"),
-        ("UPDATE t SET a = my_stable_fn() WHERE id = (SELECT pg_advisory_lock(1))", W, Tx::None, Some(P::AdvisoryLock), "update"),
+        ("UPDATE t SET a = my_stable_fn() WHERE id = (SELECT pg_advisory_lock(1))", W, Tx::None, Some(P::AdvisoryLock), "advisory_lock"),
         ("INSERT INTO t SELECT setseed(0.1)", W, Tx::None, Some(P::SessionSet), "insert"),
     ];
     check_rows(rows, &catalog());
@@ -789,3 +789,18 @@ fn the_last_transaction_boundary_and_copy_are_kept_across_statements() {
 mod cache;
 mod hidden_calls;
 mod setting_values;
+
+/// A lock among a statement's writes names the reason, wherever it comes: a replica would take
+/// it for itself, so a read-only transaction running there refuses it.
+#[test]
+#[rustfmt::skip]
+fn a_lock_names_the_reason_wherever_it_comes() {
+    let rows: &[Row] = &[
+        ("SELECT my_volatile_fn(), pg_advisory_xact_lock(1)", W, Tx::None, None, "advisory_lock"),
+        ("SELECT my_volatile_fn(); LOCK t IN ACCESS SHARE MODE", W, Tx::None, None, "lock"),
+        ("SELECT nextval('s'), pg_try_advisory_xact_lock(2), my_volatile_fn()", W, Tx::None, None, "advisory_lock"),
+        ("SELECT pg_advisory_xact_lock(1), my_volatile_fn()", W, Tx::None, None, "advisory_lock"),
+        ("SELECT my_volatile_fn(), nextval('s')", W, Tx::None, None, "volatile_function"),
+    ];
+    check_rows(rows, &catalog());
+}
