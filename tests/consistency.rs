@@ -1158,3 +1158,34 @@ async fn the_token_shown_right_after_a_tokenless_write_covers_it() {
         assert_eq!(count_simple(&b, id).await, 1, "read with the token shown");
     }
 }
+
+/// In sticky mode a write pipelined behind a COMMIT is covered from its own commit, not from
+/// the COMMIT's: its derived token is taken after it ran. The replicas apply commits 1 s late,
+/// the write takes 3 s, and the read comes right after it, once the window from the COMMIT
+/// closed: a token taken at the COMMIT would let a replica that replayed that far serve the
+/// row as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_mode_covers_a_write_pipelined_behind_a_commit() {
+    let env = delayed(1000, "\n[consistency]\nmode = \"sticky\"\n").await;
+    env.owner()
+        .await
+        .batch_execute("INSERT INTO items VALUES (60, 'old')")
+        .await
+        .unwrap();
+    env.caught_up().await;
+    let raw_proxy = common::trust_proxy(&env).await;
+    let mut s = raw::login(raw_proxy.addr).await;
+    raw::roundtrip(&mut s, &raw::query("BEGIN")).await;
+    let mut pipeline = raw::query("INSERT INTO items VALUES (61, 'first')");
+    pipeline.extend(raw::query("COMMIT"));
+    pipeline.extend(raw::query(
+        "UPDATE items SET v = 'new' FROM pg_sleep(3) WHERE id = 60",
+    ));
+    s.write_all(&pipeline).await.unwrap();
+    for _ in 0..3 {
+        raw::read_until_ready(&mut s).await;
+    }
+    let replies = raw::roundtrip(&mut s, &raw::query("SELECT v FROM items WHERE id = 60")).await;
+    let row = replies.iter().find(|(t, _)| *t == b'D').expect("a row");
+    assert_eq!(String::from_utf8_lossy(&row.1[6..]), "new");
+}

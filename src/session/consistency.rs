@@ -330,8 +330,10 @@ impl Session {
         {
             return false;
         }
-        if !self.replies.is_empty() && self.tracks_tokens() {
-            // Pipelined requests follow: the last of them takes the token.
+        if !self.replies.is_empty() {
+            // Pipelined requests follow: the last of them takes the token (or, without
+            // tokens, starts the window and marks the time of the derived token), so writes
+            // among them are covered from their own commit.
             return false;
         }
         self.seal()
