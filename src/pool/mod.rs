@@ -363,6 +363,8 @@ impl Pool {
             secret: conn.secret,
             cancelled: true,
         };
+        // A request queued but never sent stays unsent: the cancel is for what already runs.
+        conn.transport.truncate_write(0);
         let closed = async {
             crate::cancel::send_cancel(target).await;
             // End of input rather than Terminate: a server skipping to the next Sync after

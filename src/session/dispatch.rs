@@ -192,20 +192,26 @@ impl Session {
     /// whose own token is missing (or of every write, in sticky mode) is waited for, the
     /// primary polled at once, as long as a statement may wait for a connection.
     async fn settle_own_token(&mut self) -> Result<(), SessionError> {
+        let Some(acked) = self.tokens.unresolved else {
+            return Ok(());
+        };
         if self.resolve_own() {
             return Ok(());
         }
-        self.shared.cluster.primary().poll_now.notify_one();
-        let deadline = std::time::Instant::now()
-            + std::time::Duration::from_millis(self.cfg.pool.acquire_timeout_ms);
-        while !self.resolve_own() {
-            if std::time::Instant::now() >= deadline {
-                return Err(SessionError::TokenPending);
+        let shared = Arc::clone(&self.shared);
+        shared.cluster.primary().poll_now.notify_one();
+        // One wait, watched as a whole: a cancel can never fall between two checks.
+        let known = async move {
+            while shared.cluster.derived_token(acked).is_none() {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
-            let tick = std::pin::pin!(tokio::time::sleep(std::time::Duration::from_millis(5)));
-            self.wait_watching(tick).await?;
+        };
+        let limit = std::time::Duration::from_millis(self.cfg.pool.acquire_timeout_ms);
+        let wait = std::pin::pin!(tokio::time::timeout(limit, known));
+        match self.wait_watching(wait).await? {
+            Ok(()) if self.resolve_own() => Ok(()),
+            _ => Err(SessionError::TokenPending),
         }
-        Ok(())
     }
 
     /// What in this request means something only on the primary although the session's
