@@ -117,6 +117,20 @@ pub(crate) fn try_fast(sql: &str, catalog: &FunctionCatalog) -> Option<Outcome> 
     Some(out)
 }
 
+/// Operators a keyword runs without naming them: `IN` and `NOT IN` (`=`, `<>`), `LIKE`,
+/// `ILIKE`, `SIMILAR TO`, `BETWEEN`, `IS DISTINCT FROM`, `NULLIF`, `CASE x WHEN`.
+fn keyword_operators(word: &str) -> &'static [&'static str] {
+    match word {
+        "in" => &["=", "<>"],
+        "like" => &["~~", "!~~"],
+        "ilike" => &["~~*", "!~~*"],
+        "similar" => &["~", "!~"],
+        "between" => &[">=", "<="],
+        "distinct" | "nullif" | "case" => &["="],
+        _ => &[],
+    }
+}
+
 /// Whether `tok` may be an operator, an attribute-notation call (`x.name`) or a relation the
 /// catalog flags: the tree must then decide.
 fn names_hidden_call(sql: &str, tok: &ScanToken, prev: i32, catalog: &FunctionCatalog) -> bool {
@@ -139,7 +153,10 @@ fn names_hidden_call(sql: &str, tok: &ScanToken, prev: i32, catalog: &FunctionCa
             None => Cow::Borrowed(text),
         };
         return (prev == T::Ascii46 as i32 && catalog.attribute_call(&name).is_some())
-            || catalog.relation(&name).is_some();
+            || catalog.relation(&name).is_some()
+            || keyword_operators(&name)
+                .iter()
+                .any(|op| catalog.operator(op).is_some());
     }
     let op = if tok.token == T::NotEquals as i32 {
         "<>"

@@ -158,6 +158,12 @@ impl<'c> Walker<'c> {
                 self.opt(&x.subselect);
             }
             N::CaseExpr(x) => {
+                // `CASE x WHEN v` compares with `=`.
+                if x.arg.is_some()
+                    && let Some(v) = self.catalog.operator("=")
+                {
+                    self.apply(v);
+                }
                 self.opt(&x.arg);
                 self.list(&x.args);
                 self.opt(&x.defresult);

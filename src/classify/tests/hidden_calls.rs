@@ -228,3 +228,33 @@ fn an_operator_or_attribute_over_an_unknown_function_counts_as_a_writer() {
     assert_eq!(run("SELECT 1 ### 2", &cat).access, R);
     assert_eq!(run("SELECT t.row_label FROM t", &cat).access, W);
 }
+
+/// Keywords that run an operator without naming it (`IN`, `LIKE`, `BETWEEN`, `CASE x WHEN`,
+/// …) use a user's `=` or `~~` as much as the operator token does.
+#[test]
+#[rustfmt::skip]
+fn keywords_run_the_operators_they_stand_for() {
+    let mut f = facts();
+    let op_lock = f.procs.iter().find(|p| p.name == "op_lock").map_or(0, |p| p.oid);
+    for op in ["=", "<>", "~~", ">=", "~"] {
+        f.operators.push((op.to_string(), op_lock));
+    }
+    let with_ops = FunctionCatalog::from_facts(&f, &[], &[]);
+    let rows: &[Row] = &[
+        ("SELECT * FROM t WHERE c IN ('a', 'b')", W, Tx::None, None, "volatile_function"),
+        ("SELECT * FROM t WHERE c NOT IN ('a')", W, Tx::None, None, "volatile_function"),
+        ("SELECT * FROM t WHERE c LIKE 'a%'", W, Tx::None, None, "volatile_function"),
+        ("SELECT * FROM t WHERE c BETWEEN 'a' AND 'b'", W, Tx::None, None, "volatile_function"),
+        ("SELECT * FROM t WHERE c IS DISTINCT FROM 'a'", W, Tx::None, None, "volatile_function"),
+        ("SELECT NULLIF(c, 'a') FROM t", W, Tx::None, None, "volatile_function"),
+        ("SELECT CASE c WHEN 'a' THEN 1 END FROM t", W, Tx::None, None, "volatile_function"),
+        ("SELECT * FROM t WHERE c SIMILAR TO 'a'", W, Tx::None, None, "volatile_function"),
+    ];
+    check_rows(rows, &with_ops);
+    // Without such operators the same statements are reads.
+    let plain: &[Row] = &[
+        ("SELECT * FROM t WHERE c IN ('a', 'b')", R, Tx::None, None, "select"),
+        ("SELECT CASE c WHEN 'a' THEN 1 END FROM t", R, Tx::None, None, "select"),
+    ];
+    check_rows(plain, &cat());
+}
