@@ -647,3 +647,40 @@ async fn a_read_a_replica_refuses_for_an_unlogged_relation_is_rerun_on_the_prima
     c.simple_query("ROLLBACK").await.unwrap();
     assert_eq!(retries(), 2);
 }
+
+/// A view that takes a session advisory lock pins its reader's session as the call itself
+/// would: the lock leaves with the client instead of staying on a pooled connection for the
+/// next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_taking_a_session_lock_pins_its_reader() {
+    let env = setup().await;
+    env.owner().await.batch_execute(HIDDEN_CALLS).await.unwrap();
+    env.caught_up().await;
+    let c = env.client().await;
+    c.simple_query("SELECT * FROM vlock").await.unwrap();
+    assert!(
+        env.proxy
+            .shared
+            .stats
+            .pins
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    drop(c);
+    let owner = env.owner().await;
+    for _ in 0..50 {
+        let held: i64 = owner
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if held == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the view's advisory lock stayed on the primary after its reader left");
+}

@@ -110,7 +110,7 @@ impl TxEffect {
 }
 
 /// Session state a statement leaves on its backend connection that cannot follow the client to another connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PinReason {
     /// SET / RESET / DISCARD / set_config(…, false) / setseed.
     SessionSet,

@@ -14,8 +14,8 @@
 
 use std::collections::HashMap;
 
-use super::Access;
 use super::functions::{FunctionCatalog, Verdict};
+use super::{Access, PinReason};
 
 /// Where a function is defined: decides whether the built-in lists speak for it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -78,6 +78,9 @@ pub struct CatalogFacts {
 pub enum RelationUse {
     /// Its definition (or a view it reads) calls a function that must run on the primary.
     CallsWriter,
+    /// The same, and that call leaves session state on the connection (a session advisory
+    /// lock, `set_config(…, false)`): reading it pins the session like the call itself.
+    Pins(PinReason),
     /// It is unlogged or reads one: a standby cannot read it, not even to plan a query.
     Unlogged,
 }
@@ -86,7 +89,7 @@ impl RelationUse {
     /// The classification reason.
     pub(crate) fn reason(self) -> &'static str {
         match self {
-            RelationUse::CallsWriter => "view_calls_writer",
+            RelationUse::CallsWriter | RelationUse::Pins(_) => "view_calls_writer",
             RelationUse::Unlogged => "unlogged_relation",
         }
     }
@@ -149,10 +152,13 @@ fn relation_uses(
     for r in &facts.relations {
         if r.unlogged {
             uses.insert(r.oid, RelationUse::Unlogged);
-        } else if let Some(def) = &r.definition
-            && super::classify(def, functions).access == Access::Write
-        {
-            uses.insert(r.oid, RelationUse::CallsWriter);
+        } else if let Some(def) = &r.definition {
+            let c = super::classify(def, functions);
+            if let Some(pin) = c.pin {
+                uses.insert(r.oid, RelationUse::Pins(pin));
+            } else if c.access == Access::Write {
+                uses.insert(r.oid, RelationUse::CallsWriter);
+            }
         }
     }
     loop {

@@ -505,6 +505,9 @@ impl<'c> Walker<'c> {
         if let Some(u) = self.catalog.relation(&r.relname) {
             self.mark(u.reason());
             self.unlogged |= u == RelationUse::Unlogged;
+            if let RelationUse::Pins(pin) = u {
+                self.pin(pin);
+            }
         }
     }
 

@@ -162,8 +162,9 @@ fn a_user_function_shadowing_a_harmless_built_in_is_not_trusted() {
 #[rustfmt::skip]
 fn views_calling_writers_and_unlogged_relations_need_the_primary() {
     let rows: &[Row] = &[
-        ("SELECT * FROM vlock", W, Tx::None, None, "view_calls_writer"),
-        ("SELECT got FROM public.vlock", W, Tx::None, None, "view_calls_writer"),
+        // A view taking a session advisory lock pins the session like the call itself.
+        ("SELECT * FROM vlock", W, Tx::None, Some(P::AdvisoryLock), "view_calls_writer"),
+        ("SELECT got FROM public.vlock", W, Tx::None, Some(P::AdvisoryLock), "view_calls_writer"),
         ("SELECT * FROM vw", W, Tx::None, None, "view_calls_writer"),
         ("SELECT * FROM vvw", W, Tx::None, None, "view_calls_writer"),
         ("SELECT * FROM vop", W, Tx::None, None, "view_calls_writer"),
