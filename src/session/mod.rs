@@ -2,6 +2,7 @@
 //! relays replies. It alone owns the client's state: transaction status, pins, named statements.
 
 mod consistency;
+mod deferred;
 mod dispatch;
 mod input;
 mod local;
@@ -209,7 +210,7 @@ pub struct Session {
     copy_sync_owed: bool,
     /// A transaction opened by a lone BEGIN, acknowledged to the client and not yet sent to
     /// any backend.
-    deferred_tx: Option<dispatch::DeferredTx>,
+    deferred_tx: Option<deferred::DeferredTx>,
     /// The client said Terminate: nothing more is read from it, what it sent before still runs,
     /// then the session ends.
     terminating: bool,
