@@ -524,20 +524,7 @@ async fn ran_on_primary(env: &Env, c: &tokio_postgres::Client, sql: &str) -> [bo
 
 /// Session advisory locks held on each replica.
 async fn replica_advisory_locks(env: &Env) -> Vec<i64> {
-    let mut held = Vec::new();
-    for r in &env.cluster.replicas {
-        let c = common::connect(&env.cluster.superuser_conninfo(r)).await;
-        let n: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        held.push(n);
-    }
-    held
+    env.advisory_locks(None).await.split_off(1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -667,18 +654,14 @@ async fn a_view_taking_a_session_lock_pins_its_reader() {
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 1
     );
+    assert_eq!(
+        env.advisory_locks(None).await,
+        [1, 0, 0],
+        "held on the primary"
+    );
     drop(c);
-    let owner = env.owner().await;
     for _ in 0..50 {
-        let held: i64 = owner
-            .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if held == 0 {
+        if env.advisory_locks(None).await == [0, 0, 0] {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;

@@ -973,27 +973,7 @@ async fn nonstandard_strings_keep_the_session_on_one_primary_backend() {
     // Each of the three sessions below keeps a primary backend.
     let env = pools_of(3).await;
     let primary = env.node_port(0).to_string();
-    let locks_held = || async {
-        let mut held = Vec::new();
-        for i in 0..3 {
-            let node = if i == 0 {
-                &env.cluster.primary
-            } else {
-                &env.cluster.replicas[i - 1]
-            };
-            let c = connect(&env.cluster.superuser_conninfo(node)).await;
-            let n: i64 = c
-                .query_one(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 99",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            held.push(n);
-        }
-        held
-    };
+    let locks_held = || env.advisory_locks(Some(99));
     let by_set = env.client().await;
     by_set
         .batch_execute("SET standard_conforming_strings = off")

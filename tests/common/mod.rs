@@ -114,6 +114,27 @@ impl Env {
             .collect()
     }
 
+    /// Advisory locks held on each node (primary first), all of them or those on `objid`,
+    /// counted as the superuser, so every backend's show.
+    pub async fn advisory_locks(&self, objid: Option<i64>) -> Vec<i64> {
+        let mut held = Vec::new();
+        let nodes = std::iter::once(&self.cluster.primary).chain(&self.cluster.replicas);
+        for node in nodes {
+            let c = connect(&self.cluster.superuser_conninfo(node)).await;
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+                     AND ($1::bigint IS NULL OR objid = $1)",
+                    &[&objid],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            held.push(n);
+        }
+        held
+    }
+
     /// Port of node `i` (0 = primary).
     pub fn node_port(&self, i: usize) -> u16 {
         if i == 0 {
