@@ -91,6 +91,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
         self.stream.read_buf(&mut self.rbuf).await
     }
 
+    /// The next frame of a reply still owed: a peer that closes first, or breaks the
+    /// protocol, is an I/O error.
+    pub async fn reply_frame(&mut self) -> io::Result<Frame> {
+        self.read_frame()
+            .await
+            .map_err(io::Error::other)?
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))
+    }
+
     /// Reads the next frame; `Ok(None)` on a clean end of stream between frames.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, TransportError> {
         loop {

@@ -319,14 +319,7 @@ impl super::Session {
         let exchange = async {
             conn.transport.flush().await?;
             while owed > 0 {
-                let Some(frame) = conn
-                    .transport
-                    .read_frame()
-                    .await
-                    .map_err(std::io::Error::other)?
-                else {
-                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
-                };
+                let frame = conn.transport.reply_frame().await?;
                 match frame.tag {
                     tag::BE_READY_FOR_QUERY => owed -= 1,
                     tag::BE_ERROR_RESPONSE => {

@@ -123,14 +123,7 @@ impl Session {
             let exchange = async {
                 conn.transport.flush().await?;
                 loop {
-                    let Some(frame) = conn
-                        .transport
-                        .read_frame()
-                        .await
-                        .map_err(std::io::Error::other)?
-                    else {
-                        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
-                    };
+                    let frame = conn.transport.reply_frame().await?;
                     match frame.tag {
                         tag::BE_READY_FOR_QUERY if skip > 0 => skip -= 1,
                         tag::BE_READY_FOR_QUERY => return Ok(()),
