@@ -8,6 +8,7 @@ mod input;
 mod local;
 mod relay;
 mod request;
+mod rerun;
 mod settings;
 mod shape;
 mod timers;
