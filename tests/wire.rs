@@ -480,3 +480,129 @@ port = 1
         "{err}"
     );
 }
+
+/// What a server answers: message tags, with an ErrorResponse's SQLSTATE and a DataRow's
+/// first value, through the next ReadyForQuery (and its status).
+fn summary(msgs: &[(u8, Vec<u8>)]) -> Vec<String> {
+    msgs.iter()
+        .map(|(tag, body)| match tag {
+            b'E' => format!("E{}", error_code(body)),
+            b'D' => format!(
+                "D{}",
+                common::raw::first_value(&[(*tag, body.clone())]).unwrap_or_default()
+            ),
+            b'Z' => format!("Z{}", body.first().map_or('?', |b| *b as char)),
+            other => (*other as char).to_string(),
+        })
+        .collect()
+}
+
+/// Named statements keep PostgreSQL's rules: a second Parse of a name in use is refused with
+/// 42P05 (the first statement stays), a failed Parse leaves the name free, a Parse skipped
+/// after an earlier error in its batch creates nothing, and the refusal aborts a transaction.
+/// The same exchanges run against the primary directly and through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_names_follow_the_servers_rules() {
+    use common::raw::{bind, execute, parse, sync};
+    let (env, proxy) = trust_env().await;
+    let cat = |parts: &[Vec<u8>]| parts.concat();
+    let steps: Vec<Vec<u8>> = vec![
+        cat(&[parse("s1", "SELECT 1"), sync()]),
+        cat(&[parse("s1", "SELECT 2"), bind("s1"), execute(), sync()]),
+        cat(&[bind("s1"), execute(), sync()]),
+        cat(&[parse("s2", "SELEC 2"), sync()]),
+        cat(&[parse("s2", "SELECT 2"), bind("s2"), execute(), sync()]),
+        cat(&[bind("nope"), parse("s3", "SELECT 3"), sync()]),
+        cat(&[parse("s3", "SELECT 3"), bind("s3"), execute(), sync()]),
+        query("BEGIN"),
+        cat(&[bind("s1"), execute(), parse("s1", "SELECT 4"), sync()]),
+        query("SELECT 5"),
+        query("ROLLBACK"),
+        cat(&[bind("s1"), execute(), sync()]),
+    ];
+    let mut direct = TcpStream::connect(("127.0.0.1", env.node_port(0)))
+        .await
+        .unwrap();
+    direct
+        .write_all(&startup(&[("user", "postgres"), ("database", "app")]))
+        .await
+        .unwrap();
+    read_until_ready(&mut direct).await;
+    let mut proxied = login(proxy.addr).await;
+    for (i, step) in steps.iter().enumerate() {
+        let want = summary(&common::raw::roundtrip(&mut direct, step).await);
+        let got = summary(&common::raw::roundtrip(&mut proxied, step).await);
+        assert_eq!(got, want, "step {i}");
+    }
+}
+
+/// Before login the proxy answers as the server does: a repeated SSLRequest is a protocol
+/// error (GSSAPI may still follow a refused SSLRequest), bytes sent behind an SSLRequest before
+/// its answer are refused, and so is an empty user name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_mistakes_are_refused_as_on_the_server() {
+    const SSL: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    const GSS: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
+    let (env, proxy) = trust_env().await;
+    let direct = std::net::SocketAddr::from(([127, 0, 0, 1], env.node_port(0)));
+    let login = startup(&[("user", "postgres"), ("database", "app")]);
+    let pipelined = [SSL.as_slice(), &login].concat();
+    let nameless = startup(&[("user", ""), ("database", "app")]);
+    let app = startup(&[("user", "app"), ("database", "app")]);
+    // Each case: what is sent, each part once the answer to the one before has arrived.
+    let cases: [(&str, Vec<&[u8]>); 4] = [
+        // A server built with GSSAPI answers 'G' where the proxy, which has none, says 'N'.
+        (
+            "GSSENCRequest after a refused SSLRequest",
+            vec![&SSL, &GSS, &app],
+        ),
+        ("SSLRequest twice", vec![&SSL, &SSL]),
+        (
+            "a startup packet sent behind an SSLRequest",
+            vec![&pipelined],
+        ),
+        ("empty user", vec![&nameless]),
+    ];
+    for (i, (what, parts)) in cases.into_iter().enumerate() {
+        let mut answers = Vec::new();
+        let peers = if i == 0 {
+            vec![proxy.addr]
+        } else {
+            vec![direct, proxy.addr]
+        };
+        for addr in peers {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let mut got = Vec::new();
+            for part in &parts {
+                s.write_all(part).await.unwrap();
+                // A one-byte answer to an encryption request, else the first message.
+                let mut b = [0u8; 1];
+                if s.read_exact(&mut b).await.is_err() {
+                    got.push("closed".to_string());
+                    break;
+                }
+                if b[0] == b'N' {
+                    got.push("N".to_string());
+                    if part.len() == 8 {
+                        continue;
+                    }
+                    s.read_exact(&mut b).await.unwrap();
+                }
+                let mut head = [0u8; 4];
+                s.read_exact(&mut head).await.unwrap();
+                let mut body = vec![0u8; u32::from_be_bytes(head) as usize - 4];
+                s.read_exact(&mut body).await.unwrap();
+                got.push(match b[0] {
+                    b'E' => format!("E{}", error_code(&body)),
+                    other => (other as char).to_string(),
+                });
+            }
+            answers.push(got);
+        }
+        match answers.as_slice() {
+            [proxy] => assert_eq!(proxy, &["N", "N", "R"], "{what}"),
+            [server, proxy] => assert_eq!(proxy, server, "{what}: proxy vs server"),
+            _ => unreachable!(),
+        }
+    }
+}

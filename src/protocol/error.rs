@@ -28,6 +28,9 @@ pub enum ProtocolError {
     /// A startup packet carried more parameters than allowed (count at the point of rejection).
     #[error("too many startup parameters ({0})")]
     TooManyParameters(usize),
+    /// Bytes arrived behind an SSLRequest or GSSENCRequest before its answer.
+    #[error("received unencrypted data after {0}")]
+    UnencryptedData(&'static str),
     /// A well-formed message arrived where the protocol state does not allow it.
     #[error("unexpected message type 0x{0:02x}")]
     UnexpectedMessage(u8),
@@ -46,6 +49,7 @@ impl ProtocolError {
             | ProtocolError::InvalidLength(_)
             | ProtocolError::Malformed(_)
             | ProtocolError::TooManyParameters(_)
+            | ProtocolError::UnencryptedData(_)
             | ProtocolError::UnexpectedMessage(_) => "08P01",
         }
     }

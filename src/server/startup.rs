@@ -56,33 +56,63 @@ pub(super) async fn handle_client(
     // TLS is offered over TCP only, as PostgreSQL does: a Unix socket does not leave the machine.
     let local = peer == ClientAddr::Local;
     let mut t = Transport::new(stream, max_message);
+    // Each encryption request is answered once, as PostgreSQL does: GSSAPI may follow a refused
+    // SSLRequest and the other way round, but a repeated request is a protocol error.
+    let (mut ssl_done, mut gss_done) = (false, false);
     let (minor, params) = loop {
         let startup = tokio::time::timeout_at(login_deadline, t.read_startup()).await;
         let Ok(startup) = startup else {
             // Like PostgreSQL before a startup packet: close without a word.
             return Err(SessionError::LoginTimeout);
         };
+        // The request codes, read as protocol versions, are 1234.5679 and 1234.5680.
+        let repeated = match startup {
+            Ok(Some(StartupMessage::SslRequest)) => {
+                std::mem::replace(&mut ssl_done, true).then_some(5679)
+            }
+            Ok(Some(StartupMessage::GssEncRequest)) => {
+                std::mem::replace(&mut gss_done, true).then_some(5680)
+            }
+            _ => None,
+        };
+        if let Some(minor) = repeated {
+            let e = SessionError::from(protocol::ProtocolError::UnsupportedProtocol {
+                major: 1234,
+                minor,
+            });
+            refuse(&mut t, &e).await;
+            return Err(e);
+        }
+        let encryption = match startup {
+            Ok(Some(StartupMessage::SslRequest)) => Some("SSL request"),
+            Ok(Some(StartupMessage::GssEncRequest)) => Some("GSSAPI encryption request"),
+            _ => None,
+        };
+        let acceptor = shared.tls.acceptor.clone().filter(|_| {
+            matches!(startup, Ok(Some(StartupMessage::SslRequest)))
+                && !t.get_ref().is_tls()
+                && !local
+        });
+        if let Some(request) = encryption {
+            t.queue_bytes(if acceptor.is_some() { b"S" } else { b"N" });
+            t.flush().await.map_err(SessionError::ClientIo)?;
+            if t.buffered_input() > 0 {
+                // Sent before the answer, so not encrypted: anyone on the path could have
+                // injected it. Refused as PostgreSQL refuses it, in plain text.
+                let e = SessionError::from(protocol::ProtocolError::UnencryptedData(request));
+                refuse(&mut t, &e).await;
+                return Err(e);
+            }
+        }
         match startup {
-            Ok(Some(StartupMessage::SslRequest)) if !t.get_ref().is_tls() && !local => {
-                let Some(acceptor) = shared.tls.acceptor.clone() else {
-                    t.queue_bytes(b"N");
-                    t.flush().await.map_err(SessionError::ClientIo)?;
+            Ok(Some(StartupMessage::SslRequest | StartupMessage::GssEncRequest)) => {
+                let Some(acceptor) = acceptor else {
                     continue;
                 };
-                t.queue_bytes(b"S");
-                t.flush().await.map_err(SessionError::ClientIo)?;
-                let (stream, buffered) = t.into_inner();
+                let (stream, _) = t.into_inner();
                 let Stream::Plain(tcp) = stream else {
                     return Ok(());
                 };
-                if buffered > 0 {
-                    // Bytes sent before the handshake could be injected by anyone on the path.
-                    return Err(SessionError::ClientProtocol(
-                        protocol::ProtocolError::Malformed(
-                            "data received after SSLRequest before the TLS handshake",
-                        ),
-                    ));
-                }
                 let tls = tokio::time::timeout_at(login_deadline, acceptor.accept(tcp))
                     .await
                     .map_err(|_| SessionError::LoginTimeout)?
@@ -91,10 +121,8 @@ pub(super) async fn handle_client(
                     Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))),
                     max_message,
                 );
-            }
-            Ok(Some(StartupMessage::SslRequest | StartupMessage::GssEncRequest)) => {
-                t.queue_bytes(b"N");
-                t.flush().await.map_err(SessionError::ClientIo)?;
+                // Encrypted already: a GSSAPI request now is a protocol error too.
+                gss_done = true;
             }
             Ok(Some(StartupMessage::Cancel { pid, secret })) => {
                 shared.cancels.cancel((pid, secret)).await;
@@ -125,7 +153,7 @@ pub(super) async fn handle_client(
         return Err(e);
     }
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let Some(user) = param("user") else {
+    let Some(user) = param("user").filter(|u| !u.is_empty()) else {
         let e = SessionError::AuthRejected(
             "no PostgreSQL user name specified in startup packet".into(),
         );

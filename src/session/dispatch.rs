@@ -168,6 +168,7 @@ impl Session {
             retryable,
             rerunnable,
             server_replied: false,
+            created: Vec::new(),
         });
         self.count_request(&req, &class, exec_class, started);
         self.send(&req, effect).await
@@ -414,9 +415,13 @@ impl Session {
         let mut names = translate::Names {
             statements: &mut self.statements,
             unnamed: &mut self.unnamed,
+            created: Vec::new(),
         };
         for frame in req.frames.iter() {
             translate::translate(frame, conn, &mut self.replies, &mut names)?;
+        }
+        if let Some(f) = self.in_flight.as_mut() {
+            f.created = names.created;
         }
         for frame in &req.trailing {
             conn.transport.queue(frame);

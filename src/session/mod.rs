@@ -43,10 +43,23 @@ const MAX_QUEUED_BYTES: usize = 1024 * 1024;
 enum Expect {
     /// ParseComplete; `forward: false` for a Parse the proxy injected. On error the statement
     /// is forgotten on this backend.
+    /// `name`: the client's statement name this Parse creates, forgotten again if the Parse
+    /// fails or is skipped after an earlier error.
     Parse {
         forward: bool,
         key: Option<StatementKey>,
+        name: Option<String>,
     },
+    /// ParseComplete for a client's Parse of a statement its backend already holds, answered
+    /// by the proxy at this point in the stream; skipped after an error, the client's `name`
+    /// is forgotten, as the server would not have created it.
+    ParseHeld {
+        name: String,
+    },
+    /// A Parse the proxy refuses (a statement name already in use): the server was given a
+    /// Parse that fails in its place, so it skips to Sync and aborts a transaction as it would
+    /// for the client's; its error is replaced with this one.
+    Refused(Frame),
     Bind,
     /// A Describe; for a named statement, the client's name and the statement, to remember
     /// the result shape the client was told and the backend's copy has.
@@ -120,6 +133,8 @@ struct InFlight {
     rerunnable: bool,
     /// A reply from the server (not one the proxy made) is queued for the client.
     server_replied: bool,
+    /// Statement names its Parse messages created: run again, it creates them again.
+    created: Vec<String>,
 }
 
 /// A request sent to a backend, timed until its ReadyForQuery reaches the client.
@@ -441,7 +456,7 @@ impl Session {
             let server_owes = self
                 .replies
                 .iter()
-                .any(|e| !matches!(e, Expect::Synthetic(_)));
+                .any(|e| !matches!(e, Expect::Synthetic(_) | Expect::ParseHeld { .. }));
             if !f.server_replied && server_owes {
                 return Ok(());
             }

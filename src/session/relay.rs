@@ -17,7 +17,7 @@ impl Session {
             let Some(lease) = self.lease.as_mut() else {
                 return Ok(());
             };
-            let frame = match lease.conn().transport.try_frame() {
+            let mut frame = match lease.conn().transport.try_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
@@ -130,6 +130,11 @@ impl Session {
                     if let Some(req) = self.rerun_after_error(frame.body()) {
                         self.rerun = Some(req);
                         continue;
+                    }
+                    if matches!(self.replies.front(), Some(Expect::Refused(_)))
+                        && let Some(Expect::Refused(mine)) = self.replies.pop_front()
+                    {
+                        frame = mine;
                     }
                     self.on_error_reply()
                 }
@@ -326,10 +331,13 @@ impl Session {
 
     /// Moves replies the proxy produces itself to the client once they reach the front.
     pub(super) fn emit_synthetic(&mut self) {
-        while let Some(Expect::Synthetic(_)) = self.replies.front() {
-            if let Some(Expect::Synthetic(f)) = self.replies.pop_front() {
-                self.client.queue(&f);
+        loop {
+            match self.replies.front() {
+                Some(Expect::Synthetic(f)) => self.client.queue(f),
+                Some(Expect::ParseHeld { .. }) => self.client.queue(&protocol::parse_complete()),
+                _ => return,
             }
+            self.replies.pop_front();
         }
     }
 
@@ -377,7 +385,10 @@ impl Session {
         while let Some(front) = self.replies.front() {
             match front {
                 Expect::Sync { .. } | Expect::Query { .. } | Expect::Settings { .. } => break,
-                Expect::Parse { key, .. } => {
+                Expect::Parse { key, name, .. } => {
+                    if let Some(n) = name {
+                        self.statements.remove(n);
+                    }
                     if let Some(l) = self.lease.as_mut() {
                         let conn = l.conn();
                         match key {
@@ -385,6 +396,9 @@ impl Session {
                             None => conn.statements.unnamed = None,
                         }
                     }
+                }
+                Expect::ParseHeld { name } => {
+                    self.statements.remove(name);
                 }
                 _ => {}
             }
@@ -496,6 +510,7 @@ impl Session {
                 %reason,
                 "read re-run after backend failure"
             );
+            self.forget_created(&f.created);
             let mut req = f.request;
             req.attempt += 1;
             self.requeue_front(req);

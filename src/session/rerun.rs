@@ -6,6 +6,13 @@ use crate::error::sqlstate;
 use crate::protocol;
 
 impl Session {
+    /// Forgets the statement names a request about to run again created on its first run.
+    pub(super) fn forget_created(&mut self, names: &[String]) {
+        for n in names {
+            self.statements.remove(n);
+        }
+    }
+
     /// Errors a request recovers from by running again, before the client saw anything: a
     /// replica refusing a write (25006) or an unlogged relation (0A000) goes to the primary; a
     /// shared prepared statement whose plan went stale after DDL is prepared afresh on a new
@@ -54,6 +61,7 @@ impl Session {
             };
         req.attempt += 1;
         let f = self.in_flight.take()?;
+        self.forget_created(&f.created);
         self.client.truncate_write(f.client_mark);
         self.held.clear();
         Some(req)

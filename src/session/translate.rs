@@ -6,15 +6,20 @@ use std::collections::{HashMap, VecDeque};
 use bytes::Bytes;
 
 use super::{ClientStatement, Expect};
-use crate::error::SessionError;
+use crate::error::{SessionError, sqlstate};
 use crate::pool::BackendConn;
 use crate::pool::statements::{BackendName, StatementKey};
 use crate::protocol::{self, Frame, tag};
+
+/// The name of the Parse sent in place of one the proxy refuses; it fails, so it is never held.
+const REFUSED_STATEMENT: &str = "causeway_refused";
 
 /// The client's statement names, borrowed for translation.
 pub(super) struct Names<'a> {
     pub(super) statements: &'a mut HashMap<String, ClientStatement>,
     pub(super) unnamed: &'a mut Option<StatementKey>,
+    /// Names the request's Parse messages created, to forget if it runs again.
+    pub(super) created: Vec<String>,
 }
 
 /// Query text and raw parameter types inside a statement key.
@@ -44,6 +49,7 @@ pub(super) fn ensure_prepared(
     replies.push_back(Expect::Parse {
         forward: false,
         key: Some(key.clone()),
+        name: None,
     });
     Some(name)
 }
@@ -62,6 +68,7 @@ fn ensure_unnamed(conn: &mut BackendConn, replies: &mut VecDeque<Expect>, names:
         replies.push_back(Expect::Parse {
             forward: false,
             key: None,
+            name: None,
         });
         conn.statements.unnamed = Some(key.clone());
     }
@@ -98,7 +105,21 @@ pub(super) fn translate(
                 replies.push_back(Expect::Parse {
                     forward: true,
                     key: None,
+                    name: None,
                 });
+            } else if names.statements.contains_key(p.name) {
+                // Refused as the server refuses it. The stand-in fails on any server, and a
+                // named Parse that fails creates nothing.
+                conn.transport.queue(&protocol::encode_parse(
+                    REFUSED_STATEMENT,
+                    "causeway: statement name already in use",
+                    &[],
+                ));
+                replies.push_back(Expect::Refused(protocol::error_response(
+                    "ERROR",
+                    sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                    &format!("prepared statement \"{}\" already exists", p.name),
+                )));
             } else {
                 names.statements.insert(
                     p.name.to_string(),
@@ -107,8 +128,11 @@ pub(super) fn translate(
                         shape: None,
                     },
                 );
+                names.created.push(p.name.to_string());
                 if conn.statements.get(&key).is_some() {
-                    replies.push_back(Expect::Synthetic(protocol::parse_complete()));
+                    replies.push_back(Expect::ParseHeld {
+                        name: p.name.to_string(),
+                    });
                 } else {
                     let (name, evicted) = conn.statements.insert(key.clone());
                     if let Some(old) = evicted {
@@ -120,6 +144,7 @@ pub(super) fn translate(
                     replies.push_back(Expect::Parse {
                         forward: true,
                         key: Some(key),
+                        name: Some(p.name.to_string()),
                     });
                 }
             }
