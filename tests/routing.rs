@@ -376,6 +376,63 @@ async fn hints_and_session_route_setting() {
     assert_eq!(n, 0);
 }
 
+/// The causeway.* commands prepared under a name, as asyncpg, pgx and tokio-postgres prepare
+/// every statement: a Parse (with Describe) only prepares, the Execute runs, and the name
+/// stays usable and keeps the server's rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn causeway_commands_as_named_prepared_statements() {
+    use common::raw::{bind, describe_statement, execute, parse, sync};
+    let env = setup().await;
+    let c = env.client().await;
+    // tokio-postgres prepares each query under a name of its own.
+    let shown = c.prepare("SHOW causeway.route").await.unwrap();
+    assert_eq!(shown.columns()[0].name(), "causeway.route");
+    let route = |rows: Vec<tokio_postgres::Row>| rows[0].get::<_, String>(0);
+    assert_eq!(route(c.query(&shown, &[]).await.unwrap()), "auto");
+    let set = c.prepare("SET causeway.route = 'primary'").await.unwrap();
+    assert_eq!(
+        route(c.query(&shown, &[]).await.unwrap()),
+        "auto",
+        "applied at Parse"
+    );
+    c.execute(&set, &[]).await.unwrap();
+    assert_eq!(route(c.query(&shown, &[]).await.unwrap()), "primary");
+    let lsn = c
+        .query_one("SHOW causeway.last_write_lsn", &[])
+        .await
+        .unwrap();
+    assert_eq!(lsn.get::<_, String>(0), "0/0");
+
+    // On the wire: Describe of the statement answers ParameterDescription and RowDescription
+    // as a server does, and a second Parse of the name is refused with 42P05.
+    let trusting = common::trust_proxy(&env).await;
+    let mut s = common::raw::login(trusting.addr).await;
+    let tags = |m: Vec<(u8, Vec<u8>)>| -> String {
+        m.iter()
+            .map(|(t, b)| match t {
+                b'E' => format!("E{}", common::raw::error_code(b)),
+                _ => (*t as char).to_string(),
+            })
+            .collect()
+    };
+    let prepare = [
+        parse("r", "SHOW causeway.route"),
+        describe_statement("r"),
+        sync(),
+    ]
+    .concat();
+    assert_eq!(tags(common::raw::roundtrip(&mut s, &prepare).await), "1tTZ");
+    let run = [bind("r"), execute(), sync()].concat();
+    assert_eq!(tags(common::raw::roundtrip(&mut s, &run).await), "2DCZ");
+    let again = [parse("r", "SHOW causeway.min_lsn"), sync()].concat();
+    assert_eq!(
+        tags(common::raw::roundtrip(&mut s, &again).await),
+        "E42P05Z"
+    );
+    let value = common::raw::roundtrip(&mut s, &run).await;
+    assert_eq!(common::raw::first_value(&value).as_deref(), Some("auto"));
+}
+
 /// Servers named by their Unix-socket directory (as libpq's `host=/dir`): data connections,
 /// the monitor and cancel requests all go through the socket, logging in with SCRAM as over TCP,
 /// unencrypted even with `backend_mode = "require"`.

@@ -158,6 +158,11 @@ pub fn close_complete() -> Frame {
     Frame::new(tag::BE_CLOSE_COMPLETE, &[])
 }
 
+/// ParameterDescription of a statement without parameters.
+pub fn no_parameters() -> Frame {
+    Frame::new(tag::BE_PARAMETER_DESCRIPTION, &0i16.to_be_bytes())
+}
+
 /// NoData.
 pub fn no_data() -> Frame {
     Frame::new(tag::BE_NO_DATA, &[])

@@ -124,6 +124,7 @@ impl Session {
                 self.replies.push_back(Expect::Query {
                     forward: false,
                     effect: None,
+                    in_batch: false,
                 });
             }
             conn.statements.unnamed = None;

@@ -40,6 +40,17 @@ impl Session {
         }
         let mut class = self.classify(&req);
         if let Some(cmd) = &class.proxy {
+            if let Some(refused) = self.prepare_locally(&req) {
+                self.abort_server_transaction().await?;
+                self.fail_request_with(&req, &refused);
+                return Ok(());
+            }
+            if !req.executes() {
+                // Prepared or described only: nothing is set until an Execute runs it.
+                let outcome = self.describe_proxy_command(cmd);
+                self.answer_locally(&req, outcome);
+                return Ok(());
+            }
             if matches!(cmd, ProxyCommand::Show { name } if name == "last_write_lsn")
                 && let Err(e) = self.settle_own_token().await
             {
@@ -98,6 +109,7 @@ impl Session {
                 self.replies.push_back(Expect::Query {
                     forward: false,
                     effect: None,
+                    in_batch: false,
                 });
                 if let Err(e) = lease.conn().transport.flush().await {
                     self.requeue_front(req);

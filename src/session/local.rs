@@ -316,6 +316,47 @@ impl Session {
         }
     }
 
+    /// Records the statements a request answered by the proxy prepares, so a later Bind of
+    /// them is answered too. A name already in use is refused as the server refuses it: the
+    /// error to send, with nothing recorded.
+    pub(super) fn prepare_locally(&mut self, req: &Request) -> Option<Frame> {
+        let parses = req.frames.iter().filter(|f| f.tag == tag::FE_PARSE);
+        for f in parses.clone() {
+            let p = protocol::parse_parse(f.body()).ok()?;
+            if !p.name.is_empty() && self.statements.contains_key(p.name) {
+                return Some(protocol::error_response(
+                    "ERROR",
+                    crate::error::sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                    &format!("prepared statement \"{}\" already exists", p.name),
+                ));
+            }
+        }
+        for f in parses {
+            let Ok(p) = protocol::parse_parse(f.body()) else {
+                continue;
+            };
+            let key = f.bytes.slice(5 + p.name.len() + 1..);
+            if p.name.is_empty() {
+                self.unnamed = Some(key);
+            } else {
+                self.statements.insert(
+                    p.name.to_string(),
+                    super::ClientStatement { key, shape: None },
+                );
+            }
+        }
+        None
+    }
+
+    /// What a request that only prepares or describes a `causeway.*` command is told: a SHOW's
+    /// column, without anything being set.
+    pub(super) fn describe_proxy_command(&mut self, cmd: &ProxyCommand) -> LocalOutcome {
+        match cmd {
+            ProxyCommand::Show { .. } => self.proxy_command(cmd),
+            _ => Ok(("SET", None)),
+        }
+    }
+
     /// Queues the replies a server would send for this request, given the outcome.
     pub(super) fn answer_locally(&mut self, req: &Request, outcome: LocalOutcome) {
         let mut failed = false;
@@ -346,11 +387,22 @@ impl Session {
                 (tag::FE_PARSE, _) => vec![protocol::parse_complete()],
                 (tag::FE_BIND, _) => vec![protocol::bind_complete()],
                 (tag::FE_CLOSE, _) => vec![protocol::close_complete()],
-                (tag::FE_DESCRIBE, Ok((_, Some(t)))) => {
-                    let cols: Vec<&str> = t.columns.iter().map(String::as_str).collect();
-                    vec![protocol::row_description_text(&cols)]
+                (tag::FE_DESCRIBE, outcome) => {
+                    // A statement's description starts with its parameters: none here.
+                    let statement = f.body().first() == Some(&b'S');
+                    let mut v: Vec<Frame> = statement
+                        .then(protocol::no_parameters)
+                        .into_iter()
+                        .collect();
+                    v.push(match outcome {
+                        Ok((_, Some(t))) => {
+                            let cols: Vec<&str> = t.columns.iter().map(String::as_str).collect();
+                            protocol::row_description_text(&cols)
+                        }
+                        _ => protocol::no_data(),
+                    });
+                    v
                 }
-                (tag::FE_DESCRIBE, _) => vec![protocol::no_data()],
                 (tag::FE_EXECUTE, Ok((cmd_tag, row))) => {
                     let mut v: Vec<Frame> = row_frames(row.as_ref()).into_iter().skip(1).collect();
                     v.push(protocol::command_complete(cmd_tag));

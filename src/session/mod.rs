@@ -76,10 +76,13 @@ enum Expect {
     Sync {
         effect: Option<Box<Effect>>,
     },
-    /// Everything up to ReadyForQuery for a simple Query or FunctionCall.
+    /// Everything up to ReadyForQuery for a simple Query or FunctionCall. `in_batch`: sent
+    /// inside an unsynced extended batch, where the server skips it, without a word, after an
+    /// error earlier in the batch.
     Query {
         forward: bool,
         effect: Option<Box<Effect>>,
+        in_batch: bool,
     },
     /// Everything up to ReadyForQuery for the proxy's own statements that bring the backend to
     /// the client's settings: before a request, the reset of another client's settings and the

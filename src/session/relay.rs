@@ -53,7 +53,9 @@ impl Session {
                     let status = protocol::parse_ready_for_query(frame.body())
                         .map_err(|e| self.desync(e.to_string()))?;
                     let (forward, effect) = match self.replies.pop_front() {
-                        Some(Expect::Query { forward, effect }) => (forward, effect),
+                        Some(Expect::Query {
+                            forward, effect, ..
+                        }) => (forward, effect),
                         Some(Expect::Sync { effect }) => (true, effect),
                         Some(Expect::Settings { .. }) => {
                             if self.error_since_ready {
@@ -384,7 +386,11 @@ impl Session {
         }
         while let Some(front) = self.replies.front() {
             match front {
-                Expect::Sync { .. } | Expect::Query { .. } | Expect::Settings { .. } => break,
+                Expect::Sync { .. }
+                | Expect::Query {
+                    in_batch: false, ..
+                }
+                | Expect::Settings { .. } => break,
                 Expect::Parse { key, name, .. } => {
                     if let Some(n) = name {
                         self.statements.remove(n);

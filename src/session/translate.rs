@@ -93,6 +93,7 @@ pub(super) fn translate(
             replies.push_back(Expect::Query {
                 forward: true,
                 effect: None,
+                in_batch: conn.unsynced,
             });
         }
         tag::FE_PARSE => {
