@@ -26,6 +26,17 @@ impl Session {
                 continue;
             }
             match frame.tag {
+                // As on a server: skipped with the rest of a failed batch.
+                tag::FE_QUERY | tag::FE_FUNCTION_CALL if self.skip_until_sync => {}
+                tag::FE_QUERY | tag::FE_FUNCTION_CALL if !self.batch.is_empty() => {
+                    // Inside an unsynced batch it runs after the batch's messages, in one
+                    // request with them: the server ends the batch's implicit transaction
+                    // with it, and answers it with ReadyForQuery.
+                    let mut frames = std::mem::take(&mut self.batch);
+                    self.batch_bytes = 0;
+                    frames.push(frame);
+                    self.enqueue(Request::extended(frames));
+                }
                 tag::FE_QUERY | tag::FE_FUNCTION_CALL => self.enqueue(Request::single(frame)),
                 tag::FE_PARSE
                 | tag::FE_BIND

@@ -202,6 +202,27 @@ public final class PgjdbcDriver {
         }
     }
 
+    /** autosave=always (a common Spring setting): pgjdbc sends BEGIN through the extended
+     *  protocol without a Sync, then SAVEPOINT as a simple query, so a failed statement is
+     *  rolled back to the savepoint and the transaction goes on. */
+    static void caseAutosave() throws Exception {
+        try (Connection c = connect("autosave", "always")) {
+            c.setAutoCommit(false);
+            try (Statement s = c.createStatement()) {
+                s.executeUpdate("INSERT INTO drv_items VALUES (20, 'first')");
+                try {
+                    s.executeUpdate("INSERT INTO drv_items VALUES (20, 'duplicate')");
+                    check(false, "duplicate key accepted");
+                } catch (SQLException e) {
+                    check("23505".equals(e.getSQLState()), "duplicate gave " + e.getSQLState());
+                }
+                s.executeUpdate("INSERT INTO drv_items VALUES (21, 'after the failure')");
+            }
+            c.commit();
+            check(countOnPrimary(c, 20, 21) == 2, "rows of the saved transaction missing");
+        }
+    }
+
     static void caseCopy() throws Exception {
         try (Connection c = connect()) {
             CopyManager copy = c.unwrap(PGConnection.class).getCopyAPI();
@@ -330,6 +351,7 @@ public final class PgjdbcDriver {
         cases.put("prepared_reuse", PgjdbcDriver::casePreparedReuse);
         cases.put("transaction", PgjdbcDriver::caseTransaction);
         cases.put("error_recovery", PgjdbcDriver::caseErrorRecovery);
+        cases.put("autosave", PgjdbcDriver::caseAutosave);
         cases.put("copy", PgjdbcDriver::caseCopy);
         cases.put("listen_notify", PgjdbcDriver::caseListenNotify);
         cases.put("cancel", PgjdbcDriver::caseCancel);
