@@ -546,3 +546,43 @@ async fn an_idle_console_does_not_hold_up_shutdown() {
     );
     assert!(console.simple_query("SHOW POOLS").await.is_err());
 }
+
+/// Sockets on the admin port cannot pile up: one that never sends a whole request head (or
+/// sits idle after a response) is closed after the header timeout, and past the connection
+/// cap a new one is closed at once, while the database port keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_admin_connections_are_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = common::start().await;
+    let addr = admin(&env);
+    let closed_within = |mut s: tokio::net::TcpStream, secs: u64| async move {
+        let mut b = [0u8; 256];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(secs), async {
+            loop {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        });
+        read.await.is_ok()
+    };
+    let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..63 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // The 65th is over the cap.
+    let over = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(closed_within(over, 2).await, "connection over the cap kept");
+    let c = env.client().await;
+    c.simple_query("SELECT 1").await.unwrap();
+    // The half-sent head is closed by the header timeout, and the silent ones with it.
+    assert!(closed_within(half, 15).await, "half-sent request head kept");
+    drop(silent);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(http::get(addr, "/health").await.status, 200);
+}
