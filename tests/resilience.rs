@@ -653,3 +653,65 @@ async fn a_query_cancelled_while_waiting_for_an_execution_slot_does_not_run() {
     );
     assert_eq!(port_of(&b).await.ok(), Some(env.node_port(0)));
 }
+
+/// Signals the primary's postmaster and every process it started (SIGSTOP freezes it: the
+/// sockets stay open, nothing answers).
+fn signal_primary(env: &common::Env, signal: &str) {
+    let pid_file = std::fs::read_to_string(env.cluster.primary.data_dir.join("postmaster.pid"))
+        .expect("postmaster.pid");
+    let postmaster = pid_file.lines().next().unwrap().trim().to_string();
+    let children = std::process::Command::new("pgrep")
+        .args(["-P", &postmaster])
+        .output()
+        .expect("pgrep");
+    let mut pids = vec![postmaster];
+    pids.extend(
+        String::from_utf8_lossy(&children.stdout)
+            .split_whitespace()
+            .map(str::to_string),
+    );
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .args(&pids)
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{signal} {pids:?}");
+}
+
+/// A login with startup settings the proxy has not seen is checked on a server first; a server
+/// that stops answering holds it no longer than `connect_timeout_ms`, and the next one is
+/// asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_primary_holds_a_login_no_longer_than_a_connect() {
+    let env = common::start_with(Default::default(), |cfg| {
+        *cfg = cfg.replace(
+            "\nhealth_check_timeout_ms = 1000",
+            "\nhealth_check_timeout_ms = 1000\nconnect_timeout_ms = 1000",
+        );
+    })
+    .await;
+    let warm = env.client().await;
+    warm.simple_query("/* causeway:primary */ SELECT 1")
+        .await
+        .unwrap();
+    drop(warm);
+    signal_primary(&env, "STOP");
+    let started = Instant::now();
+    let login = tokio::time::timeout(
+        Duration::from_secs(9),
+        tokio_postgres::connect(
+            &format!("{} options='-c work_mem=4321kB'", env.conninfo()),
+            tokio_postgres::NoTls,
+        ),
+    )
+    .await;
+    let took = started.elapsed();
+    signal_primary(&env, "CONT");
+    let (client, conn) = login.expect("login still waiting after 9 s").unwrap();
+    tokio::spawn(conn);
+    assert!(took < Duration::from_secs(5), "login took {took:?}");
+    let rows = client.simple_query("SHOW work_mem").await.unwrap();
+    assert!(
+        matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("4321kB"))
+    );
+}

@@ -396,6 +396,9 @@ pub async fn check_startup_settings(
     if shared.checked_settings.contains(&key) {
         return Ok(());
     }
+    // A server that stops answering holds the login no longer than it would hold a connection
+    // attempt; the next server is asked instead.
+    let limit = std::time::Duration::from_millis(shared.cfg.load().server.connect_timeout_ms);
     for node in &shared.cluster.nodes() {
         let Some(pool) = shared.pools.get(node, &key.0) else {
             continue;
@@ -406,8 +409,18 @@ pub async fn check_startup_settings(
         let conn = lease.conn();
         // A simple query ends the unnamed statement.
         conn.statements.unnamed = None;
-        let tried = conn.simple_query(&format!("BEGIN;{sql}")).await;
-        if conn.simple_query("ROLLBACK").await.is_err() {
+        let exchange = async {
+            let tried = conn.simple_query(&format!("BEGIN;{sql}")).await;
+            (tried, conn.simple_query("ROLLBACK").await.is_ok())
+        };
+        let Ok((tried, rolled_back)) = tokio::time::timeout(limit, exchange).await else {
+            // Its replies may still come: the connection is not handed to anyone.
+            lease.conn().broken = true;
+            tracing::warn!(node = %node.name, "no answer to the login's settings check; asking the next server");
+            continue;
+        };
+        let conn = lease.conn();
+        if !rolled_back {
             conn.broken = true;
         }
         match tried {
