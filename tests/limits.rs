@@ -107,6 +107,47 @@ async fn clients_that_never_log_in_are_cut_at_the_login_timeout() {
     c.simple_query("SELECT 1").await.unwrap();
 }
 
+/// A socket that has not logged in shows in the stats, and a shutdown closes it at once (one
+/// in the middle of authentication with 57P01), instead of waiting out the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_not_logged_in_do_not_hold_up_shutdown() {
+    use common::raw::{error_code, read_until, startup};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut env = common::start().await;
+    let proxy = std::mem::replace(&mut env.proxy, common::proxy_for(&env.config).await);
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut stalled = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stalled
+        .write_all(&startup(&[("user", "app"), ("database", "app")]))
+        .await
+        .unwrap();
+    // The password request arrives: authentication has begun.
+    read_until(&mut stalled, |t| t == b'R').await;
+    let logging_in = || {
+        causeway::admin::snapshot::Snapshot::collect(&proxy.shared)
+            .clients
+            .logging_in
+    };
+    assert!(
+        common::eventually(5, || logging_in() == 2).await,
+        "{}",
+        logging_in()
+    );
+    let t = Instant::now();
+    tokio::spawn(proxy.shutdown(Duration::from_secs(20)));
+    let msgs = read_until(&mut stalled, |t| t == b'E').await;
+    let (tag, body) = msgs.last().unwrap();
+    assert_eq!(
+        (*tag, error_code(body).as_str()),
+        (b'E', "57P01"),
+        "{msgs:?}"
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), silent.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the silent socket was kept open");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_in_transaction_client_is_cut_and_rolled_back() {
     let env = common::start_with(ClusterOptions::default(), |c| {

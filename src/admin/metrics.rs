@@ -116,6 +116,7 @@ impl Collector for ProxyCollector {
                 ("active", s.clients.active),
                 ("waiting", s.clients.waiting),
                 ("idle", s.clients.idle),
+                ("logging_in", s.clients.logging_in as usize),
             ]
             .map(|(state, n)| (vec![("state", state.to_string())], n as f64)),
         )?;

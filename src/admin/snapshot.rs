@@ -42,6 +42,9 @@ pub struct ClientCounts {
     pub waiting: usize,
     /// Holding nothing.
     pub idle: usize,
+    /// Connections accepted that have not logged in yet (they count against
+    /// `server.max_client_connections` too).
+    pub logging_in: u64,
     /// Connections accepted since start.
     pub accepted_total: u64,
 }
@@ -382,6 +385,10 @@ impl Snapshot {
                 active,
                 waiting,
                 idle,
+                logging_in: stats
+                    .clients_open
+                    .load(Ordering::Relaxed)
+                    .saturating_sub((idle + waiting + active) as u64),
                 accepted_total: stats.clients_total.load(Ordering::Relaxed),
             },
             backends,

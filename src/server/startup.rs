@@ -33,6 +33,20 @@ fn wants_replication(value: &str) -> bool {
     !off
 }
 
+/// Waits on the client before it has logged in: at most until the login deadline, and not
+/// past the start of a shutdown, which a socket that has not logged in must not hold up.
+async fn before_login<T>(
+    shared: &Shared,
+    deadline: tokio::time::Instant,
+    step: impl Future<Output = T>,
+) -> Result<T, SessionError> {
+    tokio::select! {
+        done = step => Ok(done),
+        () = tokio::time::sleep_until(deadline) => Err(SessionError::LoginTimeout),
+        () = shared.shutdown.cancelled() => Err(SessionError::Shutdown),
+    }
+}
+
 async fn refuse(t: &mut Transport<Stream>, e: &SessionError) {
     t.queue(&protocol::error_response(
         "FATAL",
@@ -60,11 +74,9 @@ pub(super) async fn handle_client(
     // SSLRequest and the other way round, but a repeated request is a protocol error.
     let (mut ssl_done, mut gss_done) = (false, false);
     let (minor, params) = loop {
-        let startup = tokio::time::timeout_at(login_deadline, t.read_startup()).await;
-        let Ok(startup) = startup else {
-            // Like PostgreSQL before a startup packet: close without a word.
-            return Err(SessionError::LoginTimeout);
-        };
+        let startup = before_login(shared, login_deadline, t.read_startup()).await;
+        // Like PostgreSQL before a startup packet: close without a word.
+        let startup = startup?;
         // The request codes, read as protocol versions, are 1234.5679 and 1234.5680.
         let repeated = match startup {
             Ok(Some(StartupMessage::SslRequest)) => {
@@ -113,9 +125,8 @@ pub(super) async fn handle_client(
                 let Stream::Plain(tcp) = stream else {
                     return Ok(());
                 };
-                let tls = tokio::time::timeout_at(login_deadline, acceptor.accept(tcp))
-                    .await
-                    .map_err(|_| SessionError::LoginTimeout)?
+                let tls = before_login(shared, login_deadline, acceptor.accept(tcp))
+                    .await?
                     .map_err(SessionError::ClientIo)?;
                 t = Transport::new(
                     Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))),
@@ -192,9 +203,13 @@ pub(super) async fn handle_client(
         refuse(&mut t, &e).await;
         return Err(e);
     }
-    let authenticated =
-        tokio::time::timeout_at(login_deadline, shared.auth.authenticate(&mut t, &user)).await;
-    if let Err(e) = authenticated.unwrap_or(Err(SessionError::LoginTimeout)) {
+    let authenticated = before_login(
+        shared,
+        login_deadline,
+        shared.auth.authenticate(&mut t, &user),
+    )
+    .await;
+    if let Err(e) = authenticated.and_then(|a| a) {
         if !e.is_client_gone() {
             refuse(&mut t, &e).await;
         }
