@@ -72,6 +72,29 @@ impl BackendError {
             BackendError::Connect { .. } | BackendError::ConnectTimeout { .. }
         )
     }
+
+    /// Whether the server refused this login for reasons of the login alone (its database or
+    /// role missing, its password or its `CONNECT` privilege), not because the server is
+    /// unusable: other logins there work. On a replica this is usually a database or role
+    /// created on the primary that the replica has not replayed yet.
+    pub fn is_login_refusal(&self) -> bool {
+        let BackendError::Login { code, .. } = self else {
+            return false;
+        };
+        matches!(
+            code.as_str(),
+            // invalid_catalog_name: the database does not exist.
+            "3D000"
+            // invalid_authorization_specification: the role does not exist, or no hba entry.
+            | "28000"
+            // invalid_password: also what password auth says of a role it does not know.
+            | "28P01"
+            // insufficient_privilege: no CONNECT privilege, or a role that may not log in.
+            | "42501"
+            // object_not_in_prerequisite_state: the database does not accept connections.
+            | "55000"
+        )
+    }
 }
 
 /// Failures to obtain a backend connection from a pool.
@@ -128,6 +151,10 @@ pub enum SessionError {
     Backend(#[from] BackendError),
     #[error("no replica is available for reads and routing.fallback is \"error\"")]
     NoReplica,
+    /// Every replica this read could use refused it (its login, or the connection), and
+    /// `routing.fallback` is `error`: the causes, one per replica.
+    #[error("no replica could serve this read and routing.fallback is \"error\": {0}")]
+    ReplicasRefused(String),
     #[error("{0}")]
     Unsupported(String),
     #[error("the proxy is shutting down")]
@@ -185,7 +212,7 @@ impl SessionError {
             SessionError::Pool(PoolError::Backend(e)) | SessionError::Backend(e) => {
                 backend_sqlstate(e)
             }
-            SessionError::NoReplica => CANNOT_CONNECT_NOW,
+            SessionError::NoReplica | SessionError::ReplicasRefused(_) => CANNOT_CONNECT_NOW,
             SessionError::Unsupported(_) => FEATURE_NOT_SUPPORTED,
             SessionError::Shutdown => ADMIN_SHUTDOWN,
             SessionError::IdleInTransactionTimeout => IDLE_IN_TRANSACTION_TIMEOUT,
@@ -238,6 +265,30 @@ impl From<TransportError> for SessionError {
 mod tests {
     use super::*;
 
+    fn login(code: &str) -> BackendError {
+        BackendError::Login {
+            node: "replica1".into(),
+            code: code.into(),
+            message: "refused".into(),
+        }
+    }
+
+    #[test]
+    fn only_refusals_of_one_login_spare_the_server() {
+        // A database or role the replica lacks, a password or privilege: that login only.
+        for code in ["3D000", "28000", "28P01", "42501", "55000"] {
+            assert!(login(code).is_login_refusal(), "{code}");
+        }
+        // Starting up, shutting down, full, or out of step: the server itself.
+        for code in ["57P03", "57P01", "53300", "08P01", "XX000", ""] {
+            assert!(!login(code).is_login_refusal(), "{code}");
+        }
+        let down = BackendError::ConnectTimeout {
+            node: "replica1".into(),
+        };
+        assert!(!down.is_login_refusal());
+    }
+
     #[test]
     fn each_error_has_a_deliberate_sqlstate() {
         let timeout = SessionError::Pool(PoolError::Timeout {
@@ -251,6 +302,10 @@ mod tests {
         let lost = SessionError::Backend(BackendError::ConnectTimeout { node: "r".into() });
         assert_eq!(lost.sqlstate(), "08006");
         assert_eq!(SessionError::NoReplica.sqlstate(), "57P03");
+        assert_eq!(
+            SessionError::ReplicasRefused("x".into()).sqlstate(),
+            "57P03"
+        );
         let slot = SessionError::Slot(SlotError::Timeout {
             server: "primary".into(),
             waited_ms: 5,

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::{Node, Role};
+use crate::cluster::{Cluster, Node, Role};
 use crate::config::Config;
-use crate::error::PoolError;
+use crate::error::{BackendError, PoolError};
 use crate::protocol::TxStatus;
 use queue::{AcquireError, Class, Permit, PermitQueue, QueueConfig};
 
@@ -67,6 +67,12 @@ pub struct Pool {
     /// Acquisitions that timed out.
     pub timeouts: AtomicU64,
     server_params: Mutex<Option<Vec<(String, String)>>>,
+    /// When the server last refused this login for reasons of the login alone (µs on the
+    /// cluster's clock, see [`Cluster::us_at`]); 0 when it has not, or is expected to accept it
+    /// again.
+    refused_at_us: AtomicU64,
+    /// What it said then.
+    refusal: Mutex<String>,
 }
 
 impl Pool {
@@ -87,7 +93,41 @@ impl Pool {
             open: AtomicUsize::new(0),
             timeouts: AtomicU64::new(0),
             server_params: Mutex::new(None),
+            refused_at_us: AtomicU64::new(0),
+            refusal: Mutex::new(String::new()),
         }
+    }
+
+    /// Remembers that the server refused this login for reasons of the login alone (see
+    /// [`BackendError::is_login_refusal`]), so reads stop trying it until it can know better.
+    pub fn note_refusal(&self, cluster: &Cluster, why: &BackendError) {
+        if let Ok(mut r) = self.refusal.lock() {
+            *r = why.to_string();
+        }
+        self.refused_at_us
+            .store(cluster.us_at(Instant::now()), Ordering::Release);
+    }
+
+    /// Why this replica is still expected to refuse this login: it has not yet replayed the
+    /// position the primary had after the refusal, which is past the creation of any
+    /// database, role or grant the primary knew of then. `None` once it has (the next
+    /// attempt then tells), or when it never refused.
+    pub fn refused(&self, cluster: &Cluster) -> Option<String> {
+        let at = self.refused_at_us.load(Ordering::Acquire);
+        if at == 0 {
+            return None;
+        }
+        let replayed = self.node.lsn.load(Ordering::Acquire);
+        if cluster
+            .derived_token_us(at)
+            .is_some_and(|past| replayed >= past)
+        {
+            let _ = self
+                .refused_at_us
+                .compare_exchange(at, 0, Ordering::AcqRel, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.refusal.lock().map(|r| r.clone()).unwrap_or_default())
     }
 
     /// Takes a connection, waiting in priority order at most the class's acquire timeout.

@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use super::{Expect, MAX_QUEUED_BYTES, Request, Session};
 use crate::cancel::CancelTarget;
 use crate::classify::{Classification, PinReason};
-use crate::config::PoolMode;
+use crate::cluster::Node;
+use crate::config::{Fallback, PoolMode};
 use crate::error::{PoolError, SessionError, SlotError};
 use crate::pool::Applied;
 use crate::pool::queue::Class;
@@ -120,7 +121,10 @@ impl Session {
         Ok(false)
     }
 
-    /// Routes and takes a backend; a replica that cannot be reached is banned and another tried.
+    /// Routes and takes a backend. A replica that cannot be reached is banned and another
+    /// tried; one that refuses this login alone (a database or role it has not replayed yet)
+    /// is left out for this login, not banned, until it has caught up. When none is left the
+    /// read takes the primary, or with `routing.fallback = "error"` fails naming the causes.
     pub(super) async fn acquire_for(
         &mut self,
         class: &Classification,
@@ -131,10 +135,17 @@ impl Session {
         let shared = Arc::clone(&self.shared);
         let cluster = &shared.cluster;
         let mut replicas = cluster.replicas_owned();
+        // The replicas this read may still use: all of them until one fails it.
+        let mut candidates = Arc::clone(&replicas);
+        // Replicas that failed this read (node id, why), left out of the next decisions.
+        let mut refused: Vec<(usize, String)> = Vec::new();
         // Settings the session started with (or the server reported) that keep it on one
         // backend: the primary, taken now, before anything is read wrongly elsewhere.
         let state_pin = self.state_pin();
-        for _ in 0..=replicas.len() {
+        // Each failed replica leaves the candidates, so this bound is only reached when
+        // reloads keep changing the replicas under the read.
+        let bound = replicas.len() + 2;
+        for attempt in 0..=bound {
             let decision = if force_primary {
                 Decision {
                     target: Target::Primary,
@@ -146,12 +157,23 @@ impl Session {
                     target: Target::Primary,
                     reason: Reason::SessionPin,
                 }
+            } else if attempt == bound {
+                if self.cfg.routing.fallback == Fallback::Error {
+                    return Err(no_replica(&refused));
+                }
+                Decision {
+                    target: Target::Primary,
+                    reason: Reason::NoReplica,
+                }
             } else {
-                self.decide(class, now, &replicas).await?
+                match self.decide(class, now, &candidates).await {
+                    Err(SessionError::NoReplica) => return Err(no_replica(&refused)),
+                    d => d?,
+                }
             };
             let node = match decision.target {
                 Target::Primary => cluster.primary(),
-                Target::Replica(i) => match replicas.get(i) {
+                Target::Replica(i) => match candidates.get(i) {
                     Some(n) => n,
                     None => cluster.primary(),
                 },
@@ -160,11 +182,13 @@ impl Session {
                 // A reload removed it (or it was promoted) while this read was routed: route
                 // again over the servers in force now.
                 replicas = cluster.replicas_owned();
+                candidates = without(&replicas, &refused);
                 continue;
             }
             let Some(pool) = shared.pools.get(node, &self.login) else {
                 if node.retired.load(Ordering::Acquire) {
                     replicas = cluster.replicas_owned();
+                    candidates = without(&replicas, &refused);
                     continue;
                 }
                 return Err(SessionError::AuthRejected(format!(
@@ -172,6 +196,14 @@ impl Session {
                     self.user
                 )));
             };
+            if decision.target != Target::Primary
+                && let Some(why) = pool.refused(cluster)
+            {
+                // It refused this login lately and has not replayed enough since to know it.
+                refused.push((node.id, why));
+                candidates = without(&replicas, &refused);
+                continue;
+            }
             self.info.set_waiting();
             let acquired = self
                 .wait_watching(std::pin::pin!(pool.acquire(prio)))
@@ -204,14 +236,49 @@ impl Session {
                     return Ok(());
                 }
                 Err(PoolError::Backend(e)) if decision.target != Target::Primary => {
-                    node.errors.fetch_add(1, Ordering::Relaxed);
-                    node.ban(e.to_string());
+                    if e.is_login_refusal() {
+                        // Other logins there work: the replica stays in use for them.
+                        pool.note_refusal(cluster, &e);
+                        tracing::info!(
+                            node = %node.name,
+                            error = %e,
+                            "replica refused this login; its reads go elsewhere until it catches up"
+                        );
+                    } else {
+                        node.errors.fetch_add(1, Ordering::Relaxed);
+                        node.ban(e.to_string());
+                    }
+                    refused.push((node.id, e.to_string()));
+                    candidates = without(&replicas, &refused);
                 }
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(SessionError::NoReplica)
+        Err(no_replica(&refused))
     }
+}
+
+/// The replicas less those that failed this read.
+fn without(replicas: &Arc<Vec<Arc<Node>>>, refused: &[(usize, String)]) -> Arc<Vec<Arc<Node>>> {
+    if refused.is_empty() {
+        return Arc::clone(replicas);
+    }
+    let left = replicas
+        .iter()
+        .filter(|n| refused.iter().all(|(id, _)| *id != n.id))
+        .cloned()
+        .collect();
+    Arc::new(left)
+}
+
+/// A read no replica can serve under `routing.fallback = "error"`, with what the replicas
+/// that failed it said.
+fn no_replica(refused: &[(usize, String)]) -> SessionError {
+    if refused.is_empty() {
+        return SessionError::NoReplica;
+    }
+    let causes: Vec<&str> = refused.iter().map(|(_, why)| why.as_str()).collect();
+    SessionError::ReplicasRefused(causes.join("; "))
 }
 
 impl Session {
