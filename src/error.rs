@@ -24,6 +24,7 @@ pub mod sqlstate {
     pub const INTERNAL_ERROR: &str = "XX000";
     pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
     pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+    pub const OBJECT_IN_USE: &str = "55006";
 }
 
 /// Failures talking to a PostgreSQL server.

@@ -127,3 +127,87 @@ async fn a_database_the_replicas_lack_is_read_on_the_primary_and_bans_nobody() {
     replicas_unharmed(&env.proxy);
     replicas_unharmed(&strict);
 }
+
+/// Uses database `db` through the proxy the way a test suite does, then leaves, and waits
+/// until the proxy has seen it go.
+async fn use_and_leave(env: &Env, db: &str) {
+    let c = common::connect(&conninfo_db(env, env.port(), db)).await;
+    c.batch_execute("CREATE TABLE IF NOT EXISTS t (id int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    c.query_one("SELECT count(*) FROM t", &[]).await.unwrap();
+    drop(c);
+    let clients = &env.proxy.shared.clients;
+    assert!(
+        common::eventually(5, || clients.list().iter().all(|c| c.database != db)).await,
+        "the proxy kept the client of {db}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_its_clients_left_can_be_cloned_renamed_and_dropped() {
+    let env = with_createdb("").await;
+    let app = env.client().await;
+    app.batch_execute("CREATE DATABASE scratch").await.unwrap();
+    use_and_leave(&env, "scratch").await;
+    let started = Instant::now();
+    // Django's parallel test runner clones the test database; teardown drops it.
+    app.batch_execute("CREATE DATABASE scratch_1 TEMPLATE scratch")
+        .await
+        .unwrap();
+    app.batch_execute("DROP DATABASE scratch_1").await.unwrap();
+    app.batch_execute("ALTER DATABASE scratch RENAME TO scratch_old")
+        .await
+        .unwrap();
+    use_and_leave(&env, "scratch_old").await;
+    app.batch_execute("DROP DATABASE scratch_old")
+        .await
+        .unwrap();
+    // None of them waited for a session to go (the server waits up to 5 s, then fails).
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+    // The pools to it are empty, and a client of it is told it is gone (by the primary: the
+    // replicas' refusals of it are theirs alone).
+    for pool in env.proxy.shared.pools.all() {
+        if pool.database().starts_with("scratch") {
+            assert_eq!(pool.open.load(Ordering::SeqCst), 0, "{}", pool.name);
+        }
+    }
+    let gone = common::connect(&conninfo_db(&env, env.port(), "scratch_old")).await;
+    let err = gone.query_one("SELECT 1", &[]).await.expect_err("dropped");
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("3D000"),
+        "{err}"
+    );
+    replicas_unharmed(&env.proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_a_client_is_using_cannot_be_dropped() {
+    let env = with_createdb("").await;
+    let app = env.client().await;
+    app.batch_execute("CREATE DATABASE busy").await.unwrap();
+    let user = common::connect(&conninfo_db(&env, env.port(), "busy")).await;
+    user.batch_execute("BEGIN; CREATE TABLE t (id int)")
+        .await
+        .unwrap();
+    let err = app
+        .batch_execute("DROP DATABASE busy")
+        .await
+        .expect_err("dropped a database inside a client's transaction");
+    let db = err.as_db_error().expect("the server's error");
+    assert_eq!(db.code().code(), "55006", "{}", db.message());
+    assert!(db.message().contains("is being accessed by other users"));
+    // The client's transaction was not disturbed.
+    user.batch_execute("INSERT INTO t VALUES (1); COMMIT")
+        .await
+        .unwrap();
+    drop(user);
+    let clients = &env.proxy.shared.clients;
+    assert!(common::eventually(5, || clients.list().iter().all(|c| c.database != "busy")).await);
+    app.batch_execute("DROP DATABASE busy").await.unwrap();
+}

@@ -9,6 +9,7 @@
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod databases;
 mod fast;
 mod functions;
 mod hints;
@@ -25,6 +26,7 @@ mod tests;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+pub use databases::exclusive_databases;
 pub use functions::FunctionCatalog;
 pub use objects::{CatalogFacts, Origin, ProcFact, RelationFact};
 pub use traits::TextTraits;

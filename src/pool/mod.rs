@@ -6,7 +6,7 @@ pub mod statements;
 
 pub use backend::{Applied, BackendConn, Login, STATEMENT_CACHE_CAPACITY};
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,6 +73,9 @@ pub struct Pool {
     refused_at_us: AtomicU64,
     /// What it said then.
     refusal: Mutex<String>,
+    /// Emptied for a statement that needs the database to itself (`DROP DATABASE`): not
+    /// refilled to `min_idle` until a client takes a connection again.
+    emptied: AtomicBool,
 }
 
 impl Pool {
@@ -95,6 +98,7 @@ impl Pool {
             server_params: Mutex::new(None),
             refused_at_us: AtomicU64::new(0),
             refusal: Mutex::new(String::new()),
+            emptied: AtomicBool::new(false),
         }
     }
 
@@ -153,6 +157,7 @@ impl Pool {
                 });
             }
         };
+        self.emptied.store(false, Ordering::Relaxed);
         let conn = match self.take_idle() {
             Some(c) => c,
             None => self.connect().await?,
@@ -283,6 +288,9 @@ impl Pool {
         };
         self.open.fetch_sub(expired.len(), Ordering::Relaxed);
         drop(expired);
+        if self.emptied.load(Ordering::Relaxed) {
+            return;
+        }
         // A pool shrunk by a reload below the min_idle it started with keeps its new size.
         let target = self.settings.min_idle.min(self.permits.permits());
         while self.open.load(Ordering::Relaxed) < target && self.node.is_usable() {
@@ -518,6 +526,32 @@ impl Pools {
                 pool.open.fetch_sub(n, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Closes the idle connections to `database` on every server, for a statement that needs
+    /// no other session connected to it (`DROP DATABASE`, say): to the server they are
+    /// sessions like any other. Leased connections, which clients are using, are left alone.
+    /// Returns how many were closed.
+    pub fn close_idle_of(&self, database: &str) -> usize {
+        let pools: Vec<Arc<Pool>> = self
+            .map
+            .iter()
+            .filter(|e| e.value().database() == database)
+            .map(|e| Arc::clone(e.value()))
+            .collect();
+        let mut closed = 0;
+        for pool in pools {
+            pool.emptied.store(true, Ordering::Relaxed);
+            let idle = match pool.idle.lock() {
+                Ok(mut idle) => std::mem::take(&mut *idle),
+                Err(_) => continue,
+            };
+            pool.open.fetch_sub(idle.len(), Ordering::Relaxed);
+            closed += idle.len();
+            // Dropped here: each server sees its socket close and ends that session.
+            drop(idle);
+        }
+        closed
     }
 
     /// Every pool, for stats.

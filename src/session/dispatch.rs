@@ -125,6 +125,15 @@ impl Session {
             return Ok(());
         }
         let fresh = self.lease.is_none();
+        if fresh
+            && class.access == Access::Write
+            && class.statements == 1
+            && class.tx == TxEffect::None
+            && self.status == TxStatus::Idle
+        {
+            // DROP DATABASE and the like: the pool's idle connections would make it fail.
+            self.free_databases_for(&req);
+        }
         let prio = priority_of(&class, &req, false);
         if fresh
             && let Err(e) = self

@@ -1,11 +1,41 @@
 //! Requests run again after an error the client never saw: a read a replica refused goes to
-//! the primary, a statement whose shared plan went stale after DDL is prepared afresh.
+//! the primary, a statement whose shared plan went stale after DDL is prepared afresh, a
+//! `DROP DATABASE` that met the proxy's own idle connections runs once they are closed.
 
 use super::{Expect, Request, Session};
 use crate::error::sqlstate;
 use crate::protocol;
 
 impl Session {
+    /// Closes the pooled idle connections to the databases `req` needs no other session
+    /// connected to (`DROP DATABASE x`, `CREATE DATABASE y TEMPLATE x`, `ALTER DATABASE x
+    /// RENAME`) once no client of the proxy is connected to them, as a server would then have
+    /// no session there. While one is, nothing is closed, so the statement fails as it would
+    /// on the server. Returns how many were closed.
+    pub(super) fn free_databases_for(&self, req: &Request) -> usize {
+        let mut texts = req.sql_texts();
+        let (Some(sql), None) = (texts.next(), texts.next()) else {
+            return 0;
+        };
+        let own = self.login.split_once('\0').map_or("", |(_, db)| db);
+        let mut closed = 0;
+        for db in crate::classify::exclusive_databases(sql) {
+            // The server refuses to drop the session's own database whatever the pools hold.
+            if db == own {
+                continue;
+            }
+            if self.shared.clients.list().iter().any(|c| c.database == db) {
+                continue;
+            }
+            let n = self.shared.pools.close_idle_of(&db);
+            if n > 0 {
+                tracing::debug!(database = %db, closed = n, "idle pooled connections closed for a statement that needs the database to itself");
+            }
+            closed += n;
+        }
+        closed
+    }
+
     /// Forgets the statement names a request about to run again created on its first run.
     pub(super) fn forget_created(&mut self, names: &[String]) {
         for n in names {
@@ -39,6 +69,15 @@ impl Session {
                 let mut req = f.request.clone();
                 req.force_primary = true;
                 req
+            } else if fields.code == sqlstate::OBJECT_IN_USE
+                && !from_replica
+                && f.rerunnable
+                && f.request.ends_with_ready()
+                && self.free_databases_for(&f.request) > 0
+            {
+                // Idle connections went back to the pool between the ones closed before the
+                // statement and its run: closed now, the statement runs again, once.
+                f.request.clone()
             } else if fields.code == sqlstate::FEATURE_NOT_SUPPORTED
                 && fields
                     .message
