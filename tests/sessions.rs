@@ -1199,3 +1199,63 @@ async fn session_pooling_never_hands_on_session_state() {
         "0"
     );
 }
+
+/// In session pooling the next client on a connection finds it as a fresh server connection
+/// would be: no `currval`/`lastval` of the previous client's sequences, none of its prepared
+/// statements, and the statements it prepares itself work at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_pooling_hands_on_a_connection_as_fresh() {
+    let env = common::start_with(Default::default(), |cfg| {
+        *cfg = cfg.replace(
+            "[primary]",
+            "[pool]\nmode = \"session\"\nprimary_max = 1\n\n[primary]",
+        );
+    })
+    .await;
+    let a = env.client().await;
+    let pid = first_value(&a, "SELECT pg_backend_pid()").await;
+    a.batch_execute("CREATE SEQUENCE handed_on").await.unwrap();
+    assert_eq!(first_value(&a, "SELECT nextval('handed_on')").await, "1");
+    assert_eq!(first_value(&a, "SELECT lastval()").await, "1");
+    // A statement the proxy prepares on the connection for this client.
+    let n: i32 = a
+        .query_one("SELECT $1::int + 1", &[&1i32])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    drop(a);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let b = env.client().await;
+    assert_eq!(
+        first_value(&b, "SELECT pg_backend_pid()").await,
+        pid,
+        "B was meant to get A's connection"
+    );
+    for sql in ["SELECT currval('handed_on')", "SELECT lastval()"] {
+        let e = b.simple_query(sql).await.unwrap_err();
+        assert_eq!(
+            e.as_db_error().map(|d| d.code()),
+            Some(&tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE),
+            "{sql}: {e}"
+        );
+    }
+    // A's statement is gone (the proxy's own `causeway_token` may be there, for B).
+    assert_eq!(
+        first_value(
+            &b,
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%$1::int + 1'"
+        )
+        .await,
+        "0"
+    );
+    let n: i32 = b
+        .query_one("SELECT $1::int + 1", &[&2i32])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3);
+    assert_eq!(first_value(&b, "SELECT nextval('handed_on')").await, "2");
+    assert_eq!(first_value(&b, "SELECT currval('handed_on')").await, "2");
+}

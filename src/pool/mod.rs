@@ -167,6 +167,7 @@ impl Pool {
             conn: Some(conn),
             pool: Arc::clone(self),
             permit: Some(permit),
+            session_ended: false,
         })
     }
 
@@ -321,6 +322,9 @@ pub struct Lease {
     conn: Option<Box<BackendConn>>,
     pool: Arc<Pool>,
     permit: Option<Permit>,
+    /// A client's whole session ran on this connection (session pooling), see
+    /// [`Lease::end_session`].
+    session_ended: bool,
 }
 
 impl Lease {
@@ -347,6 +351,15 @@ impl Lease {
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
     }
+
+    /// The client whose whole session ran here has left (session pooling): before anyone else
+    /// gets the connection, `DISCARD ALL` takes away what its session left that a new server
+    /// connection would not have, including what the proxy does not follow (sequences'
+    /// `currval`/`lastval`, cached plans, settings changed where it could not see). The proxy's
+    /// own prepared statements go with it, so the connection forgets them too.
+    pub fn end_session(&mut self) {
+        self.session_ended = true;
+    }
 }
 
 impl Drop for Lease {
@@ -364,13 +377,15 @@ impl Drop for Lease {
             pool.open.fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        if !discard && conn.status == TxStatus::Idle {
+        let session_ended = self.session_ended;
+        if !discard && conn.status == TxStatus::Idle && !session_ended {
             pool.put_idle(conn);
             return;
         }
-        // Left inside a transaction (client vanished), or with a statement still running: the
-        // connection keeps its place in the pool (its permit, its count) until it is clean or
-        // really gone, so the pool never has more backends than its size.
+        // Left inside a transaction (client vanished), at the end of a session, or with a
+        // statement still running: the connection keeps its place in the pool (its permit, its
+        // count) until it is clean or really gone, so the pool never has more backends than its
+        // size.
         let permit = self.permit.take();
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             pool.open.fetch_sub(1, Ordering::Relaxed);
@@ -383,9 +398,9 @@ impl Drop for Lease {
                 drop(permit);
                 return;
             }
-            let reset =
-                tokio::time::timeout(pool.settings.reset_timeout, conn.simple_query("ROLLBACK"));
-            match reset.await {
+            let cleaned =
+                tokio::time::timeout(pool.settings.reset_timeout, clean(&mut conn, session_ended));
+            match cleaned.await {
                 Ok(Ok(())) if conn.status == TxStatus::Idle => {
                     pool.put_idle(conn);
                 }
@@ -396,6 +411,25 @@ impl Drop for Lease {
             drop(permit);
         });
     }
+}
+
+/// Rolls back what a client left open and, when its session ended here, makes the
+/// connection what a new one would be (see [`Lease::end_session`]).
+async fn clean(
+    conn: &mut BackendConn,
+    session_ended: bool,
+) -> Result<(), crate::error::BackendError> {
+    if conn.status != TxStatus::Idle {
+        conn.simple_query("ROLLBACK").await?;
+    }
+    if session_ended && conn.status == TxStatus::Idle {
+        // Sent on its own: DISCARD ALL refuses to run inside a transaction block, and a
+        // string of several statements is one.
+        conn.simple_query("DISCARD ALL").await?;
+        conn.statements.clear();
+        conn.set_applied(Applied::default());
+    }
+    Ok(())
 }
 
 impl Pool {

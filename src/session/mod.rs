@@ -498,10 +498,10 @@ impl Session {
             lease.conn().broken = true;
         }
         if ending && self.cfg.pool.mode == PoolMode::Session {
-            // Settings the proxy did not follow (a search_path listing pg_temp,
-            // standard_conforming_strings off, a SET among other statements) are reset before
-            // anyone else uses the connection.
-            lease.conn().set_applied(crate::pool::Applied::UNKNOWN);
+            // The next client must find what a new server connection has: no settings the
+            // proxy did not follow (a search_path listing pg_temp, standard_conforming_strings
+            // off, a SET among other statements), no currval or lastval of this one's.
+            lease.end_session();
         }
         if ending && lease.conn().status != TxStatus::Idle {
             tracing::debug!(node = %lease.node().name, "client left inside a transaction; rolling back");
