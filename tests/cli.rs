@@ -552,8 +552,17 @@ fn servers_in(dir: &Path) -> Vec<String> {
 
 #[test]
 fn demo_takes_a_free_admin_port_when_9930_is_taken() {
-    // Busy either way: held here, or by someone else.
-    let _held = std::net::TcpListener::bind("127.0.0.1:9930");
+    // Held here: another test's demo may hold it now, but only until that demo stops, and
+    // the port must stay busy while this one starts.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let _held = loop {
+        match std::net::TcpListener::bind("127.0.0.1:9930") {
+            Ok(l) => break Some(l),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            // Someone outside the tests keeps it: busy all the same.
+            Err(_) => break None,
+        }
+    };
     let mut demo = Spawned::demo();
     let admin = demo.wait_for("admin     http", 120);
     let ready = demo.wait_for("Ctrl-C stops", 5);
