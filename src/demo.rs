@@ -1,17 +1,70 @@
 //! `causeway demo`: a throwaway primary with two streaming replicas, started from the machine's
 //! PostgreSQL binaries, with the proxy in front; Ctrl-C, SIGTERM or SIGHUP stops and removes
-//! everything, even while the cluster is still starting.
+//! everything, even while the cluster is still starting. The user's settings (a file given with
+//! `-c`, `CAUSEWAY__…` variables) go over the demo's own configuration.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError, Overlay};
 use crate::launcher::{ClusterOptions, LocalCluster};
 use crate::server::Running;
 
 /// The demo's admin endpoint, as the README gives it.
 const ADMIN: &str = "127.0.0.1:9930";
+
+/// The demo's client endpoint when `--port` is not given and no setting names one.
+const LISTEN: &str = "127.0.0.1:6432";
+
+/// Keys the demo sets itself, whatever the user's settings say.
+const OWNED: &[&str] = &["primary", "replicas", "users"];
+
+/// Why [`OWNED`] keys are refused.
+const OWNED_REASON: &str = "the demo starts its own primary and replicas, whose one login is `app`";
+
+/// What the demo runs with: the user's settings over its own, and the client port given with
+/// `--port`.
+pub struct Settings {
+    overlay: Overlay,
+    port: Option<u16>,
+}
+
+impl Settings {
+    /// Reads the file at `path` (when given) and the `CAUSEWAY__…` variables, refuses the keys
+    /// the demo sets itself (and `server.listen` when `port` is given), and checks the rest
+    /// against a stand-in cluster, so a mistake stops the demo before any server starts. The
+    /// configuration checked is returned too: its logging and worker threads apply from the
+    /// start.
+    pub fn load(path: Option<&Path>, port: Option<u16>) -> Result<(Settings, Config), ConfigError> {
+        let overlay = Overlay::read(path)?;
+        overlay.refuse(OWNED, OWNED_REASON)?;
+        if port.is_some() {
+            overlay.refuse(
+                &["server.listen"],
+                "`--port` names the demo's client endpoint",
+            )?;
+        }
+        let settings = Settings { overlay, port };
+        let stand_in = addresses(
+            ("127.0.0.1", 1),
+            &[("replica1", "127.0.0.1", 2), ("replica2", "127.0.0.1", 3)],
+        );
+        let checked = settings.config(&stand_in, ADMIN)?;
+        Ok((settings, checked))
+    }
+
+    /// The proxy's configuration for servers at `addresses` (see [`addresses`]).
+    fn config(&self, addresses: &str, admin: &str) -> Result<Config, ConfigError> {
+        let listen = match self.port {
+            Some(port) => format!("127.0.0.1:{port}"),
+            None => LISTEN.to_string(),
+        };
+        self.overlay
+            .over(&format!("{}{addresses}", general(&listen, admin)))
+    }
+}
 
 /// The proxy configuration for a local cluster (the same one the tests use). The admin
 /// endpoint listens on 127.0.0.1:9930, or on a free port when `listen` asks for one (`:0`).
@@ -25,7 +78,12 @@ pub fn config_for(cluster: &LocalCluster, listen: &str) -> String {
 }
 
 fn config_with_admin(cluster: &LocalCluster, listen: &str, admin: &str) -> String {
-    let mut text = format!(
+    format!("{}{}", general(listen, admin), cluster_addresses(cluster))
+}
+
+/// Everything but the servers' addresses.
+fn general(listen: &str, admin: &str) -> String {
+    format!(
         r#"
 [server]
 listen = "{listen}"
@@ -40,17 +98,29 @@ method = "scram-sha-256"
 [[users]]
 name = "app"
 password = "app-secret"
+"#
+    )
+}
 
-[primary]
-host = "{}"
-port = {}
-"#,
-        cluster.primary.host, cluster.primary.port
+fn cluster_addresses(cluster: &LocalCluster) -> String {
+    let replicas: Vec<(&str, &str, u16)> = cluster
+        .replicas
+        .iter()
+        .map(|r| (r.name.as_str(), r.host.as_str(), r.port))
+        .collect();
+    addresses((&cluster.primary.host, cluster.primary.port), &replicas)
+}
+
+/// The `[primary]` and `[[replicas]]` tables for a primary at (host, port) and replicas at
+/// (name, host, port).
+fn addresses(primary: (&str, u16), replicas: &[(&str, &str, u16)]) -> String {
+    let mut text = format!(
+        "\n[primary]\nhost = \"{}\"\nport = {}\n",
+        primary.0, primary.1
     );
-    for r in &cluster.replicas {
+    for (name, host, port) in replicas {
         text.push_str(&format!(
-            "\n[[replicas]]\nname = \"{}\"\nhost = \"{}\"\nport = {}\nweight = 1\n",
-            r.name, r.host, r.port
+            "\n[[replicas]]\nname = \"{name}\"\nhost = \"{host}\"\nport = {port}\nweight = 1\n"
         ));
     }
     text
@@ -60,7 +130,7 @@ port = {}
 /// proxy and removes the cluster. The signals are caught from the start: one that arrives while
 /// the cluster is starting lets the start finish, or fail and clean up after itself, and then
 /// removes whatever it made.
-pub async fn run(port: u16) -> Result<(), String> {
+pub async fn run(settings: Settings) -> Result<(), String> {
     let mut stop = StopSignals::new().map_err(|e| format!("cannot catch signals: {e}"))?;
     eprintln!("starting a PostgreSQL primary and two streaming replicas...");
     let mut starting =
@@ -79,7 +149,7 @@ pub async fn run(port: u16) -> Result<(), String> {
     let cluster = started
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("cannot start the demo cluster: {e}"))?;
-    let running = match serve(&cluster, port).await {
+    let running = match serve(&cluster, &settings).await {
         Ok(running) => running,
         Err(e) => {
             remove(cluster).await?;
@@ -93,19 +163,24 @@ pub async fn run(port: u16) -> Result<(), String> {
     remove(cluster).await
 }
 
-/// The proxy in front of `cluster`, its clients on `port`.
-async fn serve(cluster: &LocalCluster, port: u16) -> Result<Running, String> {
-    // Another program on 9930 (another demo, say) leaves the dashboard a free port instead.
-    let admin = match std::net::TcpListener::bind(ADMIN) {
-        Ok(_) => ADMIN,
-        Err(_) => {
-            eprintln!("{ADMIN} is in use; the admin endpoint takes a free port");
-            "127.0.0.1:0"
+/// The proxy in front of `cluster`, with the user's settings.
+async fn serve(cluster: &LocalCluster, settings: &Settings) -> Result<Running, String> {
+    // Another program on 9930 (another demo, say) leaves the dashboard a free port instead,
+    // unless the user named the admin endpoint.
+    let admin = if settings.overlay.sets("server.admin_listen") {
+        ADMIN
+    } else {
+        match std::net::TcpListener::bind(ADMIN) {
+            Ok(_) => ADMIN,
+            Err(_) => {
+                eprintln!("{ADMIN} is in use; the admin endpoint takes a free port");
+                "127.0.0.1:0"
+            }
         }
     };
-    let listen = format!("127.0.0.1:{port}");
-    let cfg = Config::from_toml(&config_with_admin(cluster, &listen, admin))
-        .map_err(|e| e.to_string())?;
+    let cfg = settings
+        .config(&cluster_addresses(cluster), admin)
+        .map_err(|e| format!("invalid configuration: {e}"))?;
     crate::server::start(Arc::new(cfg))
         .await
         .map_err(|e| format!("cannot start the proxy: {e}"))

@@ -15,9 +15,10 @@ use causeway::config::{Config, LogFormat, LoggingConfig};
     about = "Read-replica-aware PostgreSQL proxy"
 )]
 struct Cli {
-    /// Configuration file (TOML); `CAUSEWAY__SECTION__KEY` variables override it.
-    #[arg(long, short, global = true, default_value = "proxy.toml")]
-    config: PathBuf,
+    /// Configuration file (TOML) [default: proxy.toml; the demo reads one only when given];
+    /// `CAUSEWAY__SECTION__KEY` variables override it.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -28,34 +29,45 @@ enum Command {
     Check,
     /// Start a throwaway primary with two streaming replicas and the proxy in front of them.
     Demo {
-        /// Client-facing port of the proxy.
-        #[arg(long, default_value_t = 6432)]
-        port: u16,
+        /// Client-facing port of the proxy [default: 6432, or the configuration's
+        /// `server.listen`].
+        #[arg(long)]
+        port: Option<u16>,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("proxy.toml"));
     match cli.command {
-        Some(Command::Check) => match Config::load(&cli.config) {
+        Some(Command::Check) => match Config::load(&path) {
             Ok(cfg) => {
                 print!("{}", cfg.effective_toml());
-                eprintln!("configuration OK: {}", cli.config.display());
+                eprintln!("configuration OK: {}", path.display());
                 ExitCode::SUCCESS
             }
-            Err(e) => config_error(&cli.config, &e),
+            Err(e) => config_error(&path, &e),
         },
         Some(Command::Demo { port }) => {
-            init_tracing(&LoggingConfig::default());
-            run_async(0, causeway::demo::run(port))
-        }
-        None => {
-            let cfg = match Config::load(&cli.config) {
-                Ok(c) => Arc::new(c),
-                Err(e) => return config_error(&cli.config, &e),
+            // Without `-c` the demo runs as shipped (plus any variables): a proxy.toml in the
+            // current directory describes other servers, not the demo's.
+            let (settings, cfg) = match causeway::demo::Settings::load(cli.config.as_deref(), port)
+            {
+                Ok(s) => s,
+                Err(e) => return demo_config_error(cli.config.as_deref(), &e),
             };
             init_tracing(&cfg.logging);
-            let path = cli.config.clone();
+            run_async(cfg.server.worker_threads, causeway::demo::run(settings))
+        }
+        None => {
+            let cfg = match Config::load(&path) {
+                Ok(c) => Arc::new(c),
+                Err(e) => return config_error(&path, &e),
+            };
+            init_tracing(&cfg.logging);
             run_async(cfg.server.worker_threads, async move {
                 causeway::server::run(cfg, path)
                     .await
@@ -72,6 +84,20 @@ fn config_error(path: &std::path::Path, e: &causeway::config::ConfigError) -> Ex
         _ => eprintln!("causeway: invalid configuration {}: {e}", path.display()),
     }
     ExitCode::from(2)
+}
+
+/// [`config_error`] for the demo, which may have no file: the variables alone can be wrong.
+fn demo_config_error(
+    path: Option<&std::path::Path>,
+    e: &causeway::config::ConfigError,
+) -> ExitCode {
+    match path {
+        Some(path) => config_error(path, e),
+        None => {
+            eprintln!("causeway: invalid demo configuration: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// Runs `fut` on a runtime with `workers` threads; 0 picks [`auto_workers`]. One thread is

@@ -686,3 +686,96 @@ async fn a_second_stop_signal_cuts_the_grace_period_short() {
     let err = client.simple_query("SELECT 1").await.unwrap_err();
     assert!(err.is_closed() || err.code().is_some(), "{err}");
 }
+
+/// The demo runs with the user's settings over its own: a file given with `-c` (after `demo`
+/// here) and `CAUSEWAY__…` variables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_applies_the_given_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("demo.toml");
+    std::fs::write(
+        &path,
+        "[server]\nadmin_listen = \"127.0.0.1:0\"\n\n[pool]\nprimary_max = 3\n\n\
+         [routing]\nreplica_strategy = \"round_robin\"\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_causeway"));
+    cmd.args(["demo", "--port", &port.to_string(), "-c"])
+        .arg(&path)
+        .env("CAUSEWAY__POOL__REPLICA_MAX", "4")
+        .env_remove("CAUSEWAY_LOG");
+    let mut demo = Spawned::spawn(cmd);
+    let ready = tokio::task::block_in_place(|| demo.wait_for("Ctrl-C stops", 120));
+    assert!(ready.is_some(), "never ready:\n{}", demo.seen.join("\n"));
+    let conninfo =
+        format!("host=127.0.0.1 port={port} user=app password=app-secret dbname=causeway");
+    let (console, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let rows = console.simple_query("SHOW CONFIG").await.unwrap();
+    let setting = |key: &str| {
+        rows.iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some(key) => {
+                    r.get(1).map(str::to_string)
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no {key} in SHOW CONFIG"))
+    };
+    assert_eq!(setting("pool.primary_max"), "3");
+    assert_eq!(setting("pool.replica_max"), "4");
+    assert_eq!(setting("routing.replica_strategy"), "round_robin");
+    assert_eq!(setting("server.listen"), format!("127.0.0.1:{port}"));
+    assert_eq!(setting("server.admin_listen"), "127.0.0.1:0");
+}
+
+/// What the demo cannot use is refused by name before any server starts: an unknown key, and
+/// the keys it sets itself (its servers' addresses, its login, the endpoint `--port` names).
+#[test]
+fn demo_refuses_settings_it_cannot_use() {
+    // (file, variables, what the message names)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: [Case; 4] = [
+        ("[pool]\nprimary_mx = 3\n", &[], &["pool.primary_mx"]),
+        (
+            "[primary]\nport = 5999\n\n[[replicas]]\nname = \"r\"\nhost = \"127.0.0.1\"\nport = 5998\n",
+            &[],
+            &["`primary`", "`replicas`", "demo"],
+        ),
+        (
+            "[pool]\nprimary_max = 3\n",
+            &[("CAUSEWAY__PRIMARY__HOST", "db.example")],
+            &["CAUSEWAY__PRIMARY__HOST", "demo"],
+        ),
+        (
+            "[server]\nlisten = \"127.0.0.1:7000\"\n",
+            &[],
+            &["`server.listen`", "--port"],
+        ),
+    ];
+    for (text, env, named) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("demo.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_causeway"));
+        cmd.arg("-c")
+            .arg(&path)
+            .args(["demo", "--port", &free_port().to_string()])
+            .env_remove("CAUSEWAY_LOG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut demo = Spawned::spawn(cmd);
+        let status = demo.wait_exit(30);
+        demo.wait_for("never printed", 1);
+        let seen = demo.seen.join("\n");
+        assert_eq!(status.and_then(|s| s.code()), Some(2), "{text}\n{seen}");
+        for part in named {
+            assert!(seen.contains(part), "{part} not named for {text}:\n{seen}");
+        }
+        assert!(!seen.contains("starting a PostgreSQL"), "{text}\n{seen}");
+    }
+}

@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod overlay;
 mod sections;
 mod source;
 
+pub use overlay::Overlay;
 pub use sections::*;
 
 /// A configuration that could not be loaded or failed validation; the message names the key.
@@ -38,6 +40,45 @@ pub enum ConfigError {
     /// A value is present but impossible.
     #[error("invalid value for `{key}`: {message}")]
     Invalid { key: String, message: String },
+    /// Keys the command sets itself (the demo's servers), which the user may not.
+    #[error("{} cannot be set: {reason}", keys.join(", "))]
+    Reserved {
+        /// Each key as given, with the variable it came from when not the file.
+        keys: Vec<String>,
+        reason: String,
+    },
+}
+
+/// The text of the configuration file at `path`.
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            ConfigError::Missing(path.to_path_buf())
+        } else {
+            ConfigError::Unreadable {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })
+}
+
+/// The environment's `CAUSEWAY__…` variables, as (name, value).
+fn env_vars() -> Result<Vec<(String, String)>, ConfigError> {
+    let mut vars = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Ok(name) = name.into_string() else {
+            continue;
+        };
+        if !name.to_ascii_lowercase().starts_with(source::ENV_PREFIX) {
+            continue;
+        }
+        let value = value
+            .into_string()
+            .map_err(|_| ConfigError::Load(format!("{name} is not valid UTF-8")))?;
+        vars.push((name, value));
+    }
+    Ok(vars)
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -79,30 +120,7 @@ pub struct Config {
 impl Config {
     /// Loads `path` (TOML) and applies `CAUSEWAY__…` environment overrides, then validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                ConfigError::Missing(path.to_path_buf())
-            } else {
-                ConfigError::Unreadable {
-                    path: path.to_path_buf(),
-                    source,
-                }
-            }
-        })?;
-        let mut vars = Vec::new();
-        for (name, value) in std::env::vars_os() {
-            let Ok(name) = name.into_string() else {
-                continue;
-            };
-            if !name.to_ascii_lowercase().starts_with(source::ENV_PREFIX) {
-                continue;
-            }
-            let value = value
-                .into_string()
-                .map_err(|_| ConfigError::Load(format!("{name} is not valid UTF-8")))?;
-            vars.push((name, value));
-        }
-        let cfg = Self::build(&text, vars)?;
+        let cfg = Self::build(&read_text(path)?, env_vars()?)?;
         cfg.check_paths()?;
         Ok(cfg)
     }
@@ -120,6 +138,14 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let table: toml::Table =
             toml::from_str(text).map_err(|e| ConfigError::Load(e.to_string()))?;
+        Self::from_table(table, vars)
+    }
+
+    /// [`Self::build`] from TOML already parsed.
+    fn from_table(
+        table: toml::Table,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         let mut tree = source::Node::from_file(table);
         tree.override_from(vars).map_err(ConfigError::Load)?;
         let cfg: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
