@@ -157,27 +157,63 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// TLS material that cannot be used: the message names the key and its file.
+#[derive(Debug, thiserror::Error)]
+#[error("{key} {message}")]
+pub struct TlsError {
+    /// The `[tls]` key at fault, e.g. `tls.key_file`.
+    pub key: &'static str,
+    pub message: String,
+}
+
+fn tls_error(key: &'static str, message: impl Into<String>) -> TlsError {
+    TlsError {
+        key,
+        message: message.into(),
+    }
+}
+
 impl Tls {
-    /// Loads certificates and keys named in the configuration.
-    pub fn from_config(cfg: &Config) -> Result<Tls, String> {
+    /// Loads certificates and keys named in the configuration. `causeway check` and start-up
+    /// both load them this way, so a file check accepts is one start-up can use.
+    pub fn from_config(cfg: &Config) -> Result<Tls, TlsError> {
         let t = &cfg.tls;
         let acceptor = if t.client_mode == ClientTls::Disable {
             None
         } else {
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert_file)
                 .and_then(|i| i.collect::<Result<_, _>>())
-                .map_err(|e| format!("tls.cert_file {}: {e}", t.cert_file))?;
+                .map_err(|e| tls_error("tls.cert_file", format!("{}: {e}", t.cert_file)))?;
             if certs.is_empty() {
-                return Err(format!("tls.cert_file {}: no certificate", t.cert_file));
+                return Err(tls_error(
+                    "tls.cert_file",
+                    format!("{}: no PEM certificate in the file", t.cert_file),
+                ));
             }
-            let key = PrivateKeyDer::from_pem_file(&t.key_file)
-                .map_err(|e| format!("tls.key_file {}: {e}", t.key_file))?;
+            let key = PrivateKeyDer::from_pem_file(&t.key_file).map_err(|e| {
+                tls_error(
+                    "tls.key_file",
+                    format!("{}: no PEM private key in the file ({e})", t.key_file),
+                )
+            })?;
             let server = ServerConfig::builder_with_provider(provider())
                 .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
+                .map_err(|e| tls_error("tls.cert_file", e.to_string()))?
                 .with_no_client_auth()
                 .with_single_cert(certs, key)
-                .map_err(|e| format!("tls.cert_file/key_file: {e}"))?;
+                .map_err(|e| match e {
+                    rustls::Error::InconsistentKeys(_) => tls_error(
+                        "tls.key_file",
+                        format!(
+                            "{}: the key does not belong to the certificate in {}",
+                            t.key_file, t.cert_file
+                        ),
+                    ),
+                    e => tls_error(
+                        "tls.cert_file",
+                        format!("{} with {}: {e}", t.cert_file, t.key_file),
+                    ),
+                })?;
             Some(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
         };
         let backend = match t.backend_mode {
@@ -185,7 +221,7 @@ impl Tls {
             BackendTls::Prefer | BackendTls::Require => {
                 let c = ClientConfig::builder_with_provider(provider())
                     .with_safe_default_protocol_versions()
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| tls_error("tls.backend_mode", e.to_string()))?
                     .dangerous()
                     .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider())))
                     .with_no_client_auth();
@@ -196,15 +232,23 @@ impl Tls {
                 let cas: Vec<CertificateDer<'static>> =
                     CertificateDer::pem_file_iter(&t.backend_ca_file)
                         .and_then(|i| i.collect::<Result<_, _>>())
-                        .map_err(|e| format!("tls.backend_ca_file {}: {e}", t.backend_ca_file))?;
+                        .map_err(|e| {
+                            tls_error("tls.backend_ca_file", format!("{}: {e}", t.backend_ca_file))
+                        })?;
+                if cas.is_empty() {
+                    return Err(tls_error(
+                        "tls.backend_ca_file",
+                        format!("{}: no PEM certificate in the file", t.backend_ca_file),
+                    ));
+                }
                 for ca in cas {
-                    roots
-                        .add(ca)
-                        .map_err(|e| format!("tls.backend_ca_file {}: {e}", t.backend_ca_file))?;
+                    roots.add(ca).map_err(|e| {
+                        tls_error("tls.backend_ca_file", format!("{}: {e}", t.backend_ca_file))
+                    })?;
                 }
                 let c = ClientConfig::builder_with_provider(provider())
                     .with_safe_default_protocol_versions()
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| tls_error("tls.backend_mode", e.to_string()))?
                     .with_root_certificates(roots)
                     .with_no_client_auth();
                 Some(Arc::new(c))

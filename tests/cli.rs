@@ -96,6 +96,20 @@ fn bad_configurations_exit_2_naming_the_key() {
         (GOOD.replace("port = 5433", "port = 5432"), "replicas[0]"),
         (GOOD.replace("port = 5432", "port = 0"), "primary.port"),
         (
+            GOOD.replace(
+                "listen = \"127.0.0.1:0\"",
+                "listen = \"127.0.0.1:0\"\nworker_threads = 100000",
+            ),
+            "server.worker_threads",
+        ),
+        (
+            GOOD.replace(
+                "host = \"127.0.0.1\"\nport = 5433",
+                "host = \"localhost\"\nport = 5432",
+            ),
+            "replicas[0]",
+        ),
+        (
             format!("{GOOD}\n[pool]\nprimary_max = \"many\"\n"),
             "primary_max",
         ),
@@ -207,6 +221,63 @@ fn check_refuses_settings_that_cannot_start() {
         let (code, _, err) = run(&config, &["check"], &[]);
         assert_eq!(code, 2, "{key}: {err}");
         assert!(err.contains(key), "expected {key} in: {err}");
+    }
+}
+
+/// TLS files that are there but that start-up could not use (no certificate in the file, a
+/// key that belongs to another certificate) are refused by `check` and by start-up alike,
+/// with exit code 2 and the key and file named.
+#[test]
+fn unusable_tls_files_are_configuration_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let pair = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (
+            write(&format!("{name}.crt"), &cert.pem()),
+            write(&format!("{name}.key"), &key.serialize_pem()),
+        )
+    };
+    let (cert, _) = pair("one");
+    let (_, other_key) = pair("two");
+    let garbage = write("bad.pem", "garbage\n");
+    let tls = |c: &str, k: &str| {
+        format!("{GOOD}\n[tls]\nclient_mode = \"allow\"\ncert_file = \"{c}\"\nkey_file = \"{k}\"\n")
+    };
+    for (config, key, file) in [
+        (tls(&garbage, &garbage), "tls.cert_file", &garbage),
+        (tls(&cert, &other_key), "tls.key_file", &other_key),
+    ] {
+        for args in [&["check"][..], &[][..]] {
+            let (code, _, err) = run(&config, args, &[]);
+            assert_eq!(code, 2, "{args:?} {key}: {err}");
+            assert!(err.contains(key), "{args:?} expected {key} in: {err}");
+            assert!(
+                err.contains(file.as_str()),
+                "{args:?} expected {file} in: {err}"
+            );
+        }
+    }
+}
+
+/// A port out of range is described the same way whether it is 0 or past 65535, from the
+/// file or from the environment.
+#[test]
+fn ports_out_of_range_get_one_message() {
+    let zero = run(&GOOD.replace("port = 5432", "port = 0"), &["check"], &[]);
+    let big = run(GOOD, &["check"], &[("CAUSEWAY__PRIMARY__PORT", "70000")]);
+    for (code, _, err) in [zero, big] {
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("primary.port"), "{err}");
+        assert!(err.contains("from 1 to 65535"), "{err}");
     }
 }
 

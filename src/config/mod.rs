@@ -81,6 +81,11 @@ fn env_vars() -> Result<Vec<(String, String)>, ConfigError> {
     Ok(vars)
 }
 
+/// Most runtime threads `server.worker_threads` may ask for: far more than any machine has
+/// cores for, and well inside what the operating system gives a process (each thread reserves
+/// its own stack), so an impossible value is refused here rather than by a failing start.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -248,8 +253,14 @@ impl Config {
                     "must be set and differ from \"primary\"",
                 ));
             }
-            if r.host == self.primary.host && r.port == self.primary.port {
-                return Err(invalid(key, "replica has the same address as the primary"));
+            if same_server(&r.host, r.port, &self.primary.host, self.primary.port) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "replica has the same address as the primary ({}:{})",
+                        self.primary.host, self.primary.port
+                    ),
+                ));
             }
             if self.replicas[..i].iter().any(|o| o.name == r.name) {
                 return Err(invalid(
@@ -257,11 +268,14 @@ impl Config {
                     format!("duplicate replica {:?}", r.name),
                 ));
             }
-            if self.replicas[..i]
+            if let Some(o) = self.replicas[..i]
                 .iter()
-                .any(|o| o.host == r.host && o.port == r.port)
+                .find(|o| same_server(&o.host, o.port, &r.host, r.port))
             {
-                return Err(invalid(key, "two replicas share one address"));
+                return Err(invalid(
+                    key,
+                    format!("two replicas share one address ({:?} is there too)", o.name),
+                ));
             }
             if r.weight == 0 {
                 return Err(invalid(format!("{key}.weight"), "must be at least 1"));
@@ -271,6 +285,12 @@ impl Config {
             return Err(invalid(
                 "priority.background_share",
                 "must be between 0 and 1",
+            ));
+        }
+        if self.server.worker_threads > MAX_WORKER_THREADS {
+            return Err(invalid(
+                "server.worker_threads",
+                format!("must be at most {MAX_WORKER_THREADS} (0 picks one per core)"),
             ));
         }
         if self.server.max_client_connections == 0 {
@@ -354,7 +374,8 @@ impl Config {
     }
 
     /// Checks that the files and directories the settings name are there: the socket
-    /// directory, and the TLS files the configured modes read. Done when a file is loaded, so
+    /// directory, and the TLS files the configured modes read, which must also hold a
+    /// certificate and its key (or CA certificates). Done when a file is loaded, so
     /// that `causeway check` reports what would stop start-up on this machine.
     pub fn check_paths(&self) -> Result<(), ConfigError> {
         let unix = &self.server.listen_unix;
@@ -386,6 +407,9 @@ impl Config {
                 return Err(invalid(key, format!("cannot read {path}: {e}")));
             }
         }
+        // Loaded as start-up loads them: a file that is there but holds no certificate, or a
+        // key that does not belong to the certificate, stops start-up too.
+        crate::tls::Tls::from_config(self).map_err(|e| invalid(e.key, e.message))?;
         Ok(())
     }
 
@@ -473,12 +497,62 @@ fn check_node(key: &str, host: &str, port: u16) -> Result<(), ConfigError> {
         return Err(invalid(format!("{key}.host"), "must not be empty"));
     }
     if port == 0 {
-        return Err(invalid(
-            format!("{key}.port"),
-            "must be between 1 and 65535",
-        ));
+        return Err(invalid(format!("{key}.port"), PORT_RANGE));
     }
     Ok(())
+}
+
+/// How a port out of range is described, whether it is 0 or does not fit in 16 bits.
+pub(crate) const PORT_RANGE: &str = "expected a whole number from 1 to 65535";
+
+/// What a `host` is compared as when looking for one server configured twice.
+#[derive(Debug, PartialEq, Eq)]
+enum HostKey {
+    /// `localhost`, `127.0.0.1` and `::1`: this machine's loopback, however it is spelled.
+    Loopback,
+    Ip(std::net::IpAddr),
+    /// A DNS name, compared as written (case aside): it is not resolved.
+    Name(String),
+    /// A Unix-socket directory.
+    Socket(String),
+}
+
+/// Names are not looked up: a name may resolve differently, or not at all, where and when
+/// `causeway check` runs, so two names are the same server only if they are the same name.
+/// Only the loopback spellings, whose meaning does not depend on DNS, are treated as one.
+fn host_key(host: &str) -> HostKey {
+    use std::net::IpAddr;
+    if host.starts_with('/') {
+        let dir = host.trim_end_matches('/');
+        return HostKey::Socket(if dir.is_empty() { "/" } else { dir }.to_string());
+    }
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let loopback = match ip {
+            IpAddr::V4(v4) => v4 == std::net::Ipv4Addr::LOCALHOST,
+            IpAddr::V6(v6) => v6 == std::net::Ipv6Addr::LOCALHOST,
+        };
+        return if loopback {
+            HostKey::Loopback
+        } else {
+            HostKey::Ip(ip)
+        };
+    }
+    let name = host.trim_end_matches('.').to_ascii_lowercase();
+    if name == "localhost" {
+        HostKey::Loopback
+    } else {
+        HostKey::Name(name)
+    }
+}
+
+/// Whether two `host`/`port` pairs name one server, as far as can be told without DNS.
+fn same_server(a_host: &str, a_port: u16, b_host: &str, b_port: u16) -> bool {
+    a_port == b_port && host_key(a_host) == host_key(b_host)
 }
 
 #[cfg(test)]
@@ -779,16 +853,136 @@ port = 5433
             let e = check(&extra).unwrap_err().to_string();
             assert!(e.contains(key), "{extra}: {e}");
         }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let pem = dir.path().join("good.pem");
+        std::fs::write(&pem, format!("{}{}", cert.pem(), key.serialize_pem())).unwrap();
+        let pem = pem.display();
         for extra in [
             format!("[server]\nlisten_unix = \"{here}\""),
-            format!(
-                "[tls]\nclient_mode = \"allow\"\ncert_file = \"{file}\"\nkey_file = \"{file}\""
-            ),
+            format!("[tls]\nclient_mode = \"allow\"\ncert_file = \"{pem}\"\nkey_file = \"{pem}\""),
             // Files a mode does not use are not read.
             format!("[tls]\ncert_file = \"{missing}\"\nbackend_ca_file = \"{missing}\""),
         ] {
             assert!(check(&extra).is_ok(), "{extra}");
         }
+    }
+
+    /// Files that are there but unusable are refused as start-up would refuse them, naming
+    /// the key and the file.
+    #[test]
+    fn tls_files_are_loaded_as_start_up_loads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let pair = |name: &str| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap();
+            (
+                write(&format!("{name}.crt"), &cert.pem()),
+                write(&format!("{name}.key"), &key.serialize_pem()),
+            )
+        };
+        let (cert, key) = pair("one");
+        let (_, other_key) = pair("two");
+        let garbage = write("garbage.pem", "garbage\n");
+        let check = |extra: String| {
+            Config::from_toml(&format!("{BASE}\n{extra}\n"))
+                .unwrap()
+                .check_paths()
+        };
+        let client = |c: &str, k: &str| {
+            format!("[tls]\nclient_mode = \"allow\"\ncert_file = \"{c}\"\nkey_file = \"{k}\"")
+        };
+        for (extra, key_named, file) in [
+            (client(&garbage, &key), "tls.cert_file", &garbage),
+            (client(&cert, &garbage), "tls.key_file", &garbage),
+            (client(&cert, &other_key), "tls.key_file", &other_key),
+            (
+                format!("[tls]\nbackend_mode = \"verify-full\"\nbackend_ca_file = \"{garbage}\""),
+                "tls.backend_ca_file",
+                &garbage,
+            ),
+        ] {
+            let e = check(extra.clone()).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key_named}`")), "{extra}: {e}");
+            assert!(e.contains(file.as_str()), "{extra}: {e}");
+        }
+        assert!(check(client(&cert, &key)).is_ok());
+        let ca = format!("[tls]\nbackend_mode = \"verify-full\"\nbackend_ca_file = \"{cert}\"");
+        assert!(check(ca).is_ok());
+    }
+
+    #[test]
+    fn worker_threads_have_an_upper_bound() {
+        let at = |n: usize| Config::from_toml(&format!("{BASE}\n[server]\nworker_threads = {n}\n"));
+        assert!(at(0).is_ok());
+        assert!(at(MAX_WORKER_THREADS).is_ok());
+        for n in [MAX_WORKER_THREADS + 1, 100_000] {
+            let e = at(n).unwrap_err().to_string();
+            assert!(e.contains("server.worker_threads"), "{e}");
+            assert!(e.contains(&MAX_WORKER_THREADS.to_string()), "{e}");
+        }
+    }
+
+    #[test]
+    fn ports_out_of_range_read_the_same_whatever_the_value() {
+        let zero = err_of(&BASE.replace("port = 5432", "port = 0"));
+        let big = err_of(&BASE.replace("port = 5432", "port = 70000"));
+        let env = with_env(&[("CAUSEWAY__PRIMARY__PORT", "70000")])
+            .unwrap_err()
+            .to_string();
+        for e in [&zero, &big, &env] {
+            assert!(e.contains("primary.port"), "{e}");
+            assert!(e.contains("from 1 to 65535"), "{e}");
+        }
+    }
+
+    #[test]
+    fn one_server_spelled_two_ways_is_one_address() {
+        for same in [
+            ("127.0.0.1", "localhost"),
+            ("localhost", "::1"),
+            ("127.0.0.1", "[::1]"),
+            ("LocalHost.", "127.0.0.1"),
+            ("::ffff:10.0.0.5", "10.0.0.5"),
+            ("2001:db8::1", "2001:DB8:0:0:0:0:0:1"),
+            ("DB.internal", "db.internal"),
+            ("/var/run/postgresql/", "/var/run/postgresql"),
+        ] {
+            assert!(same_server(same.0, 5432, same.1, 5432), "{same:?}");
+            assert!(!same_server(same.0, 5432, same.1, 5433), "{same:?}");
+        }
+        for other in [
+            ("127.0.0.1", "127.0.0.2"),
+            ("10.0.0.5", "db.internal"),
+            ("db1.internal", "db2.internal"),
+            ("/tmp", "/var/run/postgresql"),
+            ("localhost", "/tmp"),
+        ] {
+            assert!(!same_server(other.0, 5432, other.1, 5432), "{other:?}");
+        }
+        let replica_on_primary = BASE.replace(
+            "host = \"127.0.0.1\"\nport = 5433",
+            "host = \"localhost\"\nport = 5432",
+        );
+        let e = err_of(&replica_on_primary);
+        assert!(e.contains("replicas[0]") && e.contains("primary"), "{e}");
+        let twice = format!("{BASE}\n[[replicas]]\nname = \"r2\"\nhost = \"::1\"\nport = 5433\n");
+        let e = err_of(&twice);
+        assert!(e.contains("replicas[1]") && e.contains("replica1"), "{e}");
+        let elsewhere =
+            format!("{BASE}\n[[replicas]]\nname = \"r2\"\nhost = \"127.0.0.2\"\nport = 5433\n");
+        assert!(Config::from_toml(&elsewhere).is_ok());
     }
 
     #[test]

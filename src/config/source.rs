@@ -127,7 +127,7 @@ pub(super) fn plain(message: &str) -> String {
         ("expected usize", "expected a whole number"),
         ("expected u64", "expected a whole number"),
         ("expected u32", "expected a whole number"),
-        ("expected u16", "expected a whole number from 0 to 65535"),
+        ("expected u16", super::PORT_RANGE),
         ("expected f64", "expected a number"),
     ] {
         out = out.replace(rust, words);
