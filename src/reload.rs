@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::cluster::{Role, spawn_monitor};
-use crate::config::Config;
+use crate::config::{Config, ReplicaConfig};
 use crate::server::Shared;
 
 /// What a reload did.
@@ -67,6 +67,14 @@ fn leaves(cfg: &Config) -> Vec<(String, String)> {
     out
 }
 
+/// Whether a replica in the new configuration is the running one, kept with its node, pools
+/// and slots: the same name at the same host and port, as [`Cluster::set_replicas`] matches.
+///
+/// [`Cluster::set_replicas`]: crate::cluster::Cluster::set_replicas
+fn stays(old: &ReplicaConfig, new: &ReplicaConfig) -> bool {
+    old.name == new.name && old.host == new.host && old.port == new.port
+}
+
 /// Keys whose new value cannot take effect without a restart.
 fn restart_only(key: &str) -> bool {
     const PREFIXES: &[&str] = &[
@@ -110,13 +118,16 @@ pub fn apply(shared: &Arc<Shared>, new: Config) -> Result<ReloadReport, String> 
     let before = leaves(&old);
     let after = leaves(&new);
     let mut report = ReloadReport::default();
-    // A replica's own keys count when it stays; added and removed ones are listed apart.
+    // A replica's own keys count when it stays; added and removed ones are listed apart. A
+    // replica stays when its name and address do (as the cluster matches them): one given a
+    // new address is rebuilt, so it is listed as added and retired, its keys with it.
     let one_sided = |key: &str| {
         key.strip_prefix("replicas[")
             .and_then(|rest| rest.split_once(']'))
             .is_some_and(|(name, _)| {
-                let named = |c: &Config| c.replicas.iter().any(|r| r.name == name);
-                !(named(&old) && named(&new))
+                let was = old.replicas.iter().find(|r| r.name == name);
+                let is = new.replicas.iter().find(|r| r.name == name);
+                !matches!((was, is), (Some(o), Some(n)) if stays(o, n))
             })
     };
     for (k, v) in &after {
@@ -172,8 +183,9 @@ pub fn apply(shared: &Arc<Shared>, new: Config) -> Result<ReloadReport, String> 
     effective.consistency.lsn_poll_ms = old.consistency.lsn_poll_ms;
     effective.consistency.key_ttl_ms = old.consistency.key_ttl_ms;
     effective.consistency.max_keys = old.consistency.max_keys;
+    // Only a replica that stays keeps its running slots; one rebuilt starts with its own.
     for r in &mut effective.replicas {
-        if let Some(o) = old.replicas.iter().find(|o| o.name == r.name) {
+        if let Some(o) = old.replicas.iter().find(|o| stays(o, r)) {
             r.max_active = o.max_active;
         }
     }

@@ -339,3 +339,47 @@ async fn history_stays_true_across_a_replica_list_change() {
     assert!(total >= 30, "{total}");
     assert_eq!(history_reads(&history, "replica2"), total, "{history}");
 }
+
+/// A replica whose address changes is a new server to the proxy: it is listed as added (and
+/// the old one as retired), and starts with the `max_active` configured for it, as any added
+/// replica does, instead of the unbounded one the old address ran with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_readdressed_replica_starts_with_its_own_max_active() {
+    let env = common::start().await;
+    let shared = std::sync::Arc::clone(&env.proxy.shared);
+    let r = &env.cluster.replicas[1];
+    let was = format!("host = \"{}\"\nport = {}\n", r.host, r.port);
+    let spelled = if r.host == "localhost" {
+        "127.0.0.1"
+    } else {
+        "localhost"
+    };
+    assert!(env.config.contains(&was), "{}", env.config);
+    let next = env.config.replace(
+        &was,
+        &format!("host = \"{spelled}\"\nport = {}\nmax_active = 1\n", r.port),
+    );
+    let report = causeway::reload::apply(&shared, parsed(&next)).unwrap();
+    assert_eq!(report.replicas_added, ["replica2"], "{report:?}");
+    assert_eq!(report.replicas_retired, ["replica2"], "{report:?}");
+    assert!(report.needs_restart.is_empty(), "{report:?}");
+    let admin = env.proxy.admin_addr.unwrap();
+    let s = stats(admin).await;
+    let replica2 = s["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "replica2")
+        .cloned()
+        .unwrap();
+    assert_eq!(replica2["slots"]["max_active"], 1, "{replica2}");
+    // A replica that stays keeps its running bound: max_active there needs a restart.
+    let again = next.replace("max_active = 1\n", "max_active = 2\n");
+    let report = causeway::reload::apply(&shared, parsed(&again)).unwrap();
+    assert_eq!(
+        report.needs_restart,
+        ["replicas[replica2].max_active"],
+        "{report:?}"
+    );
+    assert_eq!(stats(admin).await["backends"][2]["slots"]["max_active"], 1);
+}
