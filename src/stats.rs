@@ -37,6 +37,49 @@ pub struct Stats {
     pub causal_wait_hits: AtomicU64,
     /// Commit tokens recorded.
     pub tokens: AtomicU64,
+    /// Client logins refused, by [`LoginFailure`].
+    logins_failed: [AtomicU64; LoginFailure::ALL.len()],
+}
+
+/// Why a client's login was refused, as counted in `logins_failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginFailure {
+    /// A wrong password for a configured user.
+    Password,
+    /// A user not in `[[users]]` (the client is told the same as for a wrong password).
+    UnknownUser,
+    /// A plaintext client under `tls.client_mode = "require"`.
+    TlsRequired,
+    /// A user not in `admin.users` asking for the admin console.
+    AdminConsole,
+    /// The exchange did not finish within `server.login_timeout_ms`.
+    Timeout,
+    /// The client broke the exchange (an unknown SASL mechanism, a message out of place).
+    Protocol,
+}
+
+impl LoginFailure {
+    /// Every reason, in the order stats list them.
+    pub const ALL: [LoginFailure; 6] = [
+        LoginFailure::Password,
+        LoginFailure::UnknownUser,
+        LoginFailure::TlsRequired,
+        LoginFailure::AdminConsole,
+        LoginFailure::Timeout,
+        LoginFailure::Protocol,
+    ];
+
+    /// The name stats and logs use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoginFailure::Password => "password",
+            LoginFailure::UnknownUser => "unknown_user",
+            LoginFailure::TlsRequired => "tls_required",
+            LoginFailure::AdminConsole => "admin_console",
+            LoginFailure::Timeout => "timeout",
+            LoginFailure::Protocol => "protocol",
+        }
+    }
 }
 
 impl Stats {
@@ -56,6 +99,24 @@ impl Stats {
             .position(|r| *r == reason)
             .and_then(|i| self.by_reason.get(i))
             .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Counts one refused login.
+    pub fn count_login_failure(&self, reason: LoginFailure) {
+        if let Some(c) = self.logins_failed.get(reason as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Refused logins by reason, every reason listed.
+    pub fn logins_failed(&self) -> Vec<(&'static str, u64)> {
+        LoginFailure::ALL
+            .iter()
+            .map(|r| {
+                let n = self.logins_failed.get(*r as usize);
+                (r.as_str(), n.map_or(0, |c| c.load(Ordering::Relaxed)))
+            })
+            .collect()
     }
 
     /// Every reason with its count.

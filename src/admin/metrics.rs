@@ -125,6 +125,14 @@ impl Collector for ProxyCollector {
             "Client connections accepted.",
             s.clients.accepted_total,
         )?;
+        f.counter(
+            "causeway_logins_failed",
+            "Client logins refused, by reason.",
+            s.clients
+                .logins_failed
+                .iter()
+                .map(|(reason, n)| (vec![("reason", reason.to_string())], *n)),
+        )?;
 
         f.counter(
             "causeway_queries",

@@ -47,6 +47,9 @@ pub struct ClientCounts {
     pub logging_in: u64,
     /// Connections accepted since start.
     pub accepted_total: u64,
+    /// Logins refused since start, by reason: password, unknown_user, tls_required,
+    /// admin_console, timeout, protocol.
+    pub logins_failed: BTreeMap<&'static str, u64>,
 }
 
 /// One PostgreSQL server.
@@ -390,6 +393,7 @@ impl Snapshot {
                     .load(Ordering::Relaxed)
                     .saturating_sub((idle + waiting + active) as u64),
                 accepted_total: stats.clients_total.load(Ordering::Relaxed),
+                logins_failed: stats.logins_failed().into_iter().collect(),
             },
             backends,
             routing: Routing {

@@ -21,7 +21,7 @@ use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::consistency::Keys;
 use crate::pool::Pools;
-use crate::stats::Stats;
+use crate::stats::{LoginFailure, Stats};
 use crate::tls::Stream;
 
 /// State shared by every session: a few named `Arc`s, never globals.
@@ -363,6 +363,51 @@ fn bind_unix(dir: &Path, port: u16) -> std::io::Result<(UnixListener, PathBuf)> 
     let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))?;
     Ok((listener, path))
+}
+
+/// Logs and counts a refused login, as PostgreSQL logs each failed authentication: at warn,
+/// so that guessing passwords shows at the default level. The line names the client, user,
+/// database and reason; the password never appears in it.
+fn login_failed(
+    shared: &Shared,
+    peer: ClientAddr,
+    user: &str,
+    database: &str,
+    reason: LoginFailure,
+    e: &crate::error::SessionError,
+) {
+    shared.stats.count_login_failure(reason);
+    tracing::warn!(
+        client.addr = %peer,
+        user,
+        db = database,
+        reason = reason.as_str(),
+        error = %e,
+        "login failed"
+    );
+}
+
+/// [`login_failed`] for an authentication exchange that ended in `e`. A client that hung up
+/// is not counted: psql does so on purpose when the server first asks for a password.
+fn auth_failed(
+    shared: &Shared,
+    peer: ClientAddr,
+    user: &str,
+    database: &str,
+    e: &crate::error::SessionError,
+) {
+    use crate::error::SessionError;
+    let known = shared.cfg.load().user(user).is_some();
+    let reason = match e {
+        _ if e.is_client_gone() => return,
+        SessionError::AuthFailed(_) | SessionError::AuthRejected(_) if !known => {
+            LoginFailure::UnknownUser
+        }
+        SessionError::AuthFailed(_) => LoginFailure::Password,
+        SessionError::LoginTimeout => LoginFailure::Timeout,
+        _ => LoginFailure::Protocol,
+    };
+    login_failed(shared, peer, user, database, reason, e);
 }
 
 /// Runs one client's session in a task of its own, inside its logging span. The span is at

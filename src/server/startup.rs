@@ -10,6 +10,7 @@ use crate::config::ClientTls;
 use crate::error::SessionError;
 use crate::protocol::{self, StartupMessage, TxStatus};
 use crate::session::Session;
+use crate::stats::LoginFailure;
 use crate::tls::Stream;
 use crate::transport::Transport;
 /// Client encodings the proxy accepts: it relays bytes and classifies them as UTF-8.
@@ -152,6 +153,9 @@ pub(super) async fn handle_client(
         let e = SessionError::AuthRejected(
             "SSL connection is required (tls.client_mode = \"require\")".into(),
         );
+        let named = |k: &str| params.iter().find(|(n, _)| n == k).map_or("", |(_, v)| v);
+        let (user, db) = (named("user"), named("database"));
+        super::login_failed(shared, peer, user, db, LoginFailure::TlsRequired, &e);
         refuse(&mut t, &e).await;
         return Err(e);
     }
@@ -211,6 +215,7 @@ pub(super) async fn handle_client(
     .await;
     if let Err(e) = authenticated.and_then(|a| a) {
         if !e.is_client_gone() {
+            super::auth_failed(shared, peer, &user, &database, &e);
             refuse(&mut t, &e).await;
         }
         return Err(e);
@@ -230,7 +235,7 @@ pub(super) async fn handle_client(
         return Err(e);
     }
     if database == crate::admin::console::DATABASE {
-        return admin_console(t, shared, &user).await;
+        return admin_console(t, shared, peer, &user).await;
     }
     let server_params = match greeting_params(shared, &user, &database).await {
         Ok(p) => p,
@@ -293,12 +298,15 @@ const STRINGS: &str = "standard_conforming_strings";
 async fn admin_console(
     mut t: Transport<Stream>,
     shared: &Arc<Shared>,
+    peer: ClientAddr,
     user: &str,
 ) -> Result<(), SessionError> {
     if !shared.cfg.load().admin.users.iter().any(|u| u == user) {
         let e = SessionError::AuthRejected(format!(
             "user \"{user}\" may not use the admin console (see admin.users)"
         ));
+        let console = crate::admin::console::DATABASE;
+        super::login_failed(shared, peer, user, console, LoginFailure::AdminConsole, &e);
         refuse(&mut t, &e).await;
         return Err(e);
     }
