@@ -503,6 +503,20 @@ async fn console_is_for_admin_users_and_answers_show_commands() {
     assert_eq!(get("pool.primary_max").as_deref(), Some("20"));
     assert_eq!(get("users.app.password").as_deref(), Some("<redacted>"));
 
+    // The session's own views answer on the console as on a data connection.
+    for (name, first) in [("stats", "stat"), ("pools", "pool")] {
+        let sql = format!("SHOW causeway.{name}");
+        let here = rows(console.simple_query(&sql).await.unwrap());
+        let there = rows(app.simple_query(&sql).await.unwrap());
+        assert!(!here.is_empty(), "{sql}");
+        assert_eq!(here[0].columns().len(), there[0].columns().len(), "{sql}");
+        assert_eq!(here[0].columns()[0].name(), first, "{sql}");
+    }
+    let err = console
+        .simple_query("SHOW causeway.nothing")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().unwrap().code(), "42704");
     let err = console.simple_query("SHOW NOTHING").await.unwrap_err();
     assert_eq!(err.code().unwrap().code(), "42704");
     let err = console.simple_query("DROP TABLE x").await.unwrap_err();
@@ -585,4 +599,68 @@ async fn idle_admin_connections_are_bounded() {
     drop(silent);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(http::get(addr, "/health").await.status, 200);
+}
+
+/// Refused logins are counted by reason in `/stats`, `/metrics`, `SHOW STATS` and
+/// `SHOW causeway.stats`: wrong passwords, unknown users and a non-admin user at the console.
+#[tokio::test]
+async fn failed_logins_are_counted_by_reason() {
+    let env = common::start_with(ClusterOptions::default(), |c| {
+        c.push_str("\n[[users]]\nname = \"other\"\npassword = \"other-secret\"\n");
+    })
+    .await;
+    let addr = admin(&env);
+    let login = |user: &str, password: &str, db: &str| {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname={db}",
+            env.port()
+        )
+    };
+    for _ in 0..3 {
+        let err = common::connect_err(&login("app", "wrong", "app")).await;
+        assert_eq!(err.code().unwrap().code(), "28P01", "{err}");
+    }
+    let err = common::connect_err(&login("nobody", "wrong", "app")).await;
+    assert_eq!(err.code().unwrap().code(), "28P01", "{err}");
+    let err = common::connect_err(&login("other", "other-secret", "causeway")).await;
+    assert_eq!(err.code().unwrap().code(), "28000", "{err}");
+    // A good login counts nothing.
+    env.client().await.simple_query("SELECT 1").await.unwrap();
+
+    let s = stats(addr).await;
+    let failed = &s["clients"]["logins_failed"];
+    assert_eq!(num(&failed["password"]), 3, "{failed}");
+    assert_eq!(num(&failed["unknown_user"]), 1, "{failed}");
+    assert_eq!(num(&failed["admin_console"]), 1, "{failed}");
+    assert_eq!(num(&failed["tls_required"]), 0, "{failed}");
+    let metrics = http::get(addr, "/metrics").await.body;
+    assert_eq!(
+        sample(
+            &metrics,
+            "causeway_logins_failed_total{reason=\"password\"}"
+        ),
+        3
+    );
+    let console = console_stats(&env).await;
+    assert_eq!(
+        console
+            .get("clients.logins_failed.password")
+            .map(String::as_str),
+        Some("3")
+    );
+    let shown = env
+        .client()
+        .await
+        .simple_query("SHOW causeway.stats")
+        .await
+        .unwrap();
+    let row = shown.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r)
+            if r.get(0) == Some("logins_failed.password") =>
+        {
+            r.get(1).map(str::to_string)
+        }
+        _ => None,
+    });
+    assert_eq!(row.as_deref(), Some("3"));
 }

@@ -1,6 +1,7 @@
 //! The admin console: a client connecting to the virtual database `causeway` as one of
 //! `admin.users` gets a PgBouncer-style command set over the simple query protocol:
-//! `SHOW POOLS | REPLICAS | STATS | CLIENTS | CONFIG | HELP`, `DRAIN name`, `UNDRAIN name`.
+//! `SHOW POOLS | REPLICAS | STATS | CLIENTS | CONFIG | HELP`, `DRAIN name`, `UNDRAIN name`,
+//! and `SHOW causeway.pools | causeway.stats` as on any connection.
 //! Every number comes from the same [`Snapshot`] as `GET /stats`.
 
 use std::sync::Arc;
@@ -101,6 +102,9 @@ fn answer(shared: &Shared, sql: &str) -> Vec<protocol::Frame> {
         .collect::<Vec<_>>()
         .as_slice()
     {
+        ["SHOW", what] if what.starts_with("CAUSEWAY.") => {
+            return session_show(shared, &what["CAUSEWAY.".len()..]);
+        }
         ["SHOW", what] => show(shared, what).map(|t| (t, "SHOW")),
         ["DRAIN", _] => drain(shared, &words[1], true),
         ["UNDRAIN", _] => drain(shared, &words[1], false),
@@ -127,6 +131,30 @@ fn answer(shared: &Shared, sql: &str) -> Vec<protocol::Frame> {
         }
         Err((code, message)) => vec![protocol::error_response("ERROR", code, &message)],
     }
+}
+
+/// `SHOW causeway.pools` and `SHOW causeway.stats`, answered here as on a data connection,
+/// so a script that reads them works on any connection.
+fn session_show(shared: &Shared, name: &str) -> Vec<protocol::Frame> {
+    let name = name.to_ascii_lowercase();
+    let Some((columns, rows)) = crate::session::shared_table(shared, &name) else {
+        return vec![protocol::error_response(
+            "ERROR",
+            UNDEFINED_OBJECT,
+            &format!(
+                "unrecognized configuration parameter \"causeway.{name}\" on the admin console \
+                 (causeway.pools and causeway.stats answer here); try one of: {HELP}"
+            ),
+        )];
+    };
+    let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
+    let mut out = vec![protocol::row_description_text(&cols)];
+    for row in &rows {
+        let values: Vec<Option<&str>> = row.iter().map(|v| Some(v.as_str())).collect();
+        out.push(protocol::data_row_text(&values));
+    }
+    out.push(protocol::command_complete(&format!("SHOW {}", rows.len())));
+    out
 }
 
 type Outcome = Result<(Table, &'static str), (&'static str, String)>;

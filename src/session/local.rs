@@ -7,6 +7,7 @@ use crate::classify::{ProxyCommand, RouteMode, SessionCommand};
 use crate::cluster::lsn;
 use crate::pool::queue::{Class, ClassStats};
 use crate::protocol::{self, Frame, TxStatus, tag};
+use crate::server::Shared;
 use std::sync::atomic::Ordering;
 
 /// SQLSTATE for an unknown `causeway.*` setting, as PostgreSQL reports unknown parameters.
@@ -47,96 +48,111 @@ pub(super) enum SessionAction {
     Forward(Option<Effect>),
 }
 
+/// `SHOW causeway.pools`: each pool's connections and its waiters per priority class.
+fn pools_table(shared: &Shared) -> Table {
+    let mut rows = Vec::new();
+    for pool in shared.pools.all() {
+        let stats = pool.queue().stats();
+        for class in Class::ALL {
+            let mut row = vec![
+                pool.name.clone(),
+                class.as_str().to_string(),
+                pool.max().to_string(),
+                pool.open.load(Ordering::Relaxed).to_string(),
+                pool.idle_count().to_string(),
+            ];
+            row.extend(wait_cells(stats.class(class)));
+            rows.push(row);
+        }
+    }
+    // A server's execution slots queue like a pool: `size` and `open` are `max_active`,
+    // `idle` the slots no statement holds.
+    for node in shared.cluster.nodes() {
+        let Some(slots) = &node.slots else {
+            continue;
+        };
+        let stats = slots.stats();
+        for class in Class::ALL {
+            let mut row = vec![
+                format!("{} execution slots", node.name),
+                class.as_str().to_string(),
+                stats.permits.to_string(),
+                stats.permits.to_string(),
+                stats.permits.saturating_sub(stats.in_use).to_string(),
+            ];
+            row.extend(wait_cells(stats.class(class)));
+            rows.push(row);
+        }
+    }
+    Table {
+        columns: [
+            "pool",
+            "class",
+            "size",
+            "open",
+            "idle",
+            "waiting",
+            "max_wait_ms",
+            "wait_p50_ms",
+            "wait_p99_ms",
+            "refusals",
+            "timeouts",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows,
+    }
+}
+
+/// `SHOW causeway.stats`: routing decisions by reason, read-your-writes counters and refused
+/// logins by reason.
+fn stats_table(shared: &Shared) -> Table {
+    let s = &shared.stats;
+    let mut rows: Vec<Vec<String>> = s
+        .routes()
+        .into_iter()
+        .map(|(reason, n)| vec![format!("routed.{reason}"), n.to_string()])
+        .collect();
+    for node in &shared.cluster.nodes() {
+        rows.push(vec![
+            format!("transactions.{}", node.name),
+            node.transactions.load(Ordering::Relaxed).to_string(),
+        ]);
+    }
+    for (name, v) in [
+        ("causal_waits", &s.causal_waits),
+        ("causal_wait_us", &s.causal_wait_us),
+        ("causal_wait_hits", &s.causal_wait_hits),
+        ("tokens", &s.tokens),
+        ("retried_reads", &s.retried_reads),
+        ("pins", &s.pins),
+    ] {
+        rows.push(vec![
+            name.to_string(),
+            v.load(Ordering::Relaxed).to_string(),
+        ]);
+    }
+    for (reason, n) in s.logins_failed() {
+        rows.push(vec![format!("logins_failed.{reason}"), n.to_string()]);
+    }
+    Table {
+        columns: vec!["stat".into(), "value".into()],
+        rows,
+    }
+}
+
+/// The tables of `SHOW causeway.pools` and `SHOW causeway.stats` as (columns, rows), for the
+/// admin console, where these commands answer as on any other connection.
+pub(crate) fn shared_table(shared: &Shared, name: &str) -> Option<(Vec<String>, Vec<Vec<String>>)> {
+    let table = match name {
+        "pools" => pools_table(shared),
+        "stats" => stats_table(shared),
+        _ => return None,
+    };
+    Some((table.columns, table.rows))
+}
+
 impl Session {
-    /// `SHOW causeway.pools`: each pool's connections and its waiters per priority class.
-    fn pools_table(&self) -> Table {
-        let mut rows = Vec::new();
-        for pool in self.shared.pools.all() {
-            let stats = pool.queue().stats();
-            for class in Class::ALL {
-                let mut row = vec![
-                    pool.name.clone(),
-                    class.as_str().to_string(),
-                    pool.max().to_string(),
-                    pool.open.load(Ordering::Relaxed).to_string(),
-                    pool.idle_count().to_string(),
-                ];
-                row.extend(wait_cells(stats.class(class)));
-                rows.push(row);
-            }
-        }
-        // A server's execution slots queue like a pool: `size` and `open` are `max_active`,
-        // `idle` the slots no statement holds.
-        for node in self.shared.cluster.nodes() {
-            let Some(slots) = &node.slots else {
-                continue;
-            };
-            let stats = slots.stats();
-            for class in Class::ALL {
-                let mut row = vec![
-                    format!("{} execution slots", node.name),
-                    class.as_str().to_string(),
-                    stats.permits.to_string(),
-                    stats.permits.to_string(),
-                    stats.permits.saturating_sub(stats.in_use).to_string(),
-                ];
-                row.extend(wait_cells(stats.class(class)));
-                rows.push(row);
-            }
-        }
-        Table {
-            columns: [
-                "pool",
-                "class",
-                "size",
-                "open",
-                "idle",
-                "waiting",
-                "max_wait_ms",
-                "wait_p50_ms",
-                "wait_p99_ms",
-                "refusals",
-                "timeouts",
-            ]
-            .map(String::from)
-            .to_vec(),
-            rows,
-        }
-    }
-
-    /// `SHOW causeway.stats`: routing decisions by reason and read-your-writes counters.
-    fn stats_table(&self) -> Table {
-        let s = &self.shared.stats;
-        let mut rows: Vec<Vec<String>> = s
-            .routes()
-            .into_iter()
-            .map(|(reason, n)| vec![format!("routed.{reason}"), n.to_string()])
-            .collect();
-        for node in &self.shared.cluster.nodes() {
-            rows.push(vec![
-                format!("transactions.{}", node.name),
-                node.transactions.load(Ordering::Relaxed).to_string(),
-            ]);
-        }
-        for (name, v) in [
-            ("causal_waits", &s.causal_waits),
-            ("causal_wait_us", &s.causal_wait_us),
-            ("causal_wait_hits", &s.causal_wait_hits),
-            ("tokens", &s.tokens),
-            ("retried_reads", &s.retried_reads),
-            ("pins", &s.pins),
-        ] {
-            rows.push(vec![
-                name.to_string(),
-                v.load(Ordering::Relaxed).to_string(),
-            ]);
-        }
-        Table {
-            columns: vec!["stat".into(), "value".into()],
-            rows,
-        }
-    }
-
     /// Closes and Syncs outside a transaction: statement names are the proxy's to forget, and
     /// portals do not outlive a transaction.
     pub(super) fn answer_housekeeping(&mut self, req: &Request) {
@@ -219,10 +235,10 @@ impl Session {
                 Table::value(name, self.tokens.key.clone().unwrap_or_default()),
             )),
             ProxyCommand::Show { name } if name == "pools" => {
-                Ok(("SHOW", Some(self.pools_table())))
+                Ok(("SHOW", Some(pools_table(&self.shared))))
             }
             ProxyCommand::Show { name } if name == "stats" => {
-                Ok(("SHOW", Some(self.stats_table())))
+                Ok(("SHOW", Some(stats_table(&self.shared))))
             }
             ProxyCommand::Misplaced => Err((
                 crate::error::sqlstate::FEATURE_NOT_SUPPORTED,

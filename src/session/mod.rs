@@ -15,6 +15,7 @@ mod timers;
 mod translate;
 mod wait;
 
+pub(crate) use local::shared_table;
 pub use request::Request;
 pub use settings::{check_startup_settings, startup_value};
 
