@@ -213,6 +213,13 @@ async fn query_timeout_cancels_a_slow_statement() {
     let err = c.simple_query("SELECT pg_sleep(10)").await.unwrap_err();
     assert_eq!(code(&err), "57014", "{err}");
     assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    // The client is told whose limit it was, not the server's "user request".
+    let message = err.as_db_error().map(|e| e.message().to_string());
+    assert_eq!(
+        message.as_deref(),
+        Some("canceling statement due to server.query_timeout_ms (500 ms)"),
+        "{err}"
+    );
     // The session and its next request are fine.
     c.simple_query("SELECT 1").await.unwrap();
 }

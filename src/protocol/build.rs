@@ -54,6 +54,33 @@ pub fn error_response_from(severity: &str, sqlstate: &str, message: &str, routin
     )
 }
 
+/// The ErrorResponse or NoticeResponse `frame` with its primary message (field `M`) replaced
+/// and every other field kept as the server sent it; `None` if the body is malformed.
+pub fn with_message(frame: &Frame, message: &str) -> Option<Frame> {
+    let mut b = Builder::tagged(frame.tag, frame.body().len() + message.len());
+    let mut rest = frame.body();
+    loop {
+        let (&field, after) = rest.split_first()?;
+        if field == 0 {
+            if !after.is_empty() {
+                return None;
+            }
+            break;
+        }
+        let end = after.iter().position(|&c| c == 0)?;
+        let value = after.get(..end)?;
+        b.u8(field);
+        if field == b'M' {
+            b.cstr(message);
+        } else {
+            b.bytes(value).u8(0);
+        }
+        rest = after.get(end + 1..)?;
+    }
+    b.u8(0);
+    Some(b.finish())
+}
+
 /// NoticeResponse with severity NOTICE.
 pub fn notice_response(sqlstate: &str, message: &str) -> Frame {
     error_like(tag::BE_NOTICE_RESPONSE, "NOTICE", sqlstate, message, None)
@@ -215,6 +242,26 @@ mod tests {
     use crate::protocol::testutil::Rng;
     use crate::protocol::wire::Reader;
     use bytes::BytesMut;
+
+    #[test]
+    fn with_message_replaces_only_the_message() {
+        let original =
+            error_response_from("ERROR", "57014", "canceling statement", "ProcessInterrupts");
+        let out = with_message(&original, "longer message instead").unwrap();
+        let f = parse_error_fields(out.body()).unwrap();
+        assert_eq!(f.code, "57014");
+        assert_eq!(f.severity, "ERROR");
+        assert_eq!(f.message, "longer message instead");
+        assert!(out.body().windows(19).any(|w| w == b"RProcessInterrupts\0"));
+        let frames = decode_frames(&mut BytesMut::from(&out.bytes[..]), 1 << 20).unwrap();
+        assert_eq!(frames.len(), 1);
+        for bad in [&b"Mno terminator"[..], b"", b"Mx\0\0extra"] {
+            assert!(
+                with_message(&Frame::new(b'E', bad), "m").is_none(),
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn fixed_messages_have_exact_bytes() {

@@ -138,6 +138,7 @@ impl Session {
                     {
                         frame = mine;
                     }
+                    frame = self.name_query_timeout(frame);
                     self.on_error_reply()
                 }
                 // The token query's own acknowledgements.

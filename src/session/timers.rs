@@ -6,8 +6,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::Session;
-use crate::error::SessionError;
-use crate::protocol::TxStatus;
+use crate::error::{SessionError, sqlstate};
+use crate::protocol::{self, Frame, TxStatus};
 
 /// Timeouts a session watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +26,24 @@ fn cancel_grace(query_timeout_ms: u64) -> Duration {
 }
 
 impl Session {
+    /// The server's answer to a query timeout's cancel, told as the proxy's limit: the server
+    /// can only call it a "user request", which would send the client looking for who
+    /// cancelled. SQLSTATE 57014 and every other field stay as the server sent them.
+    pub(super) fn name_query_timeout(&self, frame: Frame) -> Frame {
+        if self.cancel_sent.is_none() {
+            return frame;
+        }
+        match protocol::parse_error_fields(frame.body()) {
+            Ok(f) if f.code == sqlstate::QUERY_CANCELED => {
+                let limit = self.cfg.server.query_timeout_ms;
+                let message =
+                    format!("canceling statement due to server.query_timeout_ms ({limit} ms)");
+                protocol::with_message(&frame, &message).unwrap_or(frame)
+            }
+            _ => frame,
+        }
+    }
+
     /// Stamps input handled inside a transaction, for the idle-in-transaction timeout; outside
     /// one nothing reads it, so autocommit traffic costs no clock read here.
     pub(super) fn note_activity(&mut self) {
