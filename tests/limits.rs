@@ -133,6 +133,7 @@ async fn sockets_not_logged_in_do_not_hold_up_shutdown() {
         "{}",
         logging_in()
     );
+    let shared = std::sync::Arc::clone(&proxy.shared);
     let t = Instant::now();
     tokio::spawn(proxy.shutdown(Duration::from_secs(20)));
     let msgs = read_until(&mut stalled, |t| t == b'E').await;
@@ -146,6 +147,11 @@ async fn sockets_not_logged_in_do_not_hold_up_shutdown() {
     let closed = tokio::time::timeout(Duration::from_secs(3), silent.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the silent socket was kept open");
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // Cut short, not refused: no failed login is counted.
+    let failed = causeway::admin::snapshot::Snapshot::collect(&shared)
+        .clients
+        .logins_failed;
+    assert!(failed.values().all(|n| *n == 0), "{failed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -399,7 +399,9 @@ fn auth_failed(
     use crate::error::SessionError;
     let known = shared.cfg.load().user(user).is_some();
     let reason = match e {
+        // A client that hung up, or a login cut short by a shutdown: nothing was refused.
         _ if e.is_client_gone() => return,
+        SessionError::Shutdown => return,
         SessionError::AuthFailed(_) | SessionError::AuthRejected(_) if !known => {
             LoginFailure::UnknownUser
         }
