@@ -500,6 +500,33 @@ fn summary(msgs: &[(u8, Vec<u8>)]) -> Vec<String> {
         .collect()
 }
 
+/// Sends each step to the primary directly and through the proxy at `proxy` (after `setup`
+/// there, if any), and expects the same answers.
+async fn answers_as_the_server(
+    env: &common::Env,
+    proxy: std::net::SocketAddr,
+    setup: &[u8],
+    steps: &[Vec<u8>],
+) {
+    let mut direct = TcpStream::connect(("127.0.0.1", env.node_port(0)))
+        .await
+        .unwrap();
+    direct
+        .write_all(&startup(&[("user", "postgres"), ("database", "app")]))
+        .await
+        .unwrap();
+    read_until_ready(&mut direct).await;
+    let mut proxied = login(proxy).await;
+    if !setup.is_empty() {
+        common::raw::roundtrip(&mut proxied, setup).await;
+    }
+    for (i, step) in steps.iter().enumerate() {
+        let want = summary(&common::raw::roundtrip(&mut direct, step).await);
+        let got = summary(&common::raw::roundtrip(&mut proxied, step).await);
+        assert_eq!(got, want, "step {i}");
+    }
+}
+
 /// Named statements keep PostgreSQL's rules: a second Parse of a name in use is refused with
 /// 42P05 (the first statement stays), a failed Parse leaves the name free, a Parse skipped
 /// after an earlier error in its batch creates nothing, and the refusal aborts a transaction.
@@ -523,20 +550,7 @@ async fn statement_names_follow_the_servers_rules() {
         query("ROLLBACK"),
         cat(&[bind("s1"), execute(), sync()]),
     ];
-    let mut direct = TcpStream::connect(("127.0.0.1", env.node_port(0)))
-        .await
-        .unwrap();
-    direct
-        .write_all(&startup(&[("user", "postgres"), ("database", "app")]))
-        .await
-        .unwrap();
-    read_until_ready(&mut direct).await;
-    let mut proxied = login(proxy.addr).await;
-    for (i, step) in steps.iter().enumerate() {
-        let want = summary(&common::raw::roundtrip(&mut direct, step).await);
-        let got = summary(&common::raw::roundtrip(&mut proxied, step).await);
-        assert_eq!(got, want, "step {i}");
-    }
+    answers_as_the_server(&env, proxy.addr, &[], &steps).await;
 }
 
 /// Before login the proxy answers as the server does: a repeated SSLRequest is a protocol
@@ -636,19 +650,6 @@ async fn a_simple_query_inside_a_batch_runs_in_order() {
         [bind("nope"), query("SELECT 1"), sync()].concat(),
         query("SELECT count(*) FROM t WHERE id = 42"),
     ];
-    let mut direct = TcpStream::connect(("127.0.0.1", env.node_port(0)))
-        .await
-        .unwrap();
-    direct
-        .write_all(&startup(&[("user", "postgres"), ("database", "app")]))
-        .await
-        .unwrap();
-    read_until_ready(&mut direct).await;
-    let mut proxied = login(proxy.addr).await;
-    common::raw::roundtrip(&mut proxied, &query("CREATE TABLE t (id int)")).await;
-    for (i, step) in steps.iter().enumerate() {
-        let want = summary(&common::raw::roundtrip(&mut direct, step).await);
-        let got = summary(&common::raw::roundtrip(&mut proxied, step).await);
-        assert_eq!(got, want, "step {i}");
-    }
+    let setup = query("CREATE TABLE t (id int)");
+    answers_as_the_server(&env, proxy.addr, &setup, &steps).await;
 }
