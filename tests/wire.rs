@@ -624,6 +624,64 @@ async fn start_up_mistakes_are_refused_as_on_the_server() {
     }
 }
 
+/// A startup packet asking for a newer minor version or carrying `_pq_.` protocol options gets
+/// NegotiateProtocolVersion first, naming the options not understood, as on the server, and
+/// the login goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_options_are_negotiated_as_on_the_server() {
+    use common::raw::startup_minor;
+    let (env, proxy) = trust_env().await;
+    let direct = std::net::SocketAddr::from(([127, 0, 0, 1], env.node_port(0)));
+    let user = [("user", "app"), ("database", "app")];
+    let with_options = [
+        user[0],
+        user[1],
+        ("_pq_.compression", "on"),
+        ("_pq_.x", "1"),
+    ];
+    let cases: [(&str, Vec<u8>); 3] = [
+        ("3.0 with _pq_ options", startup_minor(0, &with_options)),
+        ("3.2", startup_minor(2, &user)),
+        ("3.2 with _pq_ options", startup_minor(2, &with_options)),
+    ];
+    for (what, packet) in cases {
+        let mut answers = Vec::new();
+        for addr in [direct, proxy.addr] {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(&packet).await.unwrap();
+            let mut messages = Vec::new();
+            // The server's first message; through the proxy, every one up to ReadyForQuery,
+            // as the login must go on after the negotiation.
+            loop {
+                let mut tag = [0u8; 1];
+                s.read_exact(&mut tag).await.unwrap();
+                let mut head = [0u8; 4];
+                s.read_exact(&mut head).await.unwrap();
+                let mut body = vec![0u8; u32::from_be_bytes(head) as usize - 4];
+                s.read_exact(&mut body).await.unwrap();
+                messages.push((tag[0], body));
+                if addr == direct || tag[0] == b'Z' || tag[0] == b'E' {
+                    break;
+                }
+            }
+            if addr == proxy.addr {
+                let tags: Vec<char> = messages.iter().map(|(t, _)| *t as char).collect();
+                assert_eq!(
+                    tags.last(),
+                    Some(&'Z'),
+                    "{what}: the login goes on: {tags:?}"
+                );
+            }
+            answers.push(messages.swap_remove(0));
+        }
+        assert_eq!(answers[0].0, b'v', "{what}: the server negotiates");
+        assert_eq!(
+            answers[1], answers[0],
+            "{what}: first message, proxy vs server"
+        );
+    }
+}
+
 /// A simple Query sent inside an unsynced extended batch runs after the batch's messages, as
 /// on the server (pgjdbc's `autosave=always` sends `BEGIN` through the extended protocol, then
 /// `SAVEPOINT` as a simple Query), and after an error in the batch it is skipped with the rest.

@@ -148,10 +148,13 @@ pub fn backend_key_data(pid: i32, secret: i32) -> Frame {
     b.finish()
 }
 
-/// NegotiateProtocolVersion: newest supported minor plus the `_pq_.` options we did not recognise.
-pub fn negotiate_protocol_version(minor: i32, unsupported_options: &[&str]) -> Frame {
+/// NegotiateProtocolVersion: the newest version supported (3.`minor`) plus the `_pq_.` options
+/// we did not recognise. The version goes out whole (major in the high 16 bits), as the server
+/// sends it and as libpq reads it: a bare minor would read as a downgrade to protocol 0.
+pub fn negotiate_protocol_version(minor: u16, unsupported_options: &[&str]) -> Frame {
     let mut b = Builder::tagged(tag::BE_NEGOTIATE_PROTOCOL_VERSION, 32);
-    b.i32(minor).i32(i32_len(unsupported_options.len()));
+    let version = (3 << 16) | i32::from(minor);
+    b.i32(version).i32(i32_len(unsupported_options.len()));
     for o in unsupported_options {
         b.cstr(o);
     }
@@ -296,7 +299,7 @@ mod tests {
         let f = negotiate_protocol_version(0, &["_pq_.foo", "_pq_.bar"]);
         assert_eq!(f.tag, b'v');
         let mut r = Reader::new(f.body());
-        assert_eq!(r.i32("minor").unwrap(), 0);
+        assert_eq!(r.i32("version").unwrap(), 3 << 16);
         assert_eq!(r.i32("n").unwrap(), 2);
         assert_eq!(r.cstr("a").unwrap(), "_pq_.foo");
         assert_eq!(r.cstr("b").unwrap(), "_pq_.bar");

@@ -178,12 +178,13 @@ pub(super) async fn handle_client(
     let database = param("database").unwrap_or_else(|| user.clone());
     tracing::Span::current().record("user", user.as_str());
     tracing::Span::current().record("db", database.as_str());
-    if minor > 0 {
-        let unknown: Vec<&str> = params
-            .iter()
-            .filter(|(k, _)| k.starts_with("_pq_."))
-            .map(|(k, _)| k.as_str())
-            .collect();
+    // As the server: a newer minor version asked for, or any `_pq_.` option (none is known).
+    let unknown: Vec<&str> = params
+        .iter()
+        .filter(|(k, _)| k.starts_with("_pq_."))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    if minor > 0 || !unknown.is_empty() {
         t.queue(&protocol::negotiate_protocol_version(0, &unknown));
     }
     if let Some(enc) = param("client_encoding")

@@ -8,7 +8,12 @@ use tokio::net::TcpStream;
 
 /// A startup packet for protocol 3.0.
 pub fn startup(params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = 196608u32.to_be_bytes().to_vec();
+    startup_minor(0, params)
+}
+
+/// A startup packet for protocol 3.`minor`.
+pub fn startup_minor(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = (3u32 << 16 | u32::from(minor)).to_be_bytes().to_vec();
     for (k, v) in params {
         body.extend_from_slice(k.as_bytes());
         body.push(0);

@@ -46,6 +46,14 @@ def case_connect():
     with connect(**extra) as conn:
         check(conn.info.status == psycopg.pq.ConnStatus.OK, f"status {conn.info.status}")
         check(conn.info.server_version >= 150000, f"server_version {conn.info.server_version}")
+    # libpq >= 18 can ask for protocol 3.2; the proxy, as a PostgreSQL 15 server does, offers
+    # 3.0 with NegotiateProtocolVersion, and libpq goes on with that.
+    if psycopg.pq.version() >= 180000:
+        for version in ("3.2", "latest"):
+            with connect(max_protocol_version=version) as conn:
+                got = conn.info.pgconn.protocol_version
+                check(got == 3, f"max_protocol_version={version}: protocol {got}")
+                check(conn.execute("SELECT 1").fetchone() == (1,), "query after negotiation")
     bad = CONNINFO.replace("password=app-secret", "password=wrong")
     check(bad != CONNINFO, "conninfo has no password=app-secret to corrupt")
     try:
