@@ -425,11 +425,6 @@ mod tests {
         k.record("a", 5, now);
         k.record("a", 3, now);
         assert_eq!(k.get("a").lsn, 5, "a token never goes down");
-        assert_eq!(
-            k.get("a").lsn,
-            5,
-            "expired, but kept until the room is needed"
-        );
         k.record("b", 7, now);
         k.record("c", 9, now + Duration::from_millis(10));
         assert!(k.len() <= 2);
@@ -466,6 +461,25 @@ mod tests {
                 unconfirmed: None
             }
         );
+    }
+
+    #[test]
+    fn an_expired_key_keeps_its_token_until_the_room_is_needed() {
+        let now = Instant::now();
+        let k = Keys::new(Duration::from_millis(100), 2, now);
+        k.record("a", 5, now);
+        let later = now + Duration::from_millis(150);
+        k.record("b", 6, later);
+        assert_eq!(k.get("a").lsn, 5, "expired, still in the map");
+        assert_eq!(k.get("other").lsn, 0, "so the floor has not taken it");
+        k.record("c", 7, later + Duration::from_millis(10));
+        assert_eq!(k.get("b").lsn, 6, "a live key stays");
+        assert_eq!(
+            k.get("other").lsn,
+            5,
+            "the expired key made room: the floor has it"
+        );
+        assert_eq!(k.get("a").lsn, 5);
     }
 
     #[test]
