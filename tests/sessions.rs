@@ -123,6 +123,48 @@ async fn settings_follow_their_client_and_never_leak() {
     assert_eq!(pins, 0);
 }
 
+/// A setting whose text ends in a line comment is replayed whole, and so are the settings
+/// after it: the comment must not swallow the `SET ROLE` replayed behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_ending_in_comments_replay_whole() {
+    let env = small_pools().await;
+    let a = env.client().await;
+    let b = env.client().await;
+    a.batch_execute("SET application_name = 'billing' -- set by the ORM")
+        .await
+        .unwrap();
+    a.batch_execute("SET search_path = s1, public; -- tagged\n")
+        .await
+        .unwrap();
+    a.batch_execute("SET ROLE reader").await.unwrap();
+    let who = "SELECT current_user || ' ' || current_setting('application_name') || ' ' || \
+               current_setting('search_path') || ' ' || inet_server_port()";
+    let mut ports = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        // B takes each backend in turn, so A's settings are replayed on it every time.
+        assert!(first_value(&b, who).await.starts_with("app "));
+        let got = first_value(&a, who).await;
+        let port = got.rsplit(' ').next().unwrap().to_string();
+        assert_eq!(
+            got,
+            format!("reader billing s1, public {port}"),
+            "A's settings replayed on port {port}"
+        );
+        ports.insert(port);
+        assert!(
+            first_value(&a, &format!("/* causeway:primary */ {who}"))
+                .await
+                .starts_with("reader billing s1, public "),
+            "on the primary"
+        );
+    }
+    assert_eq!(
+        ports.len(),
+        2,
+        "reads should reach both replicas: {ports:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_local_failed_and_rolled_back_sets_leave_nothing() {
     let env = small_pools().await;

@@ -103,11 +103,19 @@ impl Settings {
     /// Records a statement that succeeded outside a transaction (or in one that committed).
     pub fn apply(&mut self, cmd: &SessionCommand, sql: &str) {
         match cmd {
-            SessionCommand::Set { name, value } => self.put(Entry {
-                name: name.clone(),
-                sql: sql.trim().to_string(),
-                value: value.clone(),
-            }),
+            SessionCommand::Set { name, value } => {
+                let mut sql = sql.trim().to_string();
+                // A text that may end in a `--` comment gets the line break that ends it, or
+                // the comment would swallow the settings (a `SET ROLE`) replayed after it.
+                if sql.contains("--") {
+                    sql.push('\n');
+                }
+                self.put(Entry {
+                    name: name.clone(),
+                    sql,
+                    value: value.clone(),
+                })
+            }
             SessionCommand::Reset { name } => self.reset(name),
             SessionCommand::ResetAll => self.reset_all(),
             SessionCommand::Resets(names) => {
@@ -560,6 +568,12 @@ mod tests {
         assert_eq!(
             s.replay_sql(other).unwrap(),
             "SET search_path = y;SET ROLE bob;"
+        );
+        // A line comment at the end of a client's text ends with its line.
+        s.apply(&set("search_path"), "SET search_path = z -- by the ORM");
+        assert_eq!(
+            s.replay_sql(other).unwrap(),
+            "SET search_path = z -- by the ORM\n;SET ROLE bob;"
         );
         s.apply(&SessionCommand::ResetAll, "RESET ALL");
         assert_eq!(s.replay_sql(Applied::default()).unwrap(), "SET ROLE bob;");
