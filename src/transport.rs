@@ -30,8 +30,9 @@ pub struct Transport<S> {
     rbuf: BytesMut,
     wbuf: BytesMut,
     max_message: usize,
-    /// Message types this peer may send; another is refused from its type byte alone.
-    accept: Option<fn(u8) -> bool>,
+    /// Message types this peer may send, each with the longest it may be (as the length field
+    /// counts); another type is refused from its type byte alone.
+    accept: Option<fn(u8) -> Option<usize>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
@@ -57,20 +58,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
         (self.stream, self.rbuf.len())
     }
 
-    /// From now on, refuses a message whose type `accept` rejects as soon as its type byte
-    /// arrives, before any of the body it announces is awaited or reserved for.
-    pub fn accept_only(&mut self, accept: fn(u8) -> bool) {
+    /// From now on, refuses a message whose type `accept` rejects (`None`) as soon as its type
+    /// byte arrives, and one longer than `accept` allows its type as soon as its length does,
+    /// before any of the body it announces is awaited or reserved for.
+    pub fn accept_only(&mut self, accept: fn(u8) -> Option<usize>) {
         self.accept = Some(accept);
     }
 
     /// Splits one complete frame off the read buffer without touching the socket.
     pub fn try_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
-        if let (Some(accept), Some(&tag)) = (self.accept, self.rbuf.first())
-            && !accept(tag)
-        {
-            return Err(ProtocolError::UnexpectedMessage(tag));
+        let mut max = self.max_message;
+        if let (Some(accept), Some(&tag)) = (self.accept, self.rbuf.first()) {
+            match accept(tag) {
+                Some(limit) => max = max.min(limit),
+                None => return Err(ProtocolError::UnexpectedMessage(tag)),
+            }
         }
-        let frame = protocol::decode_frame(&mut self.rbuf, self.max_message)?;
+        let frame = protocol::decode_frame(&mut self.rbuf, max)?;
         if let Some(f) = &frame
             && f.len() >= SHRINK_AFTER
         {
@@ -224,7 +228,7 @@ mod tests {
     async fn an_unaccepted_type_is_refused_before_its_body() {
         let (near, mut far) = tokio::io::duplex(1024);
         let mut t = Transport::new(near, 64 << 20);
-        t.accept_only(|tag| tag == b'Q');
+        t.accept_only(|tag| (tag == b'Q').then_some(usize::MAX));
         // A 60 MB message of an unknown type: only its first bytes ever arrive.
         far.write_all(&[b'Y', 0x03, 0xC0, 0, 0, b'x'])
             .await

@@ -682,6 +682,74 @@ async fn protocol_options_are_negotiated_as_on_the_server() {
     }
 }
 
+/// A message that carries no statement (Execute, Describe, Close, Sync, …) longer than the
+/// 10,000 bytes PostgreSQL reads for it is refused by the proxy: a server would drop the
+/// connection, and the proxy would take that for the server failing, ban it and run the
+/// request again on the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_small_messages_are_refused_before_a_server_sees_them() {
+    use common::raw::{cstrs, msg, parse, sync};
+    let (_env, proxy) = trust_env().await;
+    // Execute's length field counts itself, the name, its NUL and the row limit: 10,001.
+    let portal = "p".repeat(10_001 - 4 - 1 - 4);
+    let bind = {
+        let mut body = cstrs(&[&portal, ""]);
+        body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        msg(b'B', &body)
+    };
+    let execute = {
+        let mut body = cstrs(&[&portal]);
+        body.extend_from_slice(&0i32.to_be_bytes());
+        msg(b'E', &body)
+    };
+    for _ in 0..3 {
+        let mut s = login(proxy.addr).await;
+        let batch = [parse("", "SELECT 1"), bind.clone(), execute.clone(), sync()].concat();
+        s.write_all(&batch).await.unwrap();
+        let got = read_until_ready(&mut s).await;
+        let last = got.last().expect("an answer");
+        assert_eq!(
+            (last.0, error_code(&last.1)),
+            (b'E', "08P01".to_string()),
+            "{got:?}"
+        );
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0))),
+            "the client is closed: {closed:?}"
+        );
+    }
+    for n in proxy.shared.cluster.replicas().iter() {
+        assert!(n.is_usable(), "{} banned: {:?}", n.name, n.ban_reason());
+        assert_eq!(
+            n.errors.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "{}",
+            n.name
+        );
+    }
+    // The largest such message the server reads still goes through.
+    let mut s = login(proxy.addr).await;
+    let name = "q".repeat(10_000 - 4 - 1 - 4);
+    let mut body = cstrs(&[&name]);
+    body.extend_from_slice(&0i32.to_be_bytes());
+    let batch = [
+        parse("", "SELECT 1"),
+        msg(
+            b'B',
+            &[cstrs(&[&name, ""]), vec![0, 0, 0, 0, 0, 0]].concat(),
+        ),
+        msg(b'E', &body),
+        sync(),
+    ]
+    .concat();
+    s.write_all(&batch).await.unwrap();
+    let got = read_until_ready(&mut s).await;
+    let tags: Vec<char> = got.iter().map(|m| m.0 as char).collect();
+    assert_eq!(tags, ['1', '2', 'D', 'C', 'Z'], "{got:?}");
+}
+
 /// A simple Query sent inside an unsynced extended batch runs after the batch's messages, as
 /// on the server (pgjdbc's `autosave=always` sends `BEGIN` through the extended protocol, then
 /// `SAVEPOINT` as a simple Query), and after an error in the batch it is skipped with the rest.

@@ -73,25 +73,34 @@ pub struct Close<'a> {
     pub name: &'a str,
 }
 
-/// Whether `tag` names a message a logged-in client may send; any other is refused as soon
-/// as its type byte arrives, as PostgreSQL does, without waiting for a body it announces.
-pub fn is_session_message(tag: u8) -> bool {
-    matches!(
-        tag,
+/// The longest PostgreSQL reads a message that carries no statement or data (Describe,
+/// Execute, Close, Sync, Flush, CopyDone, CopyFail, Terminate: `PQ_SMALL_MESSAGE_LIMIT`), as
+/// its length field counts. Past it the server drops the connection, so such a message is
+/// refused before it reaches one.
+pub const SMALL_MESSAGE_LIMIT: usize = 10_000;
+
+/// The longest a logged-in client's message of type `tag` may be, counted as its length field
+/// counts (the body plus the field's own four bytes); `None` for a type such a client may not
+/// send, which is refused as soon as its type byte arrives, as PostgreSQL does, without
+/// waiting for a body it announces. The types that carry statements and data are bounded only
+/// by `server.max_message_bytes`.
+pub fn session_message_limit(tag: u8) -> Option<usize> {
+    match tag {
         tag::FE_QUERY
-            | tag::FE_PARSE
-            | tag::FE_BIND
-            | tag::FE_DESCRIBE
-            | tag::FE_EXECUTE
-            | tag::FE_CLOSE
-            | tag::FE_SYNC
-            | tag::FE_FLUSH
-            | tag::FE_FUNCTION_CALL
-            | tag::FE_COPY_DATA
-            | tag::FE_COPY_DONE
-            | tag::FE_COPY_FAIL
-            | tag::FE_TERMINATE
-    )
+        | tag::FE_PARSE
+        | tag::FE_BIND
+        | tag::FE_FUNCTION_CALL
+        | tag::FE_COPY_DATA => Some(usize::MAX),
+        tag::FE_DESCRIBE
+        | tag::FE_EXECUTE
+        | tag::FE_CLOSE
+        | tag::FE_SYNC
+        | tag::FE_FLUSH
+        | tag::FE_COPY_DONE
+        | tag::FE_COPY_FAIL
+        | tag::FE_TERMINATE => Some(SMALL_MESSAGE_LIMIT),
+        _ => None,
+    }
 }
 
 /// Parses a Query body.
@@ -586,12 +595,15 @@ mod tests {
 
     #[test]
     fn session_messages_are_the_frontend_ones() {
-        for t in *b"QPBDECSHFdcfX" {
-            assert!(is_session_message(t), "{}", t as char);
+        for t in *b"QPBFd" {
+            assert_eq!(session_message_limit(t), Some(usize::MAX), "{}", t as char);
+        }
+        for t in *b"DECSHcfX" {
+            assert_eq!(session_message_limit(t), Some(10_000), "{}", t as char);
         }
         // A password after login, a stray startup packet (length's first byte), a backend tag.
         for t in [b'p', 0, b'Y', b'Z', b'T', 0xff] {
-            assert!(!is_session_message(t), "{t}");
+            assert_eq!(session_message_limit(t), None, "{t}");
         }
     }
 

@@ -279,7 +279,7 @@ pub(super) async fn handle_client(
     let classifier = shared.catalogs.classifier(&database, &user).await;
     t.queue(&protocol::ready_for_query(TxStatus::Idle));
     t.flush().await.map_err(SessionError::ClientIo)?;
-    t.accept_only(protocol::is_session_message);
+    t.accept_only(protocol::session_message_limit);
     tracing::debug!("client ready");
     let session = Session::new(
         Arc::clone(shared),
