@@ -495,3 +495,56 @@ async fn shutdown_loses_no_committed_transaction() {
         "{err:?}"
     );
 }
+
+/// A client's named prepared statements are bounded by `server.max_prepared_bytes`: a Parse
+/// past it gets 54000 and nothing else changes; the statements prepared before keep working,
+/// and closing some makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_statements_are_bounded_per_client() {
+    let env = common::start_with(ClusterOptions::default(), |c| {
+        *c = c.replacen(
+            "\nlisten = \"127.0.0.1:0\"",
+            "\nlisten = \"127.0.0.1:0\"\nmax_prepared_bytes = 4096",
+            1,
+        );
+    })
+    .await;
+    let client = env.client().await;
+    let pad = "x".repeat(200);
+    let mut kept = Vec::new();
+    let refused = loop {
+        let sql = format!("SELECT {} AS n, '{pad}' AS pad", kept.len());
+        match client.prepare(&sql).await {
+            Ok(s) => kept.push(s),
+            Err(e) => break e,
+        }
+        assert!(kept.len() < 100, "no bound after {} statements", kept.len());
+    };
+    let db = refused.as_db_error().expect("an error from the proxy");
+    assert_eq!(db.code().code(), "54000", "{db:?}");
+    assert!(db.message().contains("server.max_prepared_bytes"), "{db:?}");
+    assert!(
+        kept.len() >= 10,
+        "only {} statements fit in 4 KiB",
+        kept.len()
+    );
+    // What was prepared still runs, on any server.
+    for (i, s) in kept.iter().enumerate() {
+        let row = client.query_one(s, &[]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), i as i32);
+    }
+    // tokio-postgres closes a statement when it is dropped: room again.
+    kept.truncate(kept.len() - 3);
+    let again = client
+        .prepare(&format!("SELECT 1 AS n, '{pad}' AS pad"))
+        .await
+        .expect("prepare after closing some");
+    assert_eq!(
+        client
+            .query_one(&again, &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+}

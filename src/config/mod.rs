@@ -218,6 +218,12 @@ impl Config {
                 ));
             }
         }
+        if self.server.max_prepared_bytes < 1024 {
+            return Err(invalid(
+                "server.max_prepared_bytes",
+                "must be at least 1024",
+            ));
+        }
         if self.server.max_message_bytes < 1024 {
             return Err(invalid("server.max_message_bytes", "must be at least 1024"));
         }

@@ -117,6 +117,9 @@ pub struct ServerConfig {
     pub listen_unix: String,
     pub admin_listen: String,
     pub max_message_bytes: usize,
+    /// Most bytes of named prepared statements (names, texts, parameter types) one client may
+    /// hold at once; a Parse past it gets 54000.
+    pub max_prepared_bytes: usize,
     pub connect_timeout_ms: u64,
     /// A client must finish its startup and authentication within this long, or it is
     /// disconnected (PostgreSQL's authentication_timeout).
@@ -147,6 +150,7 @@ impl Default for ServerConfig {
             listen_unix: String::new(),
             admin_listen: "127.0.0.1:9930".into(),
             max_message_bytes: 64 * 1024 * 1024,
+            max_prepared_bytes: 64 * 1024 * 1024,
             connect_timeout_ms: 5_000,
             login_timeout_ms: 60_000,
             health_check_interval_ms: 1_000,

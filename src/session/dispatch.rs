@@ -435,6 +435,7 @@ impl Session {
         let conn = lease.conn();
         let mut names = translate::Names {
             statements: &mut self.statements,
+            prepared_limit: self.cfg.server.max_prepared_bytes,
             unnamed: &mut self.unnamed,
             created: Vec::new(),
         };

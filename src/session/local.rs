@@ -337,6 +337,8 @@ impl Session {
     /// error to send, with nothing recorded.
     pub(super) fn prepare_locally(&mut self, req: &Request) -> Option<Frame> {
         let parses = req.frames.iter().filter(|f| f.tag == tag::FE_PARSE);
+        let limit = self.cfg.server.max_prepared_bytes;
+        let mut bytes = self.statements.bytes();
         for f in parses.clone() {
             let p = protocol::parse_parse(f.body()).ok()?;
             if !p.name.is_empty() && self.statements.contains_key(p.name) {
@@ -345,6 +347,12 @@ impl Session {
                     crate::error::sqlstate::DUPLICATE_PREPARED_STATEMENT,
                     &format!("prepared statement \"{}\" already exists", p.name),
                 ));
+            }
+            if !p.name.is_empty() {
+                bytes += super::names::cost(p.name, f.len() - 5 - p.name.len() - 1);
+                if bytes > limit {
+                    return Some(super::translate::prepared_over_limit(limit));
+                }
             }
         }
         for f in parses {

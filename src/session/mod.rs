@@ -6,6 +6,7 @@ mod deferred;
 mod dispatch;
 mod input;
 mod local;
+mod names;
 mod relay;
 mod request;
 mod rerun;
@@ -19,7 +20,7 @@ pub(crate) use local::shared_table;
 pub use request::Request;
 pub use settings::{check_startup_settings, startup_value};
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::tls::Stream;
@@ -174,7 +175,7 @@ pub struct Session {
     strings_off: bool,
     route_mode: RouteMode,
     /// The client's named statements.
-    statements: HashMap<String, ClientStatement>,
+    statements: names::ClientStatements,
     /// The statement the client last parsed into the unnamed slot.
     unnamed: Option<StatementKey>,
     /// Extended-protocol messages received since the last Sync or Flush.
@@ -267,7 +268,7 @@ impl Session {
             pinned: false,
             strings_off: false,
             route_mode: RouteMode::Auto,
-            statements: HashMap::new(),
+            statements: names::ClientStatements::default(),
             unnamed: None,
             batch: Vec::new(),
             batch_bytes: 0,

@@ -1,7 +1,7 @@
 //! Client statement names -> the names a backend knows: the proxy prepares each client
 //! statement on whichever backend serves it, once per connection, under a name of its own.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use bytes::Bytes;
 
@@ -16,10 +16,25 @@ const REFUSED_STATEMENT: &str = "causeway_refused";
 
 /// The client's statement names, borrowed for translation.
 pub(super) struct Names<'a> {
-    pub(super) statements: &'a mut HashMap<String, ClientStatement>,
+    pub(super) statements: &'a mut super::names::ClientStatements,
+    /// `server.max_prepared_bytes`.
+    pub(super) prepared_limit: usize,
     pub(super) unnamed: &'a mut Option<StatementKey>,
     /// Names the request's Parse messages created, to forget if it runs again.
     pub(super) created: Vec<String>,
+}
+
+/// The error for a Parse that would take the client's named statements past
+/// `server.max_prepared_bytes`.
+pub(super) fn prepared_over_limit(limit: usize) -> Frame {
+    protocol::error_response(
+        "ERROR",
+        crate::error::sqlstate::PROGRAM_LIMIT_EXCEEDED,
+        &format!(
+            "prepared statements of this session would exceed server.max_prepared_bytes \
+             ({limit} bytes); deallocate some first"
+        ),
+    )
 }
 
 /// Query text and raw parameter types inside a statement key.
@@ -121,6 +136,15 @@ pub(super) fn translate(
                     sqlstate::DUPLICATE_PREPARED_STATEMENT,
                     &format!("prepared statement \"{}\" already exists", p.name),
                 )));
+            } else if names.statements.bytes() + super::names::cost(p.name, key.len())
+                > names.prepared_limit
+            {
+                conn.transport.queue(&protocol::encode_parse(
+                    REFUSED_STATEMENT,
+                    "causeway: prepared statements over their bound",
+                    &[],
+                ));
+                replies.push_back(Expect::Refused(prepared_over_limit(names.prepared_limit)));
             } else {
                 names.statements.insert(
                     p.name.to_string(),
