@@ -72,6 +72,18 @@ pub struct Node {
     pub drained: AtomicBool,
     /// Execution slots (`max_active`): statements running here at once, in priority order.
     pub slots: Option<Arc<PermitQueue>>,
+    /// Replicas: when the monitor first saw this one out of recovery (promoted), on the
+    /// [`Cluster::now_ms`] clock; 0 while it is in recovery.
+    pub promoted_seen_ms: AtomicU64,
+    /// Replicas: the last position the monitor saw replayed while the node was in recovery.
+    pub recovery_lsn: AtomicU64,
+    /// The server's `pg_postmaster_start_time()` in µs since the epoch, as the monitor last
+    /// read it; 0 = unknown.
+    pub started_at_us: AtomicI64,
+    /// Replicas left on the old primary's timeline past the position a followed promotion
+    /// took over from: their data is not the new primary's, so they stay out until the server
+    /// restarts (rewound or rebuilt). The start time they had when found so; 0 = not diverged.
+    pub diverged_start_us: AtomicI64,
 }
 
 impl Node {
@@ -100,6 +112,10 @@ impl Node {
             apply_delay_ms: AtomicU64::new(0),
             drained: AtomicBool::new(false),
             slots: None,
+            promoted_seen_ms: AtomicU64::new(0),
+            recovery_lsn: AtomicU64::new(0),
+            started_at_us: AtomicI64::new(0),
+            diverged_start_us: AtomicI64::new(0),
         }
     }
 
@@ -167,7 +183,17 @@ impl Node {
     pub fn ban_reason(&self) -> Option<String> {
         self.ban_reason.lock().ok().and_then(|s| s.clone())
     }
+
+    /// Whether the node was left on an old timeline by a followed promotion and has not been
+    /// restarted since.
+    pub fn is_diverged(&self) -> bool {
+        self.diverged_start_us.load(Ordering::Acquire) != 0
+    }
 }
+
+/// Why a replica found diverged by a followed promotion stays out.
+pub const DIVERGED: &str = "replayed past the position the promoted replica took over from, on \
+     the old primary's timeline: rewind or rebuild it, and restart it";
 
 /// Readings of the primary's WAL position kept for replica lag: 8192 of 16 bytes, 128 KiB. The
 /// monitor adds one per poll that finds the position moved, so under steady writes at the
@@ -215,6 +241,11 @@ pub struct Cluster {
     /// The primary's WAL position each time the monitor saw it change, on the `now_ms` clock:
     /// replica lag in time is read from it.
     primary_history: Mutex<lsn::History>,
+    /// When the primary last answered its health check as a primary, on the `now_ms` clock.
+    primary_ok_at_ms: AtomicU64,
+    /// When the primary's health check first failed after it last answered; 0 = it is up.
+    /// Replica lag stops growing then: with the primary gone there is nothing newer to read.
+    primary_down_at_ms: AtomicU64,
     started: Instant,
     /// TLS towards the servers, for the monitor's connections.
     pub tls: Arc<crate::tls::Tls>,
@@ -255,6 +286,8 @@ impl Cluster {
             fence_sent_us: AtomicU64::new(0),
             fence_settle_us: AtomicU64::new(0),
             primary_history: Mutex::new(lsn::History::new(PRIMARY_HISTORY)),
+            primary_ok_at_ms: AtomicU64::new(0),
+            primary_down_at_ms: AtomicU64::new(0),
             started: Instant::now(),
             tls,
         }
@@ -351,15 +384,44 @@ impl Cluster {
     /// A replica's lag in time, in ms: how long ago the primary was at the position the replica
     /// has replayed (see [`lsn::Progress::lag_ms`]). A short lock and a binary search, only for
     /// a replica with WAL left to replay.
+    /// While the primary is down the lag is taken as it was when it went down: the replicas
+    /// have nothing newer to replay, and reads keep running on them.
     pub fn lag_ms(&self, p: &lsn::Progress) -> u64 {
         if p.lag_bytes() == 0 {
             return 0;
         }
         let behind = self.history().behind(p.replayed);
-        let now_us = std::time::SystemTime::now()
+        let mut now_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
-        p.lag_ms(behind, self.now_ms(), now_us)
+        let mut now_ms = self.now_ms();
+        let down = self.primary_down_at_ms.load(Ordering::Acquire);
+        if down != 0 && down < now_ms {
+            let outage_us = i64::try_from((now_ms - down) * 1000).unwrap_or(i64::MAX);
+            now_us = now_us.saturating_sub(outage_us);
+            now_ms = down;
+        }
+        p.lag_ms(behind, now_ms, now_us)
+    }
+
+    /// The primary answered its health check as a primary.
+    pub fn primary_answered(&self) {
+        self.primary_ok_at_ms
+            .store(self.now_ms(), Ordering::Release);
+        self.primary_down_at_ms.store(0, Ordering::Release);
+    }
+
+    /// The primary's health check failed (it did not answer, or not as a primary).
+    pub fn primary_failed(&self) {
+        let now = self.now_ms();
+        let _ =
+            self.primary_down_at_ms
+                .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Whether the primary answered as a primary after `at_ms` (`now_ms` clock).
+    pub fn primary_answered_since(&self, at_ms: u64) -> bool {
+        self.primary_ok_at_ms.load(Ordering::Acquire) >= at_ms
     }
 
     /// The history, whether or not a holder panicked: every update leaves it consistent.
@@ -402,10 +464,19 @@ impl Cluster {
     /// Makes a promoted replica the primary, if the primary is down and following promotions
     /// is on: the primary's endpoint moves to the replica's (connections to the old one are
     /// not reused) and the replica leaves the read set. True if it did.
+    ///
+    /// A replica the primary kept answering after it was seen promoted is never followed: it
+    /// was not promoted because the primary failed, and following it would split the writes
+    /// between two servers. Replicas that had replayed past the promoted one's last position
+    /// hold WAL of the old timeline the new primary never had: they are kept out as
+    /// [`DIVERGED`].
     pub fn follow(&self, promoted: &Arc<Node>) -> bool {
+        let seen = promoted.promoted_seen_ms.load(Ordering::Acquire);
         if !self.follow_promotion.load(Ordering::Acquire)
             || self.primary.is_usable()
             || promoted.role != Role::Replica
+            || seen == 0
+            || self.primary_answered_since(seen)
         {
             return false;
         }
@@ -416,6 +487,14 @@ impl Cluster {
             .filter(|n| !Arc::ptr_eq(n, promoted))
             .cloned()
             .collect();
+        let took_over_at = promoted.recovery_lsn.load(Ordering::Acquire);
+        for n in &next {
+            if n.lsn.load(Ordering::Acquire) > took_over_at {
+                let started = n.started_at_us.load(Ordering::Acquire).max(1);
+                n.diverged_start_us.store(started, Ordering::Release);
+                n.ban(DIVERGED);
+            }
+        }
         promoted.retired.store(true, Ordering::Release);
         self.replicas.store(Arc::new(next));
         self.primary

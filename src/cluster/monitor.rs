@@ -89,14 +89,40 @@ async fn monitor_node(node: Arc<Node>, cluster: Arc<Cluster>, cfg: Arc<Config>) 
             return;
         }
         let health = check(&node, &cluster, &cfg, &mut probe, timeout).await;
+        let primary = node.role == Role::Primary;
         match health {
-            Health::Ok => node.unban(),
+            Health::Ok => {
+                if primary {
+                    cluster.primary_answered();
+                } else {
+                    node.promoted_seen_ms.store(0, Ordering::Release);
+                }
+                if node.is_diverged() {
+                    node.ban(super::DIVERGED);
+                } else {
+                    node.unban();
+                }
+            }
             Health::Unreachable(reason) => {
                 probe = None;
+                if primary {
+                    cluster.primary_failed();
+                }
                 node.ban(format!("health check failed: {reason}"));
             }
+            Health::WrongRole(reason) if primary => {
+                cluster.primary_failed();
+                node.ban(reason);
+            }
             Health::WrongRole(reason) => {
-                if node.role == Role::Replica && cluster.follow(&node) {
+                let now = cluster.now_ms();
+                let _ = node.promoted_seen_ms.compare_exchange(
+                    0,
+                    now,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                if cluster.follow(&node) {
                     tracing::warn!(
                         replica = %node.name,
                         addr = %node.addr(),
@@ -104,7 +130,17 @@ async fn monitor_node(node: Arc<Node>, cluster: Arc<Cluster>, cfg: Arc<Config>) 
                     );
                     return;
                 }
-                node.ban(reason);
+                let seen = node.promoted_seen_ms.load(Ordering::Acquire);
+                if cluster.follow_promotion.load(Ordering::Acquire)
+                    && cluster.primary_answered_since(seen)
+                {
+                    node.ban(
+                        "replica promoted while the primary kept answering: not followed as the \
+                         primary (that would split the writes between two servers)",
+                    );
+                } else {
+                    node.ban(reason);
+                }
             }
         }
     }
@@ -152,6 +188,16 @@ impl Probe {
         // Fixed when the cluster was created; commit tokens use them (`lsn::record_end`). Not
         // knowing them only leaves tokens as the server gave them, so a failure here is no
         // reason to call the node unreachable.
+        if let Ok(row) = client.query_one(STARTED, &[]).await
+            && let Ok(Some(started)) = row.try_get::<_, Option<i64>>(0)
+        {
+            node.started_at_us.store(started, Ordering::Release);
+            let diverged = node.diverged_start_us.load(Ordering::Acquire);
+            if diverged != 0 && diverged != started {
+                node.diverged_start_us.store(0, Ordering::Release);
+                tracing::info!(node = %node.name, "restarted since it diverged: checked again");
+            }
+        }
         if let Ok(wal) = client.query_one(WAL_GEOMETRY, &[]).await {
             let size = |i| {
                 wal.try_get::<_, i64>(i)
@@ -195,6 +241,10 @@ impl Probe {
         Ok(())
     }
 }
+
+/// When the server started, in µs since the epoch: a diverged replica is readmitted only
+/// once it has restarted.
+const STARTED: &str = "SELECT (extract(epoch FROM pg_postmaster_start_time()) * 1000000)::int8";
 
 /// The WAL page and segment sizes, in bytes, and `wal_writer_delay` in ms.
 const WAL_GEOMETRY: &str = "SELECT current_setting('wal_block_size')::int8, \
@@ -259,6 +309,9 @@ async fn check(
         if !in_recovery {
             cluster.record_fence(sent, fence, p.settle_us());
         }
+    }
+    if node.role == Role::Replica && in_recovery {
+        node.recovery_lsn.store(lsn, Ordering::Release);
     }
     let before = node.lsn.swap(lsn, Ordering::AcqRel);
     let replayed_before = node.replayed_at_us.swap(replayed_at, Ordering::AcqRel);
