@@ -561,44 +561,159 @@ async fn an_idle_console_does_not_hold_up_shutdown() {
     assert!(console.simple_query("SHOW POOLS").await.is_err());
 }
 
-/// Sockets on the admin port cannot pile up: one that never sends a whole request head (or
-/// sits idle after a response) is closed after the header timeout, and past the connection
-/// cap a new one is closed at once, while the database port keeps serving.
+/// Whether the proxy closes `s` (EOF or reset) within `wait`, whatever it sends first.
+async fn closed_by_proxy(mut s: tokio::net::TcpStream, wait: std::time::Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut b = [0u8; 256];
+    let read = tokio::time::timeout(wait, async {
+        loop {
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    });
+    read.await.is_ok()
+}
+
+/// `GET /health` on a new connection: its status, or `None` when the connection is closed
+/// without an answer or none comes within `wait`.
+async fn health_within(addr: SocketAddr, wait: std::time::Duration) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let req = format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.ok()?;
+        let text = String::from_utf8_lossy(&raw);
+        text.lines().next()?.split(' ').nth(1)?.parse().ok()
+    };
+    tokio::time::timeout(wait, ask).await.ok().flatten()
+}
+
+/// Sockets on the admin port cannot linger: one that never sends a whole request head, or
+/// sits idle after a response, is closed after the header timeout, while the database port
+/// keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_admin_connections_are_bounded() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let env = common::start().await;
     let addr = admin(&env);
-    let closed_within = |mut s: tokio::net::TcpStream, secs: u64| async move {
-        let mut b = [0u8; 256];
-        let read = tokio::time::timeout(std::time::Duration::from_secs(secs), async {
-            loop {
-                match s.read(&mut b).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-            }
-        });
-        read.await.is_ok()
-    };
     let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
     half.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         .await
         .unwrap();
-    let mut silent = Vec::new();
-    for _ in 0..63 {
-        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
-    }
-    // The 65th is over the cap.
-    let over = tokio::net::TcpStream::connect(addr).await.unwrap();
-    assert!(closed_within(over, 2).await, "connection over the cap kept");
+    let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let kept = kept_alive(addr).await;
     let c = env.client().await;
     c.simple_query("SELECT 1").await.unwrap();
-    // The half-sent head is closed by the header timeout, and the silent ones with it.
-    assert!(closed_within(half, 15).await, "half-sent request head kept");
-    drop(silent);
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let wait = std::time::Duration::from_secs(15);
+    let closed =
+        futures_util::future::join_all([half, silent, kept].map(|s| closed_by_proxy(s, wait)))
+            .await;
+    assert_eq!(
+        closed, [true; 3],
+        "closed by the header timeout: half-sent head, silent, kept alive"
+    );
     assert_eq!(http::get(addr, "/health").await.status, 200);
+}
+
+/// A keep-alive connection that has had its answer to `GET /health` and waits for more.
+async fn kept_alive(addr: SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET /health HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"\r\n\r\nok\n") {
+        let mut b = [0u8; 512];
+        let n = s.read(&mut b).await.unwrap();
+        assert_ne!(n, 0, "keep-alive answer cut short");
+        answer.extend_from_slice(&b[..n]);
+    }
+    s
+}
+
+/// Idle sockets cannot lock the probes out. Past the connection cap a new connection takes
+/// the place of the one idle longest (silent since it connected, holding half a request head,
+/// or waiting between requests), so `/health` answers at once however many are opened, time
+/// after time, and the cap still holds: the connections that made room are closed by the
+/// proxy, oldest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_admin_connections_make_room_for_probes() {
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    const CAP: usize = 64;
+    let env = common::start().await;
+    let addr = admin(&env);
+    // Every socket opened, named, in the order it went idle.
+    let mut idle: Vec<(String, TcpStream)> = Vec::new();
+    let mut half = TcpStream::connect(addr).await.unwrap();
+    half.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    idle.push(("half-sent head".into(), half));
+    for i in 0..CAP / 2 - 1 {
+        idle.push((
+            format!("silent {i}"),
+            TcpStream::connect(addr).await.unwrap(),
+        ));
+    }
+    // A keep-alive connection goes idle when its answer is written.
+    idle.push(("kept alive".into(), kept_alive(addr).await));
+    for i in CAP / 2 - 1..CAP - 2 {
+        idle.push((
+            format!("silent {i}"),
+            TcpStream::connect(addr).await.unwrap(),
+        ));
+    }
+    assert_eq!(idle.len(), CAP);
+    assert_eq!(
+        health_within(addr, Duration::from_secs(2)).await,
+        Some(200),
+        "/health unanswered with {CAP} idle sockets open"
+    );
+    // Each round fills the cap again and more, as a peer reopening its sockets would.
+    for round in 0..5 {
+        for i in 0..10 {
+            let s = TcpStream::connect(addr).await.unwrap();
+            idle.push((format!("round {round} silent {i}"), s));
+        }
+        assert_eq!(
+            health_within(addr, Duration::from_secs(2)).await,
+            Some(200),
+            "round {round}: /health unanswered with {} idle sockets opened",
+            idle.len()
+        );
+    }
+    let c = env.client().await;
+    c.simple_query("SELECT 1").await.unwrap();
+
+    let names: Vec<String> = idle.iter().map(|(n, _)| n.clone()).collect();
+    let closed = futures_util::future::join_all(
+        idle.into_iter()
+            .map(|(_, s)| closed_by_proxy(s, Duration::from_secs(1))),
+    )
+    .await;
+    let open: Vec<&str> = names
+        .iter()
+        .zip(&closed)
+        .filter(|(_, c)| !**c)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert!(
+        open.len() <= CAP,
+        "{} of {} idle connections still open",
+        open.len(),
+        names.len()
+    );
+    let first_open = closed.iter().position(|c| !c).unwrap_or(closed.len());
+    assert!(
+        closed[first_open..].iter().all(|c| !c),
+        "not closed oldest first; still open: {open:?}"
+    );
 }
 
 /// Refused logins are counted by reason in `/stats`, `/metrics`, `SHOW STATS` and
