@@ -173,6 +173,11 @@ fn bad_configurations_exit_2_naming_the_key() {
             format!("{GOOD}\n[[replicas]]\nname = \"r2\"\nhost = \"h\"\nport = \"1\"\n"),
             "replicas[1].port",
         ),
+        // PostgreSQL never accepts an empty password; the proxy would, at its own login.
+        (
+            GOOD.replace("password = \"secret\"", "password = \"\""),
+            "users[0].password",
+        ),
     ];
     for (config, key) in cases {
         for args in [&["check"][..], &[][..]] {
@@ -452,6 +457,18 @@ fn sighup_reloads_an_invalid_file_is_rejected_and_sigterm_exits() {
         std::fs::write(&path, format!("{config}\n[pool]\nprimary_maxx = 3\n")).unwrap();
         hup(child.id());
         wait_for("reload rejected").map_err(|s| format!("bad file not rejected: {s:#?}"))?;
+        // Users change only on restart, but a file that could not start is refused all the same.
+        std::fs::write(
+            &path,
+            config.replace("password = \"secret\"", "password = \"\""),
+        )
+        .unwrap();
+        hup(child.id());
+        let line = wait_for("reload rejected")
+            .map_err(|s| format!("empty password not rejected: {s:#?}"))?;
+        if !line.contains("users[0].password") {
+            return Err(format!("rejection does not name the key: {line}"));
+        }
         std::fs::write(&path, format!("{config}\n[pool]\nprimary_max = 3\n")).unwrap();
         hup(child.id());
         let line = wait_for("configuration reloaded")

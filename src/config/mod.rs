@@ -240,6 +240,17 @@ impl Config {
                     format!("duplicate user {:?}", u.name),
                 ));
             }
+            // PostgreSQL never accepts an empty password. The proxy would, at its own login,
+            // and a server that trusts the proxy's address would then let anyone in as `name`.
+            if u.password.is_empty() {
+                return Err(invalid(
+                    format!("users[{i}].password"),
+                    format!(
+                        "user {:?} has an empty password, which PostgreSQL never accepts",
+                        u.name
+                    ),
+                ));
+            }
         }
         if let Some(name) = &self.server.monitor_user
             && self.user(name).is_none()
@@ -632,6 +643,8 @@ port = 5433
             "password = \"pw\"\nmax_connections = 0",
         ));
         assert!(e.contains("users[0].max_connections"), "{e}");
+        let e = err_of(&BASE.replace("password = \"pw\"", "password = \"\""));
+        assert!(e.contains("users[0].password"), "{e}");
         for class in ["commit", "write", "point_read", "read", "analytic"] {
             let e = err_of(&format!(
                 "{BASE}\n[priority.acquire_timeout_ms]\n{class} = 0\n"
