@@ -8,6 +8,7 @@ use pgwire::api::auth::sasl::scram::{
 };
 use postgres_protocol::authentication::md5_hash;
 use rand::Rng;
+use ring::hmac;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::{AuthMethod, Config};
@@ -17,11 +18,20 @@ use crate::transport::Transport;
 
 const SCRAM_MECHANISM: &str = "SCRAM-SHA-256";
 
+/// Length of every SCRAM salt the proxy hands out, a configured user's or not.
+const SALT_BYTES: usize = 16;
+
 /// Per-user SCRAM material derived once at start-up (PBKDF2 is deliberately slow).
 pub struct AuthSecrets {
     method: AuthMethod,
     scram: HashMap<String, (Vec<u8>, Vec<u8>)>,
     passwords: HashMap<String, String>,
+    /// Keys the salts of names that are not configured, as PostgreSQL's `scram_mock_salt`
+    /// does: chosen at start, so a name's salt is as stable as a configured user's and
+    /// cannot be predicted from outside.
+    mock_salt_key: hmac::Key,
+    /// What names that are not configured are checked against: random, so no proof fits it.
+    mock_salted_password: [u8; 32],
 }
 
 impl AuthSecrets {
@@ -31,17 +41,27 @@ impl AuthSecrets {
         let mut passwords = HashMap::new();
         for u in &cfg.users {
             if cfg.auth.method == AuthMethod::ScramSha256 {
-                let salt: [u8; 16] = rand::rng().random();
+                let salt: [u8; SALT_BYTES] = rand::rng().random();
                 let salted = gen_salted_password(&u.password, &salt, SCRAM_ITERATIONS);
                 scram.insert(u.name.clone(), (salt.to_vec(), salted));
             }
             passwords.insert(u.name.clone(), u.password.clone());
         }
+        let mock_key: [u8; 32] = rand::rng().random();
         Self {
             method: cfg.auth.method,
             scram,
             passwords,
+            mock_salt_key: hmac::Key::new(hmac::HMAC_SHA256, &mock_key),
+            mock_salted_password: rand::rng().random(),
         }
+    }
+
+    /// The salt a name that is not configured gets: the same on every attempt and different
+    /// for every name, as configured users' salts are, so the salt does not tell them apart.
+    fn mock_salt(&self, user: &str) -> Vec<u8> {
+        let tag = hmac::sign(&self.mock_salt_key, user.as_bytes());
+        tag.as_ref().iter().copied().take(SALT_BYTES).collect()
     }
 
     /// Runs the authentication exchange for `user`; on success AuthenticationOk has been queued.
@@ -96,14 +116,11 @@ impl AuthSecrets {
                 "unsupported SASL mechanism {mechanism:?}"
             )));
         }
-        // An unknown user runs the same exchange against a throwaway secret, so the
-        // failure looks exactly like a wrong password.
+        // An unknown user runs the same exchange against a throwaway secret, with a salt as
+        // stable as a real one, so the failure looks exactly like a wrong password.
         let (salt, salted) = match self.scram.get(user) {
             Some((s, p)) => (s.clone(), p.clone()),
-            None => {
-                let salt: [u8; 16] = rand::rng().random();
-                (salt.to_vec(), vec![0u8; 32])
-            }
+            None => (self.mock_salt(user), self.mock_salted_password.to_vec()),
         };
         let mut server = ScramServerAuth::new();
         server.set_iterations(SCRAM_ITERATIONS);
@@ -150,6 +167,26 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn secrets(users: &str) -> AuthSecrets {
+        let cfg = Config::from_toml(&format!(
+            "{users}\n[primary]\nhost = \"127.0.0.1\"\nport = 5432\n"
+        ))
+        .expect("config");
+        AuthSecrets::new(&cfg)
+    }
+
+    #[test]
+    fn unknown_names_get_stable_salts_of_a_configured_users_length() {
+        let a = secrets("[[users]]\nname = \"app\"\npassword = \"pw\"\n");
+        let real = &a.scram["app"].0;
+        assert_eq!(a.mock_salt("nobody").len(), real.len());
+        assert_eq!(a.mock_salt("nobody"), a.mock_salt("nobody"));
+        assert_ne!(a.mock_salt("nobody"), a.mock_salt("nobody2"));
+        // Another proxy (another start) salts the same name differently.
+        let b = secrets("[[users]]\nname = \"app\"\npassword = \"pw\"\n");
+        assert_ne!(a.mock_salt("nobody"), b.mock_salt("nobody"));
+    }
 
     #[test]
     fn constant_time_eq_compares() {

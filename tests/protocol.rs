@@ -266,6 +266,85 @@ async fn authentication_methods_and_wrong_passwords() {
     }
 }
 
+/// The server-first-message of a SCRAM login as `user`, and its attributes.
+async fn scram_server_first(addr: std::net::SocketAddr, user: &str) -> Vec<(char, String)> {
+    use common::raw::{cstrs, msg, read_until, startup};
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&startup(&[("user", user), ("database", "app")]))
+        .await
+        .unwrap();
+    let asked = read_until(&mut s, |_| true).await;
+    assert!(
+        matches!(asked.as_slice(), [(b'R', b)] if b[3] == 10),
+        "{asked:?}"
+    );
+    // libpq's client-first-message: no channel binding, the user name left to the startup.
+    let first = b"n,,n=,r=rOprNGfwEbeRWgbNEkqO";
+    let mut body = cstrs(&["SCRAM-SHA-256"]);
+    body.extend_from_slice(&(first.len() as i32).to_be_bytes());
+    body.extend_from_slice(first);
+    s.write_all(&msg(b'p', &body)).await.unwrap();
+    let reply = read_until(&mut s, |_| true).await;
+    let [(b'R', body)] = reply.as_slice() else {
+        panic!("{user}: {reply:?}");
+    };
+    assert_eq!(body[..4], 11i32.to_be_bytes(), "{user}: SASLContinue");
+    std::str::from_utf8(&body[4..])
+        .unwrap()
+        .split(',')
+        .map(|a| {
+            let (k, v) = a.split_once('=').unwrap();
+            (k.chars().next().unwrap(), v.to_string())
+        })
+        .collect()
+}
+
+/// A user name the proxy does not know cannot be told from a configured one by its SCRAM
+/// exchange: its salt is the same on every attempt, as a configured user's is, differs from
+/// other names' as theirs do, and the server-first-message has the same attributes, salt
+/// length and iteration count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_users_get_a_salt_like_configured_ones() {
+    let env = common::start().await;
+    let addr = env.proxy.addr;
+    let salt = |m: &[(char, String)]| m.iter().find(|a| a.0 == 's').unwrap().1.clone();
+    let known = scram_server_first(addr, "app").await;
+    let unknown = scram_server_first(addr, "nobody").await;
+    assert_eq!(salt(&scram_server_first(addr, "app").await), salt(&known));
+    assert_eq!(
+        salt(&scram_server_first(addr, "nobody").await),
+        salt(&unknown),
+        "an unknown user's salt changes from one attempt to the next"
+    );
+    let other = scram_server_first(addr, "nobody2").await;
+    assert_ne!(salt(&other), salt(&unknown));
+    assert_ne!(salt(&known), salt(&unknown));
+    // Same attributes in the same order, values of the same length (the nonce too), and the
+    // same iteration count.
+    let shape = |m: &[(char, String)]| {
+        m.iter()
+            .map(|(k, v)| {
+                (
+                    *k,
+                    if *k == 'i' {
+                        v.clone()
+                    } else {
+                        v.len().to_string()
+                    },
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(shape(&unknown), shape(&known));
+    assert_eq!(shape(&other), shape(&known));
+    assert_eq!(
+        known.iter().map(|a| a.0).collect::<String>(),
+        "rsi",
+        "{known:?}"
+    );
+}
+
 /// The orders in which a server (or an impostor on the path) may answer the proxy's login.
 #[derive(Clone, Copy, Debug)]
 enum FakeLogin {
