@@ -13,10 +13,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::{AuthMethod, Config};
 use crate::error::SessionError;
-use crate::protocol::{self, tag};
-use crate::transport::Transport;
+use crate::protocol::{self, ProtocolError, tag};
+use crate::transport::{Transport, TransportError};
 
 const SCRAM_MECHANISM: &str = "SCRAM-SHA-256";
+
+/// PostgreSQL's PG_MAX_SASL_MESSAGE_LENGTH: a longer SASL message is refused from its header.
+pub const MAX_SASL_MESSAGE_BYTES: usize = 1024;
+/// PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH: a longer password message is refused from its
+/// header. No message before login may be longer.
+pub const MAX_PASSWORD_MESSAGE_BYTES: usize = 65535;
 
 /// Length of every SCRAM salt the proxy hands out, a configured user's or not.
 const SALT_BYTES: usize = 16;
@@ -84,7 +90,7 @@ impl AuthSecrets {
                 t.send(&protocol::auth_md5(salt))
                     .await
                     .map_err(SessionError::ClientIo)?;
-                let reply = read_password_frame(t).await?;
+                let reply = read_password_frame(t, MAX_PASSWORD_MESSAGE_BYTES).await?;
                 let given = protocol::parse_password(reply.body())?;
                 let Some(password) = self.passwords.get(user) else {
                     return Err(failed());
@@ -109,7 +115,7 @@ impl AuthSecrets {
         t.send(&protocol::auth_sasl(&[SCRAM_MECHANISM]))
             .await
             .map_err(SessionError::ClientIo)?;
-        let first = read_password_frame(t).await?;
+        let first = read_password_frame(t, MAX_SASL_MESSAGE_BYTES).await?;
         let (mechanism, data) = protocol::parse_sasl_initial(first.body())?;
         if mechanism != SCRAM_MECHANISM {
             return Err(SessionError::AuthRejected(format!(
@@ -134,7 +140,7 @@ impl AuthSecrets {
         t.send(&protocol::auth_sasl_continue(server_first.as_bytes()))
             .await
             .map_err(SessionError::ClientIo)?;
-        let last = read_password_frame(t).await?;
+        let last = read_password_frame(t, MAX_SASL_MESSAGE_BYTES).await?;
         let server_final = waiting
             .on_client_final_message(last.body())
             .map_err(|_| failed())?;
@@ -146,10 +152,20 @@ impl AuthSecrets {
     }
 }
 
+/// Reads a password or SASL message of at most `max` bytes: longer is refused from its length
+/// header, as PostgreSQL does, so a client that has not logged in cannot make the proxy hold
+/// more.
 async fn read_password_frame<S: AsyncRead + AsyncWrite + Unpin>(
     t: &mut Transport<S>,
+    max: usize,
 ) -> Result<protocol::Frame, SessionError> {
-    match t.read_frame().await? {
+    let frame = t.read_frame_within(max).await.map_err(|e| match e {
+        TransportError::Protocol(ProtocolError::MessageTooLarge { len, max }) => {
+            ProtocolError::AuthMessageTooLarge { len, max }.into()
+        }
+        e => SessionError::from(e),
+    })?;
+    match frame {
         Some(f) if f.tag == tag::FE_PASSWORD => Ok(f),
         Some(_) => Err(SessionError::AuthRejected(
             "expected a password message during authentication".into(),

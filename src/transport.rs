@@ -65,9 +65,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
         self.accept = Some(accept);
     }
 
+    /// From now on, refuses messages longer than `max_message` (from their length header).
+    pub fn set_max_message(&mut self, max_message: usize) {
+        self.max_message = max_message;
+    }
+
     /// Splits one complete frame off the read buffer without touching the socket.
     pub fn try_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
-        let mut max = self.max_message;
+        self.try_frame_within(self.max_message)
+    }
+
+    /// As [`Self::try_frame`], with messages longer than `max` refused.
+    fn try_frame_within(&mut self, max: usize) -> Result<Option<Frame>, ProtocolError> {
+        let mut max = max;
         if let (Some(accept), Some(&tag)) = (self.accept, self.rbuf.first()) {
             match accept(tag) {
                 Some(limit) => max = max.min(limit),
@@ -106,8 +116,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Transport<S> {
 
     /// Reads the next frame; `Ok(None)` on a clean end of stream between frames.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, TransportError> {
+        self.read_frame_within(self.max_message).await
+    }
+
+    /// As [`Self::read_frame`], with a message longer than `max` refused from its length
+    /// header, before any of its body is awaited or reserved for.
+    pub async fn read_frame_within(&mut self, max: usize) -> Result<Option<Frame>, TransportError> {
         loop {
-            if let Some(frame) = self.try_frame()? {
+            if let Some(frame) = self.try_frame_within(max)? {
                 return Ok(Some(frame));
             }
             if self.fill().await? == 0 {

@@ -118,6 +118,133 @@ async fn hostile_input_gets_an_error_and_the_proxy_stays_up() {
     );
 }
 
+/// Connects as `user` and waits for the proxy's authentication request (SCRAM or md5).
+async fn asked_for_a_password(addr: std::net::SocketAddr, user: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&startup(&[("user", user), ("database", "app")]))
+        .await
+        .unwrap();
+    let asked = common::raw::read_until(&mut s, |_| true).await;
+    assert!(
+        matches!(asked.as_slice(), [(b'R', body)] if body[3] == 10 || body[3] == 5),
+        "{asked:?}"
+    );
+    s
+}
+
+/// A password message (`p`) whose length field says `len`, with `body` of its bytes sent.
+fn password_message(len: u32, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![b'p'];
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// The SQLSTATE and text of the answer to an authentication message, and whether the proxy
+/// closed the connection then.
+async fn answer_then_closed(s: &mut TcpStream) -> (String, String, bool) {
+    let msgs = common::raw::read_until(s, |_| true).await;
+    let (code, text) = match msgs.as_slice() {
+        [(b'E', body)] => (error_code(body), String::from_utf8_lossy(body).into_owned()),
+        other => panic!("expected an error: {other:?}"),
+    };
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .is_ok_and(|r| r.is_err() || rest.is_empty());
+    (code, text, closed)
+}
+
+/// Before login the proxy takes no larger a message than PostgreSQL does: a SASL message over
+/// 1024 bytes, or a password message over 65535, is refused from its length header with 08P01
+/// and the connection closed, whether the user exists or not, so sockets that never log in
+/// cannot make the proxy buffer `server.max_message_bytes` each. Messages up to the limits are
+/// read and judged as usual, and logins carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_messages_are_bounded_as_on_the_server() {
+    let env = common::start().await;
+    let md5 = common::proxy_for(
+        &env.config
+            .replace("method = \"scram-sha-256\"", "method = \"md5\""),
+    )
+    .await;
+    // A 1 MiB SASLInitialResponse or password message: only its header and a few bytes come.
+    for (addr, user) in [
+        (env.proxy.addr, "app"),
+        (env.proxy.addr, "nobody"),
+        (md5.addr, "app"),
+    ] {
+        let mut s = asked_for_a_password(addr, user).await;
+        s.write_all(&password_message((1 << 20) + 4, b"SCRAM"))
+            .await
+            .unwrap();
+        let (code, text, closed) = answer_then_closed(&mut s).await;
+        assert_eq!(code, "08P01", "{user} at {addr}: {text}");
+        assert!(text.contains("invalid message length"), "{text}");
+        assert!(closed, "{user} at {addr}: the connection stays open");
+    }
+    // The limits themselves: a whole message of exactly the limit is read and refused as a
+    // wrong password; one byte more is refused from its header.
+    let sasl = |len: usize| {
+        let mut body = common::raw::cstrs(&["SCRAM-SHA-256"]);
+        let data = len - 4 - body.len() - 4;
+        body.extend_from_slice(&(data as i32).to_be_bytes());
+        body.resize(len - 4, b'x');
+        common::raw::msg(b'p', &body)
+    };
+    let password = |len: usize| {
+        let mut body = vec![b'x'; len - 5];
+        body.push(0);
+        common::raw::msg(b'p', &body)
+    };
+    for (addr, limit, message) in [
+        (env.proxy.addr, 1024, &sasl as &dyn Fn(usize) -> Vec<u8>),
+        (md5.addr, 65535, &password),
+    ] {
+        let mut s = asked_for_a_password(addr, "app").await;
+        s.write_all(&message(limit)).await.unwrap();
+        let (code, text, _) = answer_then_closed(&mut s).await;
+        assert_eq!(code, "28P01", "{limit}: {text}");
+        let mut s = asked_for_a_password(addr, "app").await;
+        let over = message(limit + 1);
+        s.write_all(&over[..9]).await.unwrap();
+        let (code, text, closed) = answer_then_closed(&mut s).await;
+        assert_eq!(code, "08P01", "{limit} + 1: {text}");
+        assert!(closed, "{limit} + 1: the connection stays open");
+    }
+    // Many sockets that announce 60 MiB and send 1 MiB of it hold none of it.
+    let before = rss_kib();
+    let mut held = Vec::new();
+    for i in 0..32 {
+        let addr = if i % 2 == 0 { env.proxy.addr } else { md5.addr };
+        let mut s = asked_for_a_password(addr, "nobody").await;
+        let mut bytes = password_message((60 << 20) + 4, &[]);
+        bytes.resize(5 + (1 << 20), b'x');
+        // The proxy may have closed before all of it was written.
+        let _ = s.write_all(&bytes).await;
+        held.push(s);
+    }
+    let grown = rss_kib().saturating_sub(before);
+    assert!(
+        grown < 16 * 1024,
+        "proxy memory grew by {grown} KiB for 32 sockets that never logged in"
+    );
+    drop(held);
+    // Logins carry on, with either method.
+    for addr in [env.proxy.addr, md5.addr] {
+        let c = common::connect(&format!(
+            "host=127.0.0.1 port={} user=app password={} dbname=app",
+            addr.port(),
+            common::PASSWORD
+        ))
+        .await;
+        assert_eq!(
+            c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+            1
+        );
+    }
+}
+
 /// Resident memory of this process (the proxy runs in it), in KiB.
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

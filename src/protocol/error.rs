@@ -11,6 +11,17 @@ pub enum ProtocolError {
         /// Limit in force.
         max: usize,
     },
+    /// Before login, a length header announced more than an authentication message may hold.
+    #[error(
+        "invalid message length {len} during authentication: at most {max} bytes are accepted \
+         before login"
+    )]
+    AuthMessageTooLarge {
+        /// Announced length (including the 4-byte length field itself).
+        len: usize,
+        /// Limit for this message.
+        max: usize,
+    },
     /// A length header was negative or too small to hold the fixed part of the message.
     #[error("invalid message length {0}")]
     InvalidLength(i64),
@@ -46,6 +57,7 @@ impl ProtocolError {
             // An oversized length is treated the same way: PostgreSQL reports "invalid message
             // length" as a protocol violation, and the rest of the stream cannot be framed.
             ProtocolError::MessageTooLarge { .. }
+            | ProtocolError::AuthMessageTooLarge { .. }
             | ProtocolError::InvalidLength(_)
             | ProtocolError::Malformed(_)
             | ProtocolError::TooManyParameters(_)
@@ -68,6 +80,14 @@ mod tests {
         assert_eq!(
             ProtocolError::UnsupportedProtocol { major: 2, minor: 0 }.sqlstate(),
             "0A000"
+        );
+        assert_eq!(
+            ProtocolError::AuthMessageTooLarge {
+                len: 2000,
+                max: 1024
+            }
+            .sqlstate(),
+            "08P01"
         );
         assert_eq!(ProtocolError::InvalidLength(-1).sqlstate(), "08P01");
         assert_eq!(ProtocolError::Malformed("x").sqlstate(), "08P01");

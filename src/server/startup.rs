@@ -70,7 +70,9 @@ pub(super) async fn handle_client(
         + std::time::Duration::from_millis(shared.cfg.load().server.login_timeout_ms);
     // TLS is offered over TCP only, as PostgreSQL does: a Unix socket does not leave the machine.
     let local = peer == ClientAddr::Local;
-    let mut t = Transport::new(stream, max_message);
+    // Until the client has logged in, no message may be longer than a password message:
+    // a socket that never logs in cannot make the proxy hold `max_message_bytes`.
+    let mut t = Transport::new(stream, crate::auth::MAX_PASSWORD_MESSAGE_BYTES);
     // Each encryption request is answered once, as PostgreSQL does: GSSAPI may follow a refused
     // SSLRequest and the other way round, but a repeated request is a protocol error.
     let (mut ssl_done, mut gss_done) = (false, false);
@@ -131,7 +133,7 @@ pub(super) async fn handle_client(
                     .map_err(SessionError::ClientIo)?;
                 t = Transport::new(
                     Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(tls))),
-                    max_message,
+                    crate::auth::MAX_PASSWORD_MESSAGE_BYTES,
                 );
                 // Encrypted already: a GSSAPI request now is a protocol error too.
                 gss_done = true;
@@ -221,6 +223,7 @@ pub(super) async fn handle_client(
         }
         return Err(e);
     }
+    t.set_max_message(max_message);
     let registered = shared.clients.register(id, peer, &user, &database);
     if let Some(limit) = shared
         .cfg
