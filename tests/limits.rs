@@ -533,6 +533,18 @@ async fn named_statements_are_bounded_per_client() {
         let row = client.query_one(s, &[]).await.unwrap();
         assert_eq!(row.get::<_, i32>(0), i as i32);
     }
+    // Statements the proxy answers itself count too.
+    let mut own = Vec::new();
+    let refused = loop {
+        match client.prepare("SHOW causeway.route").await {
+            Ok(s) => own.push(s),
+            Err(e) => break e,
+        }
+        assert!(own.len() < 100, "no bound for the proxy's own statements");
+    };
+    let db = refused.as_db_error().expect("an error from the proxy");
+    assert_eq!(db.code().code(), "54000", "{db:?}");
+    drop(own);
     // tokio-postgres closes a statement when it is dropped: room again.
     kept.truncate(kept.len() - 3);
     let again = client

@@ -349,7 +349,8 @@ impl Session {
                 ));
             }
             if !p.name.is_empty() {
-                bytes += super::names::cost(p.name, f.len() - 5 - p.name.len() - 1);
+                let key_len = f.len().saturating_sub(5 + p.name.len() + 1);
+                bytes += super::names::cost(p.name, key_len);
                 if bytes > limit {
                     return Some(super::translate::prepared_over_limit(limit));
                 }
