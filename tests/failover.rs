@@ -311,10 +311,7 @@ async fn a_replica_left_ahead_on_the_old_timeline_is_kept_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_do_not_age_out_while_the_primary_is_down() {
     let env = common::start_with(ClusterOptions::default(), |c| {
-        *c = c.replacen("\n[routing]", "\n[routing]\nmax_replica_lag_ms = 1000", 1);
-        if !c.contains("max_replica_lag_ms = 1000") {
-            c.push_str("\n[routing]\nmax_replica_lag_ms = 1000\n");
-        }
+        c.push_str("\n[routing]\nmax_replica_lag_ms = 1000\n");
     })
     .await;
     let owner = env.owner().await;
