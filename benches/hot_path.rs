@@ -218,7 +218,7 @@ fn routing(c: &mut Criterion) {
 
 const LONG: Duration = Duration::from_secs(30);
 
-/// The proxy's defaults (priority on, 500 ms aging, 1000 waiters, background share 0.55),
+/// The proxy's defaults (priority on, 500 ms aging, 1000 waiters, background share 0.35),
 /// with priority and the share as given.
 fn queue(permits: usize, priority: bool, background_share: u16) -> Arc<PermitQueue> {
     Arc::new(PermitQueue::new(QueueConfig {

@@ -422,7 +422,7 @@ impl Default for PriorityConfig {
         Self {
             enabled: true,
             aging_ms: 500,
-            background_share: 0.55,
+            background_share: 0.35,
             acquire_timeout_ms: ClassTimeouts::default(),
         }
     }
