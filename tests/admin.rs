@@ -739,13 +739,24 @@ async fn failed_logins_are_counted_by_reason() {
     assert_eq!(err.code().unwrap().code(), "28P01", "{err}");
     let err = common::connect_err(&login("other", "other-secret", "causeway")).await;
     assert_eq!(err.code().unwrap().code(), "28000", "{err}");
+    // A startup packet without a user name is refused as the server refuses it, and counted.
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", env.port()))
+        .await
+        .unwrap();
+    let reply =
+        common::raw::roundtrip(&mut raw, &common::raw::startup(&[("database", "app")])).await;
+    let refusal = reply
+        .iter()
+        .find(|(tag, _)| *tag == b'E')
+        .expect("an error");
+    assert_eq!(common::raw::error_code(&refusal.1), "28000");
     // A good login counts nothing.
     env.client().await.simple_query("SELECT 1").await.unwrap();
 
     let s = stats(addr).await;
     let failed = &s["clients"]["logins_failed"];
     assert_eq!(num(&failed["password"]), 3, "{failed}");
-    assert_eq!(num(&failed["unknown_user"]), 1, "{failed}");
+    assert_eq!(num(&failed["unknown_user"]), 2, "{failed}");
     assert_eq!(num(&failed["admin_console"]), 1, "{failed}");
     assert_eq!(num(&failed["tls_required"]), 0, "{failed}");
     let metrics = http::get(addr, "/metrics").await.body;

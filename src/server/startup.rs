@@ -174,6 +174,8 @@ pub(super) async fn handle_client(
         let e = SessionError::AuthRejected(
             "no PostgreSQL user name specified in startup packet".into(),
         );
+        let db = param("database").unwrap_or_default();
+        super::login_failed(shared, peer, "", &db, LoginFailure::UnknownUser, &e);
         refuse(&mut t, &e).await;
         return Err(e);
     };
