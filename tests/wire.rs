@@ -635,6 +635,18 @@ async fn answers_as_the_server(
     setup: &[u8],
     steps: &[Vec<u8>],
 ) {
+    let steps: Vec<(Vec<u8>, u8)> = steps.iter().map(|s| (s.clone(), b'Z')).collect();
+    answers_as_the_server_until(env, proxy, setup, &steps).await;
+}
+
+/// [`answers_as_the_server`] with steps read up to a message of their own (a step ended by
+/// Flush gets no ReadyForQuery).
+async fn answers_as_the_server_until(
+    env: &common::Env,
+    proxy: std::net::SocketAddr,
+    setup: &[u8],
+    steps: &[(Vec<u8>, u8)],
+) {
     let mut direct = TcpStream::connect(("127.0.0.1", env.node_port(0)))
         .await
         .unwrap();
@@ -647,11 +659,178 @@ async fn answers_as_the_server(
     if !setup.is_empty() {
         common::raw::roundtrip(&mut proxied, setup).await;
     }
-    for (i, step) in steps.iter().enumerate() {
-        let want = summary(&common::raw::roundtrip(&mut direct, step).await);
-        let got = summary(&common::raw::roundtrip(&mut proxied, step).await);
-        assert_eq!(got, want, "step {i}");
+    for (i, (step, until)) in steps.iter().enumerate() {
+        let mut answers = Vec::new();
+        for s in [&mut direct, &mut proxied] {
+            s.write_all(step).await.unwrap();
+            answers.push(summary(&common::raw::read_until(s, |t| t == *until).await));
+        }
+        assert_eq!(answers[1], answers[0], "step {i}");
     }
+}
+
+/// Errors and COPY in extended batches keep the protocol in step as on the server: after an
+/// error in a batch ended by Flush, the server skips to the next Sync; a COPY whose batch
+/// ended with Flush, or got a Sync among its data, completes at the Sync after CopyDone; a
+/// Sync inside simple-query COPY data is ignored; a Close skipped after an error closes
+/// nothing; a failed unnamed Parse leaves no unnamed statement; proxy-made replies keep their
+/// place among the server's; and bad format codes get the server's error, the session going
+/// on. Each exchange would hang, desynchronise or differ without its fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_errors_and_copy_keep_the_protocol_in_step() {
+    use common::raw::{bind, describe_statement, execute, flush, msg, parse, sync};
+    let (env, proxy) = trust_env().await;
+    let admin = env.client().await;
+    admin
+        .batch_execute("CREATE TABLE copied (v int); GRANT ALL ON copied TO PUBLIC")
+        .await
+        .unwrap();
+    let cat = |parts: &[Vec<u8>]| parts.concat();
+    let close_statement = |name: &str| {
+        let mut body = vec![b'S'];
+        body.extend_from_slice(&common::raw::cstrs(&[name]));
+        msg(b'C', &body)
+    };
+    let copy_data = |row: &str| msg(b'd', row.as_bytes());
+    let copy_done = || msg(b'c', &[]);
+    // Bind of the unnamed statement with one text parameter and the given format codes.
+    let bind_formats = |param_formats: &[i16], result_formats: &[i16]| {
+        let mut body = common::raw::cstrs(&["", ""]);
+        body.extend_from_slice(&(param_formats.len() as i16).to_be_bytes());
+        for f in param_formats {
+            body.extend_from_slice(&f.to_be_bytes());
+        }
+        body.extend_from_slice(&1i16.to_be_bytes());
+        body.extend_from_slice(&1i32.to_be_bytes());
+        body.push(b'7');
+        body.extend_from_slice(&(result_formats.len() as i16).to_be_bytes());
+        for f in result_formats {
+            body.extend_from_slice(&f.to_be_bytes());
+        }
+        msg(b'B', &body)
+    };
+    let copy_from = || cat(&[parse("", "COPY copied FROM STDIN"), bind(""), execute()]);
+    let steps: Vec<(Vec<u8>, u8)> = vec![
+        // An error in a batch ended by Flush; the next batch is skipped up to its Sync.
+        (
+            cat(&[parse("", "SELECT 1/0"), bind(""), execute(), flush()]),
+            b'E',
+        ),
+        (
+            cat(&[parse("", "SELECT 2"), bind(""), execute(), sync()]),
+            b'Z',
+        ),
+        (query("SELECT 3"), b'Z'),
+        // Extended COPY ended by Flush: the result comes with the Sync after CopyDone.
+        (cat(&[copy_from(), flush()]), b'G'),
+        (cat(&[copy_data("1\n"), copy_done(), sync()]), b'Z'),
+        (query("SELECT 4"), b'Z'),
+        // A Sync among extended COPY data is ignored.
+        (cat(&[copy_from(), sync()]), b'G'),
+        (
+            cat(&[
+                copy_data("2\n"),
+                sync(),
+                copy_data("3\n"),
+                copy_done(),
+                sync(),
+            ]),
+            b'Z',
+        ),
+        (query("SELECT 5"), b'Z'),
+        // So is one among simple-query COPY data: one ReadyForQuery, not two.
+        (query("COPY copied FROM STDIN"), b'G'),
+        (
+            cat(&[copy_data("4\n"), sync(), copy_data("5\n"), copy_done()]),
+            b'Z',
+        ),
+        (query("SELECT 6"), b'Z'),
+        // A Close skipped after an error leaves the statement in place.
+        (cat(&[parse("kept", "SELECT 7"), sync()]), b'Z'),
+        (
+            cat(&[
+                parse("", "SELECT 1/0"),
+                bind(""),
+                execute(),
+                close_statement("kept"),
+                sync(),
+            ]),
+            b'Z',
+        ),
+        (cat(&[bind("kept"), execute(), sync()]), b'Z'),
+        // A failed unnamed Parse leaves no unnamed statement to bind.
+        (
+            cat(&[parse("", "SELECT * FROM no_such_table"), sync()]),
+            b'Z',
+        ),
+        (cat(&[bind(""), execute(), sync()]), b'Z'),
+        // One skipped after an error leaves the one before it in place.
+        (cat(&[parse("", "SELECT 10"), sync()]), b'Z'),
+        (
+            cat(&[bind("no_such_statement"), parse("", "SELECT 11"), sync()]),
+            b'Z',
+        ),
+        (cat(&[bind(""), execute(), sync()]), b'Z'),
+        // Bad data in an extended COPY: the server skips what follows up to the next Sync.
+        (cat(&[copy_from(), sync()]), b'G'),
+        (cat(&[copy_data("x\n"), copy_done()]), b'E'),
+        (
+            cat(&[parse("", "SELECT 12"), bind(""), execute(), sync()]),
+            b'Z',
+        ),
+        (query("SELECT 13"), b'Z'),
+        // Replies the proxy makes itself (CloseComplete) keep their place in a read batch.
+        (
+            cat(&[
+                parse("shut", "SELECT 8"),
+                describe_statement("shut"),
+                close_statement("shut"),
+                sync(),
+            ]),
+            b'Z',
+        ),
+        // Bad format codes and counts: the server's errors, and the session goes on.
+        (
+            cat(&[
+                parse("", "SELECT $1::text"),
+                bind_formats(&[5], &[]),
+                execute(),
+                sync(),
+            ]),
+            b'Z',
+        ),
+        (
+            cat(&[
+                parse("", "SELECT $1::text"),
+                bind_formats(&[0, 0], &[]),
+                execute(),
+                sync(),
+            ]),
+            b'Z',
+        ),
+        (
+            cat(&[
+                parse("", "SELECT $1::text"),
+                bind_formats(&[0], &[7]),
+                execute(),
+                sync(),
+            ]),
+            b'Z',
+        ),
+        (query("SELECT 9"), b'Z'),
+    ];
+    answers_as_the_server_until(&env, proxy.addr, &[], &steps).await;
+    // Both sides copied the same rows, and nothing is left holding the table.
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM copied", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 10);
+    admin
+        .batch_execute("SET lock_timeout = '5s'; TRUNCATE copied")
+        .await
+        .unwrap();
 }
 
 /// Named statements keep PostgreSQL's rules: a second Parse of a name in use is refused with

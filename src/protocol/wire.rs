@@ -37,6 +37,7 @@ impl<'a> Reader<'a> {
         Ok(b)
     }
 
+    #[cfg(test)]
     pub(crate) fn i16(&mut self, what: &'static str) -> Result<i16, ProtocolError> {
         let head = self.take(2, what)?;
         let arr: [u8; 2] = head

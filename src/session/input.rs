@@ -10,12 +10,13 @@ impl Session {
     pub(super) async fn on_client_input(&mut self) -> Result<(), SessionError> {
         while let Some(frame) = self.client.try_frame()? {
             tracing::trace!(tag = %(frame.tag as char), copy_in = self.copy_in, "client frame");
-            // During COPY FROM STDIN the server takes every message but Sync and Flush (which
-            // it ignores there) and Terminate (the session's to handle); one that is not COPY
+            // During COPY FROM STDIN the server takes every message but Sync and Flush, which
+            // it ignores there, and Terminate, the session's to handle; one that is not COPY
             // data ends the COPY with the server's own error (08P01) and is not run.
-            if self.copy_in
-                && !matches!(frame.tag, tag::FE_SYNC | tag::FE_FLUSH | tag::FE_TERMINATE)
-            {
+            if self.copy_in && matches!(frame.tag, tag::FE_SYNC | tag::FE_FLUSH) {
+                continue;
+            }
+            if self.copy_in && frame.tag != tag::FE_TERMINATE {
                 if frame.tag != tag::FE_COPY_DATA {
                     self.copy_in = false;
                     self.restart_query_clock();
@@ -47,13 +48,15 @@ impl Session {
                         self.hold_in_batch(frame)?;
                     }
                 }
-                tag::FE_SYNC if self.copy_sync_owed && self.batch.is_empty() => {
-                    // The server ignored the batch's Sync during COPY and holds its reply
-                    // until this one: it must not wait behind the queue.
-                    self.copy_sync_owed = false;
+                tag::FE_FLUSH | tag::FE_SYNC if self.copy_sync_owed && self.batch.is_empty() => {
+                    // The server holds the COPY's result until one of these: it must not wait
+                    // behind the queue.
                     if let Some(lease) = self.lease.as_mut() {
                         lease.conn().transport.queue(&frame);
-                        self.replies.push_back(Expect::Sync { effect: None });
+                        if frame.tag == tag::FE_SYNC {
+                            self.copy_sync_owed = false;
+                            self.replies.push_back(Expect::Sync { effect: None });
+                        }
                     }
                 }
                 tag::FE_FLUSH | tag::FE_SYNC => {
@@ -61,7 +64,11 @@ impl Session {
                     if self.skip_until_sync {
                         if sync {
                             self.skip_until_sync = false;
-                            self.client.queue(&protocol::ready_for_query(self.status));
+                            if std::mem::take(&mut self.sync_to_server) {
+                                self.enqueue(Request::extended(vec![frame]));
+                            } else {
+                                self.client.queue(&protocol::ready_for_query(self.status));
+                            }
                         }
                         continue;
                     }

@@ -58,6 +58,20 @@ enum Expect {
     ParseHeld {
         name: String,
     },
+    /// ParseComplete for the client's own Parse of the unnamed statement. Should it fail, the
+    /// unnamed statement is gone, as the server drops it before parsing; skipped after an
+    /// earlier error, the statement `before` it stays the client's.
+    ParseUnnamed {
+        before: Option<StatementKey>,
+    },
+    /// CloseComplete for the client's Close of a named statement, answered by the proxy at
+    /// this point in the stream (the backend's copy may serve others). Skipped after an
+    /// earlier error, the statement is the client's again, as the server would not have
+    /// closed it.
+    CloseHeld {
+        name: String,
+        statement: ClientStatement,
+    },
     /// A Parse the proxy refuses (a statement name already in use): the server was given a
     /// Parse that fails in its place, so it skips to Sync and aborts a transaction as it would
     /// for the client's; its error is replaced with this one.
@@ -185,8 +199,12 @@ pub struct Session {
     queue: VecDeque<Request>,
     queued_bytes: usize,
     copy_in: bool,
-    /// The proxy failed an extended batch that had no Sync yet: drop messages until Sync.
+    /// An extended batch that had no Sync yet failed: drop messages until Sync.
     skip_until_sync: bool,
+    /// With `skip_until_sync`: the server failed that batch and skips to its next Sync too, so
+    /// the client's Sync goes to it (its ReadyForQuery tells the transaction's state) instead
+    /// of being answered by the proxy.
+    sync_to_server: bool,
     /// Swallow backend output up to ReadyForQuery, then run this request again.
     rerun: Option<Request>,
     in_flight: Option<InFlight>,
@@ -227,7 +245,9 @@ pub struct Session {
     held: Vec<Frame>,
     /// The current backend's own FATAL error already reached the client.
     backend_fatal_forwarded: bool,
-    /// An extended-protocol COPY swallowed its batch's Sync; the client's next Sync replaces it.
+    /// An extended-protocol COPY swallowed its batch's Sync, or its batch ended with Flush:
+    /// the server holds the COPY's result until the client's next Sync or Flush, which go to
+    /// it at once, ahead of anything queued.
     copy_sync_owed: bool,
     /// A transaction opened by a lone BEGIN, acknowledged to the client and not yet sent to
     /// any backend.
@@ -276,6 +296,7 @@ impl Session {
             queued_bytes: 0,
             copy_in: false,
             skip_until_sync: false,
+            sync_to_server: false,
             rerun: None,
             in_flight: None,
             info,
@@ -431,7 +452,8 @@ impl Session {
         }
         match &self.lease {
             None => true,
-            Some(_) => self.replies.is_empty() || self.holds_backend(),
+            // A COPY whose batch had no Sync holds its result until the server reads more.
+            Some(_) => self.replies.is_empty() || self.holds_backend() || self.copy_sync_owed,
         }
     }
 
@@ -458,10 +480,12 @@ impl Session {
         {
             // Only replies the proxy made itself so far, and the server still owes some: hold
             // them back so the request stays re-runnable until the server has answered.
-            let server_owes = self
-                .replies
-                .iter()
-                .any(|e| !matches!(e, Expect::Synthetic(_) | Expect::ParseHeld { .. }));
+            let server_owes = self.replies.iter().any(|e| {
+                !matches!(
+                    e,
+                    Expect::Synthetic(_) | Expect::ParseHeld { .. } | Expect::CloseHeld { .. }
+                )
+            });
             if !f.server_replied && server_owes {
                 return Ok(());
             }
@@ -514,6 +538,8 @@ impl Session {
         self.busy_since = None;
         self.cancel_sent = None;
         self.copy_sync_owed = false;
+        // No server is left skipping to a Sync: the proxy answers the client's.
+        self.sync_to_server = false;
         self.pending_token = None;
         self.slot = None;
         if self.cancel.clear() {
@@ -559,5 +585,24 @@ impl Session {
             }
         }
         self.skip_until_sync = true;
+    }
+
+    /// After the server failed a batch it got no Sync for, it skips everything up to the next
+    /// Sync it reads; the session does the same with what the client sends (batched, queued
+    /// or still to come), and passes that Sync on, so the server's ReadyForQuery ends the
+    /// error for both.
+    fn server_skips_to_sync(&mut self) {
+        self.copy_sync_owed = false;
+        self.batch.clear();
+        self.batch_bytes = 0;
+        while let Some(req) = self.queue.pop_front() {
+            self.queued_bytes = self.queued_bytes.saturating_sub(req.size());
+            if let Some(sync) = req.frames.iter().find(|f| f.tag == tag::FE_SYNC) {
+                self.requeue_front(Request::extended(vec![sync.clone()]));
+                return;
+            }
+        }
+        self.skip_until_sync = true;
+        self.sync_to_server = true;
     }
 }

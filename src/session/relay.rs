@@ -84,6 +84,8 @@ impl Session {
                     }
                     self.settle_effects(status, effect);
                     self.copy_in = false;
+                    // The server has had a Sync: nothing of a COPY waits for one.
+                    self.copy_sync_owed = false;
                     if let Some(f) = self.in_flight.as_mut() {
                         f.server_replied = true;
                     }
@@ -133,13 +135,12 @@ impl Session {
                         self.rerun = Some(req);
                         continue;
                     }
-                    if matches!(self.replies.front(), Some(Expect::Refused(_)))
-                        && let Some(Expect::Refused(mine)) = self.replies.pop_front()
-                    {
+                    let refused = matches!(self.replies.front(), Some(Expect::Refused(_)));
+                    if refused && let Some(Expect::Refused(mine)) = self.replies.pop_front() {
                         frame = mine;
                     }
                     frame = self.name_query_timeout(frame);
-                    self.on_error_reply()
+                    self.on_error_reply(refused)
                 }
                 // The token query's own acknowledgements.
                 tag::BE_PARSE_COMPLETE | tag::BE_BIND_COMPLETE | tag::BE_CLOSE_COMPLETE
@@ -149,6 +150,7 @@ impl Session {
                 }
                 tag::BE_PARSE_COMPLETE => match self.replies.pop_front() {
                     Some(Expect::Parse { forward, .. }) => forward,
+                    Some(Expect::ParseUnnamed { .. }) => true,
                     _ => return Err(self.desync("unexpected ParseComplete".into())),
                 },
                 tag::BE_BIND_COMPLETE => {
@@ -191,14 +193,16 @@ impl Session {
                 tag::BE_COPY_IN_RESPONSE => {
                     self.copy_in = true;
                     // In an extended batch the Sync already sent is ignored during COPY; the
-                    // client sends another after CopyDone.
-                    if matches!(self.replies.front(), Some(Expect::Execute))
-                        && let Some(pos) = self
+                    // client sends another after CopyDone. A batch ended with Flush has none:
+                    // the server holds the COPY's result until the client's Sync or Flush.
+                    if matches!(self.replies.front(), Some(Expect::Execute)) {
+                        if let Some(pos) = self
                             .replies
                             .iter()
                             .position(|e| matches!(e, Expect::Sync { .. }))
-                    {
-                        self.replies.remove(pos);
+                        {
+                            self.replies.remove(pos);
+                        }
                         self.copy_sync_owed = true;
                     }
                     true
@@ -335,10 +339,17 @@ impl Session {
     /// Moves replies the proxy produces itself to the client once they reach the front.
     pub(super) fn emit_synthetic(&mut self) {
         loop {
-            match self.replies.front() {
-                Some(Expect::Synthetic(f)) => self.client.queue(f),
-                Some(Expect::ParseHeld { .. }) => self.client.queue(&protocol::parse_complete()),
+            let reply = match self.replies.front() {
+                Some(Expect::Synthetic(f)) => f.clone(),
+                Some(Expect::ParseHeld { .. }) => protocol::parse_complete(),
+                Some(Expect::CloseHeld { .. }) => protocol::close_complete(),
                 _ => return,
+            };
+            // Behind replies held back while a read may still run elsewhere, in their order.
+            if self.held.is_empty() {
+                self.client.queue(&reply);
+            } else {
+                self.held.push(reply);
             }
             self.replies.pop_front();
         }
@@ -366,7 +377,9 @@ impl Session {
     }
 
     /// After an ErrorResponse the server skips to the next Sync: drop what it will not answer.
-    fn on_error_reply(&mut self) -> bool {
+    /// `refused`: the failed message was a stand-in already taken off the replies, so the
+    /// front one was skipped rather than failed.
+    fn on_error_reply(&mut self, refused: bool) -> bool {
         match self.replies.front() {
             // Errors of statements the proxy injected are shown too: hiding them could hide
             // that the client's transaction never began.
@@ -385,13 +398,36 @@ impl Session {
             Some(Expect::Sync { .. }) | None => return true,
             _ => {}
         }
+        let mut failed = !refused;
+        // The client's unnamed statement once the server is done with the batch, if it changes.
+        let mut unnamed = None;
+        // Statements the client closed in a part of the batch the server skips.
+        let mut reopened = Vec::new();
+        let mut synced = false;
         while let Some(front) = self.replies.front() {
             match front {
-                Expect::Sync { .. }
-                | Expect::Query {
+                Expect::Sync { .. } => {
+                    synced = true;
+                    break;
+                }
+                Expect::Query {
                     in_batch: false, ..
                 }
-                | Expect::Settings { .. } => break,
+                | Expect::Settings { .. } => {
+                    synced = true;
+                    break;
+                }
+                Expect::ParseUnnamed { before } => {
+                    if unnamed.is_none() {
+                        unnamed = Some(if failed { None } else { before.clone() });
+                    }
+                    if let Some(l) = self.lease.as_mut() {
+                        l.conn().statements.unnamed = None;
+                    }
+                }
+                Expect::CloseHeld { name, statement } => {
+                    reopened.push((name.clone(), statement.clone()));
+                }
                 Expect::Parse { key, name, .. } => {
                     if let Some(n) = name {
                         self.statements.remove(n);
@@ -409,7 +445,20 @@ impl Session {
                 }
                 _ => {}
             }
+            failed = false;
             self.replies.pop_front();
+        }
+        if let Some(u) = unnamed {
+            self.unnamed = u;
+        }
+        // After the names the skipped Parses created are gone: one may have reused a name.
+        for (name, statement) in reopened {
+            self.statements.insert(name, statement);
+        }
+        if !synced {
+            // The batch reached the server without its Sync (ended with Flush, or a COPY took
+            // it): the server skips whatever comes next up to a Sync.
+            self.server_skips_to_sync();
         }
         true
     }

@@ -70,8 +70,13 @@ pub(super) fn ensure_prepared(
 }
 
 /// Re-parses the client's unnamed statement if this backend's unnamed slot holds another one.
+/// A client without one gets the slot emptied first, so that its Bind or Describe fails as on
+/// its own server instead of using a statement left there by another client.
 fn ensure_unnamed(conn: &mut BackendConn, replies: &mut VecDeque<Expect>, names: &Names<'_>) {
     let Some(key) = names.unnamed.as_ref() else {
+        conn.transport.queue(&protocol::encode_close(b'S', ""));
+        replies.push_back(Expect::Close { forward: false });
+        conn.statements.unnamed = None;
         return;
     };
     if conn.statements.unnamed.as_ref() == Some(key) {
@@ -117,12 +122,8 @@ pub(super) fn translate(
             if p.name.is_empty() {
                 conn.transport.queue(frame);
                 conn.statements.unnamed = Some(key.clone());
-                *names.unnamed = Some(key);
-                replies.push_back(Expect::Parse {
-                    forward: true,
-                    key: None,
-                    name: None,
-                });
+                let before = names.unnamed.replace(key);
+                replies.push_back(Expect::ParseUnnamed { before });
             } else if names.statements.contains_key(p.name) {
                 // Refused as the server refuses it. The stand-in fails on any server, and a
                 // named Parse that fails creates nothing.
@@ -226,8 +227,13 @@ pub(super) fn translate(
             let c = protocol::parse_close(frame.body())?;
             if c.kind == b'S' && !c.name.is_empty() {
                 // The backend copy may serve other clients; only the client's name goes away.
-                names.statements.remove(c.name);
-                replies.push_back(Expect::Synthetic(protocol::close_complete()));
+                match names.statements.remove(c.name) {
+                    Some(statement) => replies.push_back(Expect::CloseHeld {
+                        name: c.name.to_string(),
+                        statement,
+                    }),
+                    None => replies.push_back(Expect::Synthetic(protocol::close_complete())),
+                }
             } else {
                 if c.kind == b'S' {
                     conn.statements.unnamed = None;
