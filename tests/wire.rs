@@ -674,8 +674,9 @@ async fn answers_as_the_server_until(
 /// ended with Flush, or got a Sync among its data, completes at the Sync after CopyDone; a
 /// Sync inside simple-query COPY data is ignored; a Close skipped after an error closes
 /// nothing; a failed unnamed Parse leaves no unnamed statement; proxy-made replies keep their
-/// place among the server's; and bad format codes get the server's error, the session going
-/// on. Each exchange would hang, desynchronise or differ without its fix.
+/// place among the server's; bad format codes get the server's error, the session going on;
+/// and errors name statements as the client does. Each exchange would hang, desynchronise or
+/// differ without its fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extended_errors_and_copy_keep_the_protocol_in_step() {
     use common::raw::{bind, describe_statement, execute, flush, msg, parse, sync};
@@ -818,8 +819,22 @@ async fn extended_errors_and_copy_keep_the_protocol_in_step() {
             b'Z',
         ),
         (query("SELECT 9"), b'Z'),
+        // The server's error names the statement as the client named it.
+        (cat(&[parse("named", "SELECT $1::int"), sync()]), b'Z'),
+        (cat(&[bind("named"), execute(), sync()]), b'Z'),
     ];
     answers_as_the_server_until(&env, proxy.addr, &[], &steps).await;
+    // The server's error names the statement as the client named it, not as the proxy did.
+    let mut s = common::raw::login(proxy.addr).await;
+    common::raw::roundtrip(&mut s, &cat(&[parse("mine", "SELECT $1::int"), sync()])).await;
+    let reply = common::raw::roundtrip(&mut s, &cat(&[bind("mine"), execute(), sync()])).await;
+    let (_, body) = reply.iter().find(|(t, _)| *t == b'E').expect("an error");
+    let message = body
+        .split(|b| *b == 0)
+        .find_map(|f| f.strip_prefix(b"M"))
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .unwrap_or_default();
+    assert!(message.contains("\"mine\""), "{message}");
     // Both sides copied the same rows, and nothing is left holding the table.
     let rows: i64 = admin
         .query_one("SELECT count(*) FROM copied", &[])

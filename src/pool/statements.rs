@@ -159,6 +159,14 @@ impl StatementCache {
         }
     }
 
+    /// The statement prepared here under `name`, in any scope (a scan: for error messages).
+    pub fn key_of(&self, name: &str) -> Option<&StatementKey> {
+        self.map
+            .iter()
+            .find(|(_, e)| e.name.as_str() == name)
+            .map(|((_, key), _)| key)
+    }
+
     /// Forgets a statement (its Parse failed, or it was closed).
     pub fn remove(&mut self, key: &StatementKey) {
         self.map.remove(&(self.scope, key.clone()));

@@ -28,6 +28,14 @@ impl ClientStatements {
         self.map.get(name)
     }
 
+    /// A name the client gave the statement `key` (a scan: for error messages).
+    pub(crate) fn name_of(&self, key: &[u8]) -> Option<&str> {
+        self.map
+            .iter()
+            .find(|(_, s)| s.key.as_ref() == key)
+            .map(|(name, _)| name.as_str())
+    }
+
     pub(crate) fn get_mut(&mut self, name: &str) -> Option<&mut ClientStatement> {
         self.map.get_mut(name)
     }

@@ -7,7 +7,7 @@ use super::{Effect, Expect, Session, shape};
 use crate::classify::SessionCommand;
 use crate::config::PoolMode;
 use crate::error::{BackendError, SessionError, sqlstate};
-use crate::protocol::{self, TxStatus, tag};
+use crate::protocol::{self, Frame, TxStatus, tag};
 
 impl Session {
     /// Handles every complete frame the backend has sent.
@@ -140,6 +140,7 @@ impl Session {
                         frame = mine;
                     }
                     frame = self.name_query_timeout(frame);
+                    frame = self.name_client_statement(frame);
                     self.on_error_reply(refused)
                 }
                 // The token query's own acknowledgements.
@@ -374,6 +375,40 @@ impl Session {
                     | Expect::Abort
             )
         )
+    }
+
+    /// A server error that names a statement by the proxy's name for it (a Bind with the wrong
+    /// number of parameters, say) names it as the client does.
+    fn name_client_statement(&mut self, frame: Frame) -> Frame {
+        const PREFIX: &str = "\"causeway_";
+        let Ok(fields) = protocol::parse_error_fields(frame.body()) else {
+            return frame;
+        };
+        let Some(start) = fields.message.find(PREFIX) else {
+            return frame;
+        };
+        let quoted = &fields.message[start + 1..];
+        let Some(end) = quoted.find('"') else {
+            return frame;
+        };
+        let backend = &quoted[..end];
+        let Some(lease) = self.lease.as_mut() else {
+            return frame;
+        };
+        let client = lease
+            .conn()
+            .statements
+            .key_of(backend)
+            .and_then(|key| self.statements.name_of(key));
+        let Some(client) = client else {
+            return frame;
+        };
+        let message = format!(
+            "{}\"{client}\"{}",
+            &fields.message[..start],
+            &quoted[end + 1..]
+        );
+        protocol::with_message(&frame, &message).unwrap_or(frame)
     }
 
     /// After an ErrorResponse the server skips to the next Sync: drop what it will not answer.
