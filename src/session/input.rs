@@ -28,7 +28,7 @@ impl Session {
             }
             match frame.tag {
                 // As on a server: skipped with the rest of a failed batch.
-                tag::FE_QUERY | tag::FE_FUNCTION_CALL if self.skip_until_sync => {}
+                tag::FE_QUERY | tag::FE_FUNCTION_CALL if self.skip_until_sync.is_some() => {}
                 tag::FE_QUERY | tag::FE_FUNCTION_CALL if !self.batch.is_empty() => {
                     // Inside an unsynced batch it runs after the batch's messages, in one
                     // request with them: the server ends the batch's implicit transaction
@@ -44,7 +44,7 @@ impl Session {
                 | tag::FE_DESCRIBE
                 | tag::FE_EXECUTE
                 | tag::FE_CLOSE => {
-                    if !self.skip_until_sync {
+                    if self.skip_until_sync.is_none() {
                         self.hold_in_batch(frame)?;
                     }
                 }
@@ -61,14 +61,10 @@ impl Session {
                 }
                 tag::FE_FLUSH | tag::FE_SYNC => {
                     let sync = frame.tag == tag::FE_SYNC;
-                    if self.skip_until_sync {
+                    if let Some(ends) = self.skip_until_sync {
                         if sync {
-                            self.skip_until_sync = false;
-                            if std::mem::take(&mut self.sync_to_server) {
-                                self.enqueue(Request::extended(vec![frame]));
-                            } else {
-                                self.client.queue(&protocol::ready_for_query(self.status));
-                            }
+                            self.skip_until_sync = None;
+                            self.end_skip(ends, frame);
                         }
                         continue;
                     }

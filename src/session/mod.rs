@@ -12,6 +12,7 @@ mod request;
 mod rerun;
 mod settings;
 mod shape;
+mod skip;
 mod timers;
 mod translate;
 mod wait;
@@ -19,6 +20,7 @@ mod wait;
 pub(crate) use local::shared_table;
 pub use request::Request;
 pub use settings::{check_startup_settings, startup_value};
+use skip::SyncEnds;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -33,7 +35,7 @@ use crate::config::PoolMode;
 use crate::error::SessionError;
 use crate::pool::Lease;
 use crate::pool::statements::StatementKey;
-use crate::protocol::{self, Frame, TxStatus, tag};
+use crate::protocol::{self, Frame, TxStatus};
 use crate::server::Shared;
 use crate::transport::Transport;
 
@@ -199,12 +201,9 @@ pub struct Session {
     queue: VecDeque<Request>,
     queued_bytes: usize,
     copy_in: bool,
-    /// An extended batch that had no Sync yet failed: drop messages until Sync.
-    skip_until_sync: bool,
-    /// With `skip_until_sync`: the server failed that batch and skips to its next Sync too, so
-    /// the client's Sync goes to it (its ReadyForQuery tells the transaction's state) instead
-    /// of being answered by the proxy.
-    sync_to_server: bool,
+    /// An extended batch that had no Sync yet failed: messages are dropped until Sync, which
+    /// ends the skip where this says.
+    skip_until_sync: Option<SyncEnds>,
     /// Swallow backend output up to ReadyForQuery, then run this request again.
     rerun: Option<Request>,
     in_flight: Option<InFlight>,
@@ -295,8 +294,7 @@ impl Session {
             queue: VecDeque::new(),
             queued_bytes: 0,
             copy_in: false,
-            skip_until_sync: false,
-            sync_to_server: false,
+            skip_until_sync: None,
             rerun: None,
             in_flight: None,
             info,
@@ -538,8 +536,10 @@ impl Session {
         self.busy_since = None;
         self.cancel_sent = None;
         self.copy_sync_owed = false;
-        // No server is left skipping to a Sync: the proxy answers the client's.
-        self.sync_to_server = false;
+        if self.skip_until_sync.is_some() {
+            // No server is left skipping to a Sync: the proxy answers the client's.
+            self.skip_until_sync = Some(SyncEnds::Here);
+        }
         self.pending_token = None;
         self.slot = None;
         if self.cancel.clear() {
@@ -566,43 +566,7 @@ impl Session {
         if req.ends_with_ready() {
             self.client.queue(&protocol::ready_for_query(self.status));
         } else {
-            self.skip_to_sync();
+            self.skip_to_sync(SyncEnds::Here);
         }
-    }
-
-    /// After an error in a batch with no Sync yet, does what a server does: drops everything the
-    /// client sent up to its next Sync, queued or still to come, and answers that Sync with
-    /// ReadyForQuery.
-    fn skip_to_sync(&mut self) {
-        self.batch.clear();
-        self.batch_bytes = 0;
-        while let Some(req) = self.queue.pop_front() {
-            self.queued_bytes = self.queued_bytes.saturating_sub(req.size());
-            let synced = req.frames.iter().any(|f| f.tag == tag::FE_SYNC);
-            if synced {
-                self.client.queue(&protocol::ready_for_query(self.status));
-                return;
-            }
-        }
-        self.skip_until_sync = true;
-    }
-
-    /// After the server failed a batch it got no Sync for, it skips everything up to the next
-    /// Sync it reads; the session does the same with what the client sends (batched, queued
-    /// or still to come), and passes that Sync on, so the server's ReadyForQuery ends the
-    /// error for both.
-    fn server_skips_to_sync(&mut self) {
-        self.copy_sync_owed = false;
-        self.batch.clear();
-        self.batch_bytes = 0;
-        while let Some(req) = self.queue.pop_front() {
-            self.queued_bytes = self.queued_bytes.saturating_sub(req.size());
-            if let Some(sync) = req.frames.iter().find(|f| f.tag == tag::FE_SYNC) {
-                self.requeue_front(Request::extended(vec![sync.clone()]));
-                return;
-            }
-        }
-        self.skip_until_sync = true;
-        self.sync_to_server = true;
     }
 }

@@ -3,11 +3,11 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{Effect, Expect, Session, shape};
+use super::{Effect, Expect, Session, SyncEnds, shape};
 use crate::classify::SessionCommand;
 use crate::config::PoolMode;
 use crate::error::{BackendError, SessionError, sqlstate};
-use crate::protocol::{self, Frame, TxStatus, tag};
+use crate::protocol::{self, TxStatus, tag};
 
 impl Session {
     /// Handles every complete frame the backend has sent.
@@ -377,127 +377,6 @@ impl Session {
         )
     }
 
-    /// A server error that names a statement by the proxy's name for it (a Bind with the wrong
-    /// number of parameters, say) names it as the client does.
-    fn name_client_statement(&mut self, frame: Frame) -> Frame {
-        const PREFIX: &str = "\"causeway_";
-        let Ok(fields) = protocol::parse_error_fields(frame.body()) else {
-            return frame;
-        };
-        let Some(start) = fields.message.find(PREFIX) else {
-            return frame;
-        };
-        let quoted = &fields.message[start + 1..];
-        let Some(end) = quoted.find('"') else {
-            return frame;
-        };
-        let backend = &quoted[..end];
-        let Some(lease) = self.lease.as_mut() else {
-            return frame;
-        };
-        let client = lease
-            .conn()
-            .statements
-            .key_of(backend)
-            .and_then(|key| self.statements.name_of(key));
-        let Some(client) = client else {
-            return frame;
-        };
-        let message = format!(
-            "{}\"{client}\"{}",
-            &fields.message[..start],
-            &quoted[end + 1..]
-        );
-        protocol::with_message(&frame, &message).unwrap_or(frame)
-    }
-
-    /// After an ErrorResponse the server skips to the next Sync: drop what it will not answer.
-    /// `refused`: the failed message was a stand-in already taken off the replies, so the
-    /// front one was skipped rather than failed.
-    fn on_error_reply(&mut self, refused: bool) -> bool {
-        match self.replies.front() {
-            // Errors of statements the proxy injected are shown too: hiding them could hide
-            // that the client's transaction never began.
-            Some(Expect::Query { .. }) => return true,
-            Some(Expect::Settings { shown }) => {
-                let shown = *shown;
-                self.settings_failed();
-                return shown;
-            }
-            Some(Expect::Token { .. }) => {
-                self.token_failed();
-                return false;
-            }
-            // The abort the proxy asked for: the client has its own error already.
-            Some(Expect::Abort) => return false,
-            Some(Expect::Sync { .. }) | None => return true,
-            _ => {}
-        }
-        let mut failed = !refused;
-        // The client's unnamed statement once the server is done with the batch, if it changes.
-        let mut unnamed = None;
-        // Statements the client closed in a part of the batch the server skips.
-        let mut reopened = Vec::new();
-        let mut synced = false;
-        while let Some(front) = self.replies.front() {
-            match front {
-                Expect::Sync { .. } => {
-                    synced = true;
-                    break;
-                }
-                Expect::Query {
-                    in_batch: false, ..
-                }
-                | Expect::Settings { .. } => {
-                    synced = true;
-                    break;
-                }
-                Expect::ParseUnnamed { before } => {
-                    if unnamed.is_none() {
-                        unnamed = Some(if failed { None } else { before.clone() });
-                    }
-                    if let Some(l) = self.lease.as_mut() {
-                        l.conn().statements.unnamed = None;
-                    }
-                }
-                Expect::CloseHeld { name, statement } => {
-                    reopened.push((name.clone(), statement.clone()));
-                }
-                Expect::Parse { key, name, .. } => {
-                    if let Some(n) = name {
-                        self.statements.remove(n);
-                    }
-                    if let Some(l) = self.lease.as_mut() {
-                        let conn = l.conn();
-                        match key {
-                            Some(k) => conn.statements.remove(k),
-                            None => conn.statements.unnamed = None,
-                        }
-                    }
-                }
-                Expect::ParseHeld { name } => {
-                    self.statements.remove(name);
-                }
-                _ => {}
-            }
-            failed = false;
-            self.replies.pop_front();
-        }
-        if let Some(u) = unnamed {
-            self.unnamed = u;
-        }
-        // After the names the skipped Parses created are gone: one may have reused a name.
-        for (name, statement) in reopened {
-            self.statements.insert(name, statement);
-        }
-        if !synced {
-            // The batch reached the server without its Sync (ended with Flush, or a COPY took
-            // it): the server skips whatever comes next up to a Sync.
-            self.server_skips_to_sync();
-        }
-        true
-    }
-
     /// Returns the backend if the client is between transactions and nothing is in flight.
     pub(super) fn release_if_idle(&mut self) {
         self.maybe_release();
@@ -662,7 +541,7 @@ impl Session {
                     &msg,
                 ));
             }
-            self.skip_to_sync();
+            self.skip_to_sync(SyncEnds::Here);
         }
         Ok(())
     }
