@@ -673,10 +673,10 @@ async fn answers_as_the_server_until(
 /// error in a batch ended by Flush, the server skips to the next Sync; a COPY whose batch
 /// ended with Flush, or got a Sync among its data, completes at the Sync after CopyDone; a
 /// Sync inside simple-query COPY data is ignored; a Close skipped after an error closes
-/// nothing; a failed unnamed Parse leaves no unnamed statement; proxy-made replies keep their
-/// place among the server's; bad format codes get the server's error, the session going on;
-/// and errors name statements as the client does. Each exchange would hang, desynchronise or
-/// differ without its fix.
+/// nothing; a failed unnamed Parse, or any simple Query, leaves no unnamed statement;
+/// proxy-made replies keep their place among the server's; bad format codes get the server's
+/// error, the session going on; and errors name statements as the client does. Each exchange
+/// would hang, desynchronise or differ without its fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extended_errors_and_copy_keep_the_protocol_in_step() {
     use common::raw::{bind, describe_statement, execute, flush, msg, parse, sync};
@@ -771,6 +771,18 @@ async fn extended_errors_and_copy_keep_the_protocol_in_step() {
             cat(&[bind("no_such_statement"), parse("", "SELECT 11"), sync()]),
             b'Z',
         ),
+        (cat(&[bind(""), execute(), sync()]), b'Z'),
+        // A simple Query ends the unnamed statement, whether it runs on a server, is answered
+        // by the proxy (a deferred BEGIN) or fails.
+        (cat(&[parse("", "SELECT 14"), sync()]), b'Z'),
+        (query("SELECT 15"), b'Z'),
+        (cat(&[bind(""), execute(), sync()]), b'Z'),
+        (cat(&[parse("", "SELECT 16"), sync()]), b'Z'),
+        (query("BEGIN"), b'Z'),
+        (cat(&[bind(""), execute(), sync()]), b'Z'),
+        (query("ROLLBACK"), b'Z'),
+        (cat(&[parse("", "SELECT 17"), sync()]), b'Z'),
+        (query("SELECT * FROM no_such_table"), b'Z'),
         (cat(&[bind(""), execute(), sync()]), b'Z'),
         // Bad data in an extended COPY: the server skips what follows up to the next Sync.
         (cat(&[copy_from(), sync()]), b'G'),

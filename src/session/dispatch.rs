@@ -27,6 +27,11 @@ impl Session {
     /// Sends one request on the current backend, taking one first if the client has none.
     pub(super) async fn dispatch(&mut self, req: Request) -> Result<(), SessionError> {
         let started = tokio::time::Instant::now();
+        if req.is_simple_query() {
+            // As on a server, a simple Query ends the unnamed statement before anything else,
+            // whether it then runs, fails or is answered here.
+            self.unnamed = None;
+        }
         if std::mem::take(&mut self.announce_token) {
             // Reported inside a reply stream, where every driver expects ParameterStatus.
             self.client.queue(&protocol::parameter_status(
