@@ -22,6 +22,8 @@ pub enum Reason {
     SessionPin,
     NoReplica,
     ReadOnlyRetry,
+    /// A replica cancelled the read for a conflict with recovery; the primary ran it again.
+    RecoveryConflict,
     /// No usable replica had replayed the session's token yet.
     ReadYourWrites,
     /// A recent write keeps the session's reads on the primary.
@@ -42,6 +44,7 @@ impl Reason {
             Reason::SessionPin => "session_pin",
             Reason::NoReplica => "no_replica",
             Reason::ReadOnlyRetry => "read_only_retry",
+            Reason::RecoveryConflict => "recovery_conflict",
             Reason::ReadYourWrites => "read_your_writes",
             Reason::StickyWindow => "sticky_window",
             Reason::Serializable => "serializable",

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::route::Reason;
 
-const REASONS: [Reason; 11] = [
+const REASONS: [Reason; 12] = [
     Reason::ClassifiedRead,
     Reason::ClassifiedWrite,
     Reason::Transaction,
@@ -14,6 +14,7 @@ const REASONS: [Reason; 11] = [
     Reason::SessionPin,
     Reason::NoReplica,
     Reason::ReadOnlyRetry,
+    Reason::RecoveryConflict,
     Reason::ReadYourWrites,
     Reason::StickyWindow,
     Reason::Serializable,
@@ -311,6 +312,6 @@ mod tests {
         assert_eq!(s.routed(Reason::Hint), 2);
         assert_eq!(s.routed(Reason::ReadOnlyRetry), 1);
         assert_eq!(s.routed(Reason::ClassifiedRead), 0);
-        assert_eq!(s.routes().len(), 11);
+        assert_eq!(s.routes().len(), 12);
     }
 }

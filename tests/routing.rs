@@ -725,3 +725,82 @@ async fn a_view_taking_a_session_lock_pins_its_reader() {
     }
     panic!("the view's advisory lock stayed on the primary after its reader left");
 }
+
+/// Polls `sql` (one bigint) on `client` until it is at least `want`, for up to 10 s.
+async fn until_count(client: &tokio_postgres::Client, sql: &str, want: i64) -> bool {
+    for _ in 0..200 {
+        let n: i64 = client.query_one(sql, &[]).await.unwrap().get(0);
+        if n >= want {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// A replica cancels a read for a conflict with recovery: the primary takes an ACCESS
+/// EXCLUSIVE lock on the table the read holds, and the replica (`max_standby_streaming_delay
+/// = 0`) cancels the read to replay it. The proxy runs the read again on the primary, where
+/// it waits for the lock, and the client gets its answer, not the 40001. The replica's own
+/// conflict counter shows the cancel happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_a_replica_cancels_for_a_recovery_conflict_runs_again_on_the_primary() {
+    let opts = causeway::launcher::ClusterOptions {
+        replicas: 1,
+        replica_conf: vec![("max_standby_streaming_delay".into(), "0".into())],
+        ..Default::default()
+    };
+    let env = common::start_with(opts, |_| {}).await;
+    env.owner()
+        .await
+        .batch_execute("CREATE TABLE held (a int); INSERT INTO held VALUES (1), (2); CREATE TABLE other (a int)")
+        .await
+        .unwrap();
+    env.caught_up().await;
+    let replica = common::connect(&env.cluster.superuser_conninfo(&env.cluster.replicas[0])).await;
+    let primary = env.primary_admin().await;
+    const READ: &str = "SELECT count(*), pg_sleep(2)::text FROM held";
+    let running = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE query = '{READ}' AND state = 'active'"
+    );
+    let c = env.client().await;
+    let read = tokio::spawn(async move { c.simple_query(READ).await });
+    assert!(
+        until_count(&replica, &running, 1).await,
+        "the read never ran on the replica"
+    );
+    let locker = env.owner().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    // The lock's WAL record reaches the replica once flushed, as any commit flushes it.
+    primary
+        .batch_execute("INSERT INTO other VALUES (1)")
+        .await
+        .unwrap();
+    // Run again on the primary, the read waits there for the lock.
+    let waiting = format!("{running} AND wait_event_type = 'Lock'");
+    assert!(
+        until_count(&primary, &waiting, 1).await,
+        "the cancelled read did not run again on the primary"
+    );
+    locker.batch_execute("COMMIT").await.unwrap();
+    let rows = tokio::time::timeout(std::time::Duration::from_secs(20), read)
+        .await
+        .expect("the read finished")
+        .unwrap()
+        .expect("the read succeeded");
+    assert_eq!(common::first_text(&rows).as_deref(), Some("2"));
+    let conflicts = "SELECT confl_lock FROM pg_stat_database_conflicts WHERE datname = 'app'";
+    assert!(
+        until_count(&replica, conflicts, 1).await,
+        "the replica cancelled nothing"
+    );
+    let routed = env
+        .proxy
+        .shared
+        .stats
+        .routed(causeway::route::Reason::RecoveryConflict);
+    assert_eq!(routed, 1);
+}

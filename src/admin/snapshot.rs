@@ -113,8 +113,9 @@ pub struct PoolUse {
 pub struct Routing {
     /// Routing decisions by reason: classified_read, classified_write, transaction,
     /// read_only_transaction, hint, session_pin, serializable, no_replica, read_only_retry (a
-    /// replica answered 25006 and the request moved to the primary), read_your_writes,
-    /// sticky_window.
+    /// replica answered 25006 and the request moved to the primary), recovery_conflict (a
+    /// replica cancelled a read for a conflict with recovery and the primary ran it again),
+    /// read_your_writes, sticky_window.
     pub by_reason: BTreeMap<&'static str, u64>,
     /// Reads that waited for a replica to replay their token, and of those, how many then
     /// ran on a replica.

@@ -289,7 +289,9 @@ impl Session {
         if !self.on_primary() || !req.executes() {
             return;
         }
-        if class.access == Access::Write || req.force_primary || req.executes_earlier_portal() {
+        // A replica refused the request as a write: it may well be one.
+        let refused_as_write = req.force_primary == Some(Reason::ReadOnlyRetry);
+        if class.access == Access::Write || refused_as_write || req.executes_earlier_portal() {
             self.unsealed.sent += 1;
             if let Some(k) = &class.hints.key
                 && !self.unsealed.keys.contains(k)

@@ -95,7 +95,7 @@ impl Session {
         let started = tokio::time::Instant::now();
         let prio = priority_of(&routing, &req, false);
         if let Err(e) = self
-            .acquire_for(&routing, false, prio, started.into_std())
+            .acquire_for(&routing, None, prio, started.into_std())
             .await
         {
             if e.is_client_gone() {

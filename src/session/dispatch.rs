@@ -167,7 +167,7 @@ impl Session {
             && self.status == TxStatus::Idle;
         let retryable = rerunnable
             && on_replica
-            && !req.force_primary
+            && req.force_primary.is_none()
             && class.access == Access::Read
             && class.pin.is_none()
             && !req.is_function_call();
@@ -269,7 +269,7 @@ impl Session {
             || class.pin.is_some()
             || class.hints.route == Some(crate::classify::RouteHint::Primary)
             || self.route_mode == crate::classify::RouteMode::Primary
-            || req.force_primary;
+            || req.force_primary.is_some();
         self.replies.is_empty()
             && !self.holds_backend()
             && lease.node().role == crate::cluster::Role::Replica

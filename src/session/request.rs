@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::protocol::{self, Frame, tag};
+use crate::route::Reason;
 
 /// One client request, kept as the client's original frames. Cheap to clone: a request that
 /// may have to run again (a read on a replica) is kept while it runs.
@@ -14,8 +15,10 @@ pub struct Request {
     pub trailing: Vec<Frame>,
     /// Times this request was already re-run after a backend failure.
     pub attempt: u8,
-    /// Run on the primary whatever the classification says (a replica refused it).
-    pub force_primary: bool,
+    /// Run on the primary whatever the classification says, and why: a replica refused it as
+    /// a write ([`Reason::ReadOnlyRetry`]) or cancelled it for a conflict with recovery
+    /// ([`Reason::RecoveryConflict`]).
+    pub force_primary: Option<Reason>,
 }
 
 impl Request {
@@ -34,7 +37,7 @@ impl Request {
             frames,
             trailing: Vec::new(),
             attempt: 0,
-            force_primary: false,
+            force_primary: None,
         }
     }
 

@@ -5,6 +5,7 @@
 use super::{Expect, Request, Session};
 use crate::error::sqlstate;
 use crate::protocol;
+use crate::route::Reason;
 
 impl Session {
     /// Closes the pooled idle connections to the databases `req` needs no other session
@@ -44,7 +45,8 @@ impl Session {
     }
 
     /// Errors a request recovers from by running again, before the client saw anything: a
-    /// replica refusing a write (25006) or an unlogged relation (0A000) goes to the primary; a
+    /// replica refusing a write (25006) or an unlogged relation (0A000), or cancelling a read
+    /// for a conflict with recovery (40001, 40P01), sends it to the primary; a
     /// shared prepared statement whose plan went stale after DDL is prepared afresh on a new
     /// connection.
     pub(super) fn rerun_after_error(&mut self, body: &[u8]) -> Option<Request> {
@@ -61,13 +63,13 @@ impl Session {
         let mut req =
             // Only a request that ends with a Sync or Query can be re-run: the failed attempt's
             // output is skipped up to its ReadyForQuery, which a batch ended by Flush never gets.
-            if (fields.code == sqlstate::READ_ONLY_TRANSACTION || refused_in_recovery(&fields))
+            if let Some(reason) = replica_refusal(&fields)
                 && from_replica
                 && f.retryable
                 && f.request.ends_with_ready()
             {
                 let mut req = f.request.clone();
-                req.force_primary = true;
+                req.force_primary = Some(reason);
                 req
             } else if fields.code == sqlstate::OBJECT_IN_USE
                 && !from_replica
@@ -104,6 +106,27 @@ impl Session {
         self.client.truncate_write(f.client_mark);
         self.held.clear();
         Some(req)
+    }
+}
+
+/// Why a replica's error sends a read (outside a transaction, nothing shown yet) to the
+/// primary, if it does.
+///
+/// A standby cancels a query whose snapshot or locks stand in the way of replaying the
+/// primary's WAL (vacuum cleanup, an `ACCESS EXCLUSIVE` lock, a buffer pin) once
+/// `max_standby_streaming_delay` is up, with 40001, or 40P01 for a deadlock with the startup
+/// process. A standby has no other source of either for a read outside a transaction: it
+/// refuses serializable isolation, and a read takes no lock another session's read could
+/// deadlock with. The primary has no such conflicts and has all the data the replica had.
+fn replica_refusal(fields: &protocol::ErrorFields) -> Option<Reason> {
+    if fields.code == sqlstate::READ_ONLY_TRANSACTION || refused_in_recovery(fields) {
+        Some(Reason::ReadOnlyRetry)
+    } else if fields.code == sqlstate::SERIALIZATION_FAILURE
+        || fields.code == sqlstate::DEADLOCK_DETECTED
+    {
+        Some(Reason::RecoveryConflict)
+    } else {
+        None
     }
 }
 

@@ -128,7 +128,7 @@ impl Session {
     pub(super) async fn acquire_for(
         &mut self,
         class: &Classification,
-        force_primary: bool,
+        force_primary: Option<Reason>,
         prio: Class,
         now: std::time::Instant,
     ) -> Result<(), SessionError> {
@@ -146,10 +146,10 @@ impl Session {
         // reloads keep changing the replicas under the read.
         let bound = replicas.len() + 2;
         for attempt in 0..=bound {
-            let decision = if force_primary {
+            let decision = if let Some(reason) = force_primary {
                 Decision {
                     target: Target::Primary,
-                    reason: Reason::ReadOnlyRetry,
+                    reason,
                 }
             } else if self.cfg.pool.mode == PoolMode::Session || state_pin.is_some() {
                 // One backend for the whole session, as a server would be: the primary.
