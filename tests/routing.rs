@@ -741,8 +741,8 @@ async fn until_count(client: &tokio_postgres::Client, sql: &str, want: i64) -> b
 /// A replica cancels a read for a conflict with recovery: the primary takes an ACCESS
 /// EXCLUSIVE lock on the table the read holds, and the replica (`max_standby_streaming_delay
 /// = 0`) cancels the read to replay it. The proxy runs the read again on the primary, where
-/// it waits for the lock, and the client gets its answer, not the 40001. The replica's own
-/// conflict counter shows the cancel happened.
+/// it waits for the lock, and the client gets its answer, not the 40001, in the simple and the
+/// extended protocol. The replica's own conflict counter shows each cancel happened.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_a_replica_cancels_for_a_recovery_conflict_runs_again_on_the_primary() {
     let opts = causeway::launcher::ClusterOptions {
@@ -759,48 +759,64 @@ async fn a_read_a_replica_cancels_for_a_recovery_conflict_runs_again_on_the_prim
     env.caught_up().await;
     let replica = common::connect(&env.cluster.superuser_conninfo(&env.cluster.replicas[0])).await;
     let primary = env.primary_admin().await;
-    const READ: &str = "SELECT count(*), pg_sleep(2)::text FROM held";
-    let running = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE query = '{READ}' AND state = 'active'"
-    );
-    let c = env.client().await;
-    let read = tokio::spawn(async move { c.simple_query(READ).await });
-    assert!(
-        until_count(&replica, &running, 1).await,
-        "the read never ran on the replica"
-    );
-    let locker = env.owner().await;
-    locker
-        .batch_execute("BEGIN; LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    // The lock's WAL record reaches the replica once flushed, as any commit flushes it.
-    primary
-        .batch_execute("INSERT INTO other VALUES (1)")
-        .await
-        .unwrap();
-    // Run again on the primary, the read waits there for the lock.
-    let waiting = format!("{running} AND wait_event_type = 'Lock'");
-    assert!(
-        until_count(&primary, &waiting, 1).await,
-        "the cancelled read did not run again on the primary"
-    );
-    locker.batch_execute("COMMIT").await.unwrap();
-    let rows = tokio::time::timeout(std::time::Duration::from_secs(20), read)
-        .await
-        .expect("the read finished")
-        .unwrap()
-        .expect("the read succeeded");
-    assert_eq!(common::first_text(&rows).as_deref(), Some("2"));
-    let conflicts = "SELECT confl_lock FROM pg_stat_database_conflicts WHERE datname = 'app'";
-    assert!(
-        until_count(&replica, conflicts, 1).await,
-        "the replica cancelled nothing"
-    );
+    // The simple protocol, then the extended one with a statement prepared on the replica.
+    for (round, sql) in [
+        "SELECT count(*), pg_sleep(2)::text FROM held",
+        "SELECT count(*), pg_sleep(2)::text FROM held WHERE a > $1",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let running = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = '{sql}' AND state = 'active'"
+        );
+        let c = env.client().await;
+        let read = tokio::spawn(async move {
+            if round == 0 {
+                let rows = c.simple_query(sql).await?;
+                Ok(common::first_text(&rows).unwrap_or_default())
+            } else {
+                let row = c.query_one(sql, &[&0i32]).await?;
+                Ok::<_, tokio_postgres::Error>(row.get::<_, i64>(0).to_string())
+            }
+        });
+        assert!(
+            until_count(&replica, &running, 1).await,
+            "round {round}: the read never ran on the replica"
+        );
+        let locker = env.owner().await;
+        locker
+            .batch_execute("BEGIN; LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        // The lock's WAL record reaches the replica once flushed, as any commit flushes it.
+        primary
+            .batch_execute("INSERT INTO other VALUES (1)")
+            .await
+            .unwrap();
+        // Run again on the primary, the read waits there for the lock.
+        let waiting = format!("{running} AND wait_event_type = 'Lock'");
+        assert!(
+            until_count(&primary, &waiting, 1).await,
+            "round {round}: the cancelled read did not run again on the primary"
+        );
+        locker.batch_execute("COMMIT").await.unwrap();
+        let count = tokio::time::timeout(std::time::Duration::from_secs(20), read)
+            .await
+            .expect("the read finished")
+            .unwrap()
+            .expect("the read succeeded");
+        assert_eq!(count, "2", "round {round}");
+        let conflicts = "SELECT confl_lock FROM pg_stat_database_conflicts WHERE datname = 'app'";
+        assert!(
+            until_count(&replica, conflicts, round as i64 + 1).await,
+            "round {round}: the replica cancelled nothing"
+        );
+    }
     let routed = env
         .proxy
         .shared
         .stats
         .routed(causeway::route::Reason::RecoveryConflict);
-    assert_eq!(routed, 1);
+    assert_eq!(routed, 2);
 }
