@@ -742,15 +742,25 @@ async fn until_count(client: &tokio_postgres::Client, sql: &str, want: i64) -> b
 /// EXCLUSIVE lock on the table the read holds, and the replica (`max_standby_streaming_delay
 /// = 0`) cancels the read to replay it. The proxy runs the read again on the primary, where
 /// it waits for the lock, and the client gets its answer, not the 40001, in the simple and the
-/// extended protocol. The replica's own conflict counter shows each cancel happened.
+/// extended protocol. The replica's own conflict counter shows each cancel happened. A session
+/// the replica ends for such a conflict does not get the replica banned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_a_replica_cancels_for_a_recovery_conflict_runs_again_on_the_primary() {
+async fn recovery_conflicts_rerun_reads_on_the_primary_and_ban_no_replica() {
     let opts = causeway::launcher::ClusterOptions {
         replicas: 1,
         replica_conf: vec![("max_standby_streaming_delay".into(), "0".into())],
         ..Default::default()
     };
-    let env = common::start_with(opts, |_| {}).await;
+    // Health checks far apart (and, in sticky mode, no replay-position polls between them): a
+    // replica banned here stays banned for the rest of the test.
+    let env = common::start_with(opts, |cfg| {
+        *cfg = cfg.replace(
+            "health_check_interval_ms = 200",
+            "health_check_interval_ms = 600000",
+        );
+        cfg.push_str("\n[consistency]\nmode = \"sticky\"\n");
+    })
+    .await;
     env.owner()
         .await
         .batch_execute("CREATE TABLE held (a int); INSERT INTO held VALUES (1), (2); CREATE TABLE other (a int)")
@@ -819,4 +829,46 @@ async fn a_read_a_replica_cancels_for_a_recovery_conflict_runs_again_on_the_prim
         .stats
         .routed(causeway::route::Reason::RecoveryConflict);
     assert_eq!(routed, 2);
+
+    // A session idle in a read-only transaction on the replica holds the table too, and the
+    // replica ends that session with FATAL 40001. The client gets that error and its session
+    // ends with it; the replica, which only ended one connection, is not banned for it. (A raw
+    // client, which reads the FATAL and then the close, as libpq does at its next statement.)
+    let trusting = common::trust_proxy(&env).await;
+    let mut s = common::raw::login(trusting.addr).await;
+    common::raw::roundtrip(&mut s, &common::raw::query("BEGIN READ ONLY")).await;
+    let sql = "SELECT count(*) FROM held WHERE a > 0";
+    common::raw::roundtrip(&mut s, &common::raw::query(sql)).await;
+    let idle = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE query = '{sql}' AND state = 'idle in transaction'"
+    );
+    assert!(
+        until_count(&replica, &idle, 1).await,
+        "the read-only transaction is not on the replica"
+    );
+    let locker = env.owner().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    primary
+        .batch_execute("INSERT INTO other VALUES (1)")
+        .await
+        .unwrap();
+    let fatal = common::raw::read_until(&mut s, |t| t == b'E').await;
+    assert_eq!(
+        fatal.last().map(|(_, body)| common::raw::error_code(body)),
+        Some("40001".to_string()),
+        "{fatal:?}"
+    );
+    // Then the connection closes (read_until returns at the end of the stream).
+    common::raw::read_until(&mut s, |_| false).await;
+    locker.batch_execute("COMMIT").await.unwrap();
+    let node = &trusting.shared.cluster.replicas()[0];
+    assert_eq!(
+        node.ban_reason(),
+        None,
+        "one ended session banned the replica"
+    );
+    assert!(node.is_usable());
 }

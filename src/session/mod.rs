@@ -244,6 +244,9 @@ pub struct Session {
     held: Vec<Frame>,
     /// The current backend's own FATAL error already reached the client.
     backend_fatal_forwarded: bool,
+    /// The current backend's FATAL ended that connection alone (a recovery conflict, an idle
+    /// timeout): its server is fine, so losing the connection bans nothing.
+    backend_closed_alone: bool,
     /// An extended-protocol COPY swallowed its batch's Sync, or its batch ended with Flush:
     /// the server holds the COPY's result until the client's next Sync or Flush, which go to
     /// it at once, ahead of anything queued.
@@ -307,6 +310,7 @@ impl Session {
             unread_input: false,
             copy_sync_owed: false,
             backend_fatal_forwarded: false,
+            backend_closed_alone: false,
             held: Vec::new(),
             slot: None,
             settings,

@@ -120,9 +120,13 @@ impl Session {
                 tag::BE_ERROR_RESPONSE => {
                     self.copy_in = false;
                     self.error_since_ready = true;
-                    let fatal = protocol::parse_error_fields(frame.body())
-                        .is_ok_and(|f| f.severity == "FATAL" || f.severity == "PANIC");
+                    let fields = protocol::parse_error_fields(frame.body()).ok();
+                    let fatal = fields
+                        .as_ref()
+                        .is_some_and(|f| f.severity == "FATAL" || f.severity == "PANIC");
                     if fatal {
+                        self.backend_closed_alone =
+                            fields.is_some_and(|f| closes_this_connection_alone(&f.code));
                         // The server is closing this connection (shutdown, crash, terminate):
                         // a read that has not answered yet is re-run elsewhere instead.
                         if self.in_flight.as_ref().is_some_and(|f| f.retryable) {
@@ -421,6 +425,7 @@ impl Session {
         lease.conn().broken = true;
         let unsynced = lease.conn().unsynced;
         let fatal_forwarded = std::mem::take(&mut self.backend_fatal_forwarded);
+        let closed_alone = std::mem::take(&mut self.backend_closed_alone);
         if let Some(ready) = self.ready_after_token.take() {
             // The write completed but its token is lost: acknowledge it.
             self.client.queue(&ready);
@@ -447,7 +452,7 @@ impl Session {
             |e| e.to_string(),
         );
         drop(lease);
-        if node.role == crate::cluster::Role::Replica {
+        if node.role == crate::cluster::Role::Replica && !closed_alone {
             node.ban(format!("connection lost: {reason}"));
         }
         self.cancel.clear();
@@ -545,4 +550,17 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Whether a FATAL with this SQLSTATE ends one connection while its server goes on serving:
+/// a standby ending a session that held back replay (40001, 40P01 for a deadlock with it, 57P04
+/// for a database being dropped), or a session timeout (25P03 idle in transaction, 25P04
+/// transaction, 57P05 idle session). Shutdown, crash and `pg_terminate_backend` (57P01 for
+/// both shutdown and terminate) say nothing of the kind, so they still ban a replica until its
+/// next health check.
+fn closes_this_connection_alone(code: &str) -> bool {
+    matches!(
+        code,
+        "40001" | "40P01" | "57P04" | "25P03" | "25P04" | "57P05"
+    )
 }
