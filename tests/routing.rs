@@ -742,8 +742,9 @@ async fn until_count(client: &tokio_postgres::Client, sql: &str, want: i64) -> b
 /// EXCLUSIVE lock on the table the read holds, and the replica (`max_standby_streaming_delay
 /// = 0`) cancels the read to replay it. The proxy runs the read again on the primary, where
 /// it waits for the lock, and the client gets its answer, not the 40001, in the simple and the
-/// extended protocol. The replica's own conflict counter shows each cancel happened. A session
-/// the replica ends for such a conflict does not get the replica banned.
+/// extended protocol. The replica's own conflict counter shows each cancel happened. With
+/// `routing.fallback = "error"` the client gets the 40001 instead. A session the replica ends
+/// for such a conflict does not get the replica banned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_conflicts_rerun_reads_on_the_primary_and_ban_no_replica() {
     let opts = causeway::launcher::ClusterOptions {
@@ -829,6 +830,43 @@ async fn recovery_conflicts_rerun_reads_on_the_primary_and_ban_no_replica() {
         .stats
         .routed(causeway::route::Reason::RecoveryConflict);
     assert_eq!(routed, 2);
+
+    // Where reads may not fall back to the primary, the client gets the replica's error.
+    let strict = common::proxy_for(&format!(
+        "{}\n[routing]\nfallback = \"error\"\n",
+        env.config
+    ))
+    .await;
+    let sql = "SELECT count(*), pg_sleep(2)::text FROM held WHERE a > 1";
+    let running =
+        format!("SELECT count(*) FROM pg_stat_activity WHERE query = '{sql}' AND state = 'active'");
+    let c = env.client_via(&strict).await;
+    let read = tokio::spawn(async move { c.simple_query(sql).await });
+    assert!(
+        until_count(&replica, &running, 1).await,
+        "the read never ran on the replica"
+    );
+    let locker = env.owner().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    primary
+        .batch_execute("INSERT INTO other VALUES (1)")
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(std::time::Duration::from_secs(20), read)
+        .await
+        .expect("the read finished")
+        .unwrap()
+        .expect_err("the replica's cancel reaches the client");
+    assert_eq!(err.code().map(|c| c.code()), Some("40001"), "{err}");
+    locker.batch_execute("COMMIT").await.unwrap();
+    let routed = strict
+        .shared
+        .stats
+        .routed(causeway::route::Reason::RecoveryConflict);
+    assert_eq!(routed, 0);
 
     // A session idle in a read-only transaction on the replica holds the table too, and the
     // replica ends that session with FATAL 40001. The client gets that error and its session

@@ -67,6 +67,10 @@ impl Session {
                 && from_replica
                 && f.retryable
                 && f.request.ends_with_ready()
+                // A read the replica could have served falls back to the primary only where
+                // reads may; one it refused as a write belongs there anyway.
+                && (reason != Reason::RecoveryConflict
+                    || self.cfg.routing.fallback == crate::config::Fallback::Primary)
             {
                 let mut req = f.request.clone();
                 req.force_primary = Some(reason);
