@@ -513,6 +513,9 @@ impl Session {
         let Some(mut lease) = self.lease.take() else {
             return;
         };
+        // What the connection's own FATAL said matters only to its loss, seen no more now.
+        self.backend_fatal_forwarded = false;
+        self.backend_closed_alone = false;
         self.info.set_idle();
         if !self.replies.is_empty() || self.copy_in || self.rerun.is_some() {
             // Replies still in flight: the connection's state is unknown, never reuse it, and
