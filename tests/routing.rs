@@ -738,6 +738,22 @@ async fn until_count(client: &tokio_postgres::Client, sql: &str, want: i64) -> b
     false
 }
 
+/// Takes an ACCESS EXCLUSIVE lock on `held` on the primary, in a transaction left open on the
+/// connection returned, and makes sure a replica gets to replay it: the lock's WAL record is
+/// sent once flushed, as any commit (here `primary`'s) flushes it.
+async fn lock_held(env: &Env, primary: &tokio_postgres::Client) -> tokio_postgres::Client {
+    let locker = env.owner().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    primary
+        .batch_execute("INSERT INTO other VALUES (1)")
+        .await
+        .unwrap();
+    locker
+}
+
 /// A replica cancels a read for a conflict with recovery: the primary takes an ACCESS
 /// EXCLUSIVE lock on the table the read holds, and the replica (`max_standby_streaming_delay
 /// = 0`) cancels the read to replay it. The proxy runs the read again on the primary, where
@@ -795,16 +811,7 @@ async fn recovery_conflicts_rerun_reads_on_the_primary_and_ban_no_replica() {
             until_count(&replica, &running, 1).await,
             "round {round}: the read never ran on the replica"
         );
-        let locker = env.owner().await;
-        locker
-            .batch_execute("BEGIN; LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
-            .await
-            .unwrap();
-        // The lock's WAL record reaches the replica once flushed, as any commit flushes it.
-        primary
-            .batch_execute("INSERT INTO other VALUES (1)")
-            .await
-            .unwrap();
+        let locker = lock_held(&env, &primary).await;
         // Run again on the primary, the read waits there for the lock.
         let waiting = format!("{running} AND wait_event_type = 'Lock'");
         assert!(
@@ -846,15 +853,7 @@ async fn recovery_conflicts_rerun_reads_on_the_primary_and_ban_no_replica() {
         until_count(&replica, &running, 1).await,
         "the read never ran on the replica"
     );
-    let locker = env.owner().await;
-    locker
-        .batch_execute("BEGIN; LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    primary
-        .batch_execute("INSERT INTO other VALUES (1)")
-        .await
-        .unwrap();
+    let locker = lock_held(&env, &primary).await;
     let err = tokio::time::timeout(std::time::Duration::from_secs(20), read)
         .await
         .expect("the read finished")
@@ -884,15 +883,7 @@ async fn recovery_conflicts_rerun_reads_on_the_primary_and_ban_no_replica() {
         until_count(&replica, &idle, 1).await,
         "the read-only transaction is not on the replica"
     );
-    let locker = env.owner().await;
-    locker
-        .batch_execute("BEGIN; LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    primary
-        .batch_execute("INSERT INTO other VALUES (1)")
-        .await
-        .unwrap();
+    let locker = lock_held(&env, &primary).await;
     let fatal = common::raw::read_until(&mut s, |t| t == b'E').await;
     assert_eq!(
         fatal.last().map(|(_, body)| common::raw::error_code(body)),
