@@ -125,8 +125,9 @@ impl Session {
                         .as_ref()
                         .is_some_and(|f| f.severity == "FATAL" || f.severity == "PANIC");
                     if fatal {
-                        self.backend_closed_alone =
-                            fields.is_some_and(|f| closes_this_connection_alone(&f.code));
+                        self.backend_closed_alone = fields
+                            .as_ref()
+                            .is_some_and(|f| closes_this_connection_alone(&f.code));
                         // The server is closing this connection (shutdown, crash, terminate):
                         // a read that has not answered yet is re-run elsewhere instead.
                         if self.in_flight.as_ref().is_some_and(|f| f.retryable) {
@@ -135,7 +136,7 @@ impl Session {
                         }
                         self.backend_fatal_forwarded = true;
                     }
-                    if let Some(req) = self.rerun_after_error(frame.body()) {
+                    if let Some(req) = fields.as_ref().and_then(|f| self.rerun_after_error(f)) {
                         self.rerun = Some(req);
                         continue;
                     }

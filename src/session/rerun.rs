@@ -49,13 +49,12 @@ impl Session {
     /// for a conflict with recovery (40001, 40P01), sends it to the primary; a
     /// shared prepared statement whose plan went stale after DDL is prepared afresh on a new
     /// connection.
-    pub(super) fn rerun_after_error(&mut self, body: &[u8]) -> Option<Request> {
+    pub(super) fn rerun_after_error(&mut self, fields: &protocol::ErrorFields) -> Option<Request> {
         if matches!(self.replies.front(), Some(Expect::Settings { .. })) {
             // The proxy's own statements failed, not the request.
             return None;
         }
         let f = self.in_flight.as_ref()?;
-        let fields = protocol::parse_error_fields(body).ok()?;
         let from_replica = self
             .lease
             .as_ref()
@@ -63,7 +62,7 @@ impl Session {
         let mut req =
             // Only a request that ends with a Sync or Query can be re-run: the failed attempt's
             // output is skipped up to its ReadyForQuery, which a batch ended by Flush never gets.
-            if let Some(reason) = replica_refusal(&fields)
+            if let Some(reason) = replica_refusal(fields)
                 && from_replica
                 && f.retryable
                 && f.request.ends_with_ready()
