@@ -82,6 +82,10 @@ struct Args {
     /// `[pool] primary_max` of the proxy.
     #[arg(long, default_value_t = 4)]
     primary_max: usize,
+    /// `[primary] max_active` of the proxy (execution slots; off unless given). Applies to both
+    /// modes: with priority off the slots are granted first come, first served.
+    #[arg(long)]
+    max_active: Option<usize>,
     /// Rows in bench_accounts (the heavy read scans them all).
     #[arg(long, default_value_t = 100_000)]
     rows: i32,
@@ -395,6 +399,9 @@ fn proxy_config(cluster: &LocalCluster, args: &Args, mode: Mode) -> Result<Confi
     if args.server_link == Link::Unix {
         let dir = cluster.socket_dir().display().to_string();
         text = text.replace("host = \"127.0.0.1\"", &format!("host = \"{dir}\""));
+    }
+    if let Some(n) = args.max_active {
+        text = text.replacen("[primary]\n", &format!("[primary]\nmax_active = {n}\n"), 1);
     }
     // config_for ends inside the last [[replicas]] entry; new table headers close it.
     text.push_str(&format!(
@@ -901,7 +908,7 @@ async fn run_all(cluster: &LocalCluster, args: &Args) -> Result<Vec<RunResult>, 
     );
     println!(
         "proxy     : servers over {}, [pool] primary_max = {}, acquire_timeout_ms = {}, \
-         max_waiters = {}; [priority] enabled = true|false{}",
+         max_waiters = {}; {}[priority] enabled = true|false{}",
         match args.server_link {
             Link::Tcp => "TCP",
             Link::Unix => "their Unix sockets",
@@ -909,6 +916,10 @@ async fn run_all(cluster: &LocalCluster, args: &Args) -> Result<Vec<RunResult>, 
         args.primary_max,
         args.acquire_timeout_ms,
         args.max_waiters,
+        match args.max_active {
+            Some(n) => format!("[primary] max_active = {n}; "),
+            None => String::new(),
+        },
         if args.proxy_toml.is_empty() {
             ", everything else default".to_string()
         } else {
