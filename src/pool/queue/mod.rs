@@ -2,8 +2,9 @@
 //!
 //! It replaces a plain semaphore in front of a pool so that under overload commits and writes
 //! keep flowing while analytic reads wait and, once the queue is full, are refused first.
-//! Waiters are ordered by class, promoted one class per `aging` of waiting so nothing starves,
-//! then FIFO by arrival. A returned permit is handed straight to the best waiter under the queue
+//! Waiters are ordered by class, promoted one class per `aging` of waiting so nothing starves
+//! (reads and reports only up to `Read` while their background share keeps them moving), then
+//! FIFO by arrival. A returned permit is handed straight to the best waiter under the queue
 //! lock: one wakeup per permit (no thundering herd), and no window in which a newcomer can barge
 //! past the queue.
 //!
@@ -99,6 +100,7 @@ pub struct QueueConfig {
     /// Order waiters by class; `false` is plain FIFO across classes.
     pub priority: bool,
     /// A waiter that has waited this long moves up one class, repeatedly; zero disables aging.
+    /// With a background share and two permits or more, reads stop at `Read`.
     pub aging: Duration,
     /// Most waiters queued at once; 0 means unbounded.
     pub max_waiters: usize,
@@ -235,12 +237,26 @@ impl State {
     }
 
     /// Ordering key of an entry: lower is served first. FIFO mode ignores class altogether.
+    /// Read and analytic work ages no further than `Read` while the background share keeps it
+    /// moving: a backlog of reports aged into the write classes would take every permit, and
+    /// the queue would serve like FIFO exactly when it matters.
     fn key(&self, class: Class, e: &Entry, now: Instant) -> (Class, u64) {
         if !self.cfg.priority {
             return (Class::Commit, e.seq);
         }
         let waited = now.saturating_duration_since(e.arrived);
-        (class.aged(waited, self.cfg.aging), e.seq)
+        let aged = class.aged(waited, self.cfg.aging);
+        if class.is_background() && self.share_serves_background() {
+            return (aged.max(Class::Read), e.seq);
+        }
+        (aged, e.seq)
+    }
+
+    /// Whether the background share guarantees read and analytic work permits while more
+    /// urgent work waits: it is on, and there is a permit besides the one always kept for
+    /// urgent work. Otherwise aging alone keeps reads from starving, across every class.
+    fn share_serves_background(&self) -> bool {
+        self.cfg.background_share > 0 && self.cfg.permits >= 2
     }
 
     /// The class whose head should be served next.
@@ -772,6 +788,41 @@ mod tests {
         assert_eq!(s.best(at(299)), Some(Class::Write));
         assert_eq!(s.best(at(300)), Some(Class::Analytic));
 
+        // With a background share over several permits, reads age up to Read and no further:
+        // the share, not aging, keeps them moving. Urgent classes still age past each other.
+        let shared = QueueConfig {
+            permits: 4,
+            ..state().cfg
+        };
+        let mut s = State::new(shared);
+        s.push(Class::Analytic, t0);
+        s.push(Class::Write, at(9_950));
+        assert_eq!(s.best(at(10_000)), Some(Class::Write));
+        s.push(Class::PointRead, at(100));
+        assert_eq!(s.best(at(10_000)), Some(Class::PointRead));
+        // Among themselves, an aged report still goes before a newer read.
+        let mut s = State::new(shared);
+        s.push(Class::Analytic, t0);
+        s.push(Class::Read, at(50));
+        assert_eq!(s.best(at(100)), Some(Class::Analytic));
+        // No share, or a single permit (which the share never gives away): aging is all that
+        // keeps reads from starving, so it goes all the way.
+        for cfg in [
+            QueueConfig {
+                background_share: 0,
+                ..shared
+            },
+            QueueConfig {
+                permits: 1,
+                ..shared
+            },
+        ] {
+            let mut s = State::new(cfg);
+            s.push(Class::Analytic, t0);
+            s.push(Class::Write, at(290));
+            assert_eq!(s.best(at(300)), Some(Class::Analytic), "{cfg:?}");
+        }
+
         // FIFO mode: arrival only, whatever the class or age.
         let mut s = State::new(QueueConfig {
             priority: false,
@@ -1243,6 +1294,36 @@ mod tests {
         }
         s.grant();
         assert_eq!((s.in_use, s.background_in_use), (4, 0));
+    }
+
+    /// A backlog of reports that has waited many agings still gets its share and no more:
+    /// freed permits go to the writes queued after it.
+    #[tokio::test(start_paused = true)]
+    async fn an_aged_backlog_of_reports_keeps_its_share_only() {
+        let mut s = State::new(QueueConfig {
+            permits: 4,
+            priority: true,
+            aging: Duration::from_millis(100),
+            max_waiters: 0,
+            background_share: 350,
+        });
+        let t0 = Instant::now();
+        s.in_use = 4;
+        for _ in 0..8 {
+            s.push(Class::Analytic, t0);
+        }
+        tokio::time::advance(Duration::from_secs(10)).await;
+        for _ in 0..8 {
+            s.push(Class::Write, Instant::now());
+        }
+        for _ in 0..4 {
+            s.release(false);
+        }
+        assert_eq!(
+            (s.in_use, s.background_in_use),
+            (4, 1),
+            "one whole permit of 1.4"
+        );
     }
 
     #[tokio::test]
