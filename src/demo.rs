@@ -165,25 +165,36 @@ pub async fn run(settings: Settings) -> Result<(), String> {
 
 /// The proxy in front of `cluster`, with the user's settings.
 async fn serve(cluster: &LocalCluster, settings: &Settings) -> Result<Running, String> {
-    // Another program on 9930 (another demo, say) leaves the dashboard a free port instead,
-    // unless the user named the admin endpoint.
-    let admin = if settings.overlay.sets("server.admin_listen") {
-        ADMIN
-    } else {
-        match std::net::TcpListener::bind(ADMIN) {
-            Ok(_) => ADMIN,
-            Err(_) => {
-                eprintln!("{ADMIN} is in use; the admin endpoint takes a free port");
-                "127.0.0.1:0"
-            }
+    let named = settings.overlay.sets("server.admin_listen");
+    let started = match start_proxy(cluster, settings, ADMIN).await? {
+        // Another program on 9930 (another demo, say) leaves the dashboard a free port
+        // instead, unless the user named the admin endpoint. Decided by the bind itself, so a
+        // program taking the port at the same moment cannot fail the start.
+        Err(e) if !named && admin_in_use(&e) => {
+            eprintln!("{ADMIN} is in use; the admin endpoint takes a free port");
+            start_proxy(cluster, settings, "127.0.0.1:0").await?
         }
+        started => started,
     };
+    started.map_err(|e| format!("cannot start the proxy: {e}"))
+}
+
+/// Starts the proxy with its admin endpoint on `admin`: an invalid configuration is the
+/// outer error, a failed start the inner one.
+async fn start_proxy(
+    cluster: &LocalCluster,
+    settings: &Settings,
+    admin: &str,
+) -> Result<std::io::Result<Running>, String> {
     let cfg = settings
         .config(&cluster_addresses(cluster), admin)
         .map_err(|e| format!("invalid configuration: {e}"))?;
-    crate::server::start(Arc::new(cfg))
-        .await
-        .map_err(|e| format!("cannot start the proxy: {e}"))
+    Ok(crate::server::start(Arc::new(cfg)).await)
+}
+
+/// Whether the proxy failed to start because its admin endpoint's address was taken.
+fn admin_in_use(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::AddrInUse && e.to_string().starts_with("admin endpoint")
 }
 
 /// Prints where everything listens and how to connect.
