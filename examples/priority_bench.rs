@@ -2,7 +2,7 @@
 //! deliberately small primary pool, with priority on and with FIFO, interleaved, in one run.
 //!
 //! One local cluster (a primary and one streaming replica) holds `bench_accounts` (`--rows`
-//! rows). For each round, and in each round for each mode (priority on, then FIFO), a fresh
+//! rows, a million by default, so the heavy read is a report of tens of milliseconds). For each round, and in each round for each mode (priority on, then FIFO), a fresh
 //! in-process proxy is started with `[pool] primary_max = 4` and `[priority] enabled = …`,
 //! nothing else tuned. Against it run, each on its own connection:
 //!
@@ -87,7 +87,7 @@ struct Args {
     #[arg(long)]
     max_active: Option<usize>,
     /// Rows in bench_accounts (the heavy read scans them all).
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 1_000_000)]
     rows: i32,
     /// `[pool] acquire_timeout_ms` of the proxy.
     #[arg(long, default_value_t = 30_000)]
@@ -108,6 +108,10 @@ struct Args {
     /// benchmark itself tunes nothing. Repeatable; applies to both modes.
     #[arg(long)]
     proxy_toml: Vec<String>,
+    /// Extra postgresql.conf settings for the benchmark's servers, `key=value`, e.g.
+    /// `--server-conf max_parallel_workers_per_gather=0`. Repeatable; applies to both modes.
+    #[arg(long, value_parser = parse_setting)]
+    server_conf: Vec<(String, String)>,
     /// How the proxy reaches the servers: `tcp` (127.0.0.1) or `unix` (their socket directory,
     /// as a proxy on the database's machine would). Both modes use the same.
     #[arg(long, value_enum, default_value = "tcp")]
@@ -944,6 +948,14 @@ async fn run_all(cluster: &LocalCluster, args: &Args) -> Result<Vec<RunResult>, 
     Ok(results)
 }
 
+/// `key=value` of `--server-conf`.
+fn parse_setting(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if args.duration == 0
@@ -967,16 +979,21 @@ fn main() -> ExitCode {
     );
     let cluster = match support::start_cluster(ClusterOptions {
         replicas: 1,
+        primary_conf: args.server_conf.clone(),
         ..Default::default()
     }) {
         Ok(c) => c,
         Err(code) => return code,
     };
     println!(
-        "cluster: primary 127.0.0.1:{}, {} streaming replica(s); {} cores",
+        "cluster: primary 127.0.0.1:{}, {} streaming replica(s); {} cores{}",
         cluster.primary.port,
         cluster.replicas.len(),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.server_conf
+            .iter()
+            .map(|(k, v)| format!("; {k} = {v}"))
+            .collect::<String>()
     );
     let runtime = match support::runtime() {
         Ok(r) => r,

@@ -401,7 +401,8 @@ impl Default for ConsistencyConfig {
 pub struct PriorityConfig {
     /// Priority queues (commit, write, point_read, read, analytic); false = plain FIFO.
     pub enabled: bool,
-    /// A waiter moves up one class after waiting this long, so no class starves.
+    /// A waiter moves up one class after waiting this long, so no class starves; read and
+    /// analytic waiters no further than `read` while `background_share` serves them.
     pub aging_ms: u64,
     /// Share of a saturated pool's connection time that read and analytic work keeps while
     /// more urgent work also waits (0 to 1; 0 leaves it only aging).
@@ -422,7 +423,7 @@ impl Default for PriorityConfig {
         Self {
             enabled: true,
             aging_ms: 500,
-            background_share: 0.35,
+            background_share: 0.5,
             acquire_timeout_ms: ClassTimeouts::default(),
         }
     }
