@@ -2,9 +2,10 @@
 //! deliberately small primary pool, with priority on and with FIFO, interleaved, in one run.
 //!
 //! One local cluster (a primary and one streaming replica) holds `bench_accounts` (`--rows`
-//! rows, a million by default, so the heavy read is a report of tens of milliseconds). For each round, and in each round for each mode (priority on, then FIFO), a fresh
-//! in-process proxy is started with `[pool] primary_max = 4` and `[priority] enabled = …`,
-//! nothing else tuned. Against it run, each on its own connection:
+//! rows, a million by default, so the heavy read is a report of tens of milliseconds). For
+//! each round, and in each round for each mode (priority on, then FIFO), a fresh in-process
+//! proxy is started with `[pool] primary_max = 4` and `[priority] enabled = …`, nothing else
+//! tuned. Against it run, each on its own connection:
 //!
 //! * `--writers` sessions looping `BEGIN; UPDATE bench_accounts SET v = v + 1 WHERE id = $1;
 //!   COMMIT` (a random id each time). The whole transaction's latency is measured; the proxy
