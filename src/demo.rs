@@ -194,7 +194,9 @@ async fn start_proxy(
 
 /// Whether the proxy failed to start because its admin endpoint's address was taken.
 fn admin_in_use(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::AddrInUse && e.to_string().starts_with("admin endpoint")
+    e.kind() == std::io::ErrorKind::AddrInUse
+        && e.get_ref()
+            .is_some_and(|inner| inner.is::<crate::server::AdminEndpointError>())
 }
 
 /// Prints where everything listens and how to connect.

@@ -104,6 +104,17 @@ impl Running {
     }
 }
 
+/// [`start`] could not open the admin endpoint: the error inside the `io::Error` it returns,
+/// so a caller can tell this failure from one of the client listener.
+#[derive(Debug, thiserror::Error)]
+#[error("admin endpoint {addr}: {source}")]
+pub struct AdminEndpointError {
+    /// `server.admin_listen`.
+    pub addr: String,
+    /// Why binding it failed.
+    pub source: std::io::Error,
+}
+
 /// Binds the listener, starts the monitors and the accept loop, and returns at once.
 pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
     let listen = &cfg.server.listen;
@@ -149,12 +160,10 @@ pub async fn start(cfg: Arc<Config>) -> std::io::Result<Running> {
         Ok(a) => a,
         Err(e) => {
             shared.shutdown.cancel();
+            let addr = shared.cfg.load().server.admin_listen.clone();
             return Err(std::io::Error::new(
                 e.kind(),
-                format!(
-                    "admin endpoint {}: {e}",
-                    shared.cfg.load().server.admin_listen
-                ),
+                AdminEndpointError { addr, source: e },
             ));
         }
     };
